@@ -1,0 +1,31 @@
+"""cnnlab: train classic convolutional networks fast, with run directories you can trust.
+
+    >>> import cnnlab
+    >>> summary = cnnlab.train("lenet5", "mnist", epochs=1)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def train(model: str, dataset: str, *, config: str | Path | None = None,
+          out: str | Path | None = None, progress: bool = True, **options: Any) -> dict:
+    """Train `model` on `dataset` exactly as `cnnlab train` does and return the summary dict.
+
+    `options` are the command-line options with underscores (epochs=3, lr=0.01,
+    batch_size=128, preset="seed", ...); they beat the `config` TOML file, which beats the
+    preset. Raises CnnlabError on bad input.
+    """
+    from .config import load_toml, resolve
+    from .trainer import fit
+
+    file_values = load_toml(config) if config else {}
+    cfg = resolve(model, dataset, file_values=file_values, overrides=options)
+    return fit(cfg, out, progress=progress)
+
+
+__all__ = ["train", "__version__"]

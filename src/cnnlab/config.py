@@ -1,0 +1,161 @@
+"""Typed run configuration: presets, TOML files and CLI overrides, resolved and validated.
+
+Precedence: command line > config file > preset. Everything a run did is in `Config`,
+which is written to the run directory and travels inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CnnlabError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "adamax")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+AUGMENTS = ("none", "crop", "flip", "crop,flip")
+PRESETS = ("fast", "seed")
+POOLS = ("max", "avg")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    dataset: str
+    preset: str = "fast"
+    epochs: int = 3
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    label_smoothing: float = 0.0
+    augment: str = "none"
+    normalize: bool = True
+    pool: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 100
+    eval_batch_size: int = 1000
+    data_dir: str = ""
+    download: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# The report's recipe (SEED.md): ToTensor only, batch 64, SGD momentum 0.9, constant lr.
+_SEED = dict(batch_size=64, optimizer="sgd", momentum=0.9, nesterov=False, weight_decay=0.0,
+             schedule="constant", label_smoothing=0.0, augment="none", normalize=False)
+_SEED_LR_EPOCHS = {"mnist": (0.001, 64), "fashion-mnist": (0.001, 64), "cifar10": (0.01, 30)}
+
+# The shortest way to a good model. LeNet-5 / MNIST: >= 98.8% after one epoch and >= 99.0%
+# after three on a 2-core CPU (benchmarks/RESULTS.md). ResNet-18: a modern short GPU recipe.
+_FAST = {
+    "lenet5": dict(epochs=3, batch_size=64, optimizer="sgd", lr=0.1, momentum=0.9,
+                   nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1),
+    "resnet18": dict(epochs=20, batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9,
+                     nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1),
+}
+
+
+def preset_values(preset: str, model: str, dataset: str) -> dict[str, Any]:
+    """The values a preset gives for this model and dataset."""
+    if preset not in PRESETS:
+        raise CnnlabError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    if preset == "seed":
+        lr, epochs = _SEED_LR_EPOCHS.get(dataset, (0.01, 30))
+        return dict(_SEED, lr=lr, epochs=epochs)
+    values = dict(_FAST.get(model, _FAST["resnet18"]))
+    # Crop+flip suits natural images; digits must not be mirrored, and folders opt in.
+    values["augment"] = "crop,flip" if dataset == "cifar10" else "none"
+    return values
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a TOML config file into option values (keys may use '-' or '_')."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise CnnlabError(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CnnlabError(f"config file {p} is not valid TOML: {e}") from None
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = None,
+            overrides: dict[str, Any] | None = None) -> Config:
+    """Build a validated Config: preset < file < overrides (None values are ignored)."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    file_values = file_values or {}
+    preset = overrides.get("preset") or file_values.get("preset") or "fast"
+    values: dict[str, Any] = preset_values(preset, model, dataset)
+    for source, name in ((file_values, "config file"), (overrides, "option")):
+        for key, value in source.items():
+            if key not in FIELDS or key in ("model", "dataset"):
+                raise CnnlabError(f"unknown {name} key '{key}'; see 'cnnlab train --help'")
+            values[key] = value
+    if not values.get("data_dir"):
+        values["data_dir"] = os.environ.get("CNNLAB_DATA") or "data"
+    cfg = Config(model=model, dataset=dataset, **_coerce(values))
+    validate(cfg)
+    return cfg
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        kind = FIELDS[key].type
+        try:
+            if kind == "int":
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            elif kind == "float":
+                value = float(value)
+            elif kind == "bool" and not isinstance(value, bool):
+                raise ValueError
+            elif kind.startswith("str") and value is not None:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise CnnlabError(f"{key.replace('_', '-')} must be {kind.split(' ')[0]}, "
+                              f"got {value!r}") from None
+        out[key] = value
+    return out
+
+
+def _positive(cfg: Config, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise CnnlabError(f"--{name.replace('_', '-')} must be positive, "
+                              f"got {getattr(cfg, name)}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with a message naming the option and the fix."""
+    _positive(cfg, "epochs", "batch_size", "lr", "log_every", "eval_batch_size")
+    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": AUGMENTS}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise CnnlabError(f"unknown {name} '{getattr(cfg, name)}'; "
+                              f"choose one of {', '.join(allowed)}")
+    if cfg.pool is not None and cfg.pool not in POOLS:
+        raise CnnlabError(f"unknown pool '{cfg.pool}'; choose one of {', '.join(POOLS)}")
+    if cfg.momentum < 0 or cfg.weight_decay < 0:
+        raise CnnlabError("--momentum and --weight-decay must not be negative")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise CnnlabError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")

@@ -1,0 +1,52 @@
+"""The machine a run ran on: the record the report kept as a container screenshot."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+
+import psutil
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def collect_env(device: torch.device | None = None) -> dict:
+    import torchvision
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": str(device) if device is not None else None,
+        "device_name": cpu_model(),
+        "cpu_model": cpu_model(),
+        "cpu_cores_logical": os.cpu_count(),
+        "cpu_cores_physical": psutil.cpu_count(logical=False),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "gpus": [],
+    }
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            env["gpus"].append({"index": i, "name": props.name,
+                                "memory_gb": round(props.total_memory / 2**30, 1),
+                                "capability": f"{props.major}.{props.minor}"})
+        if device is not None and device.type == "cuda":
+            env["device_name"] = torch.cuda.get_device_name(device)
+    return env

@@ -1,0 +1,32 @@
+"""LeNet-5 as in the report: two 5x5 convolutions with pooling, three linear layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LeNet5(nn.Module):
+    """conv(6, 5x5, pad 2) -> ReLU -> pool -> conv(16, 5x5) -> ReLU -> pool
+    -> 120 -> 84 -> classes. 61,706 parameters for 1x28x28 input and 10 classes."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10,
+                 image_size: tuple[int, int] = (28, 28), pool: str = "max") -> None:
+        super().__init__()
+        pool_layer = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}[pool]
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), pool_layer(2, 2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), pool_layer(2, 2),
+        )
+        h, w = ((s // 2 - 4) // 2 for s in image_size)  # the spatial size after `features`
+        if h < 1 or w < 1:
+            raise ValueError(f"LeNet-5 needs images of at least 12x12, got {image_size}")
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * h * w, 120), nn.ReLU(inplace=True),
+            nn.Linear(120, 84), nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

@@ -1,0 +1,115 @@
+"""The run directory: the one contract between training and everything that reads results.
+
+    config.json     the resolved configuration
+    env.json        the machine and versions
+    metrics.jsonl   one JSON record per line: `train` (every log_every steps), `eval` (per epoch)
+    checkpoint.pt   latest state; best.pt: the state with the best test accuracy
+    summary.json    the outcome
+    loss.png, accuracy.png
+
+Every file is written atomically (temp file + rename): a killed run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from .errors import CnnlabError
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All records of a run's metrics.jsonl (a torn last line from a crash is skipped)."""
+    records = []
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint without running code from it (weights_only)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CnnlabError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # unpickling errors come in many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CnnlabError(f"cannot load checkpoint {path}: it is damaged or holds more than "
+                          f"tensors and plain data ({first[:200]})") from None
+
+
+def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset.replace("folder:", "").rstrip("/"))
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{name.strip('-') or 'folder'}"
+    path, n = Path(root) / stem, 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{stem}-{n}"
+    return path
+
+
+class RunDir:
+    """Writer for one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if (self.path / "config.json").exists():
+            raise CnnlabError(f"{self.path} already holds a run; choose another --out "
+                              "or remove it")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._metrics = (self.path / "metrics.jsonl").open("a", buffering=1)
+        except OSError as e:
+            raise CnnlabError(f"cannot create run directory {self.path}: "
+                              f"{e.strerror or e}") from None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json(self.path / name, obj)
+
+    def log(self, record: dict) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self, name: str, state: dict) -> None:
+        save_checkpoint(self.path / name, state)
+
+    def close(self) -> None:
+        self._metrics.close()

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny datasets written in the official formats, and the real data."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep decoded caches that fall back to the user cache inside the test's temp dir."""
+    os.environ.setdefault("CNNLAB_CACHE", str(tmp_path_factory.mktemp("cnnlab-cache")))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The shared real datasets (CNNLAB_TEST_DATA, else ../shared/data); skip if absent."""
+    path = Path(os.environ.get("CNNLAB_TEST_DATA") or REPO.parent / "shared" / "data")
+    if not (path / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real MNIST not found under {path} (set CNNLAB_TEST_DATA)")
+    return path
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
+    """Write a uint8 array as an IDX file (type 0x08), optionally gzipped."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def synthetic_images(n: int, size: int, channels: int, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Easy-to-learn images: class k is a bright 6x6 square at a class-specific place."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 40, (n, channels, size, size), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        r, c = 2 + (k // 5) * (size // 2), 2 + (k % 5) * (size // 6)
+        images[i, :, r:r + 6, c:c + 4] = 255
+    return images, labels.astype(np.uint8)
+
+
+def write_mnist(root: Path, n_train: int = 512, n_test: int = 128, *, gz: bool = False,
+                folder: str = "MNIST") -> Path:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, prefix, n, seed in (("train", "train", n_train, 0), ("test", "t10k", n_test, 1)):
+        x, y = synthetic_images(n, 28, 1, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", x[:, 0], gz=gz)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y, gz=gz)
+    return root
+
+
+def write_cifar(root: Path, n_train: int = 100, n_test: int = 50) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    per = n_train // 5
+    for i in range(1, 6):
+        x, y = synthetic_images(per, 32, 3, i)
+        batch = {b"data": x.reshape(per, -1), b"labels": y.astype(int).tolist()}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    x, y = synthetic_images(n_test, 32, 3, 9)
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": x.reshape(n_test, -1), b"labels": y.astype(int).tolist()}))
+    return root
+
+
+def write_folder(root: Path, classes=("cat", "dog", "fox"), n_train: int = 6, n_test: int = 3,
+                 size: int = 16, mode: str = "RGB", fmt: str = "png") -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                shape = (size, size) if mode == "L" else (size, size, 3)
+                arr = rng.integers(0, 256, shape, dtype=np.uint8) // 4 + 60 * k
+                Image.fromarray(arr.astype(np.uint8), mode).save(d / f"{i}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path) -> Path:
+    return write_mnist(tmp_path / "data")

@@ -1,0 +1,151 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+from conftest import synthetic_images, write_cifar, write_folder, write_idx, write_mnist
+
+from cnnlab.data import channel_stats, load_dataset
+from cnnlab.data.readers import read_cifar_batch, read_idx
+from cnnlab.errors import CnnlabError
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_round_trip(tmp_path, gz):
+    x, _ = synthetic_images(5, 28, 1, 0)
+    path = write_idx(tmp_path / "imgs", x[:, 0], gz=gz)
+    np.testing.assert_array_equal(read_idx(path), x[:, 0])
+
+
+def test_idx_truncated_and_bad_magic(tmp_path):
+    x, _ = synthetic_images(5, 28, 1, 0)
+    path = write_idx(tmp_path / "imgs", x[:, 0])
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CnnlabError, match="truncated.*download again"):
+        read_idx(path)
+    path.write_bytes(b"\x12\x34\x08\x01" + b"\x00" * 10)
+    with pytest.raises(CnnlabError, match="bad magic"):
+        read_idx(path)
+    gzpath = tmp_path / "bad.gz"
+    gzpath.write_bytes(b"not gzip at all")
+    with pytest.raises(CnnlabError, match="cannot read"):
+        read_idx(gzpath)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_layout_loads(tmp_path, gz):
+    root = write_mnist(tmp_path, 40, 20, gz=gz)
+    ds = load_dataset("mnist", root, download=False)
+    assert ds.train_x.shape == (40, 1, 28, 28) and ds.train_x.dtype == np.uint8
+    assert ds.test_y.shape == (20,) and ds.test_y.dtype == np.int64
+    assert ds.classes == [str(i) for i in range(10)] and ds.mean == (0.1307,)
+    fashion = load_dataset("fashion-mnist", write_mnist(tmp_path, 40, 20, folder="FashionMNIST"),
+                           download=False)
+    assert fashion.classes[0] == "T-shirt/top"
+
+
+def test_mnist_count_mismatch_and_bad_labels(tmp_path):
+    root = write_mnist(tmp_path, 40, 20)
+    raw = root / "MNIST" / "raw"
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.zeros(19, np.uint8))
+    with pytest.raises(CnnlabError, match="do not match"):
+        load_dataset("mnist", root, download=False)
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.full(20, 12, np.uint8))
+    with pytest.raises(CnnlabError, match=r"labels outside 0\.\.9"):
+        load_dataset("mnist", root, download=False)
+
+
+def test_missing_data_without_download(tmp_path):
+    with pytest.raises(CnnlabError, match="mnist not found.*train-images-idx3-ubyte.*"
+                                          "--no-download"):
+        load_dataset("mnist", tmp_path, download=False)
+    with pytest.raises(CnnlabError, match="unknown dataset 'imagenet'"):
+        load_dataset("imagenet", tmp_path)
+
+
+def test_cifar_batches(tmp_path):
+    root = write_cifar(tmp_path)
+    ds = load_dataset("cifar10", root, download=False)
+    assert ds.train_x.shape == (100, 3, 32, 32) and ds.test_x.shape == (50, 3, 32, 32)
+    assert ds.classes[0] == "airplane" and ds.channels == 3
+    x, y = synthetic_images(20, 32, 3, 1)  # batch 1 as written by write_cifar
+    np.testing.assert_array_equal(ds.train_x[:20], x)
+    np.testing.assert_array_equal(ds.train_y[:20], y)
+
+
+def test_cifar_corrupt_truncated_and_malicious(tmp_path):
+    root = write_cifar(tmp_path)
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(CnnlabError, match="data_batch_2 is not a valid CIFAR batch"):
+        read_cifar_batch(batch, 10)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    batch.write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    with pytest.raises(CnnlabError, match="refusing to load"):
+        read_cifar_batch(batch, 10)
+    assert not (tmp_path / "pwned").exists()
+    batch.write_bytes(pickle.dumps({b"data": np.zeros((3, 100), np.uint8), b"labels": [0] * 3}))
+    with pytest.raises(CnnlabError, match="expected.*3072"):
+        read_cifar_batch(batch, 10)
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "png"), ("L", "png"), ("RGB", "jpg")])
+def test_image_folder(tmp_path, mode, fmt):
+    root = write_folder(tmp_path / "pets", mode=mode, fmt=fmt)
+    ds = load_dataset(f"folder:{root}", "unused")
+    channels = 1 if mode == "L" else 3
+    assert ds.classes == ["cat", "dog", "fox"]
+    assert ds.train_x.shape == (18, channels, 16, 16) and ds.test_x.shape == (9, channels, 16, 16)
+    assert list(ds.train_y) == [0] * 6 + [1] * 6 + [2] * 6
+    assert ds.mean == channel_stats(ds.train_x)[0] and len(ds.mean) == channels
+    assert 0 < ds.mean[0] < 1 and 0 < ds.std[0] < 1
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(CnnlabError, match="does not exist"):
+        load_dataset(f"folder:{tmp_path / 'nope'}", "")
+    root = write_folder(tmp_path / "pets")
+    (root / "train" / "emu").mkdir()
+    with pytest.raises(CnnlabError, match="class folder .*emu has no images"):
+        load_dataset(f"folder:{root}", "")
+    (root / "train" / "emu").rmdir()
+    (root / "train" / "cat" / "5.png").write_bytes(b"this is no png")
+    with pytest.raises(CnnlabError, match="cannot read image .*5.png"):
+        load_dataset(f"folder:{root}", "")
+    from PIL import Image
+    Image.new("RGB", (20, 16)).save(root / "train" / "cat" / "5.png")
+    with pytest.raises(CnnlabError, match="5.png is 20x16 but the dataset's images are 16x16"):
+        load_dataset(f"folder:{root}", "")
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "test").mkdir()
+    with pytest.raises(CnnlabError, match="has no images"):
+        load_dataset(f"folder:{empty}", "")
+    with pytest.raises(CnnlabError, match="must hold train/ and test/"):
+        load_dataset(f"folder:{tmp_path}", "")
+
+
+def test_cache_is_used_and_falls_back_when_read_only(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "pets")
+    first = load_dataset(f"folder:{root}", "")
+    assert list((root / ".cnnlab-cache").glob("*.x.npy"))
+    # a second load must not decode any image
+    monkeypatch.setattr("cnnlab.data.readers.read_folder_split",
+                        lambda *a: pytest.fail("decoded again despite the cache"))
+    again = load_dataset(f"folder:{root}", "")
+    np.testing.assert_array_equal(first.train_x, again.train_x)
+    monkeypatch.undo()
+
+    # A data folder we cannot write to (a file where the cache folder would go stops even
+    # root, who may write to read-only folders): the cache goes to CNNLAB_CACHE instead.
+    ro = write_folder(tmp_path / "ro")
+    (ro / ".cnnlab-cache").write_text("not a folder")
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("CNNLAB_CACHE", str(cache))
+    load_dataset(f"folder:{ro}", "")
+    assert (ro / ".cnnlab-cache").read_text() == "not a folder"
+    assert list(cache.rglob("*.x.npy"))

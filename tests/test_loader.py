@@ -1,0 +1,70 @@
+import torch
+
+from cnnlab.data.loader import DeviceLoader, random_crop, random_flip
+
+
+def _batch(n=16, c=3, size=8):
+    return torch.randint(1, 256, (n, c, size, size), dtype=torch.uint8)
+
+
+def test_random_crop_shifts_within_padding():
+    x = _batch()
+    g = torch.Generator().manual_seed(0)
+    out = random_crop(x, 2, g)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(len(x)):  # every output image is some 8x8 window of its padded input
+        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+    assert not torch.equal(out, x)  # 16 images: some must have moved
+
+
+def test_random_flip_flips_about_half():
+    x = _batch(n=200)
+    out = random_flip(x, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(len(x))]
+    kept = [torch.equal(out[i], x[i]) for i in range(len(x))]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 60 < sum(flipped) < 140
+
+
+def test_loader_covers_each_sample_once_and_normalises():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).clone()
+    labels = torch.arange(10)
+    loader = DeviceLoader(images, labels, batch_size=3, mean=(0.5,), std=(0.25,),
+                          device=torch.device("cpu"), shuffle=True,
+                          generator=torch.Generator().manual_seed(1))
+    assert len(loader) == 4
+    seen = []
+    for x, y in loader:
+        assert x.dtype == torch.float32 and x.shape[1:] == (1, 4, 4)
+        expected = (y.float() / 255 - 0.5) / 0.25  # each image's pixel value is its label
+        torch.testing.assert_close(x[:, 0, 0, 0], expected)
+        seen += y.tolist()
+    assert sorted(seen) == list(range(10)) and seen != list(range(10))
+
+
+def test_augmented_batches_keep_labels_and_range():
+    images, labels = _batch(n=32, size=32), torch.arange(32) % 10
+    loader = DeviceLoader(images, labels, batch_size=8, mean=(0.0,) * 3, std=(1.0,) * 3,
+                          device=torch.device("cpu"), shuffle=True,
+                          augment=frozenset({"crop", "flip"}),
+                          generator=torch.Generator().manual_seed(0), channels_last=True)
+    for x, y in loader:
+        assert x.shape == (8, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+        assert x.min() >= 0 and x.max() <= 1
+        # the label travels with its image: the centre survives a crop of 4 with or w/o flip
+        for img, label in zip(x, y):
+            src = images[label::10].float() / 255
+            centre = img[:, 12:20, 12:20]
+            assert any(torch.allclose(centre, s[:, 12 + dy:20 + dy, 12 + dx:20 + dx])
+                       or torch.allclose(centre, s.flip(2)[:, 12 + dy:20 + dy, 12 + dx:20 + dx])
+                       for s in src for dy in range(-4, 5) for dx in range(-4, 5))
+
+
+def test_seed_preset_normalisation_is_to_tensor_only():
+    images = torch.full((2, 1, 2, 2), 255, dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.zeros(2, dtype=torch.long), batch_size=2, mean=(0.13,),
+                          std=(0.3,), device=torch.device("cpu"), normalize=False)
+    x, _ = next(iter(loader))
+    torch.testing.assert_close(x, torch.ones_like(x))

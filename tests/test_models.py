@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from cnnlab.errors import CnnlabError
+from cnnlab.models import count_parameters, create_model
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_lenet5_matches_the_report(pool):
+    model = create_model("lenet5", in_channels=1, num_classes=10, image_size=(28, 28),
+                         pool=pool)
+    assert count_parameters(model) == 61_706
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    pools = [m for m in model.modules() if isinstance(m, (torch.nn.MaxPool2d,
+                                                            torch.nn.AvgPool2d))]
+    expected = torch.nn.MaxPool2d if pool == "max" else torch.nn.AvgPool2d
+    assert len(pools) == 2 and all(type(m) is expected for m in pools)
+
+
+def test_lenet5_adapts_to_colour_and_size():
+    model = create_model("lenet5", in_channels=3, num_classes=7, image_size=(32, 32))
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    # conv1 3*6*25+6, conv2 2416, fc1 576*120+120, fc2 10164, fc3 84*7+7
+    assert count_parameters(model) == 456 + 2416 + 69240 + 10164 + 595
+
+
+def test_resnet18_cifar_variant():
+    model = create_model("resnet18", in_channels=3, num_classes=10, image_size=(32, 32))
+    assert count_parameters(model) == 11_173_962
+    model.eval()
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    stem = model.stem[0]
+    assert stem.kernel_size == (3, 3) and stem.stride == (1, 1) and stem.out_channels == 64
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == len(bns) == 20  # stem + 16 block convs + 3 projections, each with BN
+
+
+def test_resnet18_grayscale():
+    model = create_model("resnet18", in_channels=1, num_classes=10, image_size=(28, 28))
+    model.eval()
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_registry_errors():
+    with pytest.raises(CnnlabError, match="unknown model 'vgg'.*lenet5, resnet18"):
+        create_model("vgg", in_channels=1, num_classes=10, image_size=(28, 28))
+    with pytest.raises(CnnlabError, match="resnet18 has no option 'pool'"):
+        create_model("resnet18", in_channels=3, num_classes=10, image_size=(32, 32), pool="avg")
+    with pytest.raises(CnnlabError, match="at least 12x12"):
+        create_model("lenet5", in_channels=1, num_classes=10, image_size=(8, 8))
