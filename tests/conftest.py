@@ -57,7 +57,7 @@ def write_mnist(root: Path, n_train: int = 512, n_test: int = 128, *, gz: bool =
                 folder: str = "MNIST") -> Path:
     raw = root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    for split, prefix, n, seed in (("train", "train", n_train, 0), ("test", "t10k", n_test, 1)):
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         x, y = synthetic_images(n, 28, 1, seed)
         write_idx(raw / f"{prefix}-images-idx3-ubyte", x[:, 0], gz=gz)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", y, gz=gz)
