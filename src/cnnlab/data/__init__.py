@@ -1,0 +1,129 @@
+"""Datasets: find (or download) the official files, decode them once into a uint8 cache, and
+hand them to training as whole arrays. See `loader.py` for the on-device batch loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CnnlabError
+from . import readers
+from .cache import cached, fingerprint
+from .specs import SPECS, DatasetSpec
+
+FOLDER_PREFIX = "folder:"
+DATASETS = (*SPECS, f"{FOLDER_PREFIX}PATH")
+
+
+@dataclass
+class Dataset:
+    """A whole dataset in memory: uint8 images (N, C, H, W), int64 labels, and its facts."""
+
+    name: str
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.train_x.shape[2]), int(self.train_x.shape[3])
+
+
+def load_dataset(name: str, data_dir: str | Path, *, download: bool = True) -> Dataset:
+    """Load `mnist`, `fashion-mnist`, `cifar10` (under data_dir, torchvision's layout) or
+    `folder:PATH` (PATH/train/<class>/*, PATH/test/<class>/*)."""
+    if name.startswith(FOLDER_PREFIX):
+        return _load_folder(name, Path(name[len(FOLDER_PREFIX):]).expanduser())
+    spec = SPECS.get(name)
+    if spec is None:
+        raise CnnlabError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    root = Path(data_dir).expanduser()
+    folder = root / spec.folder / ("raw" if spec.kind == "idx" else "")
+    if not _present(spec, folder):
+        if not download:
+            raise CnnlabError(f"{name} not found: expected {_expected(spec)} in {folder}; "
+                              "run without --no-download to fetch it, or point --data-dir "
+                              f"(or CNNLAB_DATA) at the folder that holds {spec.folder}/")
+        _download(spec, root, folder)
+    n = len(spec.classes)
+    splits = {}
+    for split, files in spec.files.items():
+        if spec.kind == "idx":
+            sources = [readers.find_idx(folder, f) for f in files]
+            decode = lambda fs=files: readers.read_idx_split(folder, *fs, n)  # noqa: E731
+        else:
+            sources = [folder / f for f in files]
+            decode = lambda fs=files: readers.read_cifar_split(folder, fs, n)  # noqa: E731
+        key = f"{spec.name}-{split}-{fingerprint(sources)}"
+        splits[split] = cached(folder / ".cnnlab-cache", key, decode)
+    return Dataset(name, list(spec.classes), spec.mean, spec.std,
+                   *splits["train"], *splits["test"])
+
+
+def _expected(spec: DatasetSpec) -> str:
+    return ", ".join(f for files in spec.files.values() for f in files)
+
+
+def _present(spec: DatasetSpec, folder: Path) -> bool:
+    names = [f for files in spec.files.values() for f in files]
+    if spec.kind == "idx":
+        return all(readers.find_idx(folder, f) for f in names)
+    return all((folder / f).is_file() for f in names)
+
+
+def _download(spec: DatasetSpec, root: Path, folder: Path) -> None:
+    """Fetch the official files with torchvision (its mirrors, checksums verified)."""
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
+           "cifar10": datasets.CIFAR10}[spec.name]
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except Exception as e:  # network errors come in many types; all mean the same here
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CnnlabError(f"could not download {spec.name} ({reason}); without a network, "
+                          f"put {_expected(spec)} into {folder}") from None
+    if not _present(spec, folder):
+        raise CnnlabError(f"download of {spec.name} did not produce {_expected(spec)} in {folder}")
+
+
+def _load_folder(name: str, root: Path) -> Dataset:
+    if not root.is_dir():
+        raise CnnlabError(f"dataset folder {root} does not exist")
+    classes = readers.folder_classes(root)
+    train_files = readers.folder_files(root / "train", classes, require_all=True)
+    test_files = readers.folder_files(root / "test", classes, require_all=False)
+    key = fingerprint([p for p, _ in train_files + test_files], extra=",".join(classes))
+
+    def decode_both() -> tuple[np.ndarray, np.ndarray]:
+        mode, _ = readers.image_format(train_files + test_files)
+        return readers.read_folder_split(train_files + test_files, mode)
+
+    x, y = cached(root / ".cnnlab-cache", f"folder-{key}", decode_both)
+    n_train = len(train_files)
+    mean, std = channel_stats(x[:n_train])
+    return Dataset(name, classes, mean, std, x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), as fractions of 255."""
+    import torch
+
+    t = torch.from_numpy(x)
+    means, stds = [], []
+    for c in range(t.shape[1]):
+        xc = t[:, c].float() / 255
+        means.append(round(xc.mean().item(), 4))
+        stds.append(round(max(xc.std().item(), 1e-3), 4))
+    return tuple(means), tuple(stds)

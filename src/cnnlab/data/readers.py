@@ -1,0 +1,203 @@
+"""Readers for the official formats: IDX (MNIST, Fashion-MNIST), CIFAR pickle batches and
+image folders. Each returns uint8 images as (N, C, H, W) and int64 labels, or raises
+CnnlabError naming the bad file and what is wrong with it."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CnnlabError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm", ".pbm"}
+
+
+def find_idx(folder: Path, name: str) -> Path | None:
+    """The IDX file `name`, raw or gzipped, in `folder` (raw preferred)."""
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an unsigned-byte IDX file (optionally .gz) into an array of its declared shape."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise CnnlabError(f"cannot read {path}: {e}; delete it and download again") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise CnnlabError(f"{path} is not an IDX file (bad magic number); "
+                          "delete it and download again")
+    if data[2] != 0x08:
+        raise CnnlabError(f"{path} holds IDX type 0x{data[2]:02x}; only unsigned bytes (0x08) "
+                          "are supported")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise CnnlabError(f"{path} is truncated (header incomplete); delete it and download again")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "longer than its header says"
+        raise CnnlabError(f"{path} is {what} ({len(data)} bytes, expected {expected}); "
+                          "delete it and download again")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx_split(folder: Path, images: str, labels: str, num_classes: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    paths = [find_idx(folder, images), find_idx(folder, labels)]
+    if None in paths:
+        raise CnnlabError(f"missing {images} or {labels} in {folder}")
+    x, y = read_idx(paths[0]), read_idx(paths[1])
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise CnnlabError(f"{paths[0]} and {paths[1]} do not match: images {x.shape}, "
+                          f"labels {y.shape}; delete them and download again")
+    _check_labels(y, num_classes, paths[1])
+    return x[:, None].copy(), y.astype(np.int64)  # copy: frombuffer arrays are read-only
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a crafted file cannot run code."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+                ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR-10 python batch (a pickled dict with b'data' and b'labels')."""
+    try:
+        with path.open("rb") as f:
+            batch = _SafeUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except FileNotFoundError:
+        raise CnnlabError(f"missing CIFAR batch {path}") from None
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError,
+            IndexError, AttributeError) as e:
+        raise CnnlabError(f"{path} is not a valid CIFAR batch ({e}); "
+                          "delete it and download again") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise CnnlabError(f"{path} has data {data.shape} and {len(labels)} labels; expected "
+                          "(N, 3072) and N; delete it and download again")
+    _check_labels(labels, num_classes, path)
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar_split(folder: Path, names: tuple[str, ...], num_classes: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    parts = [read_cifar_batch(folder / n, num_classes) for n in names]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise CnnlabError(f"{path} has labels outside 0..{num_classes - 1} "
+                          f"(found {labels.min()}..{labels.max()})")
+
+
+# ---------------------------------------------------------------- image folders
+
+def folder_classes(root: Path) -> list[str]:
+    """Class names of an image-folder dataset: the subfolders of train/, sorted."""
+    train = root / "train"
+    if not train.is_dir() or not (root / "test").is_dir():
+        raise CnnlabError(f"{root} must hold train/ and test/ folders, each with one "
+                          "subfolder of images per class")
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise CnnlabError(f"{train} has no class subfolders; put each class's images in "
+                          f"{train}/<class>/")
+    unknown = sorted(d.name for d in (root / "test").iterdir()
+                     if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
+    if unknown:
+        raise CnnlabError(f"{root / 'test'} has classes not in train/: {', '.join(unknown)}")
+    return classes
+
+
+def folder_files(split_dir: Path, classes: list[str], *, require_all: bool
+                 ) -> list[tuple[Path, int]]:
+    """(path, label) for every image file under split_dir/<class>/, in a stable order."""
+    files = []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            if require_all:
+                raise CnnlabError(f"class folder {class_dir} is missing")
+            continue
+        found = sorted(p for p in class_dir.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not found and require_all:
+            raise CnnlabError(f"class folder {class_dir} has no images "
+                              f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files.extend((p, label) for p in found)
+    if not files:
+        raise CnnlabError(f"{split_dir} has no images")
+    return files
+
+
+def _probe(path: Path) -> tuple[str, tuple[int, int]]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.mode, im.size
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise CnnlabError(f"cannot read image {path}: {e}") from None
+
+
+def _decode(path: Path, mode: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert(mode), dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise CnnlabError(f"cannot decode image {path}: {e}") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def image_format(files: list[tuple[Path, int]]) -> tuple[str, tuple[int, int]]:
+    """The Pillow mode ("L" if every image is grayscale, else "RGB") and the (width, height)
+    every image must have (the most common size). Reads headers only."""
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        probes = list(pool.map(_probe, (p for p, _ in files)))
+    mode = "L" if all(m in ("L", "1", "I;16") for m, _ in probes) else "RGB"
+    size = Counter(s for _, s in probes).most_common(1)[0][0]
+    for (path, _), (_, s) in zip(files, probes):
+        if s != size:
+            raise CnnlabError(f"image {path} is {s[0]}x{s[1]} but the dataset's images are "
+                              f"{size[0]}x{size[1]}; resize it or remove it")
+    return mode, size
+
+
+def read_folder_split(files: list[tuple[Path, int]], mode: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image (in threads: Pillow releases the GIL while decoding)."""
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        images = list(pool.map(lambda p: _decode(p, mode), (p for p, _ in files)))
+    return np.stack(images), np.array([label for _, label in files], dtype=np.int64)
+
+
+def _workers() -> int:
+    return min(8, (os.cpu_count() or 1) + 2)
+
