@@ -12,17 +12,22 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def train(model: str, dataset: str, *, config: str | Path | None = None,
-          out: str | Path | None = None, progress: bool = True, **options: Any) -> dict:
+def train(model: str | None = None, dataset: str | None = None, *,
+          config: str | Path | None = None, out: str | Path | None = None,
+          resume: str | Path | None = None, progress: bool = True, **options: Any) -> dict:
     """Train `model` on `dataset` exactly as `cnnlab train` does and return the summary dict.
 
     `options` are the command-line options with underscores (epochs=3, lr=0.01,
     batch_size=128, preset="seed", ...); they beat the `config` TOML file, which beats the
-    preset. Raises CnnlabError on bad input.
+    preset. `resume=RUN_DIR` continues an interrupted run (only safe options may change).
+    Raises CnnlabError on bad input.
     """
     from .config import load_toml, resolve
-    from .trainer import fit
+    from .trainer import fit, resume_config
 
+    if resume is not None:
+        cfg, ckpt = resume_config(resume, options)
+        return fit(cfg, resume, progress=progress, resume=ckpt)
     file_values = load_toml(config) if config else {}
     cfg = resolve(model, dataset, file_values=file_values, overrides=options)
     return fit(cfg, out, progress=progress)

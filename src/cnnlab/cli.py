@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import AUGMENTS, OPTIMIZERS, POOLS, PRESETS, SCHEDULES
-from .errors import CnnlabError
+from .errors import CnnlabError, Interrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,13 +16,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser(
-        "train", help="train a model on a dataset",
-        description="Train MODEL (lenet5, resnet18) on DATASET (mnist, fashion-mnist, cifar10, "
-                    "folder:PATH). Options beat --config, which beats --preset.")
-    p.add_argument("model", help="lenet5 or resnet18")
-    p.add_argument("dataset", help="mnist, fashion-mnist, cifar10 or folder:PATH")
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """The options of `cnnlab train` after MODEL DATASET (shared with `cnnlab sweep`).
+    Every default is None: an option given beats the config file and the preset."""
     p.add_argument("--preset", help=f"{' | '.join(PRESETS)} (default fast); seed = the "
                    "report's exact settings")
     p.add_argument("--config", help="TOML file with option values (keys as the option names)")
@@ -43,8 +40,40 @@ def _train_parser(sub) -> None:
                    "(default $CNNLAB_DATA, else ./data)")
     p.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="fail instead of downloading missing data")
-    p.add_argument("--out", help="run directory (default runs/<time>-<model>-<dataset>)")
+    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 or fp16 on GPUs, "
+                   "fp32 on CPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default on)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--checkpoint-every", help="N steps or N epochs, e.g. 500 or 1epoch "
+                   "(default 1epoch)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic algorithms (identical reruns, slower on GPU)")
+    p.add_argument("--detect-anomaly", action="store_true", default=None,
+                   help="find the operation that produced a NaN (slow)")
+    p.add_argument("--skip-bad-files", action="store_true", default=None,
+                   help="folder datasets: skip unreadable images instead of stopping")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun: batch-norm statistics over all ranks")
+    p.add_argument("--telemetry", type=float, help="seconds between utilisation samples "
+                   "(default 1, 0 = off)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write TensorBoard event files")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a model on a dataset",
+        description="Train MODEL (lenet5, resnet18) on DATASET (mnist, fashion-mnist, cifar10, "
+                    "folder:PATH). Options beat --config, which beats --preset.")
+    p.add_argument("model", nargs="?", help="lenet5 or resnet18")
+    p.add_argument("dataset", nargs="?", help="mnist, fashion-mnist, cifar10 or folder:PATH")
+    add_train_options(p)
+    p.add_argument("--out", help="run directory (default runs/<time>-<model>-<dataset>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
+                   "last checkpoint (only safe options, e.g. --epochs, may change)")
+    p.add_argument("--nproc", type=int, help="launch N processes with torchrun on this machine")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,17 +81,34 @@ def build_parser() -> argparse.ArgumentParser:
                      "directories you can trust.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
+    _sweep_parser(sub)
+    _report_parser(sub)
+    _use_parsers(sub)
+    _bench_parser(sub)
     return parser
+
+
+def train_options(args: argparse.Namespace) -> dict:
+    """The config overrides among parsed arguments (those add_train_options defines)."""
+    from .config import FIELDS
+
+    return {k: v for k, v in vars(args).items() if k in FIELDS and k not in ("model", "dataset")}
 
 
 def _train(args: argparse.Namespace) -> int:
     from . import train
 
-    options = vars(args).copy()
-    for key in ("command", "model", "dataset", "config", "out", "quiet"):
-        options.pop(key)
+    if args.nproc:
+        return _launch_torchrun(args.nproc)
+    if args.resume is None and (args.model is None or args.dataset is None):
+        raise CnnlabError("train needs MODEL and DATASET (or --resume RUN_DIR)")
     summary = train(args.model, args.dataset, config=args.config, out=args.out,
-                    progress=not args.quiet, **options)
+                    resume=args.resume, progress=not args.quiet, **train_options(args))
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # under torchrun: one line per other rank, for comparison
+        print(f"rank {rank}: final test accuracy {summary['final_test_acc']:.4f}%",
+              file=sys.stderr)
+        return 0
     print(f"{summary['model']} on {summary['dataset']}: final test accuracy "
           f"{summary['final_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}% "
           f"(epoch {summary['best_epoch']}), {summary['train_seconds']:.1f} s training, "
@@ -71,10 +117,233 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_torchrun(nproc: int) -> int:
+    """`cnnlab train ... --nproc N`: the same command under torchrun, N processes here."""
+    import subprocess
+
+    if nproc < 1:
+        raise CnnlabError(f"--nproc must be positive, got {nproc}")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "cnnlab", *argv]
+    return subprocess.call(cmd)
+
+
+# ---------------------------------------------------------------- use a trained model
+
+def _use_parsers(sub) -> None:
+    """`cnnlab eval`, `cnnlab predict` and `cnnlab export`."""
+    ckpt_help = "a checkpoint (.pt) or a run directory (its best.pt)"
+    p = sub.add_parser(
+        "eval", help="score a trained model on a labelled split",
+        description="Accuracy, loss, per-class precision/recall and the confusion matrix of "
+                    "a trained model; also written as eval-*.json and confusion-*.png beside "
+                    "the checkpoint.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help=ckpt_help)
+    p.add_argument("--dataset", help="default: the dataset the model was trained on")
+    p.add_argument("--split", default="test", help="test (default) or train")
+    p.add_argument("--data-dir", help="data root (default: the one used in training)")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="fail instead of downloading missing data")
+    p.add_argument("--tta", help="flip: average with mirrored images (models trained with "
+                   "flips only)")
+    p.add_argument("--batch-size", type=int, help="default: training's eval batch size")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out-dir", help="where to write the files (default: beside the "
+                   "checkpoint)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser(
+        "predict", help="classify your own images",
+        description="Top-k classes of each image (any format Pillow reads), prepared as in "
+                    "training. Exit status 1 if some files could not be read.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help=ckpt_help)
+    p.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+")
+    p.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
+    p.add_argument("--invert", default="auto", help="auto (default: invert light-background "
+                   "images for MNIST-style models) | yes | no")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+
+    p = sub.add_parser(
+        "export", help="export a trained model to ONNX or TorchScript",
+        description="Write the model as ONNX or TorchScript (input: the normalised images, "
+                    "output: logits), checked to match PyTorch within 1e-4, with the class "
+                    "names and preprocessing inside and in FILE.json.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help=ckpt_help)
+    p.add_argument("--format", required=True, help="onnx | torchscript")
+    p.add_argument("--out", metavar="FILE", help="default: beside the checkpoint, "
+                   "<name>.onnx or <name>.torchscript.pt")
+
+
+def _use_device(spec: str):
+    from .trainer import resolve_device
+
+    return resolve_device(spec)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .inference import evaluate_checkpoint, format_eval, save_eval
+
+    result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split,
+                                 data_dir=args.data_dir, download=args.download,
+                                 tta=args.tta, batch_size=args.batch_size,
+                                 device=_use_device(args.device))
+    files = save_eval(result, args.out_dir or Path(result["checkpoint"]).parent)
+    if args.json:
+        print(json.dumps(result | {"files": files}))
+    else:
+        print(format_eval(result))
+    print(f"wrote {files['json']} and {files['png']}", file=sys.stderr)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .predict import format_prediction, predict
+
+    results = predict(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert,
+                      batch_size=args.batch_size, device=_use_device(args.device))
+    for r in results:
+        if "error" in r:
+            print(f"cnnlab: error: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            print(format_prediction(r))
+    if args.json:
+        print(json.dumps(results))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    info = export_model(args.checkpoint, args.format, args.out)
+    print(f"exported {info['model']} as {info['format']} ({len(info['classes'])} classes); "
+          f"max |logit difference| to PyTorch {info['max_abs_diff']:.2g} "
+          f"({info['parity']['checked_with']}); metadata in {info['metadata_path']}",
+          file=sys.stderr)
+    print(info["path"])
+    return 0
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="train a grid of options times seeds", conflict_handler="resolve",
+        description="Train every point of a grid - the cross product of the --grid values, or "
+                    "a sweep file's [grid] and points - for --seeds seeds, each run an ordinary "
+                    "run directory under the sweep directory, then write results.csv, "
+                    "results.md, accuracy.png and loss.png there. Running the same sweep again "
+                    "skips finished runs and redoes an unfinished one. Options beat the sweep "
+                    "file's [train] table, which beats --preset.")
+    p.add_argument("model", nargs="?", help="lenet5 or resnet18 (or the sweep file's)")
+    p.add_argument("dataset", nargs="?", help="mnist, fashion-mnist, cifar10 or folder:PATH")
+    add_train_options(p)
+    p.add_argument("--config", metavar="SWEEP_TOML", help="sweep file: model, dataset, seeds, "
+                   "[train] fixed options, [grid] value lists and/or points = [{...}, ...]")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a train option and its values (repeat for a cross product); "
+                   "separate with ';' when values hold commas: 'augment=none;crop,flip'")
+    p.add_argument("--seeds", type=int, help="runs per point, seeds seed, seed+1, ... "
+                   "(default: the sweep file's, else 1)")
+    p.add_argument("--out", help="sweep directory (default sweeps/<sweep file name>, else "
+                   "sweeps/<model>-<dataset>-<grid keys>)")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import default_sweep_dir, load_sweep_file, parse_grid_arg, plan_sweep, run_sweep
+
+    spec = load_sweep_file(args.config) if args.config else {}
+    if args.model is not None and args.dataset is None:
+        raise CnnlabError("sweep needs both MODEL and DATASET (or a sweep file with --config)")
+    grid = {k.replace("-", "_"): v for k, v in spec.get("grid", {}).items()}
+    for text in args.grid:
+        key, values = parse_grid_arg(text)
+        grid[key] = values
+    plan = plan_sweep(args.model or spec.get("model"), args.dataset or spec.get("dataset"),
+                      grid=grid, points=spec.get("points"),
+                      seeds=args.seeds if args.seeds is not None else spec.get("seeds", 1),
+                      train=spec.get("train"), options=train_options(args))
+    out = args.out or default_sweep_dir(plan, args.config)
+    result = run_sweep(plan, out, progress=not args.quiet)
+    print(f"{result['finished']} of {result['total']} runs finished; results.md and "
+          f"results.csv in {out}", file=sys.stderr)
+    if result["verdict"]:
+        print(result["verdict"], file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report", help="write report.html and report.md for runs and sweeps",
+        description="Write report.html (self-contained) and report.md for run and sweep "
+                    "directories: configuration, environment, accuracy, curves, utilisation, "
+                    "per-class accuracy and confusion matrix of the best checkpoint on the test "
+                    "split, and a comparison of several runs.")
+    p.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    p.add_argument("--out", help="report directory (default: the directory given, if one; "
+                   "else reports/<time>)")
+    p.add_argument("--data-dir", help="where the test data is, when not where the runs "
+                   "found it")
+    p.add_argument("--device", default="auto", help="evaluate on auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-eval", action="store_true", help="leave out per-class accuracy and "
+                   "the confusion matrix (needs no data)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    written = write_report(args.dirs, args.out, evaluate=not args.no_eval,
+                           data_dir=args.data_dir, device=args.device)
+    print(written["md"])
+    print(written["html"])
+    return 0
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time-to-accuracy and throughput against the reference",
+                       description="Benchmark cnnlab against the report's pipeline "
+                       "(benchmarks/reference.py) and print a table; --out writes JSON.")
+    p.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu")
+    p.add_argument("--data-dir", help="data root holding MNIST/ (default $CNNLAB_DATA, "
+                   "else ./data)")
+    p.add_argument("--cifar-folder", help="CIFAR-10 as an image folder with train/ and test/ "
+                   "(default DATA_DIR/cifar10-jpeg)")
+    p.add_argument("--out", help="write every figure as JSON here")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    data_dir = args.data_dir or os.environ.get("CNNLAB_DATA") or "data"
+    run_bench(args.suite, data_dir, args.cifar_folder or f"{data_dir}/cifar10-jpeg", args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train}[args.command](args)
+        return {"train": _train, "sweep": _sweep, "report": _report,
+                "eval": _eval, "predict": _predict,
+                "export": _export, "bench": _bench}[args.command](args)
+    except Interrupted as e:
+        print(f"cnnlab: {e}", file=sys.stderr)
+        return e.exit_code
     except CnnlabError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cnnlab: stopped at once; the last checkpoint is intact", file=sys.stderr)
+        return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ SCHEDULES = ("constant", "step", "cosine", "onecycle")
 AUGMENTS = ("none", "crop", "flip", "crop,flip")
 PRESETS = ("fast", "seed")
 POOLS = ("max", "avg")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Options a resumed run may change: they do not alter what is computed.
+RESUME_SAFE = ("epochs", "log_every", "checkpoint_every", "device", "data_dir", "download",
+               "telemetry", "tensorboard", "detect_anomaly", "compile")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,16 @@ class Config:
     device: str = "auto"
     log_every: int = 100
     eval_batch_size: int = 1000
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    checkpoint_every: str = "1epoch"
+    deterministic: bool = False
+    detect_anomaly: bool = False
+    skip_bad_files: bool = False
+    sync_bn: bool = False
+    telemetry: float = 1.0
+    tensorboard: bool = False
     data_dir: str = ""
     download: bool = True
 
@@ -62,12 +77,15 @@ _SEED = dict(batch_size=64, optimizer="sgd", momentum=0.9, nesterov=False, weigh
 _SEED_LR_EPOCHS = {"mnist": (0.001, 64), "fashion-mnist": (0.001, 64), "cifar10": (0.01, 30)}
 
 # The shortest way to a good model. LeNet-5 / MNIST: >= 98.8% after one epoch and >= 99.0%
-# after three on a 2-core CPU (benchmarks/RESULTS.md). ResNet-18: a modern short GPU recipe.
+# after two on a 2-core CPU (benchmarks/RESULTS.md). ResNet-18: a modern short GPU recipe.
 _FAST = {
-    "lenet5": dict(epochs=3, batch_size=64, optimizer="sgd", lr=0.1, momentum=0.9,
+    "lenet5": dict(epochs=2, batch_size=64, optimizer="sgd", lr=0.1, momentum=0.9,
                    nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1),
     "resnet18": dict(epochs=20, batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9,
                      nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1),
+    # fastnet (airbench-like): short, large-batch, strong label smoothing.
+    "fastnet": dict(epochs=10, batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9,
+                    nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.2),
 }
 
 
@@ -127,7 +145,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
                 value = int(value)
             elif kind == "float":
                 value = float(value)
-            elif kind == "bool" and not isinstance(value, bool):
+            elif kind.startswith("bool") and not isinstance(value, bool | None):
                 raise ValueError
             elif kind.startswith("str") and value is not None:
                 value = str(value)
@@ -148,7 +166,8 @@ def _positive(cfg: Config, *names: str) -> None:
 def validate(cfg: Config) -> None:
     """Reject impossible values with a message naming the option and the fix."""
     _positive(cfg, "epochs", "batch_size", "lr", "log_every", "eval_batch_size")
-    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": AUGMENTS}
+    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": AUGMENTS,
+               "precision": PRECISIONS}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise CnnlabError(f"unknown {name} '{getattr(cfg, name)}'; "
@@ -159,3 +178,16 @@ def validate(cfg: Config) -> None:
         raise CnnlabError("--momentum and --weight-decay must not be negative")
     if not 0 <= cfg.label_smoothing < 1:
         raise CnnlabError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.telemetry < 0:
+        raise CnnlabError(f"--telemetry must be seconds >= 0 (0 = off), got {cfg.telemetry}")
+    checkpoint_interval(cfg.checkpoint_every)
+
+
+def checkpoint_interval(text: str) -> tuple[int, str]:
+    """'500' or '500steps' -> (500, 'step'); '2epochs', '2e' -> (2, 'epoch')."""
+    m = re.fullmatch(r"\s*(\d+)\s*(steps?|s|epochs?|e)?\s*", str(text))
+    if not m or int(m.group(1)) <= 0:
+        raise CnnlabError(f"--checkpoint-every must be N steps or N epochs (e.g. 500 or 1epoch), "
+                          f"got '{text}'")
+    unit = "epoch" if (m.group(2) or "s").startswith("e") else "step"
+    return int(m.group(1)), unit

@@ -1,67 +1,125 @@
 """The loop: one training epoch and one evaluation, nothing else (no file I/O).
 
 The loss is read back to the host only at log steps, so the device never waits for Python
-inside the inner loop."""
+inside the inner loop; everything needed to stop and resume mid-epoch lives in LoopState."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import TrainingDiverged
+
+
+@dataclass
+class LoopState:
+    """Where training is: enough to checkpoint at any step and resume bitwise."""
+
+    epoch: int = 1
+    step: int = 0                      # optimiser steps done in the whole run
+    batch: int = 0                     # batches done in the current epoch
+    order: torch.Tensor | None = None  # the current epoch's sample order
+    window: torch.Tensor | None = None  # on the device: loss sum, non-finite count since
+    window_steps: int = 0               # the last log record
+    images: int = 0                    # images trained on in the whole run (this rank)
+    train_seconds: float = 0.0
+    best_acc: float = float("-inf")
+    history: list[float] = field(default_factory=list)  # test accuracy per epoch
+
+
+class Precision:
+    """Autocast and gradient scaling for fp32, bf16 or fp16 (fp16 with a GradScaler)."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        self.name = name
+        self.device_type = device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
 
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module, *,
-                    epoch: int, step: int, log_every: int,
-                    log: Callable[[dict], None]) -> dict:
-    """Train over `batches`; call `log` with a `train` record every `log_every` steps.
-    Returns the epoch's step count, mean loss, images and seconds."""
+                    optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,
+                    state: LoopState, *, precision: Precision, log_every: int,
+                    log: Callable[[dict], None],
+                    reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                    after_step: Callable[[LoopState], bool] = lambda s: False) -> bool:
+    """Train over `batches`, advancing `state`; `log` a `train` record every `log_every`
+    steps. Returns True if `after_step` asked to stop before the epoch's end."""
     model.train()
-    device_loss = torch.zeros((), device=next(model.parameters()).device)
-    window_loss = torch.zeros_like(device_loss)
-    window_steps = window_images = images = 0
-    start = window_start = time.perf_counter()
+    if state.window is None:
+        state.window = torch.zeros(2, device=next(model.parameters()).device,
+                                   dtype=torch.float64)
+    window_images, window_start = 0, time.perf_counter()
     for x, y in batches:
-        loss = criterion(model(x), y)
+        with precision.autocast():
+            loss = criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.backward_step(loss, optimizer)
         scheduler.step()
-        step += 1
-        window_steps += 1
+        loss = loss.detach().double()
+        state.window += torch.stack((loss, (~torch.isfinite(loss)).double()))
+        state.step += 1
+        state.batch += 1
+        state.window_steps += 1
+        state.images += len(y)
         window_images += len(y)
-        images += len(y)
-        window_loss += loss.detach()
-        if step % log_every == 0:
-            mean = window_loss.item() / window_steps  # the only host sync in the loop
+        if state.step % log_every == 0:
+            loss_sum, bad = reduce_mean(state.window).tolist()  # the only host sync here
+            check_finite(bad, state)
             now = time.perf_counter()
-            log({"type": "train", "step": step, "epoch": epoch, "loss": mean,
-                 "lr": optimizer.param_groups[0]["lr"],
+            log({"type": "train", "step": state.step, "epoch": state.epoch,
+                 "loss": loss_sum / state.window_steps, "lr": optimizer.param_groups[0]["lr"],
                  "images_per_second": window_images / (now - window_start)})
-            device_loss += window_loss
-            window_loss.zero_()
-            window_steps = window_images = 0
+            state.window.zero_()
+            state.window_steps = window_images = 0
             window_start = now
-    device_loss += window_loss
-    seconds = time.perf_counter() - start
-    return {"step": step, "loss": device_loss.item() / max(1, len(batches)),  # type: ignore[arg-type]
-            "images": images, "seconds": seconds}
+        if after_step(state):
+            return True
+    return False
+
+
+def check_finite(bad: float, state: LoopState) -> None:
+    """Stop with the step and the likely cause if a loss since the last check was NaN/inf."""
+    if bad:
+        raise TrainingDiverged(
+            f"the training loss became NaN or infinite by step {state.step} (epoch "
+            f"{state.epoch}); the learning rate is probably too high - try a smaller --lr "
+            "(--detect-anomaly finds the operation)")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """Test loss (plain cross-entropy) and accuracy in percent."""
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+             precision: Precision | None = None,
+             reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
+    """Test loss (plain cross-entropy) and accuracy in percent, summed over all ranks."""
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    total = 0
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for x, y in batches:
-        logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        total += len(y)
-    return {"loss": loss_sum.item() / total, "accuracy": 100.0 * correct.item() / total}
+        with precision.autocast() if precision else contextlib.nullcontext():
+            logits = model(x).float()
+        totals[0] += F.cross_entropy(logits, y, reduction="sum")
+        totals[1] += (logits.argmax(1) == y).sum()
+        totals[2] += len(y)
+    loss_sum, correct, total = reduce_sum(totals).tolist()
+    return {"loss": loss_sum / total, "accuracy": 100.0 * correct / total}

@@ -1,8 +1,13 @@
 """Use a trained model: load it from a checkpoint alone, preprocess like training did, and
-score it on a labelled split (accuracy, loss, per-class precision/recall, confusion)."""
+score it on a labelled split (accuracy, loss, per-class precision/recall, confusion).
+
+A checkpoint's `model_meta` holds everything needed to rebuild the model and its
+preprocessing (model name and options, input channels and size, classes, mean/std), so
+loading a model needs neither the training config nor the dataset."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -11,7 +16,14 @@ from torch import nn
 
 from .errors import CnnlabError
 from .models import create_model
-from .runs import load_checkpoint
+from .runs import atomic_write, load_checkpoint, write_json
+
+SPLITS = ("test", "train")
+TTAS = ("flip",)
+# What a training run writes: evaluation and export never write over these.
+RUN_FILES = frozenset({"config.json", "env.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
+                       "summary.json", "loss.png", "accuracy.png"})
+_META_KEYS = ("name", "in_channels", "num_classes", "image_size", "classes", "mean", "std")
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -21,34 +33,80 @@ def checkpoint_path(path: str | Path) -> Path:
         for name in ("best.pt", "checkpoint.pt"):
             if (p / name).is_file():
                 return p / name
+        if (p / "config.json").is_file():
+            raise CnnlabError(f"run directory {p} has no checkpoint yet (best.pt or "
+                              "checkpoint.pt); did its training stop before the first epoch "
+                              "ended?")
         raise CnnlabError(f"{p} holds no best.pt or checkpoint.pt; is it a run directory?")
-    if not p.is_file():
+    if not p.exists():
         raise CnnlabError(f"no checkpoint or run directory at {p}")
+    if not p.is_file():
+        raise CnnlabError(f"{p} is not a checkpoint file or a run directory")
     return p
+
+
+def check_meta(meta: object, path: str | Path) -> dict:
+    """The checkpoint's model_meta, checked to be complete and consistent."""
+    if not isinstance(meta, dict):
+        raise CnnlabError(f"{path} is not a cnnlab checkpoint (no model_meta); give a "
+                          "checkpoint or run directory written by `cnnlab train`")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise CnnlabError(f"{path} is an incomplete cnnlab checkpoint: model_meta lacks "
+                          f"{', '.join(missing)}")
+    c, n = meta["in_channels"], meta["num_classes"]
+    try:
+        size_ok = len(meta["image_size"]) == 2 and all(int(s) > 0 for s in meta["image_size"])
+        ok = (size_ok and int(c) > 0 and len(meta["classes"]) == int(n)
+              and len(meta["mean"]) == len(meta["std"]) == int(c))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CnnlabError(f"{path} has inconsistent model_meta (channels {c}, classes {n}, "
+                          f"image size {meta['image_size']}, {len(meta['classes'])} class "
+                          "names, mean/std per channel); the checkpoint is damaged")
+    return meta
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"
                ) -> tuple[nn.Module, dict, dict]:
     """(model in eval mode, model_meta, checkpoint) from a checkpoint or run directory."""
-    ckpt = load_checkpoint(checkpoint_path(path), map_location=device)
-    meta = ckpt.get("model_meta")
-    if not isinstance(meta, dict) or "model" not in ckpt:
-        raise CnnlabError(f"{path} is not a cnnlab checkpoint (no model_meta)")
-    model = create_model(meta["name"], in_channels=meta["in_channels"],
-                         num_classes=meta["num_classes"], image_size=tuple(meta["image_size"]),
-                         **meta.get("options", {}))
-    model.load_state_dict(ckpt["model"])
+    file = checkpoint_path(path)
+    ckpt = load_checkpoint(file, map_location=device)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CnnlabError(f"{file} is not a cnnlab checkpoint (no model weights and "
+                          "model_meta); give a checkpoint or run directory written by "
+                          "`cnnlab train`")
+    meta = check_meta(ckpt.get("model_meta"), file)
+    model = create_model(meta["name"], in_channels=int(meta["in_channels"]),
+                         num_classes=int(meta["num_classes"]),
+                         image_size=tuple(meta["image_size"]), **meta.get("options", {}))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CnnlabError(f"{file}: the stored weights do not fit {meta['name']} "
+                          f"({first[:200]}); the checkpoint is damaged") from None
     return model.to(device).eval(), meta, ckpt
 
 
+def normalization(meta: dict, device: str | torch.device = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with x_norm = x * scale + shift for uint8 pixels x: training's
+    (x / 255 - mean) / std, computed exactly as the training loader computes it."""
+    mean, std = list(meta["mean"]), list(meta["std"])
+    if not meta.get("normalize", True):  # the report's ToTensor(): pixels / 255 only
+        mean, std = [0.0] * len(mean), [1.0] * len(std)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return (1 / (255 * s)).float(), (-m / s).float()
+
+
 def preprocess(images: torch.Tensor, meta: dict) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> the float input the model was trained on."""
-    x = images.float() / 255
-    if meta.get("normalize", True):
-        mean = torch.tensor(meta["mean"], device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(meta["std"], device=x.device).view(1, -1, 1, 1)
-        x = (x - mean) / std
-    return x
+    """uint8 (N, C, H, W) -> the float input the model was trained on (bit for bit what
+    the training loader feeds the model)."""
+    scale, shift = normalization(meta, images.device)
+    return torch.addcmul(shift, images.float(), scale)
 
 
 @torch.no_grad()
@@ -85,3 +143,155 @@ def score(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dic
 
 def _pct(num: torch.Tensor, den: torch.Tensor) -> float:
     return 100.0 * num.item() / den.item() if den.item() else 0.0
+
+
+# ---------------------------------------------------------------- cnnlab eval
+
+def trained_with_flip(ckpt: dict) -> bool:
+    """Whether the checkpoint's training used random horizontal flips."""
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    augment = config.get("augment") or ckpt["model_meta"].get("augment") or ""
+    return "flip" in str(augment).split(",")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None,
+                        split: str = "test", data_dir: str | Path | None = None,
+                        download: bool = True, tta: str | None = None,
+                        batch_size: int | None = None,
+                        device: str | torch.device = "cpu") -> dict:
+    """Score a checkpoint (or a run directory's best.pt) on a labelled split.
+
+    `dataset` and `data_dir` default to those the model was trained on. `tta="flip"`
+    averages the logits of each image and its mirror image (only for models trained with
+    flips). Returns accuracy (%), loss, per_class, confusion and what was evaluated."""
+    from .data import load_dataset
+
+    if split not in SPLITS:
+        raise CnnlabError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    if tta is not None and tta not in TTAS:
+        raise CnnlabError(f"unknown test-time augmentation '{tta}'; the one there is: flip")
+    if batch_size is not None and batch_size <= 0:
+        raise CnnlabError(f"--batch-size must be positive, got {batch_size}")
+    file = checkpoint_path(checkpoint)
+    model, meta, ckpt = load_model(file, device)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    if tta == "flip" and not trained_with_flip(ckpt):
+        raise CnnlabError(f"--tta flip: {file} was not trained with flips (augment "
+                          f"'{config.get('augment', 'unknown')}'); mirrored images are new to "
+                          "it, so flip averaging would not measure the model; drop --tta")
+    dataset = dataset or config.get("dataset")
+    if not dataset:
+        raise CnnlabError(f"{file} does not say which dataset it was trained on; "
+                          "give --dataset")
+    if data_dir is None:
+        data_dir = config.get("data_dir") or "data"
+    data = load_dataset(dataset, data_dir, download=download)
+    check_fits(data, meta, dataset)
+    x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
+    if len(y) == 0:
+        raise CnnlabError(f"{dataset} has no {split} images")
+    batch_size = batch_size or int(config.get("eval_batch_size") or 1000)
+    logits = predict_logits(model, torch.from_numpy(x), meta, batch_size=batch_size,
+                            tta_flip=tta == "flip")
+    result = score(logits, torch.from_numpy(y), meta["classes"])
+    return {"checkpoint": str(file), "model": meta["name"], "epoch": ckpt.get("epoch"),
+            "dataset": dataset, "split": split, "tta": tta, "images": len(y),
+            "classes": list(meta["classes"]), **result}
+
+
+def check_fits(data, meta: dict, dataset: str) -> None:
+    """Refuse a dataset whose images or classes are not those the model was trained on."""
+    shape = (data.channels, *data.image_size)
+    expected = (int(meta["in_channels"]), *(int(s) for s in meta["image_size"]))
+    if shape != expected:
+        raise CnnlabError(f"{dataset} has {_shape(shape)} images but the model takes "
+                          f"{_shape(expected)}; evaluate it on the dataset it was trained on")
+    if list(data.classes) != list(meta["classes"]):
+        raise CnnlabError(f"{dataset} has classes {_names(data.classes)} but the model was "
+                          f"trained on {_names(meta['classes'])}")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]}x{shape[1]}x{shape[2]} (channels x height x width)"
+
+
+def _names(classes: list[str], limit: int = 12) -> str:
+    shown = ", ".join(classes[:limit])
+    return f"[{shown}{', ...' if len(classes) > limit else ''}] ({len(classes)})"
+
+
+def eval_stem(result: dict) -> str:
+    """The name the evaluation's files share: eval-<checkpoint>-<dataset>-<split>[-tta]."""
+    name = result["dataset"].removeprefix("folder:").rstrip("/\\")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name).name or "folder").strip("-.")
+    stem = f"{Path(result['checkpoint']).stem}-{name or 'folder'}-{result['split']}"
+    return stem + (f"-tta-{result['tta']}" if result.get("tta") else "")
+
+
+def save_eval(result: dict, out_dir: str | Path) -> dict[str, str]:
+    """Write eval-<...>.json and confusion-<...>.png into out_dir (training's files are
+    never touched). Returns {"json": path, "png": path}."""
+    out_dir = Path(out_dir)
+    stem = eval_stem(result)
+    paths = {"json": out_dir / f"eval-{stem}.json", "png": out_dir / f"confusion-{stem}.png"}
+    assert not any(p.name in RUN_FILES for p in paths.values())
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(paths["json"], result)
+        plot_confusion(result, paths["png"])
+    except OSError as e:
+        raise CnnlabError(f"cannot write the evaluation into {out_dir}: {e.strerror or e}; "
+                          "choose another folder with --out-dir") from None
+    return {k: str(v) for k, v in paths.items()}
+
+
+def plot_confusion(result: dict, path: Path) -> None:
+    """The confusion matrix as a PNG: counts, coloured by the share of the true class."""
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    classes, conf = result["classes"], torch.tensor(result["confusion"], dtype=torch.float64)
+    n = len(classes)
+    share = conf / conf.sum(1, keepdim=True).clamp(min=1)
+    side = min(24.0, max(4.5, 0.55 * n + 2.5))
+    fig, ax = plt.subplots(figsize=(side, side * 0.9), dpi=110)
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                count = int(conf[i, j])
+                if count:
+                    ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    tta = f", TTA {result['tta']}" if result.get("tta") else ""
+    ax.set(xlabel="predicted class", ylabel="true class",
+           title=f"{result['model']} on {result['dataset']} {result['split']}{tta}: "
+                 f"{result['accuracy']:.2f}%")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def format_eval(result: dict) -> str:
+    """The evaluation as text: accuracy, loss, per-class table, confusion matrix."""
+    lines = [f"{result['model']} ({Path(result['checkpoint']).name}"
+             + (f", epoch {result['epoch']}" if result.get("epoch") is not None else "")
+             + f") on {result['dataset']} {result['split']}"
+             + (f" with TTA {result['tta']}" if result.get("tta") else "")
+             + f": {result['images']} images",
+             f"accuracy {result['accuracy']:.2f}%   loss {result['loss']:.4f}", ""]
+    width = max(5, *(len(c) for c in result["classes"]))
+    lines.append(f"{'class':<{width}}  {'precision':>10}  {'recall':>8}  {'support':>7}")
+    for row in result["per_class"]:
+        lines.append(f"{row['class']:<{width}}  {row['precision']:9.2f}%  {row['recall']:7.2f}%"
+                     f"  {row['support']:7d}")
+    conf = result["confusion"]
+    cell = max(3, *(len(str(v)) for r in conf for v in r))
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class, by index)",
+              f"{'':>3} {'':<{width}} " + " ".join(f"{j:>{cell}}" for j in range(len(conf)))]
+    for i, (name, r) in enumerate(zip(result["classes"], conf)):
+        lines.append(f"{i:>3} {name:<{width}} " + " ".join(f"{v:>{cell}}" for v in r))
+    return "\n".join(lines)

@@ -8,11 +8,11 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total_steps: int, *, enabled: bool = True) -> None:
+    def __init__(self, total_steps: int, *, enabled: bool = True, initial: int = 0) -> None:
         self.tty = enabled and sys.stderr.isatty()
         self.enabled = enabled
-        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=True,
-                        disable=not self.tty)
+        self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True,
+                        leave=True, disable=not self.tty)
         self.acc = ""
 
     def train(self, record: dict, step: int) -> None:

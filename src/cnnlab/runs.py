@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +26,14 @@ import torch
 
 from .errors import CnnlabError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -88,13 +93,15 @@ def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path
 
 
 class RunDir:
-    """Writer for one run directory."""
+    """Writer for one run directory (a new one, or an existing one to resume)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, resume: bool = False) -> None:
         self.path = Path(path)
-        if (self.path / "config.json").exists():
-            raise CnnlabError(f"{self.path} already holds a run; choose another --out "
-                              "or remove it")
+        if not resume and (self.path / "config.json").exists():
+            raise CnnlabError(f"{self.path} already holds a run; choose another --out, "
+                              f"remove it, or continue it with --resume {self.path}")
+        self._lock = threading.Lock()
+        self._sinks: list[Callable[[dict], None]] = []
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._metrics = (self.path / "metrics.jsonl").open("a", buffering=1)
@@ -102,14 +109,39 @@ class RunDir:
             raise CnnlabError(f"cannot create run directory {self.path}: "
                               f"{e.strerror or e}") from None
 
+    def add_sink(self, sink: Callable[[dict], None]) -> None:
+        """Also send every record to `sink` (e.g. TensorBoard)."""
+        self._sinks.append(sink)
+
     def write_json(self, name: str, obj: Any) -> None:
         write_json(self.path / name, obj)
 
     def log(self, record: dict) -> None:
-        self._metrics.write(json.dumps(record) + "\n")
+        with self._lock:  # the telemetry thread logs too
+            self._metrics.write(json.dumps(record) + "\n")
+            for sink in self._sinks:
+                sink(record)
+
+    def metrics_offset(self) -> int:
+        """Bytes of metrics.jsonl written so far (stored in checkpoints, to cut back to)."""
+        with self._lock:
+            self._metrics.flush()
+            return self._metrics.tell()
+
+    def truncate_metrics(self, offset: int) -> None:
+        """Drop the records written after a checkpoint, before resuming from it."""
+        with self._lock:
+            self._metrics.flush()
+            self._metrics.truncate(offset)
+            self._metrics.seek(offset)
 
     def save_checkpoint(self, name: str, state: dict) -> None:
-        save_checkpoint(self.path / name, state)
+        try:
+            save_checkpoint(self.path / name, state)
+        except OSError as e:
+            raise CnnlabError(f"cannot write {self.path / name}: {e.strerror or e}; the "
+                              "previous checkpoint is intact - free some space and resume "
+                              f"with --resume {self.path}") from None
 
     def close(self) -> None:
         self._metrics.close()

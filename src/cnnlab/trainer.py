@@ -4,23 +4,27 @@
 
 from __future__ import annotations
 
-import math
+import signal
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import Config
+from . import distributed
+from .config import RESUME_SAFE, Config, checkpoint_interval
 from .data import Dataset, load_dataset
 from .data.loader import DeviceLoader
-from .engine import evaluate, train_one_epoch
+from .engine import LoopState, Precision, check_finite, evaluate, train_one_epoch
 from .envinfo import collect_env
-from .errors import CnnlabError
+from .errors import CnnlabError, Interrupted, TrainingDiverged
 from .models import count_parameters, create_model
-from .plots import plot_run
+from .plots import plot_run, plot_utilization
 from .progress import Progress
-from .runs import RunDir, default_run_dir
+from .runs import RunDir, default_run_dir, load_checkpoint
+from .telemetry import Sampler
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -68,6 +72,17 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     return sched.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto`: bf16 on GPUs that have it, else fp16 on GPUs; fp32 on CPU."""
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise CnnlabError("--precision fp16 needs a GPU; on CPU use bf16 or fp32")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
 def model_meta(cfg: Config, data: Dataset) -> dict:
     """Everything needed to rebuild the model and its preprocessing without the dataset."""
     return {"name": cfg.model, "options": {"pool": cfg.pool} if cfg.pool else {},
@@ -76,76 +91,292 @@ def model_meta(cfg: Config, data: Dataset) -> dict:
             "mean": list(data.mean), "std": list(data.std), "normalize": cfg.normalize}
 
 
-def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True) -> dict:
-    """Train as `cfg` says, write the run directory, return the summary."""
+class StopSignals:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 130/143. Second: exit now."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # atomic writes in progress clean up their temp files
+        self.signum = signum
+        print(f"\ncnnlab: {signal.Signals(signum).name}: stopping after this step and writing a "
+              "checkpoint (press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resume_config(run_dir: str | Path, overrides: dict) -> tuple[Config, dict]:
+    """The run's own configuration, with only the changes that are safe to make."""
+    from .config import validate
+
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise CnnlabError(f"nothing to resume in {run_dir}: it has no checkpoint.pt")
+    ckpt = load_checkpoint(path)
+    saved = ckpt["config"]
+    values = dict(saved)
+    for key, value in overrides.items():
+        if value is None or value == saved.get(key):
+            continue
+        if key not in RESUME_SAFE:
+            raise CnnlabError(f"--{key.replace('_', '-')} {value} differs from the run's "
+                              f"{saved.get(key)}; a resumed run keeps its configuration "
+                              "(start a new run to change it)")
+        if key == "epochs" and (value < ckpt["epoch"] or saved["schedule"] != "constant"):
+            raise CnnlabError(f"--epochs {value}: a resumed run may only add epochs, and only "
+                              f"with the constant schedule (this run's schedule, "
+                              f"'{saved['schedule']}', was laid out for {saved['epochs']})")
+        values[key] = value
+    cfg = Config(**values)
+    validate(cfg)
+    if ckpt["epoch"] >= cfg.epochs:
+        raise CnnlabError(f"{run_dir} already finished its {cfg.epochs} epochs; pass --epochs N "
+                          "to train more (constant schedule only) or start a new run")
+    return cfg, ckpt
+
+
+def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
+        resume: dict | None = None) -> dict:
+    """Train as `cfg` says, write the run directory, return the summary. `resume` is a
+    checkpoint (from resume_config) to continue from, in the run directory `out`."""
     wall_start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    dist, device = distributed.setup(resolve_device(cfg.device))
+    try:
+        return _fit(cfg, out, progress, resume, dist, device, wall_start)
+    finally:
+        distributed.cleanup()
+
+
+@dataclass
+class Parts:
+    """Everything a run trains with, built from a Config (shared by fit and the benchmarks)."""
+
+    data: Dataset
+    model: nn.Module           # the plain model (what checkpoints hold)
+    net: nn.Module             # what the loop calls: the model, DDP-wrapped and/or compiled
+    generator: torch.Generator
+    train_batches: DeviceLoader
+    test_batches: DeviceLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    precision: Precision
+    channels_last: bool
+
+
+def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None) -> Parts:
+    dist = dist or distributed.Dist()
     torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    precision = Precision(resolve_precision(cfg.precision, device), device)
+    # channels-last is faster for these convnets on GPUs and on CPUs (oneDNN) alike
+    channels_last = cfg.channels_last if cfg.channels_last is not None else True
+    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
+                        skip_bad_files=cfg.skip_bad_files)
     model = create_model(cfg.model, in_channels=data.channels, num_classes=len(data.classes),
                          image_size=data.image_size, pool=cfg.pool).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and dist.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     augment = frozenset() if cfg.augment == "none" else frozenset(cfg.augment.split(","))
-    common = dict(mean=data.mean, std=data.std, device=device, normalize=cfg.normalize)
+    common = dict(mean=data.mean, std=data.std, device=device, normalize=cfg.normalize,
+                  channels_last=channels_last, rank=dist.rank, world_size=dist.world_size)
     train_batches = DeviceLoader(torch.from_numpy(data.train_x), torch.from_numpy(data.train_y),
                                  batch_size=cfg.batch_size, shuffle=True, augment=augment,
                                  generator=generator, **common)
     test_batches = DeviceLoader(torch.from_numpy(data.test_x), torch.from_numpy(data.test_y),
                                 batch_size=cfg.eval_batch_size, **common)
     optimizer = build_optimizer(cfg, model.parameters())
+    scheduler = build_scheduler(cfg, optimizer, cfg.epochs * len(train_batches))
+    net = model
+    if dist.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    return Parts(data, model, net, generator, train_batches, test_batches, optimizer, scheduler,
+                 nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
+                 channels_last)
+
+
+def _fit(cfg, out, progress, resume, dist, device, wall_start) -> dict:
+    p = build(cfg, device, dist)
+    data, model, net, generator = p.data, p.model, p.net, p.generator
+    train_batches, test_batches, precision = p.train_batches, p.test_batches, p.precision
+    optimizer, scheduler, criterion, channels_last = (p.optimizer, p.scheduler, p.criterion,
+                                                     p.channels_last)
     total_steps = cfg.epochs * len(train_batches)
-    scheduler = build_scheduler(cfg, optimizer, total_steps)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    state = LoopState()
+    if resume is not None:
+        restore(resume, model, optimizer, scheduler, generator, precision, state, device)
+    every, unit = checkpoint_interval(cfg.checkpoint_every)
 
-    run = RunDir(out or default_run_dir(cfg.model, cfg.dataset))
-    run.write_json("config.json", cfg.to_dict() | {"device": str(device)})
-    run.write_json("env.json", collect_env(device))
-    bar = Progress(total_steps, enabled=progress)
+    run = None
+    if dist.main:
+        run = RunDir(out or default_run_dir(cfg.model, cfg.dataset), resume=resume is not None)
+        if resume is None:
+            run.write_json("config.json", cfg.to_dict() | {"device": str(device),
+                                                          "precision_used": precision.name,
+                                                          "world_size": dist.world_size})
+            run.write_json("env.json", collect_env(device))
+        else:
+            run.truncate_metrics(resume["metrics_offset"])
+        if cfg.tensorboard:
+            run.add_sink(tensorboard_sink(run.path))
     meta = model_meta(cfg, data)
-    step, best_acc, train_seconds, images, history = 0, -math.inf, 0.0, 0, []
+    bar = Progress(total_steps, enabled=progress and dist.main, initial=state.step)
+    log = (lambda r: (run.log(r), bar.train(r, r["step"]))) if run else (lambda r: None)
 
-    def on_train(record: dict) -> None:
-        run.log(record)
-        bar.train(record, record["step"])
+    def checkpoint(name: str = "checkpoint.pt") -> None:
+        if state.window is not None:  # never save weights after a non-finite loss
+            check_finite(dist.reduce_sum(state.window)[1].item(), state)
+        if run is None:
+            return
+        run.save_checkpoint(name, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": state.epoch - 1, "step": state.step,
+            "batch": state.batch, "config": cfg.to_dict(), "model_meta": meta,
+            "test_acc": state.history[-1] if state.history else None,
+            "loop": {k: v for k, v in vars(state).items() if k not in ("epoch", "step", "batch")},
+            "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "scaler": precision.scaler.state_dict() if precision.scaler else None,
+            "metrics_offset": run.metrics_offset()})
 
-    try:
-        for epoch in range(1, cfg.epochs + 1):
-            stats = train_one_epoch(model, train_batches, optimizer, scheduler, criterion,
-                                    epoch=epoch, step=step, log_every=cfg.log_every,
-                                    log=on_train)
-            step, train_seconds = stats["step"], train_seconds + stats["seconds"]
-            images += stats["images"]
-            result = evaluate(model, test_batches)
-            record = {"type": "eval", "epoch": epoch, "steps": step,
-                      "train_loss": stats["loss"], "test_loss": result["loss"],
-                      "test_acc": result["accuracy"], "train_seconds": train_seconds}
-            run.log(record)
-            bar.eval(record, step)
-            history.append(result["accuracy"])
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                     "config": cfg.to_dict(), "model_meta": meta, "test_acc": result["accuracy"],
-                     "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()}}
-            run.save_checkpoint("checkpoint.pt", state)
-            if result["accuracy"] > best_acc:
-                best_acc = result["accuracy"]
-                run.save_checkpoint("best.pt", state)
-    finally:
-        bar.close()
-        run.close()
+    def after_step(s: LoopState) -> bool:
+        stop = signals.signum is not None
+        if dist.enabled and s.step % cfg.log_every == 0:
+            stop = dist.any(stop)  # every rank stops at the same step
+        elif dist.enabled:
+            stop = False
+        if stop or (unit == "step" and s.step % every == 0):
+            checkpoint()
+        return stop
 
-    plot_run(run.path)
+    with StopSignals() as signals, Sampler(run.log if run else None, device,
+                                           cfg.telemetry if run else 0,
+                                           lambda: state.images * dist.world_size):
+        try:
+            with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
+                while state.epoch <= cfg.epochs:
+                    if state.batch == 0:
+                        state.order = train_batches.new_order()
+                    t0 = time.perf_counter()
+                    try:
+                        stopped = train_one_epoch(
+                            net, train_batches.batches(state.order, state.batch), optimizer,
+                            scheduler, criterion, state, precision=precision,
+                            log_every=cfg.log_every, log=log, reduce_mean=dist.reduce_mean,
+                            after_step=after_step)
+                    except RuntimeError as e:
+                        if not cfg.detect_anomaly:
+                            raise
+                        raise TrainingDiverged(
+                            f"anomaly detected at step {state.step + 1}: "
+                            f"{str(e).splitlines()[0]}; the learning rate is probably too "
+                            "high - try a smaller --lr") from None
+                    state.train_seconds += time.perf_counter() - t0
+                    if stopped:
+                        name = signal.Signals(signals.signum).name
+                        raise Interrupted(
+                            f"{name} at step {state.step} (epoch {state.epoch}); checkpoint "
+                            f"written - resume with: cnnlab train --resume "
+                            f"{run.path if run else out}", 128 + signals.signum)
+                    result = evaluate(net, test_batches, precision=precision,
+                                      reduce_sum=dist.reduce_sum)
+                    state.history.append(result["accuracy"])
+                    record = {"type": "eval", "epoch": state.epoch, "steps": state.step,
+                              "test_loss": result["loss"], "test_acc": result["accuracy"],
+                              "train_seconds": state.train_seconds}
+                    if run:
+                        run.log(record)
+                        bar.eval(record, state.step)
+                    best = result["accuracy"] > state.best_acc
+                    state.best_acc = max(state.best_acc, result["accuracy"])
+                    state.epoch, state.batch, state.order = state.epoch + 1, 0, None
+                    if unit == "step" or state.epoch > cfg.epochs or \
+                            (state.epoch - 1) % every == 0:
+                        checkpoint()
+                    if best:
+                        checkpoint("best.pt")
+        finally:
+            bar.close()
+            if run:
+                run.close()
+
     summary = {
         "model": cfg.model, "dataset": cfg.dataset, "preset": cfg.preset, "epochs": cfg.epochs,
-        "final_test_acc": history[-1], "best_test_acc": best_acc,
-        "best_epoch": history.index(best_acc) + 1, "final_test_loss": result["loss"],
-        "train_seconds": round(train_seconds, 3),
+        "final_test_acc": state.history[-1], "best_test_acc": state.best_acc,
+        "best_epoch": state.history.index(state.best_acc) + 1,
+        "final_test_loss": result["loss"], "train_seconds": round(state.train_seconds, 3),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
-        "images_per_second": round(images / train_seconds, 1), "steps": step,
-        "parameters": count_parameters(model), "device": str(device),
-        "run_dir": str(run.path),
+        "images_per_second": round(state.images * dist.world_size / state.train_seconds, 1),
+        "steps": state.step, "parameters": count_parameters(model), "device": str(device),
+        "precision": precision.name, "channels_last": channels_last,
+        "world_size": dist.world_size, "run_dir": str(run.path if run else out),
     }
-    run.write_json("summary.json", summary)
+    if resume is not None:
+        summary["resumed_from_step"] = resume["step"]
+    if run is not None:  # rank 0 alone writes
+        plot_run(run.path)
+        plot_utilization(run.path)
+        run.write_json("summary.json", summary)
     return summary
+
+
+def restore(ckpt: dict, model, optimizer, scheduler, generator, precision, state, device
+            ) -> None:
+    """Put every piece of training state back as it was when `ckpt` was written."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if precision.scaler and ckpt.get("scaler"):
+        precision.scaler.load_state_dict(ckpt["scaler"])
+    for key, value in ckpt["loop"].items():
+        setattr(state, key, value.to(device) if isinstance(value, torch.Tensor) else value)
+    state.epoch, state.step, state.batch = ckpt["epoch"] + 1, ckpt["step"], ckpt["batch"]
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    generator.set_state(ckpt["rng"]["loader"])
+    if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+
+
+def tensorboard_sink(run_path: Path):
+    """A RunDir sink writing loss, accuracy, lr and utilisation as TensorBoard scalars."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CnnlabError("--tensorboard needs the tensorboard package: "
+                          "pip install tensorboard") from None
+    writer = SummaryWriter(str(run_path / "tensorboard"))
+    keys = {"train": ("loss", "lr", "images_per_second"), "eval": ("test_loss", "test_acc"),
+            "telemetry": ("cpu_percent", "rss_mb", "gpu_util", "gpu_mem_mb")}
+
+    def sink(record: dict) -> None:
+        kind = record.get("type")
+        x = record.get("step", record.get("elapsed", 0))
+        for key in keys.get(kind, ()):
+            if record.get(key) is not None:
+                writer.add_scalar(f"{kind}/{key}", record[key], x)
+        writer.flush()
+
+    return sink

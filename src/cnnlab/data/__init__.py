@@ -39,11 +39,12 @@ class Dataset:
         return int(self.train_x.shape[2]), int(self.train_x.shape[3])
 
 
-def load_dataset(name: str, data_dir: str | Path, *, download: bool = True) -> Dataset:
+def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
+                 skip_bad_files: bool = False) -> Dataset:
     """Load `mnist`, `fashion-mnist`, `cifar10` (under data_dir, torchvision's layout) or
     `folder:PATH` (PATH/train/<class>/*, PATH/test/<class>/*)."""
     if name.startswith(FOLDER_PREFIX):
-        return _load_folder(name, Path(name[len(FOLDER_PREFIX):]).expanduser())
+        return _load_folder(name, Path(name[len(FOLDER_PREFIX):]).expanduser(), skip_bad_files)
     spec = SPECS.get(name)
     if spec is None:
         raise CnnlabError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
@@ -98,22 +99,25 @@ def _download(spec: DatasetSpec, root: Path, folder: Path) -> None:
         raise CnnlabError(f"download of {spec.name} did not produce {_expected(spec)} in {folder}")
 
 
-def _load_folder(name: str, root: Path) -> Dataset:
+def _load_folder(name: str, root: Path, skip_bad_files: bool) -> Dataset:
     if not root.is_dir():
         raise CnnlabError(f"dataset folder {root} does not exist")
     classes = readers.folder_classes(root)
     train_files = readers.folder_files(root / "train", classes, require_all=True)
     test_files = readers.folder_files(root / "test", classes, require_all=False)
-    key = fingerprint([p for p, _ in train_files + test_files], extra=",".join(classes))
-
-    def decode_both() -> tuple[np.ndarray, np.ndarray]:
-        mode, _ = readers.image_format(train_files + test_files)
-        return readers.read_folder_split(train_files + test_files, mode)
-
-    x, y = cached(root / ".cnnlab-cache", f"folder-{key}", decode_both)
-    n_train = len(train_files)
-    mean, std = channel_stats(x[:n_train])
-    return Dataset(name, classes, mean, std, x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+    extra = f"{','.join(classes)}:skip={skip_bad_files}"
+    train = cached(root / ".cnnlab-cache",
+                   f"folder-train-{fingerprint([p for p, _ in train_files], extra)}",
+                   lambda: readers.read_folder_split(train_files, skip_bad=skip_bad_files))
+    # the test split is read as the training split was: same mode, same size
+    mode = "L" if train[0].shape[1] == 1 else "RGB"
+    size = (train[0].shape[3], train[0].shape[2])
+    test = cached(root / ".cnnlab-cache",
+                  f"folder-test-{fingerprint([p for p, _ in test_files], extra + mode)}",
+                  lambda: readers.read_folder_split(test_files, mode=mode, size=size,
+                                                    skip_bad=skip_bad_files))
+    mean, std = channel_stats(train[0])
+    return Dataset(name, classes, mean, std, *train, *test)
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -20,7 +20,7 @@ class DeviceLoader:
                  mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
                  shuffle: bool = False, augment: frozenset[str] = frozenset(),
                  generator: torch.Generator | None = None, normalize: bool = True,
-                 channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 channels_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
@@ -29,41 +29,53 @@ class DeviceLoader:
         self.augment = augment
         self.generator = generator
         self.channels_last = channels_last
-        self.dtype = dtype
+        self.rank, self.world_size = rank, world_size
         if not normalize:  # the report's ToTensor(): pixels / 255 only
             mean, std = (0.0,) * len(mean), (1.0,) * len(std)
         # x_norm = (x / 255 - mean) / std = x * scale + shift, one fused multiply-add.
         m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        self.scale = (1 / (255 * s)).to(dtype)
-        self.shift = (-m / s).to(dtype)
+        self.scale = 1 / (255 * s)
+        self.shift = -m / s
 
     def __len__(self) -> int:
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches(self.new_order())
+
+    def new_order(self) -> torch.Tensor | None:
+        """The sample order of the next epoch (None: in stored order). Every rank draws the
+        same order from the same seeded generator."""
+        if not self.shuffle:
+            return None
+        return torch.randperm(len(self.labels), device=self.device, generator=self.generator)
+
+    def batches(self, order: torch.Tensor | None, start_batch: int = 0
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of one epoch in `order`, from batch `start_batch` on (to resume mid-epoch).
+        With several ranks, each yields its own contiguous slice of every global batch."""
         n = len(self.labels)
-        if self.shuffle:
-            order = torch.randperm(n, device=self.device, generator=self.generator)
-        else:
-            order = None
-        for start in range(0, n, self.batch_size):
-            if order is None:
-                x = self.images[start:start + self.batch_size]
-                y = self.labels[start:start + self.batch_size]
-            else:
-                idx = order[start:start + self.batch_size]
-                x, y = self.images[idx], self.labels[idx]
+        for start in range(start_batch * self.batch_size, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            idx = torch.arange(start, stop, device=self.device) if order is None \
+                else order[start:stop]
+            x, y = self.images[idx], self.labels[idx]
+            # Augment the whole global batch on every rank, then slice: the ranks' random
+            # streams stay in step and their union is exactly the single-process batch.
             if "crop" in self.augment:
                 x = random_crop(x, 4, self.generator)
             if "flip" in self.augment:
                 x = random_flip(x, self.generator)
+            if self.world_size > 1:
+                x = x.tensor_split(self.world_size)[self.rank]
+                y = y.tensor_split(self.world_size)[self.rank]
             yield self.normalize(x), y
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return torch.addcmul(self.shift, x.to(self.dtype), self.scale)
+        return torch.addcmul(self.shift, x.float(), self.scale)
 
 
 def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None

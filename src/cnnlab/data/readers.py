@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import sys
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -155,47 +156,67 @@ def folder_files(split_dir: Path, classes: list[str], *, require_all: bool
     return files
 
 
-def _probe(path: Path) -> tuple[str, tuple[int, int]]:
+def _probe(path: Path) -> tuple[str, tuple[int, int]] | str:
+    """(mode, size) from the image header, or why it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             return im.mode, im.size
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise CnnlabError(f"cannot read image {path}: {e}") from None
+        return f"cannot read image {path}: {e}"
 
 
-def _decode(path: Path, mode: str) -> np.ndarray:
+def _decode(path: Path, mode: str) -> np.ndarray | str:
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert(mode), dtype=np.uint8)
     except (OSError, ValueError) as e:
-        raise CnnlabError(f"cannot decode image {path}: {e}") from None
+        return f"cannot decode image {path}: {e}"
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def image_format(files: list[tuple[Path, int]]) -> tuple[str, tuple[int, int]]:
-    """The Pillow mode ("L" if every image is grayscale, else "RGB") and the (width, height)
-    every image must have (the most common size). Reads headers only."""
+def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
+                      size: tuple[int, int] | None = None, skip_bad: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image to uint8 (N, C, H, W), in threads (Pillow releases the GIL).
+
+    `mode` (Pillow's "L" or "RGB") and `size` (width, height) default to what the files
+    show: "L" if every image is grayscale, and the most common size. An unreadable image or
+    one of another size stops with an error naming it, or with `skip_bad` is reported on
+    stderr and left out."""
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         probes = list(pool.map(_probe, (p for p, _ in files)))
-    mode = "L" if all(m in ("L", "1", "I;16") for m, _ in probes) else "RGB"
-    size = Counter(s for _, s in probes).most_common(1)[0][0]
-    for (path, _), (_, s) in zip(files, probes):
-        if s != size:
-            raise CnnlabError(f"image {path} is {s[0]}x{s[1]} but the dataset's images are "
-                              f"{size[0]}x{size[1]}; resize it or remove it")
-    return mode, size
-
-
-def read_folder_split(files: list[tuple[Path, int]], mode: str
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every image (in threads: Pillow releases the GIL while decoding)."""
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        images = list(pool.map(lambda p: _decode(p, mode), (p for p, _ in files)))
-    return np.stack(images), np.array([label for _, label in files], dtype=np.int64)
+        good = [p for p in probes if not isinstance(p, str)]
+        if mode is None:
+            mode = "L" if good and all(m in ("L", "1", "I;16") for m, _ in good) else "RGB"
+        if size is None and good:
+            size = Counter(s for _, s in good).most_common(1)[0][0]
+        problems = {}
+        for (path, _), probe in zip(files, probes):
+            if isinstance(probe, str):
+                problems[path] = probe
+            elif probe[1] != size:
+                problems[path] = (f"image {path} is {probe[1][0]}x{probe[1][1]} but the "
+                                  f"dataset's images are {size[0]}x{size[1]}")
+        kept = [(p, label) for p, label in files if p not in problems]
+        decoded = list(pool.map(lambda p: _decode(p, mode), (p for p, _ in kept)))
+    for (path, _), arr in zip(kept, decoded):
+        if isinstance(arr, str):
+            problems[path] = arr
+    if problems and not skip_bad:
+        first = next(iter(problems.values()))
+        more = f" (and {len(problems) - 1} more bad files)" if len(problems) > 1 else ""
+        raise CnnlabError(f"{first}{more}; fix or remove it, or pass --skip-bad-files")
+    for message in problems.values():
+        print(f"cnnlab: skipping: {message}", file=sys.stderr)
+    pairs = [(arr, label) for (_, label), arr in zip(kept, decoded) if not isinstance(arr, str)]
+    if not pairs:
+        raise CnnlabError(f"no readable images among {len(files)} files")
+    return (np.stack([a for a, _ in pairs]),
+            np.array([label for _, label in pairs], dtype=np.int64))
 
 
 def _workers() -> int:

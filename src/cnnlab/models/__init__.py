@@ -9,10 +9,12 @@ from collections.abc import Callable
 from torch import nn
 
 from ..errors import CnnlabError
+from .fastnet import fastnet
 from .lenet import LeNet5
 from .resnet import resnet18
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "resnet18": resnet18}
+MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "resnet18": resnet18,
+                                               "fastnet": fastnet}
 
 
 def create_model(name: str, *, in_channels: int, num_classes: int,

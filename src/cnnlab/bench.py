@@ -1,0 +1,178 @@
+"""`cnnlab bench`: time-to-accuracy and throughput against the reference pipeline in
+benchmarks/reference.py (the report's way), measured in the same process where it can be."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import resolve
+from .engine import LoopState, train_one_epoch
+from .envinfo import collect_env
+from .errors import CnnlabError
+from .runs import read_metrics
+from .trainer import build, resolve_device
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _reference():
+    path = REPO / "benchmarks" / "reference.py"
+    if not path.is_file():
+        raise CnnlabError("cnnlab bench needs the benchmarks/ folder of a source checkout")
+    spec = importlib.util.spec_from_file_location("cnnlab_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cnnlab_epoch(model: str, dataset: str, data_dir: str, max_steps: int | None = None,
+                 warmup: int = 0, **options) -> dict:
+    """Time cnnlab's own training loop (no evaluation, no process start) over one epoch or
+    `max_steps` steps after `warmup` untimed ones."""
+    cfg = resolve(model, dataset, overrides={"data_dir": data_dir, "epochs": 1,
+                                              "telemetry": 0, **options})
+    device = resolve_device(cfg.device)
+    p = build(cfg, device)
+    batches = p.train_batches.batches(p.train_batches.new_order())
+    state = LoopState()
+    kw = dict(precision=p.precision, log_every=10**9, log=lambda r: None)
+    if warmup:
+        train_one_epoch(p.net, batches, p.optimizer, p.scheduler, p.criterion, state,
+                        after_step=lambda s: s.step >= warmup, **kw)
+    _sync(device)
+    start, first = time.perf_counter(), state.images
+    stop = (lambda s: s.step >= warmup + max_steps) if max_steps else (lambda s: False)
+    train_one_epoch(p.net, batches, p.optimizer, p.scheduler, p.criterion, state,
+                    after_step=stop, **kw)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    images = state.images - first
+    return {"seconds": seconds, "images": images, "images_per_second": images / seconds,
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in options}}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _process(cmd: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if res.returncode != 0:
+        raise CnnlabError(f"benchmark command failed: {' '.join(cmd)}: "
+                          f"{res.stderr.strip().splitlines()[-1:]}")
+    return seconds, res.stdout
+
+
+def time_to_accuracy(run_dir: Path, target: float) -> float | None:
+    """Training seconds (evaluation excluded) until the first eval at >= target %."""
+    for r in read_metrics(run_dir):
+        if r.get("type") == "eval" and r["test_acc"] >= target:
+            return r["train_seconds"]
+    return None
+
+
+def cpu_suite(data_dir: str, folder: str) -> list[dict]:
+    ref = _reference()
+    rows = []
+    # 1. the seed recipe's training loop, one epoch
+    reference = ref.lenet_mnist_epoch(data_dir)
+    ours = cnnlab_epoch("lenet5", "mnist", data_dir, preset="seed", device="cpu")
+    rows.append({"name": "LeNet-5/MNIST seed recipe, one epoch of the loop (s)",
+                 "reference": reference["seconds"], "cnnlab": ours["seconds"],
+                 "ratio": reference["seconds"] / ours["seconds"], "target": ">= 2.0"})
+    py = sys.executable
+    ref_cmd = [py, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import reference; "
+               "reference.lenet_mnist_epoch(sys.argv[2])", str(REPO / "benchmarks"), data_dir]
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_s, _ = _process(ref_cmd)
+        our_s, _ = _process([py, "-m", "cnnlab", "train", "lenet5", "mnist", "--preset", "seed",
+                             "--epochs", "1", "--data-dir", data_dir, "--quiet",
+                             "--out", f"{tmp}/seed"])
+        rows.append({"name": "  same, whole process incl. start, data and evaluation (s)",
+                     "reference": ref_s, "cnnlab": our_s, "ratio": ref_s / our_s,
+                     "target": "(reported)"})
+        # 2. time-to-accuracy of the fast preset, whole process
+        wall, _ = _process([py, "-m", "cnnlab", "train", "lenet5", "mnist", "--data-dir",
+                            data_dir, "--quiet", "--out", f"{tmp}/fast"])
+        summary = json.loads(Path(f"{tmp}/fast/summary.json").read_text())
+        rows.append({"name": "LeNet-5/MNIST fast preset: whole process to "
+                             f"{summary['final_test_acc']:.2f}% (s)",
+                     "reference": 241.0, "cnnlab": wall, "ratio": 241.0 / wall,
+                     "target": "<= 10 s and >= 99.0%", "accuracy": summary["final_test_acc"],
+                     "note": "reference: the seed recipe's best 98.79% after 20 epochs (SEED.md)"})
+    # 3. ResNet-18 training throughput
+    train_folder = str(Path(folder) / "train")
+    reference = ref.resnet18_throughput(train_folder, steps=3)
+    ours = cnnlab_epoch("resnet18", f"folder:{folder}", data_dir, max_steps=6, warmup=2,
+                        batch_size=128, precision="bf16", channels_last=True, device="cpu",
+                        augment="crop,flip")
+    rows.append({"name": "ResNet-18/CIFAR-10 training, batch 128 (images/s)",
+                 "reference": reference["images_per_second"],
+                 "cnnlab": ours["images_per_second"],
+                 "ratio": ours["images_per_second"] / reference["images_per_second"],
+                 "target": ">= 2.5 and >= 100 img/s", "cnnlab_config": ours["config"]})
+    return rows
+
+
+def gpu_suite(data_dir: str, folder: str) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise CnnlabError("the gpu suite needs a CUDA GPU")
+    import cnnlab
+
+    rows = []
+    # the official CIFAR-10 if present, else the image-folder copy with the same augmentation
+    if (Path(data_dir) / "cifar-10-batches-py").is_dir():
+        dataset, options = "cifar10", {}
+    else:
+        dataset, options = f"folder:{folder}", {"augment": "crop,flip"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, target_s in (("resnet18", 15.0), ("fastnet", 3.0)):
+            out = Path(tmp) / model
+            summary = cnnlab.train(model, dataset, data_dir=data_dir, out=out,
+                                   progress=False, telemetry=0.5, **options)
+            tta = time_to_accuracy(out, 94.0)
+            util = [r["gpu_util"] for r in read_metrics(out)
+                    if r.get("type") == "telemetry" and r.get("gpu_util") is not None]
+            rows.append({"name": f"{model} fast preset: training time to 94% (s)",
+                         "cnnlab": tta, "target": f"<= {target_s} s",
+                         "best_test_acc": summary["best_test_acc"],
+                         "gpu_util_mean": sum(util) / len(util) if util else None})
+    return rows
+
+
+def run_bench(suite: str, data_dir: str, folder: str, out: str | None) -> dict:
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "env": collect_env(), "rows": []}
+    if suite in ("cpu", "all"):
+        results["rows"] += cpu_suite(data_dir, folder)
+    if suite in ("gpu", "all"):
+        results["rows"] += gpu_suite(data_dir, folder)
+    print(format_table(results))
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_table(results: dict) -> str:
+    env = results["env"]
+    gpus = ", ".join(g["name"] for g in env["gpus"]) or "no GPU"
+    lines = [f"cnnlab bench, {results['date']}: {env['cpu_model']}, "
+             f"{env['cpu_cores_logical']} cores, {gpus}; torch {env['torch']}", "",
+             f"{'benchmark':<62} {'reference':>10} {'cnnlab':>10} {'ratio':>7}  target"]
+    for r in results["rows"]:
+        fmt = lambda v: f"{v:10.2f}" if isinstance(v, float) else f"{'-':>10}"  # noqa: E731
+        ratio = f"{r['ratio']:7.2f}" if "ratio" in r else f"{'-':>7}"
+        lines.append(f"{r['name']:<62} {fmt(r.get('reference'))} {fmt(r.get('cnnlab'))} "
+                     f"{ratio}  {r['target']}")
+    return "\n".join(lines)

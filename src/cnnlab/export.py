@@ -1,0 +1,210 @@
+"""Export a trained model to ONNX or TorchScript, checked against the PyTorch model.
+
+The exported model takes the normalised float input (N, C, H, W), any batch size, and
+returns the logits. How to get from an image to that input (colour mode, size,
+mean/std) and the class names travel with it: inside the file (ONNX metadata_props,
+TorchScript extra file `cnnlab.json`) and in `<file>.json` beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CnnlabError
+from .inference import RUN_FILES, checkpoint_path, load_model, preprocess
+from .predict import light_on_dark
+from .runs import write_json
+
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+TOLERANCE = 1e-4
+_CHECK_BATCHES = (16, 1)  # parity on a batch and on a single image: the batch axis is free
+
+
+def export_metadata(meta: dict, fmt: str, ckpt: dict, source: Path) -> dict:
+    """Everything a user of the exported file needs besides the file itself."""
+    c, (h, w) = int(meta["in_channels"]), (int(s) for s in meta["image_size"])
+    normalize = bool(meta.get("normalize", True))
+    mean = [float(m) for m in meta["mean"]] if normalize else [0.0] * c
+    std = [float(s) for s in meta["std"]] if normalize else [1.0] * c
+    return {
+        "format": fmt, "model": meta["name"], "options": meta.get("options", {}),
+        "classes": list(meta["classes"]),
+        "input": {"name": "input", "dtype": "float32", "shape": ["batch", c, h, w]},
+        "output": {"name": "logits", "dtype": "float32",
+                   "shape": ["batch", int(meta["num_classes"])]},
+        "preprocessing": {
+            "color_mode": "L" if c == 1 else "RGB", "size": [h, w],
+            "formula": "input = (pixel / 255 - mean) / std, per channel",
+            "mean": mean, "std": std, "normalize": normalize,
+            "invert_light_background": light_on_dark(meta),
+        },
+        "source": {"checkpoint": source.name, "epoch": ckpt.get("epoch"),
+                   "test_acc": ckpt.get("test_acc"),
+                   "dataset": (ckpt.get("config") or {}).get("dataset")},
+        "cnnlab_version": __version__, "torch_version": torch.__version__,
+    }
+
+
+def default_output(source: Path, fmt: str) -> Path:
+    return source.with_name(source.stem + SUFFIXES[fmt])
+
+
+def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None, *,
+                 tolerance: float = TOLERANCE) -> dict:
+    """Export the model of a checkpoint (or a run directory's best.pt) to `fmt`, check
+    that it gives the PyTorch model's logits within `tolerance`, and write it to `out`
+    (default beside the checkpoint) with `<out>.json`. Returns the metadata plus
+    "path", "metadata_path" and "max_abs_diff"."""
+    if fmt not in FORMATS:
+        raise CnnlabError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        _require_onnx()
+    source = checkpoint_path(checkpoint)
+    model, meta, ckpt = load_model(source, "cpu")
+    out = Path(out) if out else default_output(source, fmt)
+    sidecar = out.with_name(out.name + ".json")
+    _check_output(out, sidecar, source)
+    info = export_metadata(meta, fmt, ckpt, source)
+    inputs = _sample_inputs(meta)
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise CnnlabError(f"cannot write into {out.parent}: {e.strerror or e}") from None
+    tmp = Path(tmp_name)
+    try:
+        if fmt == "onnx":
+            _export_onnx(model, inputs[0], info, tmp)
+            got = _run_onnx(tmp, inputs)
+            import onnxruntime
+
+            checked_with = f"onnxruntime {onnxruntime.__version__}"
+        else:
+            _export_torchscript(model, info, tmp)
+            got = _run_torchscript(tmp, inputs)
+            checked_with = f"torch.jit.load, torch {torch.__version__}"
+        diff = max(float((a - b).abs().max()) for a, b in zip(expected, got))
+        if not diff <= tolerance:
+            raise CnnlabError(f"the {fmt} export gives logits up to {diff:.3g} away from the "
+                              f"PyTorch model's (allowed {tolerance:g}); nothing written")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info["parity"] = {"max_abs_diff": diff, "tolerance": tolerance, "checked_with": checked_with,
+                      "batch_sizes": list(_CHECK_BATCHES)}
+    info["file"] = out.name
+    write_json(sidecar, info)
+    return info | {"path": str(out), "metadata_path": str(sidecar), "max_abs_diff": diff}
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise CnnlabError(f"ONNX export needs onnx, onnxscript and onnxruntime ({e.name} is "
+                          "missing); install them with: pip install 'cnnlab[export]'") from None
+
+
+def _check_output(out: Path, sidecar: Path, source: Path) -> None:
+    """Write over nothing but an earlier export: never the checkpoint, never a run's files."""
+    if out.is_dir():
+        raise CnnlabError(f"--out {out} is a folder; give a file name")
+    for path in (out, sidecar):
+        if path.resolve() == source.resolve() or (
+                path.exists() and not _earlier_export(sidecar)) or (
+                path.name in RUN_FILES and (path.parent / "config.json").is_file()):
+            raise CnnlabError(f"--out {out} would overwrite {path}, which is not an earlier "
+                              "export; choose another file name")
+
+
+def _earlier_export(sidecar: Path) -> bool:
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("format") in FORMATS and "cnnlab_version" in info
+
+
+def _sample_inputs(meta: dict) -> list[torch.Tensor]:
+    """Normalised inputs from random uint8 images: the value range real images have."""
+    g = torch.Generator().manual_seed(0)
+    c, (h, w) = int(meta["in_channels"]), (int(s) for s in meta["image_size"])
+    return [preprocess(torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8),
+                       meta) for n in _CHECK_BATCHES]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters' progress prints and deprecation warnings stay out of our output."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, info: dict, path: Path) -> None:
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                model, (example,), None, input_names=["input"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+                external_data=False, verbose=False)
+            props = program.model.metadata_props
+            props["cnnlab"] = json.dumps(info)
+            props["classes"] = json.dumps(info["classes"])
+            props["preprocessing"] = json.dumps(info["preprocessing"])
+            program.save(str(path), external_data=False)
+    except CnnlabError:
+        raise
+    except Exception as e:  # the exporter raises many types
+        raise CnnlabError(f"ONNX export of {info['model']} failed: "
+                          f"{' '.join(str(e).split())[:300]}") from None
+
+
+def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0]) for x in inputs]
+
+
+def _export_torchscript(model: nn.Module, info: dict, path: Path) -> None:
+    with _quiet():
+        try:
+            scripted = torch.jit.script(model)
+        except Exception:  # noqa: BLE001 - a model scripting cannot handle: trace it
+            scripted = torch.jit.trace(model, _sample_inputs_for(info))
+        torch.jit.save(scripted, str(path), _extra_files={"cnnlab.json": json.dumps(info)})
+
+
+def _sample_inputs_for(info: dict) -> torch.Tensor:
+    return torch.zeros(2, *info["input"]["shape"][1:])
+
+
+def _run_torchscript(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    with _quiet():
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return [loaded(x) for x in inputs]
+
+
+def read_torchscript_metadata(path: str | Path) -> dict:
+    """The metadata stored inside a TorchScript export."""
+    extra = {"cnnlab.json": ""}
+    with _quiet():
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra["cnnlab.json"])

@@ -1,0 +1,457 @@
+"""Sweeps: a grid of train options times seeds, each point an ordinary run directory.
+
+    cnnlab sweep lenet5 mnist --grid pool=max,avg --seeds 3 --epochs 5
+    cnnlab sweep --config configs/sweeps/pooling.toml
+
+A sweep file (TOML) names the model and dataset, the seeds, the fixed options and the grid:
+
+    model = "lenet5"
+    dataset = "mnist"
+    seeds = 3                  # seed, seed+1, ... per point (seed: [train] or --seed, else 0)
+    [train]                    # fixed options of every run: the names of `cnnlab train` options
+    preset = "seed"
+    [grid]                     # the cross product of these values
+    pool = ["max", "avg"]
+
+Points that are no cross product are listed instead: `points = [{optimizer = "sgd", lr = 0.01},
+{optimizer = "adamax", lr = 0.002}]`; with both, every point meets every grid combination.
+
+The sweep directory holds one run directory per point and seed (`pool=max-seed=0`), sweep.json
+(the plan), results.csv and results.md (mean and std over seeds per point) and accuracy.png /
+loss.png (every point's curves overlaid). A point is finished when its summary.json exists:
+running the same sweep again skips finished points and trains unfinished ones from scratch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import itertools
+import math
+import re
+import shutil
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import FIELDS, RESUME_SAFE, Config, resolve
+from .errors import CnnlabError, Interrupted
+from .runs import atomic_write, read_json, write_json
+
+SWEEP_FILE_KEYS = ("model", "dataset", "seeds", "train", "grid", "points")
+# Config fields that do not change what a run computes (those a resumed run may change, but
+# the epochs): a finished run with other values of these still counts as finished.
+_NOT_COMPARED = tuple(k for k in RESUME_SAFE if k != "epochs")
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def option_name(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def _grid_key(key: str) -> str:
+    """A grid key with '-' or '_' -> the Config field name; anything else is an error."""
+    name = str(key).strip().replace("-", "_")
+    if name == "seed":
+        raise CnnlabError("seed cannot be a grid key: use --seeds N (seeds seed, seed+1, ...) "
+                          "and --seed for the first one")
+    if name not in FIELDS:
+        known = ", ".join(option_name(k) for k in FIELDS if k != "seed")
+        raise CnnlabError(f"unknown grid key '{key}'; grid keys are train options: {known}")
+    return name
+
+
+def typed_value(key: str, value: Any) -> Any:
+    """`value` (text from the command line, or a TOML value) as the type of Config.`key`."""
+    kind = FIELDS[key].type.split(" ")[0]  # "int", "float", "bool", "str" ("str | None")
+    text = value.strip() if isinstance(value, str) else None
+    bad = CnnlabError(f"grid {option_name(key)}: {value!r} is not {'an' if kind == 'int' else 'a'} "
+                      f"{kind}")
+    if text == "" or value is None:
+        raise CnnlabError(f"grid {option_name(key)}: empty value")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise bad
+    if kind == "str":
+        if isinstance(value, (bool, int, float)):
+            raise bad
+        return text if text is not None else str(value)
+    if isinstance(value, bool):
+        raise bad
+    try:
+        number = float(text) if text is not None else float(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if kind == "int":
+        if not number.is_integer():
+            raise bad
+        return int(number)
+    return number
+
+
+def parse_grid_arg(text: str) -> tuple[str, list[Any]]:
+    """`key=v1,v2,...` -> (field name, typed values). Values are split on ';' when the text
+    holds one (for values with commas: `augment=none;crop,flip`), else on ','."""
+    key, sep, values = text.partition("=")
+    if not sep or not key.strip():
+        raise CnnlabError(f"--grid '{text}': write KEY=VALUE1,VALUE2,...")
+    name = _grid_key(key)
+    parts = values.split(";" if ";" in values else ",")
+    return name, [typed_value(name, v) for v in parts]
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return "none" if value is None else str(value)
+
+
+def point_label(values: dict[str, Any]) -> str:
+    """The readable name of a grid point: `pool=max`, `optimizer=sgd-lr=0.01`."""
+    label = "-".join(f"{option_name(k)}={format_value(v)}" for k, v in values.items())
+    return re.sub(r"[^A-Za-z0-9_.,+=-]+", "_", label)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a sweep: a grid point and a seed."""
+
+    name: str                 # its directory name: `pool=max-seed=0`
+    point: str                # the grid point without the seed: `pool=max`
+    values: dict[str, Any]    # the grid values that make the point
+    config: Config
+
+
+@dataclass(frozen=True)
+class Plan:
+    keys: list[str]           # the grid keys, in order
+    seeds: int
+    runs: list[Run]           # seed-major: every point's first seed comes first
+
+    def to_json(self) -> dict:
+        return {"keys": self.keys, "seeds": self.seeds,
+                "runs": [{"name": r.name, "point": r.point, "values": r.values,
+                          "seed": r.config.seed} for r in self.runs]}
+
+
+def load_sweep_file(path: str | Path) -> dict[str, Any]:
+    """Read a sweep TOML file into plan_sweep's arguments (model, dataset, seeds, train,
+    grid, points), checking its shape."""
+    from .config import load_toml
+
+    raw = load_toml(path)  # top-level keys with '_'
+    unknown = [k for k in raw if k not in SWEEP_FILE_KEYS]
+    if unknown:
+        raise CnnlabError(f"sweep file {path}: unknown key '{unknown[0]}'; a sweep file has "
+                          f"{', '.join(SWEEP_FILE_KEYS)} (fixed train options go in [train])")
+    for key, kind in (("train", dict), ("grid", dict), ("points", list)):
+        if key in raw and not isinstance(raw[key], kind):
+            raise CnnlabError(f"sweep file {path}: '{key}' must be a "
+                              f"{'table' if kind is dict else 'list of tables'}")
+    if not all(isinstance(p, dict) for p in raw.get("points", [])):
+        raise CnnlabError(f"sweep file {path}: 'points' must be a list of tables, "
+                          "e.g. points = [{optimizer = \"sgd\", lr = 0.01}]")
+    if "train" in raw:
+        raw["train"] = {k.replace("-", "_"): v for k, v in raw["train"].items()}
+    return raw
+
+
+def _combinations(grid: dict[str, list[Any]], points: list[dict[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    grid_keys = list(grid)
+    overlap = {k for p in points for k in p} & set(grid_keys)
+    if overlap:
+        raise CnnlabError(f"'{option_name(sorted(overlap)[0])}' is both a grid key and a key "
+                          "of the listed points; give it in one place")
+    combos = [dict(zip(grid_keys, values)) for values in itertools.product(*grid.values())]
+    return [point | combo for point in (points or [{}]) for combo in combos]
+
+
+def plan_sweep(model: str | None, dataset: str | None, *,
+               grid: dict[str, Any] | None = None, points: list[dict[str, Any]] | None = None,
+               seeds: int = 1, train: dict[str, Any] | None = None,
+               options: dict[str, Any] | None = None) -> Plan:
+    """Every run of a sweep, each with its validated Config; nothing is trained.
+
+    grid: key -> values (a cross product); points: explicit grid points; keys use '-' or '_'
+    and values are typed as the Config fields. `model` and `dataset` may be grid keys.
+    train: fixed options (as in a config file); options: overrides that beat them (the
+    command line's), which must not name a grid key. Raises CnnlabError on bad input."""
+    grid = {_grid_key(k): v if isinstance(v, list) else [v] for k, v in (grid or {}).items()}
+    for key, values in grid.items():
+        if not values:
+            raise CnnlabError(f"grid {option_name(key)}: no values")
+        grid[key] = [typed_value(key, v) for v in values]
+        if len(set(map(format_value, grid[key]))) < len(values):
+            raise CnnlabError(f"grid {option_name(key)}: a value is given twice")
+    points = [{_grid_key(k): typed_value(_grid_key(k), v) for k, v in p.items()}
+              for p in (points or [])]
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise CnnlabError(f"seeds must be a positive integer, got {seeds!r}")
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    keys = list(dict.fromkeys([k for p in points for k in p] + list(grid)))
+    for key in keys:
+        if key in options:
+            raise CnnlabError(f"--{option_name(key)} is a grid key of this sweep; "
+                              "give its values in the grid")
+    combos = _combinations(grid, points)
+    runs: list[Run] = []
+    for seed_index in range(seeds):
+        for values in combos:
+            point_model, point_dataset = values.get("model", model), values.get("dataset", dataset)
+            if not point_model or not point_dataset:
+                raise CnnlabError("a sweep needs MODEL and DATASET (arguments, sweep file keys "
+                                  "or grid keys)")
+            overrides = options | {k: v for k, v in values.items()
+                                   if k not in ("model", "dataset")}
+            cfg = resolve(point_model, point_dataset, file_values=train, overrides=overrides)
+            cfg = dataclasses.replace(cfg, seed=cfg.seed + seed_index)
+            label = point_label(values)
+            name = f"{label}-seed={cfg.seed}" if label else f"seed={cfg.seed}"
+            runs.append(Run(name=name, point=label or "all", values=values, config=cfg))
+    names = [r.name for r in runs]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise CnnlabError(f"two grid points are both named {duplicate}; list each point once")
+    return Plan(keys=keys, seeds=seeds, runs=runs)
+
+
+def default_sweep_dir(plan: Plan, config_file: str | Path | None = None,
+                      root: str | Path = "sweeps") -> Path:
+    """sweeps/<sweep file name>, else sweeps/<model>-<dataset>-<grid keys>: the same sweep
+    gets the same directory, so running it again resumes it."""
+    if config_file:
+        return Path(root) / Path(config_file).stem
+    first = plan.runs[0].config
+    dataset = first.dataset.replace("folder:", "").rstrip("/")
+    parts = [first.model, dataset, *(option_name(k) for k in plan.keys)]
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "-", "-".join(parts)).strip("-")
+    return Path(root) / name
+
+
+def _config_difference(run_dir: Path, cfg: Config) -> str | None:
+    """What differs between the config a finished run used and the one the sweep asks for."""
+    try:
+        done = read_json(run_dir / "config.json")
+    except (OSError, ValueError):
+        return "its config.json is missing or damaged"
+    for key, value in cfg.to_dict().items():
+        if key not in _NOT_COMPARED and done.get(key) != value:
+            return (f"it ran with {option_name(key)}={format_value(done.get(key))}, this sweep "
+                    f"asks for {format_value(value)}")
+    return None
+
+
+def _say(message: str) -> None:
+    print(f"cnnlab sweep: {message}", file=sys.stderr, flush=True)
+
+
+def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True) -> dict:
+    """Train every unfinished run of `plan` under `out`, then write the results.
+    Returns what write_results returns."""
+    from .trainer import fit
+
+    out = Path(out)
+    for run in plan.runs:  # before training anything: refuse a directory of another sweep
+        if (out / run.name / "summary.json").is_file():
+            why = _config_difference(out / run.name, run.config)
+            if why:
+                raise CnnlabError(f"{out / run.name} is a finished run of another sweep ({why}); "
+                                  "choose another --out or remove it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "sweep.json", plan.to_json())
+    except OSError as e:
+        raise CnnlabError(f"cannot create sweep directory {out}: {e.strerror or e}") from None
+    try:
+        for i, run in enumerate(plan.runs, 1):
+            run_dir, tag = out / run.name, f"[{i}/{len(plan.runs)}] {run.name}"
+            if (run_dir / "summary.json").is_file():
+                _say(f"{tag}: finished before, skipped")
+                continue
+            if run_dir.exists():
+                _say(f"{tag}: unfinished, removing it and training it again")
+                shutil.rmtree(run_dir)
+            else:
+                _say(f"{tag}: training")
+            s = fit(run.config, run_dir, progress=progress)
+            _say(f"{tag}: final {s['final_test_acc']:.2f}%, best {s['best_test_acc']:.2f}% "
+                 f"(epoch {s['best_epoch']}), {s['train_seconds']:.1f} s")
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # keep what finished readable
+            write_results(out, plan)
+        if isinstance(e, Interrupted):
+            raise Interrupted(f"sweep stopped during {run.name}; run the same command again to "
+                              "continue (finished runs are kept, that one is redone)",
+                              e.exit_code) from None
+        raise
+    return write_results(out, plan)
+
+
+# ---- results: mean and spread over seeds ----------------------------------------------------
+
+METRICS = (  # summary key, column title, digits
+    ("final_test_acc", "final test acc (%)", 2),
+    ("best_test_acc", "best test acc (%)", 2),
+    ("best_epoch", "epochs to best", 1),
+    ("train_seconds", "train time (s)", 1),
+    ("images_per_second", "images/s", 0),
+)
+
+
+def aggregate(entries: list[tuple[str, dict, dict]]) -> list[dict]:
+    """(point label, config dict, summary) per finished run -> one row per label, in order of
+    first appearance: label, config (the first run's), n, and `<metric>_mean` / `<metric>_std`
+    (sample standard deviation over the runs; None for one run) for each of METRICS."""
+    groups: dict[str, list[tuple[dict, dict]]] = {}
+    for label, config, summary in entries:
+        groups.setdefault(label, []).append((config, summary))
+    rows = []
+    for label, members in groups.items():
+        row: dict[str, Any] = {"label": label, "config": members[0][0], "n": len(members),
+                               "seeds": [c.get("seed") for c, _ in members]}
+        for key, _, _ in METRICS:
+            values = [float(s[key]) for _, s in members if s.get(key) is not None]
+            row[f"{key}_mean"] = statistics.fmean(values) if values else None
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def mean_std(row: dict, key: str, digits: int) -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if mean is None:
+        return "-"
+    if digits == 0:
+        text = f"{mean:,.0f}" + (f" ± {std:,.0f}" if std is not None else "")
+    else:
+        text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    return text
+
+
+def _row_name(row: dict, keys: list[str]) -> str:
+    if len(keys) == 1:
+        value = format_value(row["config"].get(keys[0]))
+        return f"{value} pooling" if keys[0] == "pool" else f"{option_name(keys[0])}={value}"
+    return ", ".join(f"{option_name(k)}={format_value(row['config'].get(k))}" for k in keys) \
+        or row["label"]
+
+
+def verdict(rows: list[dict], keys: list[str]) -> str | None:
+    """Which point won on mean best test accuracy, by how much, and whether that is more than
+    the spread over seeds; None for fewer than two points."""
+    ranked = sorted((r for r in rows if r["best_test_acc_mean"] is not None),
+                    key=lambda r: r["best_test_acc_mean"], reverse=True)
+    if len(ranked) < 2:
+        return None
+    first, second = ranked[0], ranked[1]
+
+    def acc(row: dict) -> str:
+        std = row["best_test_acc_std"]
+        return f"{row['best_test_acc_mean']:.2f}" + (f" ± {std:.2f}" if std is not None else "") \
+            + "%"
+
+    diff = first["best_test_acc_mean"] - second["best_test_acc_mean"]
+    counts = sorted({first["n"], second["n"]})
+    seeds = (f"{counts[0]} seed{'s' if counts[0] > 1 else ''} each" if len(counts) == 1
+             else f"{first['n']} and {second['n']} seeds")
+    runner_up = "" if len(ranked) == 2 else f" for the runner-up, {_row_name(second, keys)}"
+    text = (f"{_row_name(first, keys)} won: {acc(first)} vs {acc(second)} best test accuracy"
+            f"{runner_up} (difference {diff:.2f} points, {seeds}).")
+    spread = (first["best_test_acc_std"] or 0.0) + (second["best_test_acc_std"] or 0.0)
+    if first["n"] < 2 or second["n"] < 2:
+        text += " With one seed there is no spread to compare the difference with."
+    elif diff > spread:
+        text += (" The difference is larger than the spread over seeds (the two standard "
+                 "deviations added).")
+    else:
+        text += (" The difference is within the spread over seeds (the two standard deviations "
+                 "added): more seeds or epochs are needed to call it.")
+    return text
+
+
+def _csv_number(value: float | None, digits: int) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.{max(digits, 2) + 2}f}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+_NOT_SHOWN = ("model", "dataset", "seed", "eval_batch_size", "skip_bad_files", "sync_bn")
+
+
+def fixed_settings(configs: list[dict], skip: tuple[str, ...] = ()) -> str:
+    """`key=value` for every config field that all runs share and that changes results."""
+    if not configs:
+        return ""
+    skip = (*skip, *_NOT_COMPARED, *_NOT_SHOWN)
+    shared = [k for k in configs[0] if k not in skip
+              and all(c.get(k) == configs[0][k] for c in configs)]
+    return ", ".join(f"{option_name(k)}={format_value(configs[0][k])}" for k in shared)
+
+
+def write_results(out: str | Path, plan: Plan) -> dict:
+    """results.csv, results.md, accuracy.png and loss.png of the finished runs of `plan`.
+    Returns {"out", "rows", "verdict", "finished", "total"}."""
+    from .plots import plot_overlay
+
+    out = Path(out)
+    finished = [r for r in plan.runs if (out / r.name / "summary.json").is_file()]
+    entries = [(r.point, r.config.to_dict(), read_json(out / r.name / "summary.json"))
+               for r in finished]
+    order = list(dict.fromkeys(r.point for r in plan.runs))
+    rows = sorted(aggregate(entries), key=lambda row: order.index(row["label"]))
+    text = verdict(rows, plan.keys)
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["point", *plan.keys, "seeds",
+                     *(f"{key}_{stat}" for key, _, _ in METRICS for stat in ("mean", "std"))])
+    for row in rows:
+        writer.writerow([row["label"], *(format_value(row["config"][k]) for k in plan.keys),
+                         row["n"], *(_csv_number(row[f"{key}_{stat}"], digits)
+                                     for key, _, digits in METRICS for stat in ("mean", "std"))])
+    atomic_write(out / "results.csv", lambda f: f.write(buffer.getvalue().encode()))
+
+    configs = [r.config.to_dict() for r in plan.runs]
+    models = sorted({c["model"] for c in configs})
+    datasets = sorted({c["dataset"] for c in configs})
+    lines = [f"# Sweep: {', '.join(models)} on {', '.join(datasets)}", "",
+             f"{len(finished)} of {len(plan.runs)} runs finished; {plan.seeds} seed"
+             f"{'s' if plan.seeds > 1 else ''} per point. Mean ± sample standard deviation over "
+             "seeds; accuracies in % on the test split; train time excludes evaluation.", "",
+             f"Fixed settings: {fixed_settings(configs, skip=tuple(plan.keys))}.", "",
+             _md_table([*([option_name(k) for k in plan.keys] or ["point"]), "seeds",
+                        *(title for _, title, _ in METRICS)],
+                       [[*([format_value(row["config"][k]) for k in plan.keys] or [row["label"]]),
+                         str(row["n"]), *(mean_std(row, key, digits)
+                                          for key, _, digits in METRICS)] for row in rows]), ""]
+    if text:
+        lines += [f"**{text}**", ""]
+    if finished:
+        plot_overlay([out / r.name for r in finished], [r.point for r in finished], out)
+        lines += ["![Test accuracy of every point](accuracy.png)", "",
+                  "![Loss of every point](loss.png)", ""]
+    lines += ["## Runs", "", _md_table(
+        ["run", "seed", "final test acc (%)", "best test acc (%)", "best epoch", "train time (s)",
+         "images/s"],
+        [[f"[{r.name}]({r.name}/)", str(c["seed"]), f"{s['final_test_acc']:.2f}",
+          f"{s['best_test_acc']:.2f}", str(s["best_epoch"]), f"{s['train_seconds']:.1f}",
+          f"{s['images_per_second']:,.0f}"]
+         for r, (_, c, s) in zip(finished, entries)]), ""]
+    atomic_write(out / "results.md", lambda f: f.write("\n".join(lines).encode()))
+    return {"out": str(out), "rows": rows, "verdict": text, "finished": len(finished),
+            "total": len(plan.runs)}

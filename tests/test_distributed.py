@@ -1,0 +1,81 @@
+"""torchrun with 2 CPU processes (gloo): one run directory, equal accuracy on every rank,
+the same weights as one process, and a failing rank bringing the job down."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from conftest import write_mnist
+
+import cnnlab
+from cnnlab.runs import load_checkpoint, read_metrics
+
+ARGS = ["--epochs", "2", "--batch-size", "32", "--log-every", "8", "--augment", "none",
+        "--schedule", "constant", "--lr", "0.05", "--seed", "5", "--telemetry", "0"]
+
+
+def _torchrun(*args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "-m", "cnnlab", "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **kw)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_mnist(tmp_path_factory.mktemp("ddp") / "data", 1024, 256)
+
+
+def test_two_ranks_match_one_process(data, tmp_path):
+    out = tmp_path / "ddp"
+    proc = _torchrun("lenet5", "mnist", "--data-dir", str(data), "--out", str(out), *ARGS)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert stdout.strip().splitlines() == [str(out)]  # rank 0 alone prints the run directory
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    other = re.search(r"rank 1: final test accuracy ([\d.]+)%", stderr)
+    assert other and abs(float(other.group(1)) - summary["final_test_acc"]) < 1e-3
+    evals = [r for r in read_metrics(out) if r["type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2]  # written once, not once per rank
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["best.pt",
+                                                                          "checkpoint.pt"]
+
+    single = tmp_path / "single"
+    options = dict(zip([a.lstrip("-").replace("-", "_") for a in ARGS[::2]], ARGS[1::2]))
+    cnnlab.train("lenet5", "mnist", data_dir=str(data), out=single, progress=False,
+                 **{k: (float(v) if k == "lr" else int(v) if v.isdigit() else v)
+                    for k, v in options.items()})
+    a = load_checkpoint(out / "checkpoint.pt")["model"]
+    b = load_checkpoint(single / "checkpoint.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+    # a checkpoint written by 2 ranks resumes in one process
+    resumed = cnnlab.train(resume=out, epochs=3, progress=False)
+    assert resumed["epochs"] == 3 and resumed["world_size"] == 1
+
+
+def test_a_failing_rank_brings_the_job_down(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _torchrun("lenet5", "mnist", "--data-dir", str(data), "--out", str(out),
+                     "--epochs", "50", "--batch-size", "8", "--telemetry", "0")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(r["type"] == "train" for r in read_metrics(out)):
+        time.sleep(0.1)
+    victim = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if p.environ().get("RANK") == "1")
+    killed = time.time()
+    victim.kill()
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert time.time() - killed < 60
+    assert "rank" in stderr.lower() and ("SIGKILL" in stderr or "Signal 9" in stderr
+                                         or "exitcode" in stderr)

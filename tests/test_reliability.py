@@ -1,0 +1,232 @@
+"""Interruption, resume, crashes, malicious files, numerical and data faults: each driven
+through the real command in a subprocess where signals or exit codes are involved."""
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import write_folder, write_mnist
+
+import cnnlab
+from cnnlab.errors import CnnlabError, TrainingDiverged
+from cnnlab.runs import load_checkpoint, read_metrics
+
+# 4096 images in batches of 16: 256 steps an epoch, slow enough to interrupt mid-epoch
+ARGS = ["--epochs", "2", "--batch-size", "16", "--log-every", "25", "--schedule", "constant",
+        "--lr", "0.02", "--telemetry", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_mnist(tmp_path_factory.mktemp("rel") / "data", 4096, 256)
+
+
+def _start(data, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "lenet5", "mnist",
+                             "--data-dir", str(data), "--out", str(out), *ARGS, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_training(out, proc, timeout=120):
+    """Block until the run has logged its first train record."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(r["type"] == "train" for r in read_metrics(out)):
+            return
+        time.sleep(0.02)
+
+
+def _comparable(run_dir):
+    return [{k: v for k, v in r.items() if k not in ("images_per_second", "train_seconds")}
+            for r in read_metrics(run_dir) if r["type"] != "telemetry"]
+
+
+def _same_weights(a, b):
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = _start(data, out)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return out
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_at_a_random_step_then_resume_is_bitwise_identical(
+        data, reference, tmp_path, sig, code):
+    rng = random.Random(sig)
+    for attempt in range(4):
+        out = tmp_path / f"run{attempt}"
+        proc = _start(data, out)
+        _wait_for_training(out, proc)
+        time.sleep(rng.uniform(0.0, 1.2) / (attempt + 1))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            continue  # finished before the signal arrived: try again, sooner
+        assert proc.returncode == code, err
+        assert f"resume with: cnnlab train --resume {out}" in err
+        assert "Traceback" not in err
+        break
+    else:
+        pytest.fail("the run always finished before the signal")
+    stopped_at = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert 0 < stopped_at < 512
+    res = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert _same_weights(reference / "checkpoint.pt", out / "checkpoint.pt")
+    assert _comparable(reference) == _comparable(out)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 512
+
+
+def test_second_ctrl_c_exits_at_once_without_damage(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(data, out, "--checkpoint-every", "1")
+    _wait_for_training(out, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    if (out / "checkpoint.pt").exists():
+        load_checkpoint(out / "checkpoint.pt")
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(data, tmp_path):
+    rng = random.Random(7)
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"
+        proc = _start(data, out, "--checkpoint-every", "1")  # a checkpoint write every step
+        _wait_for_training(out, proc)
+        time.sleep(rng.uniform(0.05, 0.5))
+        proc.kill()
+        proc.wait(timeout=30)
+        ckpt = load_checkpoint(out / "checkpoint.pt")  # never torn
+        assert ckpt["step"] > 0
+        res = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(out),
+                              "--checkpoint-every", "1epoch"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, tiny_mnist):
+    out = tmp_path / "run"
+    cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=1,
+                 batch_size=64, progress=False)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": Evil()}, out / "checkpoint.pt", pickle_module=pickle)
+    res = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and not marker.exists()
+    assert "cannot load checkpoint" in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(CnnlabError, match="cannot load checkpoint"):
+        load_checkpoint(out / "checkpoint.pt")
+    assert not marker.exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+        tiny_mnist, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = torch.nn.CrossEntropyLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, logits, target):
+        calls["n"] += 1
+        loss = real(self, logits, target)
+        return loss * float("nan") if calls["n"] > 20 else loss  # 16 steps an epoch
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="NaN or infinite by step 2[1-9].*--lr"):
+        cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=3,
+                     batch_size=32, log_every=4, progress=False)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 16  # the end of epoch 1, the last good state
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("extra,message", [([], "NaN or infinite by step"),
+                                           (["--detect-anomaly"], "anomaly detected at step")])
+def test_divergence_exit_code_from_the_command(tiny_mnist, tmp_path, extra, message):
+    res = subprocess.run([sys.executable, "-m", "cnnlab", "train", "lenet5", "mnist",
+                          "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "r"),
+                          "--lr", "1e12", "--schedule", "constant", "--log-every", "1",
+                          "--epochs", "1", *extra], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3, res.stderr
+    assert message in res.stderr and "learning rate" in res.stderr
+    # (anomaly mode itself prints the forward call's stack: that is what it is for)
+    assert "Traceback (most recent call last)" not in res.stderr
+
+
+def test_resume_refuses_unsafe_changes_and_adds_epochs(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=1, batch_size=64,
+                 schedule="constant", progress=False)
+    with pytest.raises(CnnlabError, match="--lr 0.5 differs from the run's"):
+        cnnlab.train(resume=out, lr=0.5, progress=False)
+    with pytest.raises(CnnlabError, match="already finished"):
+        cnnlab.train(resume=out, progress=False)
+    summary = cnnlab.train(resume=out, epochs=2, progress=False)
+    assert summary["epochs"] == 2 and load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    assert [r["epoch"] for r in read_metrics(out) if r["type"] == "eval"] == [1, 2]
+    with pytest.raises(CnnlabError, match="nothing to resume"):
+        cnnlab.train(resume=tmp_path, progress=False)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tiny_mnist, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def failing_save(obj, f, *a, **kw):
+        saves["n"] += 1
+        if saves["n"] > 2:  # epoch 1: checkpoint.pt and best.pt; then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(CnnlabError, match="No space left on device.*previous checkpoint is "
+                                          "intact"):
+        cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=2,
+                     batch_size=64, progress=False)
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_deterministic_runs_match(tiny_mnist, tmp_path):
+    for name in ("a", "b"):
+        cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=tmp_path / name,
+                     epochs=1, batch_size=32, deterministic=True, progress=False)
+    assert _comparable(tmp_path / "a") == _comparable(tmp_path / "b")
+    assert _same_weights(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+
+
+def test_bad_image_files_stop_or_are_skipped(tmp_path):
+    root = write_folder(tmp_path / "pets")
+    (root / "train" / "cat" / "0.png").write_bytes(b"\x89PNG broken")
+    (root / "test" / "dog" / "1.png").write_bytes(b"")
+    args = [sys.executable, "-m", "cnnlab", "train", "lenet5", f"folder:{root}", "--epochs",
+            "1", "--batch-size", "4"]
+    res = subprocess.run(args + ["--out", str(tmp_path / "a")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "0.png" in res.stderr and "--skip-bad-files" in res.stderr
+    res = subprocess.run(args + ["--out", str(tmp_path / "b"), "--skip-bad-files"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "skipping: cannot read image" in res.stderr and "1.png" in res.stderr
+    summary = __import__("json").loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["epochs"] == 1

@@ -1,0 +1,200 @@
+"""`cnnlab report` and the figures it draws: report.md, a self-contained report.html, the
+utilisation plot, per-class accuracy; and report.html rendered in a headless Chromium."""
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from conftest import write_mnist
+
+from cnnlab.cli import main
+from cnnlab.plots import plot_overlay, plot_utilization
+from cnnlab.report import write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _telemetry(n: int = 6) -> list[dict]:
+    return [{"type": "telemetry", "time": 1.7e9 + i, "elapsed": float(i),
+             "cpu_percent": 150.0 + i, "rss_mb": 700.0 + 5 * i, "gpu_util": None,
+             "gpu_mem_mb": None, "images_per_second": None if i == 0 else 900.0 + i}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A finished two-point sweep (max and average pooling, one seed) on tiny MNIST, with
+    hand-written telemetry records in its runs."""
+    root = tmp_path_factory.mktemp("report")
+    data = write_mnist(root / "data")
+    out = root / "sweep"
+    assert main(["sweep", "lenet5", "mnist", "--data-dir", str(data), "--grid", "pool=max,avg",
+                 "--epochs", "2", "--batch-size", "32", "--lr", "0.05", "--log-every", "4",
+                 "--telemetry", "0", "--out", str(out), "--quiet"]) == 0
+    for run in out.glob("pool=*"):
+        with (run / "metrics.jsonl").open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in _telemetry())
+        (run / "utilization.png").unlink(missing_ok=True)
+    return out
+
+
+@pytest.fixture
+def run(sweep, tmp_path):
+    """A copy of one finished run, for a test to write its report into."""
+    return shutil.copytree(sweep / "pool=max-seed=0", tmp_path / "run")
+
+
+def _html_images(text: str) -> list[bytes]:
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', text)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources), sources[:1]
+    return [base64.b64decode(s.split(",", 1)[1]) for s in sources]
+
+
+def _self_contained(text: str) -> None:
+    for pattern in ("http://", "https://", "<script", "<link", "url(", "src=\"file:",
+                    "@import"):
+        assert pattern not in text, pattern
+
+
+def test_plot_utilization_and_overlay(tmp_path, sweep):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"type": "eval", "epoch": 1}) + "\n")
+    assert plot_utilization(run_dir) is None  # no telemetry records: nothing drawn
+    assert not (run_dir / "utilization.png").exists()
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in _telemetry())
+    path = plot_utilization(run_dir)
+    assert path == run_dir / "utilization.png" and path.read_bytes().startswith(PNG)
+    other = plot_utilization(run_dir, tmp_path, prefix="x-")
+    assert other == tmp_path / "x-utilization.png" and other.is_file()
+
+    runs = sorted(sweep.glob("pool=*"))
+    written = plot_overlay(runs, ["a", "b"], tmp_path, prefix="o-")
+    assert [p.name for p in written] == ["o-accuracy.png", "o-loss.png"]
+    assert all(p.read_bytes().startswith(PNG) for p in written)
+
+
+def test_report_on_one_run(run):
+    summary = json.loads((run / "summary.json").read_text())
+    written = write_report([run], device="cpu")
+    assert written == {"html": run / "report.html", "md": run / "report.md"}
+    md = written["md"].read_text()
+    for heading in ("## Outcome", "## Loss and accuracy", "## Utilisation over time",
+                    "## Per-class accuracy and confusion matrix", "## Configuration",
+                    "## Environment"):
+        assert heading in md, heading
+    assert "## Comparison" not in md
+    acc = summary["best_test_acc"]
+    assert f"on the 128 test images: {acc:.2f}% accuracy (the run recorded {acc:.2f}%" in md
+    assert "| class | accuracy (recall) | precision | test images | most often mistaken for |" \
+        in md
+    assert len(re.findall(r"^\| [0-9] \| [0-9.]+% \|", md, re.M)) == 10
+    assert "| CPU (process) | mean 152%, peak 155% |" in md
+    assert f"| best test accuracy | {acc:.2f}% (epoch {summary['best_epoch']}) |" in md
+    assert "| pool | max |" in md and "| torch |" in md
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert images == ["loss.png", "accuracy.png", "utilization.png", "confusion.png"]
+    assert all((run / name).read_bytes().startswith(PNG) for name in images)
+
+    text = written["html"].read_text()
+    _self_contained(text)
+    pngs = _html_images(text)
+    assert len(pngs) == 4 and all(p.startswith(PNG) for p in pngs)
+    assert pngs[3] == (run / "confusion.png").read_bytes()
+
+
+def test_report_without_the_data_or_a_finished_run_says_so(run, tmp_path):
+    (run / "summary.json").unlink()
+    written = write_report([run], tmp_path / "out", data_dir=tmp_path / "nowhere", device="cpu")
+    md = written["md"].read_text()
+    assert "The test data is not available here" in md and "mnist not found" in md
+    assert "did not finish: 2 of 2 epochs evaluated" in md
+    assert "Unfinished runs (no summary.json; shown from their metrics): run." in md
+    assert not (tmp_path / "out" / "run-confusion.png").exists()
+    # Figures of a run outside the report directory are copied next to report.md.
+    for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert "/" not in name and (tmp_path / "out" / name).is_file()
+    _self_contained(written["html"].read_text())
+    assert len(_html_images(written["html"].read_text())) == 3
+
+
+def test_report_on_a_sweep_and_on_several_runs(sweep, tmp_path, capsys):
+    work = shutil.copytree(sweep, tmp_path / "sweep")
+    assert main(["report", str(work), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.split() == [str(work / "report.md"), str(work / "report.html")]
+    md = (work / "report.md").read_text()
+    assert "# cnnlab report: sweep sweep (2 runs)" in md
+    assert "| configuration | pool | runs | final test acc (%) | best test acc (%) |" in md
+    assert re.search(r"\*\*(max|avg) pooling won: [0-9.]+% vs [0-9.]+% best test accuracy "
+                     r"\(difference [0-9.]+ points, 1 seed each\)", md)
+    assert "### Per-class accuracy side by side" in md and "| class | pool=max | pool=avg |" in md
+    assert "## Run pool=max-seed=0" in md and "## Run pool=avg-seed=0" in md
+    assert "![Loss of pool=max-seed=0](pool=max-seed=0/loss.png)" in md  # used in place
+    for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (work / name).is_file(), name
+    assert len(_html_images((work / "report.html").read_text())) == 2 + 2 * 4
+
+    out = tmp_path / "several"
+    assert main(["report", str(work / "pool=max-seed=0"), str(work / "pool=avg-seed=0"),
+                 "--out", str(out), "--no-eval"]) == 0
+    md = (out / "report.md").read_text()
+    assert "# cnnlab report: 2 runs" in md and "## Comparison" in md
+    assert "Not computed (--no-eval)." in md and "confusion.png" not in md
+    assert (out / "comparison-accuracy.png").is_file()
+    assert (out / "pool=avg-seed=0-loss.png").is_file()
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p, "is neither a run directory (no config.json) nor a sweep directory"),
+    (lambda p: p / "missing", "no run or sweep directory at"),
+])
+def test_report_bad_input_is_one_line_exit_2(tmp_path, capsys, make, message):
+    code = main(["report", str(make(tmp_path))])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("cnnlab: error:")
+    assert message in lines[0]
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+_CHECK = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  const div = document.createElement("div");
+  div.id = "cnnlab-image-check";
+  div.textContent = loaded + "/" + images.length;
+  document.body.appendChild(div);
+});
+</script>
+"""
+
+
+def test_report_html_loads_every_image_in_headless_chromium(sweep, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium package)")
+    work = shutil.copytree(sweep, tmp_path / "sweep")
+    write_report([work], device="cpu")
+    page = tmp_path / "page" / "report.html"  # a copy alone: nothing beside it to load
+    page.parent.mkdir()
+    page.write_text((work / "report.html").read_text().replace("</body>", _CHECK + "</body>"))
+    res = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=180)
+    found = re.search(r'id="cnnlab-image-check">(\d+)/(\d+)<', res.stdout)
+    assert found, f"no image count in the page (exit {res.returncode}): {res.stderr[-2000:]}"
+    loaded, total = map(int, found.groups())
+    assert total == 10 and loaded == total

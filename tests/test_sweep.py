@@ -1,0 +1,212 @@
+"""`cnnlab sweep`: grid parsing, planning, resuming and the results files."""
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from cnnlab.cli import main
+from cnnlab.errors import CnnlabError
+from cnnlab.sweep import load_sweep_file, parse_grid_arg, plan_sweep
+
+TINY = ["--epochs", "1", "--batch-size", "64", "--log-every", "2", "--lr", "0.05", "--quiet"]
+
+
+@pytest.mark.parametrize("text,key,values", [
+    ("pool=max,avg", "pool", ["max", "avg"]),
+    ("lr=0.1,1e-3, 2", "lr", [0.1, 0.001, 2.0]),
+    ("batch-size=32,64", "batch_size", [32, 64]),
+    ("batch_size=128", "batch_size", [128]),
+    ("nesterov=true,no", "nesterov", [True, False]),
+    ("augment=none;crop,flip", "augment", ["none", "crop,flip"]),
+    ("optimizer=sgd,adamax", "optimizer", ["sgd", "adamax"]),
+])
+def test_grid_values_take_the_config_field_types(text, key, values):
+    assert parse_grid_arg(text) == (key, values)
+    assert all(type(a) is type(b) for a, b in zip(parse_grid_arg(text)[1], values))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("colour=red", "unknown grid key 'colour'"),
+    ("lr=fast", "grid lr: 'fast' is not a float"),
+    ("epochs=1.5", "grid epochs: '1.5' is not an int"),
+    ("nesterov=maybe", "grid nesterov: 'maybe' is not a bool"),
+    ("lr=0.1,", "grid lr: empty value"),
+    ("lr", "write KEY=VALUE1,VALUE2"),
+    ("seed=1,2", "use --seeds N"),
+])
+def test_bad_grid_arguments(text, message):
+    with pytest.raises(CnnlabError, match=message):
+        parse_grid_arg(text)
+
+
+def test_plan_is_the_cross_product_times_the_seeds():
+    plan = plan_sweep("lenet5", "mnist", grid={"pool": ["max", "avg"], "lr": [0.1, 0.01]},
+                      seeds=3, options={"seed": 10, "epochs": 2}, train={"batch_size": 32})
+    assert len(plan.runs) == 12 and plan.keys == ["pool", "lr"]
+    first = [r.name for r in plan.runs[:4]]  # every point's first seed comes first
+    assert first == ["pool=max-lr=0.1-seed=10", "pool=max-lr=0.01-seed=10",
+                     "pool=avg-lr=0.1-seed=10", "pool=avg-lr=0.01-seed=10"]
+    assert sorted({r.config.seed for r in plan.runs}) == [10, 11, 12]
+    assert {r.point for r in plan.runs} == {"pool=max-lr=0.1", "pool=max-lr=0.01",
+                                            "pool=avg-lr=0.1", "pool=avg-lr=0.01"}
+    cfg = plan.runs[-1].config
+    assert (cfg.pool, cfg.lr, cfg.epochs, cfg.batch_size, cfg.seed) == ("avg", 0.01, 2, 32, 12)
+
+
+def test_plan_with_points_model_as_a_grid_key_and_errors():
+    plan = plan_sweep(None, "mnist", points=[{"optimizer": "sgd", "lr": 0.01},
+                                             {"optimizer": "adamax", "lr": "0.002"}],
+                      grid={"model": ["lenet5"]})
+    assert [r.name for r in plan.runs] == ["optimizer=sgd-lr=0.01-model=lenet5-seed=0",
+                                           "optimizer=adamax-lr=0.002-model=lenet5-seed=0"]
+    assert plan.runs[1].config.lr == 0.002 and plan.runs[1].config.optimizer == "adamax"
+    with pytest.raises(CnnlabError, match="--lr is a grid key"):
+        plan_sweep("lenet5", "mnist", grid={"lr": [0.1, 0.2]}, options={"lr": 0.3})
+    with pytest.raises(CnnlabError, match="unknown optimizer 'rmsprop'"):
+        plan_sweep("lenet5", "mnist", grid={"optimizer": ["sgd", "rmsprop"]})
+    with pytest.raises(CnnlabError, match="both a grid key and a key of the listed points"):
+        plan_sweep("lenet5", "mnist", grid={"lr": [0.1]}, points=[{"lr": 0.2}])
+    with pytest.raises(CnnlabError, match="a value is given twice"):
+        plan_sweep("lenet5", "mnist", grid={"lr": [0.1, 0.10]})
+    with pytest.raises(CnnlabError, match="needs MODEL and DATASET"):
+        plan_sweep(None, None, grid={"lr": [0.1]})
+    with pytest.raises(CnnlabError, match="seeds must be a positive integer"):
+        plan_sweep("lenet5", "mnist", grid={"lr": [0.1]}, seeds=0)
+
+
+def test_the_shipped_sweep_files_are_the_reports_experiments():
+    spec = load_sweep_file(REPO / "configs" / "sweeps" / "pooling.toml")
+    plan = plan_sweep(spec["model"], spec["dataset"], grid=spec.get("grid"),
+                      points=spec.get("points"), seeds=spec["seeds"], train=spec["train"])
+    assert {r.point for r in plan.runs} == {"pool=max", "pool=avg"} and plan.seeds == 3
+    cfg = plan.runs[0].config
+    assert (cfg.model, cfg.dataset, cfg.preset, cfg.epochs) == ("lenet5", "mnist", "fast", 2)
+    plan = plan_sweep(spec["model"], spec["dataset"], grid=spec["grid"], train=spec["train"],
+                      options={"preset": "seed"})  # --preset seed: the report's exact recipe
+    cfg = plan.runs[0].config
+    assert (cfg.preset, cfg.lr, cfg.batch_size, cfg.epochs, cfg.normalize) == (
+        "seed", 0.001, 64, 64, False)
+
+    spec = load_sweep_file(REPO / "configs" / "sweeps" / "cifar_optimizers.toml")
+    plan = plan_sweep(spec["model"], spec["dataset"], grid=spec.get("grid"),
+                      points=spec.get("points"), seeds=spec["seeds"], train=spec["train"])
+    points = {r.point: r.config for r in plan.runs}
+    assert list(points) == ["optimizer=sgd-lr=0.01", "optimizer=sgd-lr=0.02",
+                            "optimizer=sgd-lr=0.001", "optimizer=adamax-lr=0.002"]
+    for cfg in points.values():
+        assert (cfg.model, cfg.dataset, cfg.epochs, cfg.batch_size, cfg.momentum) == (
+            "resnet18", "cifar10", 30, 64, 0.9)
+        assert (cfg.schedule, cfg.augment, cfg.normalize) == ("constant", "none", False)
+
+
+def test_sweep_file_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "lenet5"\nepochs = 3\n')
+    with pytest.raises(CnnlabError, match="unknown key 'epochs'.*go in \\[train\\]"):
+        load_sweep_file(bad)
+    bad.write_text('points = ["sgd"]\n')
+    with pytest.raises(CnnlabError, match="'points' must be a list of tables"):
+        load_sweep_file(bad)
+    bad.write_text("[grid\n")
+    with pytest.raises(CnnlabError, match="not valid TOML"):
+        load_sweep_file(bad)
+
+
+def _results(path):
+    with (path / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_runs_every_point_resumes_and_summarises(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "lenet5", "mnist", "--data-dir", str(tiny_mnist), "--grid", "pool=max,avg",
+            "--seeds", "2", "--out", str(out), *TINY]
+    assert main(args) == 0
+    names = ["pool=max-seed=0", "pool=avg-seed=0", "pool=max-seed=1", "pool=avg-seed=1"]
+    for name in names:
+        assert (out / name / "summary.json").is_file(), name
+        assert json.loads((out / name / "config.json").read_text())["pool"] == name[5:8]
+    for name in ("results.csv", "results.md", "accuracy.png", "loss.png", "sweep.json"):
+        assert (out / name).is_file(), name
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+
+    summaries = {n: json.loads((out / n / "summary.json").read_text()) for n in names}
+    rows = _results(out)
+    assert [r["point"] for r in rows] == ["pool=max", "pool=avg"]
+    for row in rows:
+        runs = [s for n, s in summaries.items() if n.startswith(row["point"] + "-")]
+        assert row["seeds"] == "2"
+        for key in ("final_test_acc", "best_test_acc", "train_seconds", "images_per_second"):
+            values = [s[key] for s in runs]
+            assert float(row[f"{key}_mean"]) == pytest.approx(statistics.mean(values), abs=1e-3)
+            assert float(row[f"{key}_std"]) == pytest.approx(statistics.stdev(values), abs=1e-3)
+    md = (out / "results.md").read_text()
+    assert "| pool | seeds | final test acc (%) | best test acc (%) | epochs to best" in md
+    best = [summaries[n]["best_test_acc"] for n in names if n.startswith("pool=max")]
+    assert "| max | 2 | " in md
+    assert f"{statistics.fmean(best):.2f} ± {statistics.stdev(best):.2f}" in md
+    assert " pooling won: " in md and "2 seeds each" in md and "spread over seeds" in md
+
+    # Interrupted: one point never wrote its summary. Running again redoes only that one.
+    (out / "pool=avg-seed=0" / "summary.json").unlink()
+    (out / "pool=avg-seed=0" / "best.pt").unlink()
+    before = {n: (out / n / "summary.json").read_bytes() for n in names if n != names[1]}
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("finished before, skipped") == 3
+    assert "[2/4] pool=avg-seed=0: unfinished, removing it and training it again" in err
+    assert all((out / n / "summary.json").read_bytes() == b for n, b in before.items())
+    assert (out / "pool=avg-seed=0" / "best.pt").is_file()
+    assert len(_results(out)) == 2
+
+    # More seeds extend the sweep; other settings are another sweep and are refused.
+    assert main([*args[:-len(TINY)], *TINY, "--seeds", "3", "--grid", "pool=max"]) == 0
+    assert (out / "pool=max-seed=2" / "summary.json").is_file()
+    assert [r["seeds"] for r in _results(out)] == ["3"]
+    assert main([*args, "--epochs", "2"]) == 2
+    assert "is a finished run of another sweep (it ran with epochs=1, this sweep asks for 2)" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--grid", "colour=red"], "unknown grid key 'colour'"),
+    (["--grid", "lr=0.1,fast"], "grid lr: 'fast' is not a float"),
+    (["--grid", "pool=max,mean"], "unknown pool 'mean'"),
+    (["--grid", "pool=max,avg", "--pool", "avg"], "--pool is a grid key"),
+    (["--grid", "lr=0.1", "--seeds", "0"], "seeds must be a positive integer"),
+])
+def test_cli_sweep_errors_are_one_line_exit_2(tiny_mnist, tmp_path, capsys, args, message):
+    out = tmp_path / "sweep"
+    code = main(["sweep", "lenet5", "mnist", "--data-dir", str(tiny_mnist), "--out", str(out),
+                 *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("cnnlab: error:")
+    assert message in lines[0]
+    assert not out.exists()  # nothing is trained before every point is known to be valid
+
+
+def test_real_mnist_pooling_sweep(real_data, tmp_path):
+    """The pooling sweep file end to end on the real MNIST, one epoch, two seeds."""
+    out = tmp_path / "pooling"
+    res = subprocess.run(
+        [sys.executable, "-m", "cnnlab", "sweep", "--config",
+         str(REPO / "configs" / "sweeps" / "pooling.toml"), "--data-dir", str(real_data),
+         "--epochs", "1", "--seeds", "2", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = _results(out)
+    assert [r["point"] for r in rows] == ["pool=max", "pool=avg"]
+    assert all(r["seeds"] == "2" and float(r["best_test_acc_mean"]) > 97 for r in rows)
+    md = (out / "results.md").read_text()
+    best = {pool: [json.loads((out / f"pool={pool}-seed={i}" / "summary.json").read_text())
+                   ["best_test_acc"] for i in (0, 1)] for pool in ("max", "avg")}
+    (win, a), (_, b) = sorted(best.items(), key=lambda kv: -statistics.fmean(kv[1]))
+    assert (f"{win} pooling won: {statistics.fmean(a):.2f} ± {statistics.stdev(a):.2f}% vs "
+            f"{statistics.fmean(b):.2f} ± {statistics.stdev(b):.2f}% best test accuracy "
+            f"(difference {statistics.fmean(a) - statistics.fmean(b):.2f} points, "
+            "2 seeds each).") in md
