@@ -68,3 +68,20 @@ def test_seed_preset_normalisation_is_to_tensor_only():
                           std=(0.3,), device=torch.device("cpu"), normalize=False)
     x, _ = next(iter(loader))
     torch.testing.assert_close(x, torch.ones_like(x))
+
+
+def test_ranks_slice_each_global_batch_and_drop_a_too_small_last_one():
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1)
+    labels = torch.arange(5)
+    seen = []
+    for rank in (0, 1):
+        loader = DeviceLoader(images, labels, batch_size=2, mean=(0.0,), std=(1.0,),
+                              device=torch.device("cpu"), shuffle=True, rank=rank, world_size=2,
+                              generator=torch.Generator().manual_seed(3))
+        assert len(loader) == 2  # the last global batch (1 image) cannot feed 2 ranks
+        seen.append([y.tolist() for _, y in loader])
+    single = DeviceLoader(images, labels, batch_size=2, mean=(0.0,), std=(1.0,),
+                          device=torch.device("cpu"), shuffle=True,
+                          generator=torch.Generator().manual_seed(3))
+    batches = [y.tolist() for _, y in single][:2]
+    assert [a + b for a, b in zip(seen[0], seen[1])] == batches

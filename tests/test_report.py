@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 from conftest import write_mnist
@@ -198,3 +199,15 @@ def test_report_html_loads_every_image_in_headless_chromium(sweep, tmp_path):
     assert found, f"no image count in the page (exit {res.returncode}): {res.stderr[-2000:]}"
     loaded, total = map(int, found.groups())
     assert total == 10 and loaded == total
+
+
+def test_figures_leave_pyplot_and_its_backend_alone(tmp_path):
+    """Notebook users keep their inline backend: drawing never imports pyplot."""
+    code = ("import sys; from cnnlab.plots import plot_confusion, plot_run; "
+            f"plot_confusion([[3, 1], [0, 4]], ['a', 'b'], {str(tmp_path / 'c.png')!r}); "
+            f"plot_run({str(tmp_path)!r}); "
+            "assert 'matplotlib.pyplot' not in sys.modules")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "c.png").read_bytes().startswith(PNG)

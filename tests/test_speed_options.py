@@ -41,3 +41,22 @@ def test_bench_times_the_real_loop(tiny_mnist):
                           batch_size=64, precision="bf16")
     assert result["images"] == 3 * 64 and result["seconds"] > 0
     assert result["config"] == {"batch_size": 64, "precision": "bf16"}
+
+
+def test_tensorboard_and_telemetry_records(tiny_mnist, tmp_path):
+    from cnnlab.runs import read_metrics
+
+    out = tmp_path / "r"
+    cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=2, batch_size=16,
+                 log_every=8, telemetry=0.05, tensorboard=True, progress=False)
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "eval/test_acc"} <= set(acc.Tags()["scalars"])
+    telemetry = [r for r in read_metrics(out) if r["type"] == "telemetry"]
+    assert telemetry and all(r["rss_mb"] > 0 and r["gpu_util"] is None for r in telemetry)
+    assert "no GPU" in telemetry[0]["notes"][0]
+    assert (out / "utilization.png").is_file()

@@ -210,3 +210,43 @@ def test_real_mnist_pooling_sweep(real_data, tmp_path):
             f"{statistics.fmean(b):.2f} ± {statistics.stdev(b):.2f}% best test accuracy "
             f"(difference {statistics.fmean(a) - statistics.fmean(b):.2f} points, "
             "2 seeds each).") in md
+
+
+def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tiny_mnist, tmp_path, capsys):
+    from cnnlab.report import write_report
+
+    out = tmp_path / "sweep"
+    args = ["sweep", "lenet5", "mnist", "--data-dir", str(tiny_mnist), "--grid", "lr=0.05,1e12",
+            "--schedule", "constant", "--log-every", "1", "--epochs", "1", "--batch-size", "64",
+            "--seeds", "2", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "[2/4] lr=1e+12-seed=0: diverged (the training loss became NaN or infinite" in err
+    assert "going on with the other runs" in err
+    for seed in (0, 1):
+        assert (out / f"lr=0.05-seed={seed}" / "summary.json").is_file()
+        bad = out / f"lr=1e+12-seed={seed}"
+        assert not (bad / "summary.json").exists()
+        assert "NaN or infinite" in json.loads((bad / "diverged.json").read_text())["error"]
+    rows = _results(out)
+    assert [(r["point"], r["seeds"], r["diverged"]) for r in rows] == [
+        ("lr=0.05", "2", "0"), ("lr=1e+12", "0", "2")]
+    assert rows[0]["best_test_acc_mean"] and rows[1]["best_test_acc_mean"] == ""
+    md = (out / "results.md").read_text()
+    assert "2 of 4 runs finished (2 more diverged" in md
+    assert "| lr | seeds | diverged | final test acc (%)" in md
+    assert "| 1e+12 | 0 | 2 | - |" in md
+    assert "| [lr=1e+12-seed=0](lr=1e+12-seed=0/) | 0 | diverged: the training loss" in md
+
+    # Running it again keeps the diverged runs as they are, like finished ones.
+    before = (out / "lr=1e+12-seed=1" / "diverged.json").read_bytes()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("diverged before, skipped") == 2 and err.count("finished before") == 2
+    assert (out / "lr=1e+12-seed=1" / "diverged.json").read_bytes() == before
+
+    md = write_report([out], evaluate=False)["md"].read_text()
+    assert ("Diverged runs (the loss became NaN; left out of the comparison's mean and std): "
+            "lr=1e+12-seed=0, lr=1e+12-seed=1.") in md
+    assert "| configuration | lr | runs | diverged |" in md and "| lr=1e+12 | 1e+12 | 0 | 2 |" in md
+    assert "| status | diverged after 0 of 1 epochs: the training loss became NaN" in md

@@ -471,3 +471,40 @@ def test_the_exported_model_is_found_by_name(trained, tmp_path):
     with pytest.raises(CnnlabError, match="would overwrite .*photo.jpg, which is not an"):
         export_model(tmp_path / "my model.pt", "torchscript", tmp_path / "photo.jpg")
     assert (tmp_path / "photo.jpg").read_bytes() == b"someone's photo"
+
+
+def test_folder_datasets_decode_images_as_predict_does(tmp_path):
+    from cnnlab.data.readers import folder_files, read_folder_split
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    rgba[:8, :, 3] = 0  # the top half transparent
+    deep = rng.integers(0, 65536, (16, 16)).astype(np.uint16)
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(rgba, "RGBA").save(folder / "0-rgba.png")
+    Image.fromarray(deep).save(folder / "1-deep.png")
+    with Image.open(folder / "1-deep.png") as im:
+        assert im.mode.startswith("I")  # a 16-bit PNG
+    files = folder_files(tmp_path / "train", ["a"], require_all=True)
+    for channels, mode in ((1, "L"), (3, "RGB")):
+        meta = {"in_channels": channels, "image_size": [16, 16], "mean": [0.5] * channels}
+        x, _ = read_folder_split(files, mode=mode)
+        for got, (path, _) in zip(x, files):
+            assert np.array_equal(got, load_image(path, meta, invert="no")[0]), (mode, path)
+        assert (x[0][:, :8] == 255).all()  # transparent: white
+        scaled = np.clip(deep / 65535 * 255 + 0.5, 0, 255).astype(np.uint8)
+        assert (x[1] == scaled).all()  # 16 bits scaled down, not clipped
+    x, _ = read_folder_split(files[1:])  # a 16-bit image alone: a grayscale dataset
+    assert x.shape == (1, 1, 16, 16) and (x[0, 0] == scaled).all()
+
+
+def test_export_runtime_errors_are_one_line_and_write_nothing(trained, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("PytorchStreamReader failed\nreading the archive")
+
+    monkeypatch.setattr(torch.jit, "load", broken)
+    with pytest.raises(CnnlabError, match="TorchScript export cannot be loaded and run: "
+                                          "PytorchStreamReader failed reading the archive$"):
+        export_model(trained.run, "torchscript", tmp_path / "x.pt")
+    assert list(tmp_path.iterdir()) == []  # neither the model nor its JSON, no temporary file

@@ -98,8 +98,8 @@ def train_options(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace) -> int:
     from . import train
 
-    if args.nproc:
-        return _launch_torchrun(args.nproc)
+    if args.nproc is not None:
+        return _launch_torchrun(args.nproc, args.argv)
     if args.resume is None and (args.model is None or args.dataset is None):
         raise CnnlabError("train needs MODEL and DATASET (or --resume RUN_DIR)")
     summary = train(args.model, args.dataset, config=args.config, out=args.out,
@@ -117,23 +117,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch_torchrun(nproc: int) -> int:
-    """`cnnlab train ... --nproc N`: the same command under torchrun, N processes here."""
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """`cnnlab train ... --nproc N`: the same command under torchrun, N processes here.
+    (torchrun reports any failing rank as exit status 1.)"""
+    import signal
     import subprocess
 
     if nproc < 1:
         raise CnnlabError(f"--nproc must be positive, got {nproc}")
-    argv, skip = [], False
-    for arg in sys.argv[1:]:
+    rest, skip = [], False
+    for arg in argv:
         if skip:
             skip = False
         elif arg == "--nproc":
             skip = True
         elif not arg.startswith("--nproc="):
-            argv.append(arg)
+            rest.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "cnnlab", *argv]
-    return subprocess.call(cmd)
+           f"--nproc_per_node={nproc}", "-m", "cnnlab", *rest]
+    proc = subprocess.Popen(cmd)
+    # Ctrl-C reaches the ranks from the terminal: wait for them to checkpoint and stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    return proc.wait()
 
 
 # ---------------------------------------------------------------- use a trained model
@@ -184,22 +190,17 @@ def _use_parsers(sub) -> None:
                    "<name>.onnx or <name>.torchscript.pt")
 
 
-def _use_device(spec: str):
-    from .trainer import resolve_device
-
-    return resolve_device(spec)
-
-
 def _eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from .inference import evaluate_checkpoint, format_eval, save_eval
+    from .trainer import resolve_device
 
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split,
                                  data_dir=args.data_dir, download=args.download,
                                  tta=args.tta, batch_size=args.batch_size,
-                                 device=_use_device(args.device))
+                                 device=resolve_device(args.device))
     files = save_eval(result, args.out_dir or Path(result["checkpoint"]).parent)
     if args.json:
         print(json.dumps(result | {"files": files}))
@@ -213,9 +214,10 @@ def _predict(args: argparse.Namespace) -> int:
     import json
 
     from .predict import format_prediction, predict
+    from .trainer import resolve_device
 
     results = predict(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert,
-                      batch_size=args.batch_size, device=_use_device(args.device))
+                      batch_size=args.batch_size, device=resolve_device(args.device))
     for r in results:
         if "error" in r:
             print(f"cnnlab: error: {r['error']}", file=sys.stderr)
@@ -267,7 +269,7 @@ def _sweep(args: argparse.Namespace) -> int:
     spec = load_sweep_file(args.config) if args.config else {}
     if args.model is not None and args.dataset is None:
         raise CnnlabError("sweep needs both MODEL and DATASET (or a sweep file with --config)")
-    grid = {k.replace("-", "_"): v for k, v in spec.get("grid", {}).items()}
+    grid = dict(spec.get("grid", {}))  # plan_sweep makes the keys Config field names
     for text in args.grid:
         key, values = parse_grid_arg(text)
         grid[key] = values
@@ -333,13 +335,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         return {"train": _train, "sweep": _sweep, "report": _report,
                 "eval": _eval, "predict": _predict,
                 "export": _export, "bench": _bench}[args.command](args)
     except Interrupted as e:
-        print(f"cnnlab: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"cnnlab: {e}", file=sys.stderr)
         return e.exit_code
     except CnnlabError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
@@ -347,3 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnlab: stopped at once; the last checkpoint is intact", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("cnnlab: error: out of memory; lower --batch-size", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder we may not write to
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cnnlab: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "out of memory" not in str(e) and "not enough memory" not in str(e):
+            raise
+        print(f"cnnlab: error: out of memory on the device ({str(e).splitlines()[0][:120]});"
+              " lower --batch-size", file=sys.stderr)
+        return 2

@@ -134,26 +134,49 @@ def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = No
     return cfg
 
 
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def typed_value(key: str, value: Any, *, what: str | None = None) -> Any:
+    """`value` (text from the command line, a TOML or Python value) as the type of
+    Config.`key`: int, float, bool (also from true/false, yes/no, 1/0, on/off) or str; None
+    where the field allows it. Raises CnnlabError `<what>: <value> is not a <type>` (what:
+    e.g. "grid lr"), or without `what`, `<option> must be <type>, got <value>`."""
+    kind = FIELDS[key].type.split(" ")[0]  # "int", "float", "bool", "str" ("str | None")
+    if what:
+        bad = CnnlabError(f"{what}: {value!r} is not {'an' if kind == 'int' else 'a'} {kind}")
+    else:
+        bad = CnnlabError(f"{key.replace('_', '-')} must be {kind}, got {value!r}")
+    if value is None:
+        if "None" in FIELDS[key].type:
+            return None
+        raise bad
+    text = value.strip() if isinstance(value, str) else None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise bad
+    if kind == "str":
+        if isinstance(value, bool):
+            raise bad
+        return text if text is not None else str(value)
+    if isinstance(value, bool):
+        raise bad
+    try:
+        number = float(text) if text is not None else float(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if kind == "int":
+        if not number.is_integer():
+            raise bad
+        return int(number)
+    return number
+
+
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        kind = FIELDS[key].type
-        try:
-            if kind == "int":
-                if isinstance(value, float) and not value.is_integer():
-                    raise ValueError
-                value = int(value)
-            elif kind == "float":
-                value = float(value)
-            elif kind.startswith("bool") and not isinstance(value, bool | None):
-                raise ValueError
-            elif kind.startswith("str") and value is not None:
-                value = str(value)
-        except (TypeError, ValueError):
-            raise CnnlabError(f"{key.replace('_', '-')} must be {kind.split(' ')[0]}, "
-                              f"got {value!r}") from None
-        out[key] = value
-    return out
+    return {key: typed_value(key, value) for key, value in values.items()}
 
 
 def _positive(cfg: Config, *names: str) -> None:
@@ -164,7 +187,20 @@ def _positive(cfg: Config, *names: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Reject impossible values with a message naming the option and the fix."""
+    """Reject impossible values with a message naming the option and the fix (before any
+    data is read, so that a sweep fails before its first run)."""
+    import inspect
+
+    from .data.specs import SPECS
+    from .models import MODELS
+
+    if cfg.model not in MODELS:
+        raise CnnlabError(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
+    if cfg.dataset not in SPECS and not cfg.dataset.startswith("folder:"):
+        raise CnnlabError(f"unknown dataset '{cfg.dataset}'; choose one of "
+                          f"{', '.join(SPECS)}, folder:PATH")
+    if cfg.pool is not None and "pool" not in inspect.signature(MODELS[cfg.model]).parameters:
+        raise CnnlabError(f"model {cfg.model} has no option 'pool'")
     _positive(cfg, "epochs", "batch_size", "lr", "log_every", "eval_batch_size")
     choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": AUGMENTS,
                "precision": PRECISIONS}

@@ -36,6 +36,10 @@ class Dist:
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return self.reduce_sum(t) / self.world_size if self.enabled else t
 
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
     def any(self, flag: bool) -> bool:
         """True on every rank if it is True on any (a collective: call it on all ranks)."""
         if not self.enabled:

@@ -24,6 +24,7 @@ def cpu_model() -> str:
 def collect_env(device: torch.device | None = None) -> dict:
     import torchvision
 
+    cpu = cpu_model()
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -31,8 +32,8 @@ def collect_env(device: torch.device | None = None) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device) if device is not None else None,
-        "device_name": cpu_model(),
-        "cpu_model": cpu_model(),
+        "device_name": cpu,
+        "cpu_model": cpu,
         "cpu_cores_logical": os.cpu_count(),
         "cpu_cores_physical": psutil.cpu_count(logical=False),
         "torch_threads": torch.get_num_threads(),

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from . import __version__
+from .data.loader import mean_std
 from .errors import CnnlabError
-from .inference import RUN_FILES, checkpoint_path, load_model, preprocess
+from .inference import checkpoint_path, load_model, preprocess
 from .predict import light_on_dark
-from .runs import write_json
+from .runs import _UMASK, RUN_FILES
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -34,8 +35,7 @@ def export_metadata(meta: dict, fmt: str, ckpt: dict, source: Path) -> dict:
     """Everything a user of the exported file needs besides the file itself."""
     c, (h, w) = int(meta["in_channels"]), (int(s) for s in meta["image_size"])
     normalize = bool(meta.get("normalize", True))
-    mean = [float(m) for m in meta["mean"]] if normalize else [0.0] * c
-    std = [float(s) for s in meta["std"]] if normalize else [1.0] * c
+    mean, std = mean_std(meta["mean"], meta["std"], normalize)
     return {
         "format": fmt, "model": meta["name"], "options": meta.get("options", {}),
         "classes": list(meta["classes"]),
@@ -78,13 +78,16 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
     inputs = _sample_inputs(meta)
     with torch.no_grad():
         expected = [model(x) for x in inputs]
+    temps: list[Path] = []
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
+        temps.append(_temp_file(out))
+        temps.append(_temp_file(sidecar))
     except OSError as e:
+        for path in temps:
+            path.unlink(missing_ok=True)
         raise CnnlabError(f"cannot write into {out.parent}: {e.strerror or e}") from None
-    tmp = Path(tmp_name)
+    tmp, tmp_sidecar = temps
     try:
         if fmt == "onnx":
             _export_onnx(model, inputs[0], info, tmp)
@@ -93,21 +96,44 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
 
             checked_with = f"onnxruntime {onnxruntime.__version__}"
         else:
-            _export_torchscript(model, info, tmp)
+            _export_torchscript(model, info, inputs[0], tmp)
             got = _run_torchscript(tmp, inputs)
             checked_with = f"torch.jit.load, torch {torch.__version__}"
         diff = max(float((a - b).abs().max()) for a, b in zip(expected, got))
         if not diff <= tolerance:
             raise CnnlabError(f"the {fmt} export gives logits up to {diff:.3g} away from the "
                               f"PyTorch model's (allowed {tolerance:g}); nothing written")
-        os.replace(tmp, out)
+        info["parity"] = {"max_abs_diff": diff, "tolerance": tolerance,
+                          "checked_with": checked_with, "batch_sizes": list(_CHECK_BATCHES)}
+        info["file"] = out.name
+        try:  # both files complete beside their places before either is moved into it
+            _write_temp(tmp_sidecar, (json.dumps(info, indent=2) + "\n").encode())
+            os.replace(tmp, out)
+            os.replace(tmp_sidecar, sidecar)
+        except OSError as e:
+            raise CnnlabError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    info["parity"] = {"max_abs_diff": diff, "tolerance": tolerance, "checked_with": checked_with,
-                      "batch_sizes": list(_CHECK_BATCHES)}
-    info["file"] = out.name
-    write_json(sidecar, info)
+        tmp_sidecar.unlink(missing_ok=True)
     return info | {"path": str(out), "metadata_path": str(sidecar), "max_abs_diff": diff}
+
+
+def _temp_file(path: Path) -> Path:
+    """An empty temporary file beside `path` (the same file system: os.replace is atomic),
+    with the usual permissions (mkstemp makes 0600)."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
+def _write_temp(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _require_onnx() -> None:
@@ -175,36 +201,52 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, info: dict, path: Path
                           f"{' '.join(str(e).split())[:300]}") from None
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
 def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return [torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0]) for x in inputs]
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
+                for x in inputs]
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise CnnlabError(f"onnxruntime cannot run the ONNX export: {_one_line(e)}") from None
 
 
-def _export_torchscript(model: nn.Module, info: dict, path: Path) -> None:
+def _export_torchscript(model: nn.Module, info: dict, example: torch.Tensor,
+                        path: Path) -> None:
     with _quiet():
         try:
             scripted = torch.jit.script(model)
         except Exception:  # noqa: BLE001 - a model scripting cannot handle: trace it
-            scripted = torch.jit.trace(model, _sample_inputs_for(info))
+            try:
+                scripted = torch.jit.trace(model, example)
+            except Exception as e:  # tracing raises many types
+                raise CnnlabError(f"TorchScript export of {info['model']} failed: neither "
+                                  f"scripting nor tracing works ({_one_line(e)})") from None
         torch.jit.save(scripted, str(path), _extra_files={"cnnlab.json": json.dumps(info)})
 
 
-def _sample_inputs_for(info: dict) -> torch.Tensor:
-    return torch.zeros(2, *info["input"]["shape"][1:])
-
-
 def _run_torchscript(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    with _quiet():
-        loaded = torch.jit.load(str(path), map_location="cpu")
-    with torch.no_grad():
-        return [loaded(x) for x in inputs]
+    try:
+        with _quiet():
+            loaded = torch.jit.load(str(path), map_location="cpu")
+        with torch.no_grad():
+            return [loaded(x) for x in inputs]
+    except Exception as e:  # torch.jit raises many types
+        raise CnnlabError(f"the TorchScript export cannot be loaded and run: "
+                          f"{_one_line(e)}") from None
 
 
 def read_torchscript_metadata(path: str | Path) -> dict:
     """The metadata stored inside a TorchScript export."""
     extra = {"cnnlab.json": ""}
-    with _quiet():
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    try:
+        with _quiet():
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as e:  # torch.jit raises many types
+        raise CnnlabError(f"cannot load TorchScript file {path}: {_one_line(e)}") from None
     return json.loads(extra["cnnlab.json"])

@@ -16,13 +16,10 @@ from torch import nn
 
 from .errors import CnnlabError
 from .models import create_model
-from .runs import atomic_write, load_checkpoint, write_json
+from .runs import RUN_FILES, load_checkpoint, write_json
 
 SPLITS = ("test", "train")
 TTAS = ("flip",)
-# What a training run writes: evaluation and export never write over these.
-RUN_FILES = frozenset({"config.json", "env.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
-                       "summary.json", "loss.png", "accuracy.png"})
 _META_KEYS = ("name", "in_channels", "num_classes", "image_size", "classes", "mean", "std")
 
 
@@ -93,13 +90,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
 def normalization(meta: dict, device: str | torch.device = "cpu"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) with x_norm = x * scale + shift for uint8 pixels x: training's
-    (x / 255 - mean) / std, computed exactly as the training loader computes it."""
-    mean, std = list(meta["mean"]), list(meta["std"])
-    if not meta.get("normalize", True):  # the report's ToTensor(): pixels / 255 only
-        mean, std = [0.0] * len(mean), [1.0] * len(std)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    return (1 / (255 * s)).float(), (-m / s).float()
+    (x / 255 - mean) / std, computed by the function the training loader uses."""
+    from .data.loader import normalization as loader_normalization
+
+    return loader_normalization(meta["mean"], meta["std"], meta.get("normalize", True), device)
 
 
 def preprocess(images: torch.Tensor, meta: dict) -> torch.Tensor:
@@ -150,7 +144,7 @@ def _pct(num: torch.Tensor, den: torch.Tensor) -> float:
 def trained_with_flip(ckpt: dict) -> bool:
     """Whether the checkpoint's training used random horizontal flips."""
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    augment = config.get("augment") or ckpt["model_meta"].get("augment") or ""
+    augment = config.get("augment") or ""
     return "flip" in str(augment).split(",")
 
 
@@ -158,12 +152,14 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None,
                         split: str = "test", data_dir: str | Path | None = None,
                         download: bool = True, tta: str | None = None,
                         batch_size: int | None = None,
-                        device: str | torch.device = "cpu") -> dict:
+                        device: str | torch.device = "cpu", data=None) -> dict:
     """Score a checkpoint (or a run directory's best.pt) on a labelled split.
 
-    `dataset` and `data_dir` default to those the model was trained on. `tta="flip"`
-    averages the logits of each image and its mirror image (only for models trained with
-    flips). Returns accuracy (%), loss, per_class, confusion and what was evaluated."""
+    `dataset` and `data_dir` default to those the model was trained on; `data`, the
+    Dataset already loaded (then `dataset` only names it), saves reading it again.
+    `tta="flip"` averages the logits of each image and its mirror image (only for models
+    trained with flips). Returns accuracy (%), loss, per_class, confusion and what was
+    evaluated. Raises CnnlabError (DataMismatch where the data does not fit the model)."""
     from .data import load_dataset
 
     if split not in SPLITS:
@@ -183,9 +179,10 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None,
     if not dataset:
         raise CnnlabError(f"{file} does not say which dataset it was trained on; "
                           "give --dataset")
-    if data_dir is None:
-        data_dir = config.get("data_dir") or "data"
-    data = load_dataset(dataset, data_dir, download=download)
+    if data is None:
+        if data_dir is None:
+            data_dir = config.get("data_dir") or "data"
+        data = load_dataset(dataset, data_dir, download=download)
     check_fits(data, meta, dataset)
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     if len(y) == 0:
@@ -199,16 +196,20 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None,
             "classes": list(meta["classes"]), **result}
 
 
+class DataMismatch(CnnlabError):
+    """The images or classes of a dataset are not those the model was trained on."""
+
+
 def check_fits(data, meta: dict, dataset: str) -> None:
     """Refuse a dataset whose images or classes are not those the model was trained on."""
     shape = (data.channels, *data.image_size)
     expected = (int(meta["in_channels"]), *(int(s) for s in meta["image_size"]))
     if shape != expected:
-        raise CnnlabError(f"{dataset} has {_shape(shape)} images but the model takes "
-                          f"{_shape(expected)}; evaluate it on the dataset it was trained on")
+        raise DataMismatch(f"{dataset} has {_shape(shape)} images but the model takes "
+                           f"{_shape(expected)}; evaluate it on the dataset it was trained on")
     if list(data.classes) != list(meta["classes"]):
-        raise CnnlabError(f"{dataset} has classes {_names(data.classes)} but the model was "
-                          f"trained on {_names(meta['classes'])}")
+        raise DataMismatch(f"{dataset} has classes {_names(data.classes)} but the model was "
+                           f"trained on {_names(meta['classes'])}")
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -231,6 +232,8 @@ def eval_stem(result: dict) -> str:
 def save_eval(result: dict, out_dir: str | Path) -> dict[str, str]:
     """Write eval-<...>.json and confusion-<...>.png into out_dir (training's files are
     never touched). Returns {"json": path, "png": path}."""
+    from .plots import plot_confusion
+
     out_dir = Path(out_dir)
     stem = eval_stem(result)
     paths = {"json": out_dir / f"eval-{stem}.json", "png": out_dir / f"confusion-{stem}.png"}
@@ -238,41 +241,14 @@ def save_eval(result: dict, out_dir: str | Path) -> dict[str, str]:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(paths["json"], result)
-        plot_confusion(result, paths["png"])
+        tta = f", TTA {result['tta']}" if result.get("tta") else ""
+        plot_confusion(result["confusion"], result["classes"], paths["png"],
+                       title=f"{result['model']} on {result['dataset']} {result['split']}"
+                             f"{tta}: {result['accuracy']:.2f}%")
     except OSError as e:
         raise CnnlabError(f"cannot write the evaluation into {out_dir}: {e.strerror or e}; "
                           "choose another folder with --out-dir") from None
     return {k: str(v) for k, v in paths.items()}
-
-
-def plot_confusion(result: dict, path: Path) -> None:
-    """The confusion matrix as a PNG: counts, coloured by the share of the true class."""
-    from .plots import _pyplot
-
-    plt = _pyplot()
-    classes, conf = result["classes"], torch.tensor(result["confusion"], dtype=torch.float64)
-    n = len(classes)
-    share = conf / conf.sum(1, keepdim=True).clamp(min=1)
-    side = min(24.0, max(4.5, 0.55 * n + 2.5))
-    fig, ax = plt.subplots(figsize=(side, side * 0.9), dpi=110)
-    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                count = int(conf[i, j])
-                if count:
-                    ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
-                            color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    tta = f", TTA {result['tta']}" if result.get("tta") else ""
-    ax.set(xlabel="predicted class", ylabel="true class",
-           title=f"{result['model']} on {result['dataset']} {result['split']}{tta}: "
-                 f"{result['accuracy']:.2f}%")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
 
 
 def format_eval(result: dict) -> str:

@@ -9,13 +9,12 @@ from pathlib import Path
 from .runs import atomic_write, read_metrics
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize: tuple[float, float], dpi: int = 110):
+    """A matplotlib Figure of its own, drawn without pyplot: no global backend is chosen or
+    changed (a notebook's inline backend keeps working) and nothing needs closing."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize, dpi=dpi)
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
@@ -25,44 +24,41 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
     Returns the paths written."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
-    records = read_metrics(run_dir)
-    train = [r for r in records if r.get("type") == "train"]
-    evals = [r for r in records if r.get("type") == "eval"]
-    steps_per_epoch = max((r["steps"] / r["epoch"] for r in evals if r.get("steps")), default=0)
-    plt = _pyplot()
+    train, evals, steps_per_epoch = _curves(run_dir)
     written = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig = _figure((7, 4.2))
+    ax = fig.subplots()
     if train and steps_per_epoch:
         ax.plot([r["step"] / steps_per_epoch for r in train], [r["loss"] for r in train],
                 label="training loss (mean over log window)", lw=1.2)
     if evals:
         ax.plot([r["epoch"] for r in evals], [r["test_loss"] for r in evals], "o-",
                 label="test loss", lw=1.5, ms=4)
-    written.append(_finish(plt, fig, ax, out_dir / f"{prefix}loss.png", xlabel="epoch",
+    written.append(_finish(fig, ax, out_dir / f"{prefix}loss.png", xlabel="epoch",
                            ylabel="cross-entropy loss", title=f"Loss - {run_dir.name}"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig = _figure((7, 4.2))
+    ax = fig.subplots()
     if evals:
         ax.plot([r["epoch"] for r in evals], [r["test_acc"] for r in evals], "o-", lw=1.5, ms=4,
                 label="test accuracy")
         best = max(evals, key=lambda r: r["test_acc"])
         ax.annotate(f"best {best['test_acc']:.2f}%", (best["epoch"], best["test_acc"]),
                     textcoords="offset points", xytext=(0, -16), ha="center")
-    written.append(_finish(plt, fig, ax, out_dir / f"{prefix}accuracy.png", xlabel="epoch",
+    written.append(_finish(fig, ax, out_dir / f"{prefix}accuracy.png", xlabel="epoch",
                            ylabel="test accuracy (%)", title=f"Accuracy - {run_dir.name}"))
     return written
 
 
-def _finish(plt, fig, ax, path: Path, **labels) -> Path:
-    """Label, grid and legend the axes, save the figure atomically and close it."""
+def _finish(fig, ax, path: Path, **labels) -> Path:
+    """Label, grid and legend the axes and save the figure atomically."""
     ax.set(**labels)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a run without records yet has no curves
+        ax.legend()
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
@@ -85,16 +81,18 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
     (training loss per log window, solid; test loss per epoch, dashed) in `out_dir`.
     Runs with the same label (the seeds of one grid point) share a colour; their mean test
     accuracy is the thick line. Returns the paths written."""
+    from matplotlib import rcParams
+
     groups: dict[str, list[Path]] = {}
     for run_dir, label in zip(run_dirs, labels, strict=True):
         groups.setdefault(label, []).append(Path(run_dir))
     out_dir = Path(out_dir)
-    plt = _pyplot()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     curves = {label: [_curves(d) for d in dirs] for label, dirs in groups.items()}
     n_runs = sum(len(dirs) for dirs in groups.values())
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    fig = _figure((7.5, 4.5))
+    ax = fig.subplots()
     for i, (label, runs) in enumerate(curves.items()):
         color = colors[i % len(colors)]
         for _, evals, _ in runs:
@@ -114,9 +112,9 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
         ax.legend(fontsize=8)
     fig.tight_layout()
     written = [_save(fig, out_dir / f"{prefix}accuracy.png")]
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    fig = _figure((7.5, 4.5))
+    ax = fig.subplots()
     for i, (label, runs) in enumerate(curves.items()):
         color = colors[i % len(colors)]
         for k, (train, evals, steps_per_epoch) in enumerate(runs):
@@ -133,7 +131,6 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
         ax.legend(fontsize=8)
     fig.tight_layout()
     written.append(_save(fig, out_dir / f"{prefix}loss.png"))
-    plt.close(fig)
     return written
 
 
@@ -165,9 +162,8 @@ def plot_utilization(run_dir: str | Path, out_dir: str | Path | None = None, *,
             panels.append((ylabel, lines))
     if not panels:
         return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 2.2 * len(panels) + 0.6), dpi=110,
-                             sharex=True, squeeze=False)
+    fig = _figure((7.5, 2.2 * len(panels) + 0.6))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
     for ax, (ylabel, lines) in zip(axes[:, 0], panels):
         for name, points in lines:
             ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.3, label=name)
@@ -177,10 +173,8 @@ def plot_utilization(run_dir: str | Path, out_dir: str | Path | None = None, *,
     axes[-1, 0].set_xlabel("seconds since training start")
     axes[0, 0].set_title(f"Utilisation - {run_dir.name}")
     fig.tight_layout()
-    path = _save(fig, (Path(out_dir) if out_dir is not None else run_dir)
+    return _save(fig, (Path(out_dir) if out_dir is not None else run_dir)
                  / f"{prefix}utilization.png")
-    plt.close(fig)
-    return path
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path, *,
@@ -193,8 +187,8 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     n = len(classes)
     size = min(12.0, max(4.5, 0.45 * n + 2))
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=110)
+    fig = _figure((size + 1, size))
+    ax = fig.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     ticks = range(n)
@@ -208,6 +202,4 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
                     ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
                             color="white" if share[i, j] > 0.5 else "black")
     fig.tight_layout()
-    path = _save(fig, Path(path))
-    plt.close(fig)
-    return path
+    return _save(fig, Path(path))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.readers import IMAGE_SUFFIXES
+from .data.readers import IMAGE_SUFFIXES, decode_image
 from .errors import CnnlabError
 from .inference import load_model, predict_logits
 
@@ -30,44 +30,18 @@ def light_on_dark(meta: dict) -> bool:
 def load_image(path: str | Path, meta: dict, invert: str = "auto") -> tuple[np.ndarray, bool]:
     """Any image Pillow reads -> (uint8 array (C, H, W) as the model takes it, inverted?).
     Raises CnnlabError naming the file when it cannot be read."""
-    from PIL import Image, ImageOps
-
     channels = int(meta["in_channels"])
     if channels not in (1, 3):
         raise CnnlabError(f"the model takes {channels}-channel images; only grayscale (1) "
                           "and RGB (3) images can be prepared for it")
     height, width = (int(s) for s in meta["image_size"])
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            im = _to_8bit(im)
-            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-                rgba = im.convert("RGBA")
-                im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (width, height):
-                im = im.resize((width, height), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+        arr = decode_image(path, "L" if channels == 1 else "RGB", (width, height))
     except Exception as e:  # Pillow raises many types for bad files; all mean the same here
         raise CnnlabError(f"cannot read image {path}: {_one_line(e)}") from None
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     flip = invert == "yes" or (invert == "auto" and light_on_dark(meta)
                                and _border_mean(arr) > 127.5)
     return (255 - arr if flip else arr).copy(), flip
-
-
-def _to_8bit(im):
-    """16-bit and 32-bit grayscale scaled down to 8 bits (Pillow would clip them)."""
-    from PIL import Image
-
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if im.mode == "F" and arr.max() <= 1.0:
-            top = 1.0
-        return Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
-    return im
 
 
 def _border_mean(arr: np.ndarray) -> float:

@@ -15,7 +15,8 @@ class Progress:
                         leave=True, disable=not self.tty)
         self.acc = ""
 
-    def train(self, record: dict, step: int) -> None:
+    def train(self, record: dict) -> None:
+        step = record["step"]
         if self.tty:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(f"epoch {record['epoch']} loss {record['loss']:.4f} "
@@ -25,7 +26,8 @@ class Progress:
                   f"lr {record['lr']:.3g} {record['images_per_second']:,.0f} img/s",
                   file=sys.stderr, flush=True)
 
-    def eval(self, record: dict, step: int) -> None:
+    def eval(self, record: dict) -> None:
+        step = record["steps"]
         self.acc = f"acc {record['test_acc']:.2f}% "
         line = (f"epoch {record['epoch']}: test loss {record['test_loss']:.4f}, "
                 f"test accuracy {record['test_acc']:.2f}%")

@@ -20,11 +20,22 @@ from typing import Any
 
 from . import __version__
 from .errors import CnnlabError
-from .runs import atomic_write, read_json, read_metrics
-from .sweep import METRICS, aggregate, format_value, mean_std, option_name, verdict
+from .runs import atomic_write, read_json, read_metrics, unique_dir
+from .sweep import (
+    METRICS,
+    NOT_COMPARED,
+    aggregate,
+    diverged_error,
+    format_value,
+    mean_std,
+    option_name,
+    verdict,
+)
 
-# Config fields that say nothing about what was computed: left out of comparisons.
-_IGNORED = ("data_dir", "device", "download", "log_every", "telemetry", "tensorboard")
+# Settings that say nothing about what was computed, left out of comparisons: the config
+# fields a resumed run may change (but the epochs), and what config.json adds about the
+# machine (the precision "auto" chose, the number of processes).
+_IGNORED = (*NOT_COMPARED, "precision_used", "world_size")
 
 
 # ---- the document: blocks rendered as Markdown and as HTML ---------------------------------
@@ -138,6 +149,7 @@ class RunInfo:
     env: dict
     summary: dict | None        # None: the run did not finish
     records: list[dict]
+    diverged: str | None = None  # the error of a run whose loss became NaN (diverged.json)
 
     @property
     def evals(self) -> list[dict]:
@@ -156,7 +168,7 @@ def _run_info(path: Path, group: str) -> RunInfo:
         raise CnnlabError(f"{path}: config.json is missing or damaged; is it a run directory?")
     return RunInfo(path=path, name=path.name, group=group, config=config,
                    env=optional_json("env.json") or {}, summary=optional_json("summary.json"),
-                   records=read_metrics(path))
+                   records=read_metrics(path), diverged=diverged_error(path))
 
 
 def find_runs(paths: list[str | Path]) -> tuple[list[RunInfo], list[Path]]:
@@ -213,19 +225,15 @@ def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
                  cache: dict) -> dict | str:
     """Per-class accuracy and the confusion matrix of the run's best checkpoint on the test
     split, or a sentence saying why they could not be computed."""
-    import torch
-
     from .data import load_dataset
-    from .inference import checkpoint_path, load_model, predict_logits, score
+    from .inference import DataMismatch, checkpoint_path, evaluate_checkpoint
 
     try:
         ckpt_file = checkpoint_path(run.path)
-        model, meta, ckpt = load_model(ckpt_file, device)
     except CnnlabError as e:
         return f"No checkpoint to evaluate: {e}"
-    cfg = ckpt.get("config") or run.config
-    dataset = cfg.get("dataset")
-    root = Path(data_dir or cfg.get("data_dir") or "data")
+    dataset = run.config.get("dataset")
+    root = Path(data_dir or run.config.get("data_dir") or "data")
     key = (dataset, str(root))
     try:
         if key not in cache:
@@ -236,17 +244,15 @@ def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
                 f"matrix are left out ({e}). Point --data-dir at it to include them.")
     except Exception as e:  # a data reader's own failure must not sink the whole report
         return f"The test data could not be read ({type(e).__name__}: {e})."
-    if list(data.classes) != list(meta.get("classes", [])):
-        return (f"The test data under {root} has other classes than the model "
-                f"({len(data.classes)} vs {len(meta.get('classes', []))}); not evaluated.")
     try:
-        logits = predict_logits(model, torch.from_numpy(data.test_x), meta)
-        result = score(logits, torch.from_numpy(data.test_y).long(), list(meta["classes"]))
+        result = evaluate_checkpoint(ckpt_file, dataset=dataset, data=data, device=device)
+    except DataMismatch as e:
+        return f"The test data under {root} does not fit the model ({e}); not evaluated."
+    except CnnlabError as e:
+        return f"No checkpoint to evaluate: {e}"
     except (RuntimeError, ValueError) as e:
         return f"Evaluating {ckpt_file.name} failed: {str(e).splitlines()[0][:300]}"
     result["checkpoint"] = ckpt_file.name
-    result["epoch"] = ckpt.get("epoch")
-    result["images"] = len(data.test_y)
     return result
 
 
@@ -262,6 +268,8 @@ def _outcome_table(run: RunInfo) -> Table:
     o = outcome(run)
     done = len(run.evals)
     status = (f"finished ({done} of {run.config.get('epochs')} epochs)" if run.summary
+              else f"diverged after {done} of {run.config.get('epochs')} epochs: {run.diverged}"
+              if run.diverged
               else f"did not finish: {done} of {run.config.get('epochs')} epochs evaluated")
     rows = [["status", status],
             ["final test accuracy", _pct(o.get("final_test_acc"))],
@@ -358,7 +366,8 @@ class _Figures:
 def _header_rows(runs: list[RunInfo], sweeps: list[Path], paths: list[str | Path]) -> list:
     when = time.strftime("%Y-%m-%d %H:%M")
     what = ", ".join(str(p) for p in paths)
-    unfinished = [r.name for r in runs if r.summary is None]
+    unfinished = [r.name for r in runs if r.summary is None and not r.diverged]
+    diverged = [r.name for r in runs if r.summary is None and r.diverged]
     blocks = [Para(f"Written {when} by cnnlab {__version__} from {what}: {len(runs)} run"
                    f"{'s' if len(runs) != 1 else ''}"
                    + (f" in {len(sweeps)} sweep{'s' if len(sweeps) != 1 else ''}" if sweeps
@@ -366,13 +375,15 @@ def _header_rows(runs: list[RunInfo], sweeps: list[Path], paths: list[str | Path
     if unfinished:
         blocks.append(Para(f"Unfinished runs (no summary.json; shown from their metrics): "
                            f"{', '.join(unfinished)}."))
+    if diverged:
+        blocks.append(Para(f"Diverged runs (the loss became NaN; left out of the comparison's "
+                           f"mean and std): {', '.join(diverged)}."))
     return blocks
 
 
 def _differing_keys(configs: list[dict]) -> list[str]:
     keys = list(dict.fromkeys(k for c in configs for k in c))
-    return [k for k in keys if k not in _IGNORED and k not in ("precision_used", "world_size")
-            and len({repr(c.get(k)) for c in configs}) > 1]
+    return [k for k in keys if k not in _IGNORED and len({repr(c.get(k)) for c in configs}) > 1]
 
 
 def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
@@ -384,15 +395,17 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
     if not finished:
         doc.add(Para("No run has finished yet: nothing to compare."))
         return
-    rows = aggregate([(r.group, r.config, r.summary) for r in finished])
+    diverged = [(r.group, r.config) for r in runs if r.summary is None and r.diverged]
+    rows = aggregate([(r.group, r.config, r.summary) for r in finished], diverged)
     keys = [k for k in _differing_keys([row["config"] for row in rows]) if k != "seed"]
     if not keys and len(rows) > 1:
         keys = _differing_keys([row["config"] for row in rows])
     doc.add(Para("One row per configuration: mean ± sample standard deviation over its runs "
                  "(seeds); accuracies in % on the test split."),
             Table(["configuration", *(option_name(k) for k in keys), "runs",
-                   *(title for _, title, _ in METRICS)],
+                   *(["diverged"] if diverged else []), *(title for _, title, _ in METRICS)],
                   [[row["label"], *(_value(row["config"].get(k)) for k in keys), str(row["n"]),
+                    *([str(row["diverged"])] if diverged else []),
                     *(mean_std(row, key, digits) for key, _, digits in METRICS)]
                    for row in rows]))
     text = verdict(rows, keys)
@@ -467,11 +480,7 @@ def default_report_dir(paths: list[str | Path], root: str | Path = "reports") ->
     """The directory given, if one; else reports/<time>."""
     if len(paths) == 1:
         return Path(paths[0])
-    path, n = Path(root) / time.strftime("%Y%m%d-%H%M%S"), 1
-    while path.exists():
-        n += 1
-        path = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{n}"
-    return path
+    return unique_dir(root, time.strftime("%Y%m%d-%H%M%S"))
 
 
 def write_report(paths: list[str | Path], out: str | Path | None = None, *,

@@ -5,7 +5,8 @@
     metrics.jsonl   one JSON record per line: `train` (every log_every steps), `eval` (per epoch)
     checkpoint.pt   latest state; best.pt: the state with the best test accuracy
     summary.json    the outcome
-    loss.png, accuracy.png
+    loss.png, accuracy.png, utilization.png
+    tensorboard/    TensorBoard event files (with --tensorboard)
 
 Every file is written atomically (temp file + rename): a killed run never leaves half a file.
 """
@@ -25,6 +26,12 @@ from typing import IO, Any
 import torch
 
 from .errors import CnnlabError
+
+# What a training run writes (RUN_FILES names them all): evaluation and export never write
+# over these.
+RUN_FILES = frozenset({"config.json", "env.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
+                       "summary.json", "loss.png", "accuracy.png", "utilization.png",
+                       "tensorboard"})
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -82,9 +89,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                           f"tensors and plain data ({first[:200]})") from None
 
 
-def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset.replace("folder:", "").rstrip("/"))
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{name.strip('-') or 'folder'}"
+def unique_dir(root: str | Path, stem: str) -> Path:
+    """root/stem, or root/stem-2, root/stem-3, ...: the first that does not exist yet."""
     path, n = Path(root) / stem, 1
     while path.exists():
         n += 1
@@ -92,14 +98,18 @@ def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path
     return path
 
 
+def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset.replace("folder:", "").rstrip("/"))
+    return unique_dir(root, f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-"
+                            f"{name.strip('-') or 'folder'}")
+
+
 class RunDir:
     """Writer for one run directory (a new one, or an existing one to resume)."""
 
     def __init__(self, path: str | Path, *, resume: bool = False) -> None:
         self.path = Path(path)
-        if not resume and (self.path / "config.json").exists():
-            raise CnnlabError(f"{self.path} already holds a run; choose another --out, "
-                              f"remove it, or continue it with --resume {self.path}")
+        self.check(self.path, resume=resume)
         self._lock = threading.Lock()
         self._sinks: list[Callable[[dict], None]] = []
         try:
@@ -108,6 +118,13 @@ class RunDir:
         except OSError as e:
             raise CnnlabError(f"cannot create run directory {self.path}: "
                               f"{e.strerror or e}") from None
+
+    @staticmethod
+    def check(path: Path, *, resume: bool = False) -> None:
+        """Refuse to start a new run where one already is (before anything is written)."""
+        if not resume and (path / "config.json").exists():
+            raise CnnlabError(f"{path} already holds a run; choose another --out, "
+                              f"remove it, or continue it with --resume {path}")
 
     def add_sink(self, sink: Callable[[dict], None]) -> None:
         """Also send every record to `sink` (e.g. TensorBoard)."""
@@ -144,4 +161,15 @@ class RunDir:
                               f"with --resume {self.path}") from None
 
     def close(self) -> None:
-        self._metrics.close()
+        with self._lock:  # the telemetry thread may be logging
+            for sink in self._sinks:
+                if hasattr(sink, "close"):
+                    sink.close()
+            self._sinks.clear()
+            self._metrics.close()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -18,8 +18,10 @@ Points that are no cross product are listed instead: `points = [{optimizer = "sg
 
 The sweep directory holds one run directory per point and seed (`pool=max-seed=0`), sweep.json
 (the plan), results.csv and results.md (mean and std over seeds per point) and accuracy.png /
-loss.png (every point's curves overlaid). A point is finished when its summary.json exists:
-running the same sweep again skips finished points and trains unfinished ones from scratch.
+loss.png (every point's curves overlaid). A point is finished when its summary.json exists, or
+when it diverged (its loss became NaN: diverged.json holds the error, the sweep goes on with the
+other runs, and the results count it apart from the mean and std): running the same sweep again
+skips finished points and trains unfinished ones from scratch.
 """
 
 from __future__ import annotations
@@ -38,15 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, RESUME_SAFE, Config, resolve
-from .errors import CnnlabError, Interrupted
+from .config import FIELDS, RESUME_SAFE, Config, resolve, typed_value
+from .errors import CnnlabError, Interrupted, TrainingDiverged
 from .runs import atomic_write, read_json, write_json
 
 SWEEP_FILE_KEYS = ("model", "dataset", "seeds", "train", "grid", "points")
 # Config fields that do not change what a run computes (those a resumed run may change, but
 # the epochs): a finished run with other values of these still counts as finished.
-_NOT_COMPARED = tuple(k for k in RESUME_SAFE if k != "epochs")
-_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+NOT_COMPARED = tuple(k for k in RESUME_SAFE if k != "epochs")
 
 
 def option_name(key: str) -> str:
@@ -65,35 +66,11 @@ def _grid_key(key: str) -> str:
     return name
 
 
-def typed_value(key: str, value: Any) -> Any:
-    """`value` (text from the command line, or a TOML value) as the type of Config.`key`."""
-    kind = FIELDS[key].type.split(" ")[0]  # "int", "float", "bool", "str" ("str | None")
-    text = value.strip() if isinstance(value, str) else None
-    bad = CnnlabError(f"grid {option_name(key)}: {value!r} is not {'an' if kind == 'int' else 'a'} "
-                      f"{kind}")
-    if text == "" or value is None:
+def grid_value(key: str, value: Any) -> Any:
+    """A grid value (command-line text or a TOML value) as the type of Config.`key`."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise CnnlabError(f"grid {option_name(key)}: empty value")
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if text is not None and text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-        raise bad
-    if kind == "str":
-        if isinstance(value, (bool, int, float)):
-            raise bad
-        return text if text is not None else str(value)
-    if isinstance(value, bool):
-        raise bad
-    try:
-        number = float(text) if text is not None else float(value)
-    except (TypeError, ValueError):
-        raise bad from None
-    if kind == "int":
-        if not number.is_integer():
-            raise bad
-        return int(number)
-    return number
+    return typed_value(key, value, what=f"grid {option_name(key)}")
 
 
 def parse_grid_arg(text: str) -> tuple[str, list[Any]]:
@@ -104,7 +81,7 @@ def parse_grid_arg(text: str) -> tuple[str, list[Any]]:
         raise CnnlabError(f"--grid '{text}': write KEY=VALUE1,VALUE2,...")
     name = _grid_key(key)
     parts = values.split(";" if ";" in values else ",")
-    return name, [typed_value(name, v) for v in parts]
+    return name, [grid_value(name, v) for v in parts]
 
 
 def format_value(value: Any) -> str:
@@ -191,10 +168,10 @@ def plan_sweep(model: str | None, dataset: str | None, *,
     for key, values in grid.items():
         if not values:
             raise CnnlabError(f"grid {option_name(key)}: no values")
-        grid[key] = [typed_value(key, v) for v in values]
+        grid[key] = [grid_value(key, v) for v in values]
         if len(set(map(format_value, grid[key]))) < len(values):
             raise CnnlabError(f"grid {option_name(key)}: a value is given twice")
-    points = [{_grid_key(k): typed_value(_grid_key(k), v) for k, v in p.items()}
+    points = [{_grid_key(k): grid_value(_grid_key(k), v) for k, v in p.items()}
               for p in (points or [])]
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise CnnlabError(f"seeds must be a positive integer, got {seeds!r}")
@@ -246,10 +223,29 @@ def _config_difference(run_dir: Path, cfg: Config) -> str | None:
     except (OSError, ValueError):
         return "its config.json is missing or damaged"
     for key, value in cfg.to_dict().items():
-        if key not in _NOT_COMPARED and done.get(key) != value:
+        if key not in NOT_COMPARED and done.get(key) != value:
             return (f"it ran with {option_name(key)}={format_value(done.get(key))}, this sweep "
                     f"asks for {format_value(value)}")
     return None
+
+
+DIVERGED = "diverged.json"
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether a run is done: it wrote summary.json, or it diverged (diverged.json)."""
+    return (run_dir / "summary.json").is_file() or (run_dir / DIVERGED).is_file()
+
+
+def diverged_error(run_dir: Path) -> str | None:
+    """The error of a run that diverged (from its diverged.json), else None."""
+    path = run_dir / DIVERGED
+    if not path.is_file():
+        return None
+    try:
+        return str(read_json(path).get("error") or "the loss became NaN")
+    except (OSError, ValueError, AttributeError):
+        return "the loss became NaN"
 
 
 def _say(message: str) -> None:
@@ -263,7 +259,7 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True) -> dict:
 
     out = Path(out)
     for run in plan.runs:  # before training anything: refuse a directory of another sweep
-        if (out / run.name / "summary.json").is_file():
+        if is_finished(out / run.name):
             why = _config_difference(out / run.name, run.config)
             if why:
                 raise CnnlabError(f"{out / run.name} is a finished run of another sweep ({why}); "
@@ -276,15 +272,22 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True) -> dict:
     try:
         for i, run in enumerate(plan.runs, 1):
             run_dir, tag = out / run.name, f"[{i}/{len(plan.runs)}] {run.name}"
-            if (run_dir / "summary.json").is_file():
-                _say(f"{tag}: finished before, skipped")
+            if is_finished(run_dir):
+                _say(f"{tag}: {'diverged' if diverged_error(run_dir) else 'finished'} before, "
+                     "skipped")
                 continue
             if run_dir.exists():
                 _say(f"{tag}: unfinished, removing it and training it again")
                 shutil.rmtree(run_dir)
             else:
                 _say(f"{tag}: training")
-            s = fit(run.config, run_dir, progress=progress)
+            try:
+                s = fit(run.config, run_dir, progress=progress)
+            except TrainingDiverged as e:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_json(run_dir / DIVERGED, {"error": str(e)})
+                _say(f"{tag}: diverged ({e}); going on with the other runs")
+                continue
             _say(f"{tag}: final {s['final_test_acc']:.2f}%, best {s['best_test_acc']:.2f}% "
                  f"(epoch {s['best_epoch']}), {s['train_seconds']:.1f} s")
     except BaseException as e:
@@ -309,19 +312,26 @@ METRICS = (  # summary key, column title, digits
 )
 
 
-def aggregate(entries: list[tuple[str, dict, dict]]) -> list[dict]:
+def aggregate(entries: list[tuple[str, dict, dict]],
+              diverged: list[tuple[str, dict]] = ()) -> list[dict]:
     """(point label, config dict, summary) per finished run -> one row per label, in order of
     first appearance: label, config (the first run's), n, and `<metric>_mean` / `<metric>_std`
-    (sample standard deviation over the runs; None for one run) for each of METRICS."""
-    groups: dict[str, list[tuple[dict, dict]]] = {}
+    (sample standard deviation over the runs; None for one run) for each of METRICS.
+    `diverged`: (point label, config dict) per run that diverged; they are left out of n and
+    the statistics and counted in the row's `diverged`."""
+    groups: dict[str, list[tuple[dict, dict | None]]] = {}
     for label, config, summary in entries:
         groups.setdefault(label, []).append((config, summary))
+    for label, config in diverged:
+        groups.setdefault(label, []).append((config, None))
     rows = []
     for label, members in groups.items():
-        row: dict[str, Any] = {"label": label, "config": members[0][0], "n": len(members),
-                               "seeds": [c.get("seed") for c, _ in members]}
+        done = [(c, s) for c, s in members if s is not None]
+        row: dict[str, Any] = {"label": label, "config": (done or members)[0][0], "n": len(done),
+                               "seeds": [c.get("seed") for c, _ in done],
+                               "diverged": len(members) - len(done)}
         for key, _, _ in METRICS:
-            values = [float(s[key]) for _, s in members if s.get(key) is not None]
+            values = [float(s[key]) for _, s in done if s.get(key) is not None]
             row[f"{key}_mean"] = statistics.fmean(values) if values else None
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         rows.append(row)
@@ -397,61 +407,80 @@ def fixed_settings(configs: list[dict], skip: tuple[str, ...] = ()) -> str:
     """`key=value` for every config field that all runs share and that changes results."""
     if not configs:
         return ""
-    skip = (*skip, *_NOT_COMPARED, *_NOT_SHOWN)
+    skip = (*skip, *NOT_COMPARED, *_NOT_SHOWN)
     shared = [k for k in configs[0] if k not in skip
               and all(c.get(k) == configs[0][k] for c in configs)]
     return ", ".join(f"{option_name(k)}={format_value(configs[0][k])}" for k in shared)
 
 
 def write_results(out: str | Path, plan: Plan) -> dict:
-    """results.csv, results.md, accuracy.png and loss.png of the finished runs of `plan`.
-    Returns {"out", "rows", "verdict", "finished", "total"}."""
+    """results.csv, results.md, accuracy.png and loss.png of the finished runs of `plan`
+    (runs that diverged are listed and counted, but left out of the statistics and plots).
+    Returns {"out", "rows", "verdict", "finished", "diverged", "total"}."""
     from .plots import plot_overlay
 
     out = Path(out)
     finished = [r for r in plan.runs if (out / r.name / "summary.json").is_file()]
+    done = {r.name for r in finished}
+    diverged = {r.name: error for r in plan.runs if r.name not in done
+                and (error := diverged_error(out / r.name)) is not None}
     entries = [(r.point, r.config.to_dict(), read_json(out / r.name / "summary.json"))
                for r in finished]
     order = list(dict.fromkeys(r.point for r in plan.runs))
-    rows = sorted(aggregate(entries), key=lambda row: order.index(row["label"]))
+    rows = sorted(aggregate(entries, [(r.point, r.config.to_dict()) for r in plan.runs
+                                      if r.name in diverged]),
+                  key=lambda row: order.index(row["label"]))
     text = verdict(rows, plan.keys)
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["point", *plan.keys, "seeds",
+    writer.writerow(["point", *plan.keys, "seeds", "diverged",
                      *(f"{key}_{stat}" for key, _, _ in METRICS for stat in ("mean", "std"))])
     for row in rows:
         writer.writerow([row["label"], *(format_value(row["config"][k]) for k in plan.keys),
-                         row["n"], *(_csv_number(row[f"{key}_{stat}"], digits)
-                                     for key, _, digits in METRICS for stat in ("mean", "std"))])
+                         row["n"], row["diverged"],
+                         *(_csv_number(row[f"{key}_{stat}"], digits)
+                           for key, _, digits in METRICS for stat in ("mean", "std"))])
     atomic_write(out / "results.csv", lambda f: f.write(buffer.getvalue().encode()))
 
     configs = [r.config.to_dict() for r in plan.runs]
     models = sorted({c["model"] for c in configs})
     datasets = sorted({c["dataset"] for c in configs})
+    diverged_note = (f" ({len(diverged)} more diverged: their loss became NaN; they are left "
+                     "out of the mean and std)" if diverged else "")
+    shown = [r for r in plan.runs if r.name in done or r.name in diverged]
     lines = [f"# Sweep: {', '.join(models)} on {', '.join(datasets)}", "",
-             f"{len(finished)} of {len(plan.runs)} runs finished; {plan.seeds} seed"
-             f"{'s' if plan.seeds > 1 else ''} per point. Mean ± sample standard deviation over "
-             "seeds; accuracies in % on the test split; train time excludes evaluation.", "",
-             f"Fixed settings: {fixed_settings(configs, skip=tuple(plan.keys))}.", "",
+             f"{len(finished)} of {len(plan.runs)} runs finished{diverged_note}; {plan.seeds} "
+             f"seed{'s' if plan.seeds > 1 else ''} per point. Mean ± sample standard deviation "
+             "over seeds; accuracies in % on the test split; train time excludes evaluation.",
+             "", f"Fixed settings: {fixed_settings(configs, skip=tuple(plan.keys))}.", "",
              _md_table([*([option_name(k) for k in plan.keys] or ["point"]), "seeds",
+                        *(["diverged"] if diverged else []),
                         *(title for _, title, _ in METRICS)],
                        [[*([format_value(row["config"][k]) for k in plan.keys] or [row["label"]]),
-                         str(row["n"]), *(mean_std(row, key, digits)
-                                          for key, _, digits in METRICS)] for row in rows]), ""]
+                         str(row["n"]), *([str(row["diverged"])] if diverged else []),
+                         *(mean_std(row, key, digits) for key, _, digits in METRICS)]
+                        for row in rows]), ""]
     if text:
         lines += [f"**{text}**", ""]
     if finished:
         plot_overlay([out / r.name for r in finished], [r.point for r in finished], out)
         lines += ["![Test accuracy of every point](accuracy.png)", "",
                   "![Loss of every point](loss.png)", ""]
+    summaries = {r.name: s for r, (_, _, s) in zip(finished, entries)}
+
+    def run_row(r: Run) -> list[str]:
+        if r.name in diverged:
+            return [f"[{r.name}]({r.name}/)", str(r.config.seed),
+                    f"diverged: {diverged[r.name]}", "-", "-", "-", "-"]
+        s = summaries[r.name]
+        return [f"[{r.name}]({r.name}/)", str(r.config.seed), f"{s['final_test_acc']:.2f}",
+                f"{s['best_test_acc']:.2f}", str(s["best_epoch"]), f"{s['train_seconds']:.1f}",
+                f"{s['images_per_second']:,.0f}"]
+
     lines += ["## Runs", "", _md_table(
         ["run", "seed", "final test acc (%)", "best test acc (%)", "best epoch", "train time (s)",
-         "images/s"],
-        [[f"[{r.name}]({r.name}/)", str(c["seed"]), f"{s['final_test_acc']:.2f}",
-          f"{s['best_test_acc']:.2f}", str(s["best_epoch"]), f"{s['train_seconds']:.1f}",
-          f"{s['images_per_second']:,.0f}"]
-         for r, (_, c, s) in zip(finished, entries)]), ""]
+         "images/s"], [run_row(r) for r in shown]), ""]
     atomic_write(out / "results.md", lambda f: f.write("\n".join(lines).encode()))
     return {"out": str(out), "rows": rows, "verdict": text, "finished": len(finished),
-            "total": len(plan.runs)}
+            "diverged": len(diverged), "total": len(plan.runs)}

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import time
@@ -180,16 +182,20 @@ class Parts:
 def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None) -> Parts:
     dist = dist or distributed.Dist()
     torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if cfg.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
+    # warn_only: a few CUDA backward kernels (adaptive pooling) have no deterministic version
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
     precision = Precision(resolve_precision(cfg.precision, device), device)
     # channels-last is faster for these convnets on GPUs and on CPUs (oneDNN) alike
     channels_last = cfg.channels_last if cfg.channels_last is not None else True
+    if not dist.main:
+        dist.barrier()  # rank 0 downloads and decodes first; the others then read its cache
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
                         skip_bad_files=cfg.skip_bad_files)
+    if dist.main:
+        dist.barrier()
     model = create_model(cfg.model, in_channels=data.channels, num_classes=len(data.classes),
                          image_size=data.image_size, pool=cfg.pool).to(device)
     if channels_last:
@@ -218,33 +224,75 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
                  channels_last)
 
 
-def _fit(cfg, out, progress, resume, dist, device, wall_start) -> dict:
-    p = build(cfg, device, dist)
-    data, model, net, generator = p.data, p.model, p.net, p.generator
-    train_batches, test_batches, precision = p.train_batches, p.test_batches, p.precision
-    optimizer, scheduler, criterion, channels_last = (p.optimizer, p.scheduler, p.criterion,
-                                                     p.channels_last)
-    total_steps = cfg.epochs * len(train_batches)
-    state = LoopState()
-    if resume is not None:
-        restore(resume, model, optimizer, scheduler, generator, precision, state, device)
-    every, unit = checkpoint_interval(cfg.checkpoint_every)
-
-    run = None
+def _run_path(cfg: Config, out, resume: dict | None, dist: distributed.Dist) -> Path | None:
+    """Rank 0 checks, before anything trains or is written, that the run directory can be
+    used and --tensorboard works; every rank learns the outcome, so a refusal stops all."""
+    path, error = None, None
     if dist.main:
-        run = RunDir(out or default_run_dir(cfg.model, cfg.dataset), resume=resume is not None)
-        if resume is None:
+        path = Path(out or default_run_dir(cfg.model, cfg.dataset))
+        try:
+            RunDir.check(path, resume=resume is not None)
+            if cfg.tensorboard:
+                tensorboard_sink.check()
+        except CnnlabError as e:
+            error = e
+    if dist.any(error is not None):
+        raise error or CnnlabError("rank 0 refused the run directory (see its error)")
+    return path
+
+
+def _fit(cfg, out, progress, resume, dist, device, wall_start) -> dict:
+    path = _run_path(cfg, out, resume, dist)
+    p = build(cfg, device, dist)
+    run = RunDir(path, resume=resume is not None) if path is not None else None
+    with run or contextlib.nullcontext():
+        if run is not None and cfg.tensorboard:
+            run.add_sink(tensorboard_sink(run.path))
+        state = LoopState()
+        if resume is not None:
+            restore(resume, p, state, device)
+        if run is not None and resume is None:
             run.write_json("config.json", cfg.to_dict() | {"device": str(device),
-                                                          "precision_used": precision.name,
+                                                          "precision_used": p.precision.name,
                                                           "world_size": dist.world_size})
             run.write_json("env.json", collect_env(device))
-        else:
+        elif run is not None:
             run.truncate_metrics(resume["metrics_offset"])
-        if cfg.tensorboard:
-            run.add_sink(tensorboard_sink(run.path))
-    meta = model_meta(cfg, data)
-    bar = Progress(total_steps, enabled=progress and dist.main, initial=state.step)
-    log = (lambda r: (run.log(r), bar.train(r, r["step"]))) if run else (lambda r: None)
+        result = _train_epochs(cfg, p, state, run, progress, dist, device)
+        summary = {
+            "model": cfg.model, "dataset": cfg.dataset, "preset": cfg.preset,
+            "epochs": cfg.epochs, "final_test_acc": state.history[-1],
+            "best_test_acc": state.best_acc,
+            "best_epoch": state.history.index(state.best_acc) + 1,
+            "final_test_loss": result["loss"], "train_seconds": round(state.train_seconds, 3),
+            "wall_seconds": round(time.perf_counter() - wall_start, 3),
+            "images_per_second": round(state.images * dist.world_size / state.train_seconds, 1),
+            "steps": state.step, "parameters": count_parameters(p.model), "device": str(device),
+            "precision": p.precision.name, "channels_last": p.channels_last,
+            "world_size": dist.world_size, "run_dir": str(run.path if run else out),
+        }
+        if resume is not None:
+            summary["resumed_from_step"] = resume["step"]
+        if run is not None:  # rank 0 alone writes
+            plot_run(run.path)
+            plot_utilization(run.path)
+            run.write_json("summary.json", summary)
+    return summary
+
+
+def _train_epochs(cfg: Config, p: Parts, state: LoopState, run: RunDir | None, progress: bool,
+                  dist: distributed.Dist, device: torch.device) -> dict:
+    """The epochs: train, evaluate, log, checkpoint; stop cleanly on a signal. Returns the
+    last evaluation."""
+    every, unit = checkpoint_interval(cfg.checkpoint_every)
+    meta = model_meta(cfg, p.data)
+    bar = Progress(cfg.epochs * len(p.train_batches), enabled=progress and dist.main,
+                   initial=state.step)
+
+    def log(record: dict) -> None:
+        if run is not None:
+            run.log(record)
+            bar.train(record)
 
     def checkpoint(name: str = "checkpoint.pt") -> None:
         if state.window is not None:  # never save weights after a non-finite loss
@@ -252,131 +300,120 @@ def _fit(cfg, out, progress, resume, dist, device, wall_start) -> dict:
         if run is None:
             return
         run.save_checkpoint(name, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": state.epoch - 1, "step": state.step,
-            "batch": state.batch, "config": cfg.to_dict(), "model_meta": meta,
-            "test_acc": state.history[-1] if state.history else None,
+            "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+            "scheduler": p.scheduler.state_dict(), "epoch": state.epoch - 1,
+            "step": state.step, "batch": state.batch, "config": cfg.to_dict(),
+            "model_meta": meta, "test_acc": state.history[-1] if state.history else None,
             "loop": {k: v for k, v in vars(state).items() if k not in ("epoch", "step", "batch")},
-            "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state(),
+            "rng": {"torch": torch.get_rng_state(), "loader": p.generator.get_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            "scaler": precision.scaler.state_dict() if precision.scaler else None,
+            "device_type": device.type,
+            "scaler": p.precision.scaler.state_dict() if p.precision.scaler else None,
             "metrics_offset": run.metrics_offset()})
 
     def after_step(s: LoopState) -> bool:
         stop = signals.signum is not None
-        if dist.enabled and s.step % cfg.log_every == 0:
-            stop = dist.any(stop)  # every rank stops at the same step
-        elif dist.enabled:
-            stop = False
+        if dist.enabled:  # every rank stops at the same (log) step
+            stop = dist.any(stop) if s.step % cfg.log_every == 0 else False
         if stop or (unit == "step" and s.step % every == 0):
             checkpoint()
         return stop
 
     with StopSignals() as signals, Sampler(run.log if run else None, device,
                                            cfg.telemetry if run else 0,
-                                           lambda: state.images * dist.world_size):
+                                           lambda: state.images * dist.world_size), \
+            torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
         try:
-            with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
-                while state.epoch <= cfg.epochs:
-                    if state.batch == 0:
-                        state.order = train_batches.new_order()
-                    t0 = time.perf_counter()
-                    try:
-                        stopped = train_one_epoch(
-                            net, train_batches.batches(state.order, state.batch), optimizer,
-                            scheduler, criterion, state, precision=precision,
-                            log_every=cfg.log_every, log=log, reduce_mean=dist.reduce_mean,
-                            after_step=after_step)
-                    except RuntimeError as e:
-                        if not cfg.detect_anomaly:
-                            raise
-                        raise TrainingDiverged(
-                            f"anomaly detected at step {state.step + 1}: "
-                            f"{str(e).splitlines()[0]}; the learning rate is probably too "
-                            "high - try a smaller --lr") from None
-                    state.train_seconds += time.perf_counter() - t0
-                    if stopped:
-                        name = signal.Signals(signals.signum).name
-                        raise Interrupted(
-                            f"{name} at step {state.step} (epoch {state.epoch}); checkpoint "
-                            f"written - resume with: cnnlab train --resume "
-                            f"{run.path if run else out}", 128 + signals.signum)
-                    result = evaluate(net, test_batches, precision=precision,
-                                      reduce_sum=dist.reduce_sum)
-                    state.history.append(result["accuracy"])
-                    record = {"type": "eval", "epoch": state.epoch, "steps": state.step,
-                              "test_loss": result["loss"], "test_acc": result["accuracy"],
-                              "train_seconds": state.train_seconds}
-                    if run:
-                        run.log(record)
-                        bar.eval(record, state.step)
-                    best = result["accuracy"] > state.best_acc
-                    state.best_acc = max(state.best_acc, result["accuracy"])
-                    state.epoch, state.batch, state.order = state.epoch + 1, 0, None
-                    if unit == "step" or state.epoch > cfg.epochs or \
-                            (state.epoch - 1) % every == 0:
-                        checkpoint()
-                    if best:
-                        checkpoint("best.pt")
+            while state.epoch <= cfg.epochs:
+                if state.batch == 0:
+                    state.order = p.train_batches.new_order()
+                t0 = time.perf_counter()
+                try:
+                    stopped = train_one_epoch(
+                        p.net, p.train_batches.batches(state.order, state.batch), p.optimizer,
+                        p.scheduler, p.criterion, state, precision=p.precision,
+                        log_every=cfg.log_every, log=log, reduce_mean=dist.reduce_mean,
+                        after_step=after_step)
+                except RuntimeError as e:
+                    if not (cfg.detect_anomaly and "nan values" in str(e)):
+                        raise
+                    raise TrainingDiverged(
+                        f"anomaly detected at step {state.step + 1}: "
+                        f"{str(e).splitlines()[0]}; the learning rate is probably too high "
+                        "- try a smaller --lr") from None
+                state.train_seconds += time.perf_counter() - t0
+                if stopped:
+                    raise Interrupted(
+                        f"{signal.Signals(signals.signum).name} at step {state.step} (epoch "
+                        f"{state.epoch}); checkpoint written - resume with: cnnlab train "
+                        f"--resume {run.path if run else ''}", 128 + signals.signum)
+                result = evaluate(p.net, p.test_batches, precision=p.precision,
+                                  reduce_sum=dist.reduce_sum)
+                state.history.append(result["accuracy"])
+                record = {"type": "eval", "epoch": state.epoch, "steps": state.step,
+                          "test_loss": result["loss"], "test_acc": result["accuracy"],
+                          "train_seconds": state.train_seconds}
+                if run is not None:
+                    run.log(record)
+                    bar.eval(record)
+                best = result["accuracy"] > state.best_acc
+                state.best_acc = max(state.best_acc, result["accuracy"])
+                state.epoch, state.batch, state.order = state.epoch + 1, 0, None
+                if unit == "step" or state.epoch > cfg.epochs or (state.epoch - 1) % every == 0:
+                    checkpoint()
+                if best:
+                    checkpoint("best.pt")
         finally:
             bar.close()
-            if run:
-                run.close()
-
-    summary = {
-        "model": cfg.model, "dataset": cfg.dataset, "preset": cfg.preset, "epochs": cfg.epochs,
-        "final_test_acc": state.history[-1], "best_test_acc": state.best_acc,
-        "best_epoch": state.history.index(state.best_acc) + 1,
-        "final_test_loss": result["loss"], "train_seconds": round(state.train_seconds, 3),
-        "wall_seconds": round(time.perf_counter() - wall_start, 3),
-        "images_per_second": round(state.images * dist.world_size / state.train_seconds, 1),
-        "steps": state.step, "parameters": count_parameters(model), "device": str(device),
-        "precision": precision.name, "channels_last": channels_last,
-        "world_size": dist.world_size, "run_dir": str(run.path if run else out),
-    }
-    if resume is not None:
-        summary["resumed_from_step"] = resume["step"]
-    if run is not None:  # rank 0 alone writes
-        plot_run(run.path)
-        plot_utilization(run.path)
-        run.write_json("summary.json", summary)
-    return summary
+    return result
 
 
-def restore(ckpt: dict, model, optimizer, scheduler, generator, precision, state, device
-            ) -> None:
+def restore(ckpt: dict, p: Parts, state: LoopState, device: torch.device) -> None:
     """Put every piece of training state back as it was when `ckpt` was written."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if precision.scaler and ckpt.get("scaler"):
-        precision.scaler.load_state_dict(ckpt["scaler"])
+    saved = ckpt.get("device_type", "cpu")
+    if saved != device.type:
+        raise CnnlabError(f"this run was trained on {saved} and can only resume there "
+                          f"(its random state is {saved}'s); pass --device {saved}")
+    p.model.load_state_dict(ckpt["model"])
+    p.optimizer.load_state_dict(ckpt["optimizer"])
+    p.scheduler.load_state_dict(ckpt["scheduler"])
+    if p.precision.scaler and ckpt.get("scaler"):
+        p.precision.scaler.load_state_dict(ckpt["scaler"])
     for key, value in ckpt["loop"].items():
         setattr(state, key, value.to(device) if isinstance(value, torch.Tensor) else value)
     state.epoch, state.step, state.batch = ckpt["epoch"] + 1, ckpt["step"], ckpt["batch"]
     torch.set_rng_state(ckpt["rng"]["torch"])
-    generator.set_state(ckpt["rng"]["loader"])
+    p.generator.set_state(ckpt["rng"]["loader"])
     if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
 
 
-def tensorboard_sink(run_path: Path):
+class tensorboard_sink:  # noqa: N801 - used like a function
     """A RunDir sink writing loss, accuracy, lr and utilisation as TensorBoard scalars."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise CnnlabError("--tensorboard needs the tensorboard package: "
-                          "pip install tensorboard") from None
-    writer = SummaryWriter(str(run_path / "tensorboard"))
-    keys = {"train": ("loss", "lr", "images_per_second"), "eval": ("test_loss", "test_acc"),
+
+    KEYS = {"train": ("loss", "lr", "images_per_second"), "eval": ("test_loss", "test_acc"),
             "telemetry": ("cpu_percent", "rss_mb", "gpu_util", "gpu_mem_mb")}
 
-    def sink(record: dict) -> None:
+    def __init__(self, run_path: Path) -> None:
+        self.check()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_path / "tensorboard"))
+
+    @staticmethod
+    def check() -> None:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise CnnlabError("--tensorboard needs the tensorboard package: "
+                              "pip install tensorboard") from None
+
+    def __call__(self, record: dict) -> None:
         kind = record.get("type")
         x = record.get("step", record.get("elapsed", 0))
-        for key in keys.get(kind, ()):
+        for key in self.KEYS.get(kind, ()):
             if record.get(key) is not None:
-                writer.add_scalar(f"{kind}/{key}", record[key], x)
-        writer.flush()
+                self.writer.add_scalar(f"{kind}/{key}", record[key], x)
 
-    return sink
+    def close(self) -> None:
+        self.writer.close()

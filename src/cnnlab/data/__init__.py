@@ -113,7 +113,7 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool) -> Dataset:
     mode = "L" if train[0].shape[1] == 1 else "RGB"
     size = (train[0].shape[3], train[0].shape[2])
     test = cached(root / ".cnnlab-cache",
-                  f"folder-test-{fingerprint([p for p, _ in test_files], extra + mode)}",
+                  f"folder-test-{fingerprint([p for p, _ in test_files], f'{extra}{mode}{size}')}",
                   lambda: readers.read_folder_split(test_files, mode=mode, size=size,
                                                     skip_bad=skip_bad_files))
     mean, std = channel_stats(train[0])

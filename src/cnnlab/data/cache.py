@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images decoded by readers.decode_image
 
 
 def user_cache_dir() -> Path:

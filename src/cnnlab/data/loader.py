@@ -4,9 +4,29 @@ No worker processes, no per-sample Python, no PIL in the training loop."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+
+
+def mean_std(mean: Sequence[float], std: Sequence[float], normalize: bool = True
+             ) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std the model's input is normalised with: the dataset's, or
+    0 and 1 without normalisation (the report's ToTensor(): pixels / 255 only)."""
+    if not normalize:
+        return [0.0] * len(mean), [1.0] * len(std)
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def normalization(mean: Sequence[float], std: Sequence[float], normalize: bool = True,
+                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), float32 of shape (1, C, 1, 1) on `device`, with
+    x_norm = (x / 255 - mean) / std = x * scale + shift for uint8 pixels x: one fused
+    multiply-add. Training, evaluation, prediction and export all normalise with these."""
+    mean, std = mean_std(mean, std, normalize)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return 1 / (255 * s), -m / s
 
 
 class DeviceLoader:
@@ -30,16 +50,18 @@ class DeviceLoader:
         self.generator = generator
         self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
-        if not normalize:  # the report's ToTensor(): pixels / 255 only
-            mean, std = (0.0,) * len(mean), (1.0,) * len(std)
-        # x_norm = (x / 255 - mean) / std = x * scale + shift, one fused multiply-add.
-        m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        self.scale = 1 / (255 * s)
-        self.shift = -m / s
+        self.scale, self.shift = normalization(mean, std, normalize, device)
 
     def __len__(self) -> int:
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+        return len(range(0, self._end(), self.batch_size))
+
+    def _end(self) -> int:
+        """Where the epoch ends: with several ranks, a last training batch too small to give
+        every rank a sample is dropped (an empty slice would make its loss NaN)."""
+        n = len(self.labels)
+        if self.shuffle and self.world_size > 1 and 0 < n % self.batch_size < self.world_size:
+            return n - n % self.batch_size
+        return n
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches(self.new_order())
@@ -55,7 +77,7 @@ class DeviceLoader:
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of one epoch in `order`, from batch `start_batch` on (to resume mid-epoch).
         With several ranks, each yields its own contiguous slice of every global batch."""
-        n = len(self.labels)
+        n = self._end()
         for start in range(start_batch * self.batch_size, n, self.batch_size):
             stop = min(start + self.batch_size, n)
             idx = torch.arange(start, stop, device=self.device) if order is None \

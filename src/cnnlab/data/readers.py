@@ -157,25 +157,60 @@ def folder_files(split_dir: Path, classes: list[str], *, require_all: bool
 
 
 def _probe(path: Path) -> tuple[str, tuple[int, int]] | str:
-    """(mode, size) from the image header, or why it cannot be read."""
+    """(mode, size) from the image header (the size as decode_image turns it: EXIF
+    orientations 5-8 swap width and height), or why it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return im.mode, im.size
+            width, height = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):
+                width, height = height, width
+            return im.mode, (width, height)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         return f"cannot read image {path}: {e}"
 
 
-def _decode(path: Path, mode: str) -> np.ndarray | str:
+def _to_8bit(im):
+    """16-bit and 32-bit grayscale scaled down to 8 bits (Pillow would clip them)."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert(mode), dtype=np.uint8)
-    except (OSError, ValueError) as e:
-        return f"cannot decode image {path}: {e}"
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if im.mode == "F" and arr.max() <= 1.0:
+            top = 1.0
+        return Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    return im
+
+
+def decode_image(path: str | Path, mode: str, size: tuple[int, int] | None = None
+                 ) -> np.ndarray:
+    """An image file as uint8 (C, H, W), decoded as in training and prediction alike: turned
+    as its EXIF orientation says, 16/32-bit grayscale scaled to 8 bits, a transparent
+    background made white, converted to `mode` (Pillow's "L" or "RGB") and, with `size`
+    (width, height), resized bilinearly. Pillow's errors pass through."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        im = _to_8bit(im)
+        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+        im = im.convert(mode)
+        if size is not None and im.size != tuple(size):
+            im = im.resize(tuple(size), Image.Resampling.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _decode(path: Path, mode: str) -> np.ndarray | str:
+    try:
+        return decode_image(path, mode)
+    except Exception as e:  # Pillow raises many types for bad files; all mean the same here
+        return f"cannot decode image {path}: {e}"
 
 
 def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
