@@ -51,12 +51,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
     return written
 
 
-def _finish(fig, ax, path: Path, **labels) -> Path:
+def _finish(fig, ax, path: Path, *, legend_size: float | None = None, **labels) -> Path:
     """Label, grid and legend the axes and save the figure atomically."""
     ax.set(**labels)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # a run without records yet has no curves
-        ax.legend()
+        ax.legend(fontsize=legend_size)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -105,13 +105,9 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
             name = f"{label} (mean of {len(runs)})" if len(runs) > 1 else label
             ax.plot([runs[0][1][k]["epoch"] for k in range(epochs)], mean, "o-", color=color,
                     lw=2, ms=4, label=name)
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
-           title=f"Test accuracy - {len(groups)} configurations, {n_runs} runs")
-    ax.grid(alpha=0.3)
-    if groups:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    written = [_save(fig, out_dir / f"{prefix}accuracy.png")]
+    written = [_finish(fig, ax, out_dir / f"{prefix}accuracy.png", legend_size=8,
+                       xlabel="epoch", ylabel="test accuracy (%)",
+                       title=f"Test accuracy - {len(groups)} configurations, {n_runs} runs")]
 
     fig = _figure((7.5, 4.5))
     ax = fig.subplots()
@@ -124,13 +120,9 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
             if evals:
                 ax.plot([r["epoch"] for r in evals], [r["test_loss"] for r in evals], "o--",
                         color=color, lw=1.2, ms=4, label=f"{label} test" if k == 0 else None)
-    ax.set(xlabel="epoch", ylabel="cross-entropy loss",
-           title=f"Loss - {len(groups)} configurations, {n_runs} runs")
-    ax.grid(alpha=0.3)
-    if groups:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(_save(fig, out_dir / f"{prefix}loss.png"))
+    written.append(_finish(fig, ax, out_dir / f"{prefix}loss.png", legend_size=8,
+                           xlabel="epoch", ylabel="cross-entropy loss",
+                           title=f"Loss - {len(groups)} configurations, {n_runs} runs"))
     return written
 
 
