@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import RESUME_SAFE, Config, checkpoint_interval
+from .config import RESUME_SAFE, Config, checkpoint_interval, typed_value, validate
 from .data import Dataset, load_dataset
 from .data.loader import DeviceLoader
 from .engine import LoopState, Precision, check_finite, evaluate, train_one_epoch
@@ -122,8 +122,6 @@ class StopSignals:
 
 def resume_config(run_dir: str | Path, overrides: dict) -> tuple[Config, dict]:
     """The run's own configuration, with only the changes that are safe to make."""
-    from .config import validate
-
     path = Path(run_dir) / "checkpoint.pt"
     if not path.is_file():
         raise CnnlabError(f"nothing to resume in {run_dir}: it has no checkpoint.pt")
@@ -141,7 +139,7 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[Config, dict]:
             raise CnnlabError(f"--epochs {value}: a resumed run may only add epochs, and only "
                               f"with the constant schedule (this run's schedule, "
                               f"'{saved['schedule']}', was laid out for {saved['epochs']})")
-        values[key] = value
+        values[key] = typed_value(key, value)  # as resolve() types a new run's options
     cfg = Config(**values)
     validate(cfg)
     if ckpt["epoch"] >= cfg.epochs:
