@@ -85,3 +85,15 @@ def test_ranks_slice_each_global_batch_and_drop_a_too_small_last_one():
                           generator=torch.Generator().manual_seed(3))
     batches = [y.tolist() for _, y in single][:2]
     assert [a + b for a, b in zip(seen[0], seen[1])] == batches
+
+
+def test_channels_last_gives_one_channel_batches_nhwc_strides():
+    # .contiguous(channels_last) keeps NCHW strides for one channel, and oneDNN then returns
+    # the first convolution's output (and so every pooling after it) in NCHW
+    loader = DeviceLoader(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.zeros(4),
+                          batch_size=4, mean=(0.5,), std=(0.5,), device=torch.device("cpu"),
+                          channels_last=True)
+    x, _ = next(iter(loader))
+    assert x.stride() == (784, 1, 28, 1)
+    conv = torch.nn.Conv2d(1, 6, 5, padding=2).to(memory_format=torch.channels_last)
+    assert conv(x).is_contiguous(memory_format=torch.channels_last)

@@ -50,3 +50,24 @@ def test_registry_errors():
         create_model("resnet18", in_channels=3, num_classes=10, image_size=(32, 32), pool="avg")
     with pytest.raises(CnnlabError, match="at least 12x12"):
         create_model("lenet5", in_channels=1, num_classes=10, image_size=(8, 8))
+
+
+def test_lenet5_pools_before_relu_with_the_same_function_and_gradients():
+    torch.manual_seed(0)
+    model = create_model("lenet5", in_channels=1, num_classes=10, image_size=(28, 28))
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    relu_first = torch.nn.Sequential(convs[0], torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                     convs[1], torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+    x = torch.randn(8, 1, 28, 28)
+    grads = []
+    for features in (model.features, relu_first):
+        model.zero_grad()
+        out = features(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), [c.weight.grad.clone() for c in convs]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+    # checkpoints name the same parameters in either order
+    assert [k for k in model.state_dict() if k.startswith("features")] == [
+        "features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias"]

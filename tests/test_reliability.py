@@ -48,25 +48,38 @@ def _comparable(run_dir):
 
 
 def _same_weights(a, b):
-    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
-    return all(torch.equal(wa[k], wb[k]) for k in wa)
+    """The evaluated weights and, with --ema, the trained ones too."""
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    keys = [k for k in ("model", "train_model") if k in ca]
+    return keys == [k for k in ("model", "train_model") if k in cb] and all(
+        torch.equal(ca[key][k], cb[key][k]) for key in keys for k in ca[key])
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    proc = _start(data, out)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    return out
+def references(data, tmp_path_factory):
+    """An uninterrupted run for each set of extra options, made when first asked for."""
+    runs = {}
+
+    def get(*extra):
+        if extra not in runs:
+            out = tmp_path_factory.mktemp("ref") / "run"
+            proc = _start(data, out, *extra)
+            assert proc.wait(timeout=300) == 0, proc.stderr.read()
+            runs[extra] = out
+        return runs[extra]
+    return get
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+# SIGTERM's case also averages the weights (--ema), whose state must survive the stop too
+@pytest.mark.parametrize("sig,code,extra", [(signal.SIGINT, 130, ()),
+                                            (signal.SIGTERM, 143, ("--ema", "0.99"))])
 def test_interrupt_at_a_random_step_then_resume_is_bitwise_identical(
-        data, reference, tmp_path, sig, code):
+        data, references, tmp_path, sig, code, extra):
+    reference = references(*extra)
     rng = random.Random(sig)
     for attempt in range(4):
         out = tmp_path / f"run{attempt}"
-        proc = _start(data, out)
+        proc = _start(data, out, *extra)
         _wait_for_training(out, proc)
         time.sleep(rng.uniform(0.0, 1.2) / (attempt + 1))
         proc.send_signal(sig)

@@ -60,3 +60,102 @@ def test_tensorboard_and_telemetry_records(tiny_mnist, tmp_path):
     assert telemetry and all(r["rss_mb"] > 0 and r["gpu_util"] is None for r in telemetry)
     assert "no GPU" in telemetry[0]["notes"][0]
     assert (out / "utilization.png").is_file()
+
+
+def test_fused_and_unfused_optimiser_steps_agree(tiny_mnist, tmp_path):
+    weights = {}
+    for fused in (True, False):
+        out = tmp_path / str(fused)
+        cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=1,
+                     batch_size=32, fused=fused, progress=False, telemetry=0)
+        weights[fused] = load_checkpoint(out / "checkpoint.pt")["model"]
+        assert load_checkpoint(out / "checkpoint.pt")["optimizer"]["param_groups"][0][
+            "fused"] is (True if fused else None)
+    for k, v in weights[True].items():
+        torch.testing.assert_close(v, weights[False][k], rtol=1e-4, atol=1e-5)
+
+
+def test_weight_ema_is_a_warmed_up_exponential_average():
+    from cnnlab.engine import WeightEMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(model, decay=0.9)
+    expected = [t.detach().clone() for t in (*model.parameters(), model[1].running_mean)]
+    for step in range(1, 40):
+        with torch.no_grad():
+            for t in (*model.parameters(), model[1].running_mean):
+                t.add_(torch.randn_like(t))
+        ema.update(step)
+        decay = min(0.9, (1 + step) / (10 + step))  # 0.18 at step 1: the start fades fast
+        current = (*model.parameters(), model[1].running_mean)
+        expected = [decay * e + (1 - decay) * c.detach() for e, c in zip(expected, current)]
+    averaged = (*ema.module.parameters(), ema.module[1].running_mean)
+    for a, e in zip(averaged, expected):
+        torch.testing.assert_close(a, e)
+    assert ema.module[1].num_batches_tracked == 0  # integer buffers are not averaged
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_training_with_ema_evaluates_and_saves_the_average(tiny_mnist, tmp_path):
+    from cnnlab.inference import evaluate_checkpoint
+
+    out = tmp_path / "r"
+    summary = cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=2,
+                           batch_size=32, ema=0.9, progress=False, telemetry=0)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["config"]["ema"] == 0.9
+    assert not all(torch.equal(ckpt["model"][k], ckpt["train_model"][k]) for k in ckpt["model"])
+    # what eval, predict and export load is what training scored
+    result = evaluate_checkpoint(out / "checkpoint.pt", data_dir=str(tiny_mnist))
+    assert result["accuracy"] == summary["final_test_acc"]
+    with pytest.raises(CnnlabError, match="--ema must be a decay in"):
+        cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=tmp_path / "x", ema=1.5)
+
+
+def test_flip_tta_is_the_fast_preset_default_for_flip_trained_models(tmp_path):
+    from cnnlab.config import resolve
+
+    assert resolve("fastnet", "cifar10").tta == "flip"
+    assert resolve("resnet18", "folder:x", overrides={"augment": "crop,flip"}).tta == "flip"
+    assert resolve("resnet18", "cifar10", overrides={"preset": "seed"}).tta == "none"
+    assert resolve("lenet5", "mnist").tta == "none"
+    assert resolve("fastnet", "cifar10", overrides={"tta": "none"}).tta == "none"
+    with pytest.raises(CnnlabError, match="--tta flip needs a model trained with flips"):
+        resolve("lenet5", "mnist", overrides={"tta": "flip"})
+    with pytest.raises(CnnlabError, match="unknown tta 'mirror'"):
+        resolve("fastnet", "cifar10", overrides={"tta": "mirror"})
+
+
+def test_training_scores_flip_tta_as_eval_does(tmp_path):
+    from conftest import write_folder
+
+    from cnnlab.engine import evaluate
+    from cnnlab.inference import evaluate_checkpoint, load_model
+
+    folder = write_folder(tmp_path / "pets", size=16, n_train=12, n_test=9)
+    out = tmp_path / "r"
+    summary = cnnlab.train("lenet5", f"folder:{folder}", out=out, epochs=2, batch_size=6,
+                           augment="flip", tta="flip", progress=False, telemetry=0)
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["tta"] == "flip"
+    default = evaluate_checkpoint(out / "checkpoint.pt")  # as training scored the model
+    assert default["tta"] == "flip" and default["accuracy"] == summary["final_test_acc"]
+    assert evaluate_checkpoint(out / "checkpoint.pt", tta="none")["tta"] is None
+    # the loop's evaluation averages the logits of each image and its mirror image
+    model, _, _ = load_model(out / "checkpoint.pt", "cpu")
+    x = torch.rand(4, 3, 16, 16)
+    y = ((model(x) + model(x.flip(3))) / 2).argmax(1)
+    assert evaluate(model, [(x, y)], tta_flip=True)["accuracy"] == 100.0
+
+
+def test_compile_time_is_reported_apart_from_training(tiny_mnist, tmp_path, monkeypatch):
+    from cnnlab.runs import read_metrics
+
+    real_compile = torch.compile  # dynamo without inductor's code generation: seconds, not minutes
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager"))
+    out = tmp_path / "r"
+    summary = cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=2,
+                           batch_size=32, lr=0.05, compile=True, progress=False, telemetry=0)
+    records = [r for r in read_metrics(out) if r["type"] == "compile"]
+    assert len(records) == 1 and records[0]["step"] == 1
+    assert summary["compile_seconds"] == pytest.approx(records[0]["seconds"], abs=1e-3)
+    assert 0 < summary["train_seconds"] and summary["best_test_acc"] > 50

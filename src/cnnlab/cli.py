@@ -45,6 +45,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default on)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="one fused optimiser kernel for all parameters (default on; sgd, adam "
+                   "and adamw)")
+    p.add_argument("--ema", type=float, help="evaluate and save an exponential moving average "
+                   "of the weights with this decay per step, e.g. 0.999 (default 0 = off)")
+    p.add_argument("--tta", help="none | flip: score each test image and its mirror image "
+                   "(default flip where the fast preset trains with flips)")
     p.add_argument("--checkpoint-every", help="N steps or N epochs, e.g. 500 or 1epoch "
                    "(default 1epoch)")
     p.add_argument("--deterministic", action="store_true", default=None,
@@ -158,8 +165,8 @@ def _use_parsers(sub) -> None:
     p.add_argument("--data-dir", help="data root (default: the one used in training)")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="fail instead of downloading missing data")
-    p.add_argument("--tta", help="flip: average with mirrored images (models trained with "
-                   "flips only)")
+    p.add_argument("--tta", help="none | flip: average with mirrored images (models trained "
+                   "with flips only; default: as training scored the model)")
     p.add_argument("--batch-size", type=int, help="default: training's eval batch size")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out-dir", help="where to write the files (default: beside the "

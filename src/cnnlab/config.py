@@ -26,6 +26,7 @@ AUGMENTS = ("none", "crop", "flip", "crop,flip")
 PRESETS = ("fast", "seed")
 POOLS = ("max", "avg")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TTAS = ("none", "flip")
 # Options a resumed run may change: they do not alter what is computed.
 RESUME_SAFE = ("epochs", "log_every", "checkpoint_every", "device", "data_dir", "download",
                "telemetry", "tensorboard", "detect_anomaly", "compile")
@@ -55,6 +56,9 @@ class Config:
     precision: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    fused: bool = True
+    ema: float = 0.0
+    tta: str = "none"
     checkpoint_every: str = "1epoch"
     deterministic: bool = False
     detect_anomaly: bool = False
@@ -127,6 +131,9 @@ def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = No
             if key not in FIELDS or key in ("model", "dataset"):
                 raise CnnlabError(f"unknown {name} key '{key}'; see 'cnnlab train --help'")
             values[key] = value
+    if "tta" not in values:  # the fast preset scores flip-trained models on both mirror images
+        flips = "flip" in str(values.get("augment", "")).split(",")
+        values["tta"] = "flip" if preset == "fast" and flips else "none"
     if not values.get("data_dir"):
         values["data_dir"] = os.environ.get("CNNLAB_DATA") or "data"
     cfg = Config(model=model, dataset=dataset, **_coerce(values))
@@ -203,7 +210,7 @@ def validate(cfg: Config) -> None:
         raise CnnlabError(f"model {cfg.model} has no option 'pool'")
     _positive(cfg, "epochs", "batch_size", "lr", "log_every", "eval_batch_size")
     choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": AUGMENTS,
-               "precision": PRECISIONS}
+               "precision": PRECISIONS, "tta": TTAS}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise CnnlabError(f"unknown {name} '{getattr(cfg, name)}'; "
@@ -214,6 +221,12 @@ def validate(cfg: Config) -> None:
         raise CnnlabError("--momentum and --weight-decay must not be negative")
     if not 0 <= cfg.label_smoothing < 1:
         raise CnnlabError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.tta == "flip" and "flip" not in cfg.augment.split(","):
+        raise CnnlabError(f"--tta flip needs a model trained with flips (--augment crop,flip "
+                          f"or flip), not --augment {cfg.augment}; mirrored images would be "
+                          "new to it")
+    if not 0 <= cfg.ema < 1:
+        raise CnnlabError(f"--ema must be a decay in [0, 1) (0 = off, e.g. 0.999), got {cfg.ema}")
     if cfg.telemetry < 0:
         raise CnnlabError(f"--telemetry must be seconds >= 0 (0 = off), got {cfg.telemetry}")
     checkpoint_interval(cfg.checkpoint_every)

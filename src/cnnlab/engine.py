@@ -6,6 +6,7 @@ inside the inner loop; everything needed to stop and resume mid-epoch lives in L
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -57,12 +58,34 @@ class Precision:
             self.scaler.update()
 
 
+class WeightEMA:
+    """An exponential moving average of a model's weights and float buffers, updated after
+    every optimiser step with decay min(decay, (1 + step) / (10 + step)), so that the random
+    initial weights fade within the first steps. The step comes from the host: unlike
+    torch.optim.swa_utils.AveragedModel, an update never reads a counter back from the GPU."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+        def tensors(m: nn.Module) -> list[torch.Tensor]:
+            return [*m.parameters(), *(b for b in m.buffers() if b.is_floating_point())]
+
+        self._source, self._average = tensors(model), tensors(self.module)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._average, self._source, 1.0 - decay)
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,
                     state: LoopState, *, precision: Precision, log_every: int,
                     log: Callable[[dict], None],
                     reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-                    after_step: Callable[[LoopState], bool] = lambda s: False) -> bool:
+                    after_step: Callable[[LoopState], bool] = lambda s: False,
+                    ema: WeightEMA | None = None) -> bool:
     """Train over `batches`, advancing `state`; `log` a `train` record every `log_every`
     steps. Returns True if `after_step` asked to stop before the epoch's end."""
     model.train()
@@ -79,6 +102,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         loss = loss.detach().double()
         state.window += torch.stack((loss, (~torch.isfinite(loss)).double()))
         state.step += 1
+        if ema is not None:
+            ema.update(state.step)
         state.batch += 1
         state.window_steps += 1
         state.images += len(y)
@@ -109,15 +134,18 @@ def check_finite(bad: float, state: LoopState) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-             precision: Precision | None = None,
+             precision: Precision | None = None, tta_flip: bool = False,
              reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
-    """Test loss (plain cross-entropy) and accuracy in percent, summed over all ranks."""
+    """Test loss (plain cross-entropy) and accuracy in percent, summed over all ranks;
+    `tta_flip` scores the mean logits of each image and its mirror image."""
     model.eval()
     device = next(model.parameters()).device
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for x, y in batches:
         with precision.autocast() if precision else contextlib.nullcontext():
             logits = model(x).float()
+            if tta_flip:
+                logits = (logits + model(x.flip(3)).float()) / 2
         totals[0] += F.cross_entropy(logits, y, reduction="sum")
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(y)

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import TTAS
 from .errors import CnnlabError
 from .models import create_model
 from .runs import RUN_FILES, load_checkpoint, write_json
 
 SPLITS = ("test", "train")
-TTAS = ("flip",)
 _META_KEYS = ("name", "in_channels", "num_classes", "image_size", "classes", "mean", "std")
 
 
@@ -158,19 +158,23 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None,
     `dataset` and `data_dir` default to those the model was trained on; `data`, the
     Dataset already loaded (then `dataset` only names it), saves reading it again.
     `tta="flip"` averages the logits of each image and its mirror image (only for models
-    trained with flips). Returns accuracy (%), loss, per_class, confusion and what was
-    evaluated. Raises CnnlabError (DataMismatch where the data does not fit the model)."""
+    trained with flips); by default as training scored the model; `tta="none"`: without.
+    Returns accuracy (%), loss, per_class, confusion and what was evaluated. Raises CnnlabError (DataMismatch where the data does not fit the model)."""
     from .data import load_dataset
 
     if split not in SPLITS:
         raise CnnlabError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     if tta is not None and tta not in TTAS:
-        raise CnnlabError(f"unknown test-time augmentation '{tta}'; the one there is: flip")
+        raise CnnlabError(f"unknown test-time augmentation '{tta}'; choose one of "
+                          f"{', '.join(TTAS)}")
     if batch_size is not None and batch_size <= 0:
         raise CnnlabError(f"--batch-size must be positive, got {batch_size}")
     file = checkpoint_path(checkpoint)
     model, meta, ckpt = load_model(file, device)
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    if tta is None:  # as training scored the model
+        tta = config.get("tta") if config.get("tta") in TTAS else "none"
+    tta = None if tta == "none" else tta
     if tta == "flip" and not trained_with_flip(ckpt):
         raise CnnlabError(f"--tta flip: {file} was not trained with flips (augment "
                           f"'{config.get('augment', 'unknown')}'); mirrored images are new to "

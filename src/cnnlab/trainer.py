@@ -19,7 +19,7 @@ from . import distributed
 from .config import RESUME_SAFE, Config, checkpoint_interval, typed_value, validate
 from .data import Dataset, load_dataset
 from .data.loader import DeviceLoader
-from .engine import LoopState, Precision, check_finite, evaluate, train_one_epoch
+from .engine import LoopState, Precision, WeightEMA, check_finite, evaluate, train_one_epoch
 from .envinfo import collect_env
 from .errors import CnnlabError, Interrupted, TrainingDiverged
 from .models import count_parameters, create_model
@@ -52,13 +52,15 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    # fused: the whole update in one kernel rather than a loop of small ops per parameter
+    fused = {"fused": True} if cfg.fused and cfg.optimizer != "adamax" else {}  # no fused Adamax
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **fused)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
            "adamax": torch.optim.Adamax}[cfg.optimizer]
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -175,6 +177,12 @@ class Parts:
     criterion: nn.Module
     precision: Precision
     channels_last: bool
+    ema: WeightEMA | None      # the averaged weights, when --ema is on
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model whose accuracy a run records and whose weights its checkpoints hold."""
+        return self.ema.module if self.ema else self.model
 
 
 def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None) -> Parts:
@@ -182,8 +190,10 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     torch.manual_seed(cfg.seed)
     if cfg.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
-    # warn_only: a few CUDA backward kernels (adaptive pooling) have no deterministic version
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    if cfg.deterministic != torch.are_deterministic_algorithms_enabled():
+        # warn_only: a few CUDA backward kernels (adaptive pooling) have no deterministic
+        # version. Only called on a change: the call imports torch._inductor (~2 s).
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
     precision = Precision(resolve_precision(cfg.precision, device), device)
     # channels-last is faster for these convnets on GPUs and on CPUs (oneDNN) alike
@@ -219,7 +229,7 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
         net = torch.compile(net)
     return Parts(data, model, net, generator, train_batches, test_batches, optimizer, scheduler,
                  nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
-                 channels_last)
+                 channels_last, WeightEMA(model, cfg.ema) if cfg.ema else None)
 
 
 def _run_path(cfg: Config, out, resume: dict | None, dist: distributed.Dist) -> Path | None:
@@ -269,6 +279,8 @@ def _fit(cfg, out, progress, resume, dist, device, wall_start) -> dict:
             "precision": p.precision.name, "channels_last": p.channels_last,
             "world_size": dist.world_size, "run_dir": str(run.path if run else out),
         }
+        if cfg.compile:  # compiling the model, not in train_seconds
+            summary["compile_seconds"] = round(result["compile_seconds"] or 0.0, 3)
         if resume is not None:
             summary["resumed_from_step"] = resume["step"]
         if run is not None:  # rank 0 alone writes
@@ -298,7 +310,9 @@ def _train_epochs(cfg: Config, p: Parts, state: LoopState, run: RunDir | None, p
         if run is None:
             return
         run.save_checkpoint(name, {
-            "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+            "model": p.evaluated.state_dict(),  # with --ema, the average; else the weights
+            **({"train_model": p.model.state_dict()} if p.ema else {}),
+            "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(), "epoch": state.epoch - 1,
             "step": state.step, "batch": state.batch, "config": cfg.to_dict(),
             "model_meta": meta, "test_acc": state.history[-1] if state.history else None,
@@ -309,7 +323,16 @@ def _train_epochs(cfg: Config, p: Parts, state: LoopState, run: RunDir | None, p
             "scaler": p.precision.scaler.state_dict() if p.precision.scaler else None,
             "metrics_offset": run.metrics_offset()})
 
+    compile_seconds = None  # with --compile: the first step's time, kept out of train_seconds
+
     def after_step(s: LoopState) -> bool:
+        nonlocal compile_seconds
+        if cfg.compile and compile_seconds is None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compile_seconds = time.perf_counter() - t0
+            if run is not None:
+                run.log({"type": "compile", "step": s.step, "seconds": compile_seconds})
         stop = signals.signum is not None
         if dist.enabled:  # every rank stops at the same (log) step
             stop = dist.any(stop) if s.step % cfg.log_every == 0 else False
@@ -326,12 +349,13 @@ def _train_epochs(cfg: Config, p: Parts, state: LoopState, run: RunDir | None, p
                 if state.batch == 0:
                     state.order = p.train_batches.new_order()
                 t0 = time.perf_counter()
+                compiling = cfg.compile and compile_seconds is None
                 try:
                     stopped = train_one_epoch(
                         p.net, p.train_batches.batches(state.order, state.batch), p.optimizer,
                         p.scheduler, p.criterion, state, precision=p.precision,
                         log_every=cfg.log_every, log=log, reduce_mean=dist.reduce_mean,
-                        after_step=after_step)
+                        after_step=after_step, ema=p.ema)
                 except RuntimeError as e:
                     if not (cfg.detect_anomaly and "nan values" in str(e)):
                         raise
@@ -339,13 +363,15 @@ def _train_epochs(cfg: Config, p: Parts, state: LoopState, run: RunDir | None, p
                         f"anomaly detected at step {state.step + 1}: "
                         f"{str(e).splitlines()[0]}; the learning rate is probably too high "
                         "- try a smaller --lr") from None
-                state.train_seconds += time.perf_counter() - t0
+                state.train_seconds += time.perf_counter() - t0 - (
+                    (compile_seconds or 0.0) if compiling else 0.0)
                 if stopped:
                     raise Interrupted(
                         f"{signal.Signals(signals.signum).name} at step {state.step} (epoch "
                         f"{state.epoch}); checkpoint written - resume with: cnnlab train "
                         f"--resume {run.path if run else ''}", 128 + signals.signum)
-                result = evaluate(p.net, p.test_batches, precision=p.precision,
+                result = evaluate(p.evaluated if p.ema else p.net, p.test_batches,
+                                  precision=p.precision, tta_flip=cfg.tta == "flip",
                                   reduce_sum=dist.reduce_sum)
                 state.history.append(result["accuracy"])
                 record = {"type": "eval", "epoch": state.epoch, "steps": state.step,
@@ -363,7 +389,7 @@ def _train_epochs(cfg: Config, p: Parts, state: LoopState, run: RunDir | None, p
                     checkpoint("best.pt")
         finally:
             bar.close()
-    return result
+    return result | ({"compile_seconds": compile_seconds} if cfg.compile else {})
 
 
 def restore(ckpt: dict, p: Parts, state: LoopState, device: torch.device) -> None:
@@ -372,7 +398,9 @@ def restore(ckpt: dict, p: Parts, state: LoopState, device: torch.device) -> Non
     if saved != device.type:
         raise CnnlabError(f"this run was trained on {saved} and can only resume there "
                           f"(its random state is {saved}'s); pass --device {saved}")
-    p.model.load_state_dict(ckpt["model"])
+    p.evaluated.load_state_dict(ckpt["model"])
+    if p.ema:
+        p.model.load_state_dict(ckpt["train_model"])
     p.optimizer.load_state_dict(ckpt["optimizer"])
     p.scheduler.load_state_dict(ckpt["scheduler"])
     if p.precision.scaler and ckpt.get("scaler"):

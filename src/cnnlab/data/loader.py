@@ -95,8 +95,8 @@ class DeviceLoader:
             yield self.normalize(x), y
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.channels_last:  # .to, not .contiguous: a one-channel batch must get NHWC
+            x = x.to(memory_format=torch.channels_last)  # strides too, or oneDNN answers NCHW
         return torch.addcmul(self.shift, x.float(), self.scale)
 
 
