@@ -159,7 +159,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None,
     Dataset already loaded (then `dataset` only names it), saves reading it again.
     `tta="flip"` averages the logits of each image and its mirror image (only for models
     trained with flips); by default as training scored the model; `tta="none"`: without.
-    Returns accuracy (%), loss, per_class, confusion and what was evaluated. Raises CnnlabError (DataMismatch where the data does not fit the model)."""
+    Returns accuracy (%), loss, per_class, confusion and what was evaluated. Raises
+    CnnlabError (DataMismatch where the data does not fit the model)."""
     from .data import load_dataset
 
     if split not in SPLITS:
