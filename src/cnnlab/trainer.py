@@ -190,10 +190,8 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     torch.manual_seed(cfg.seed)
     if cfg.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
-    if cfg.deterministic != torch.are_deterministic_algorithms_enabled():
-        # warn_only: a few CUDA backward kernels (adaptive pooling) have no deterministic
-        # version. Only called on a change: the call imports torch._inductor (~2 s).
-        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    # warn_only: a few CUDA backward kernels (adaptive pooling) have no deterministic version
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
     precision = Precision(resolve_precision(cfg.precision, device), device)
     # channels-last is faster for these convnets on GPUs and on CPUs (oneDNN) alike
