@@ -93,6 +93,11 @@ _FAST = {
 }
 
 
+def flips(augment: str) -> bool:
+    """Whether an --augment value mirrors images."""
+    return "flip" in augment.split(",")
+
+
 def preset_values(preset: str, model: str, dataset: str) -> dict[str, Any]:
     """The values a preset gives for this model and dataset."""
     if preset not in PRESETS:
@@ -132,8 +137,8 @@ def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = No
                 raise CnnlabError(f"unknown {name} key '{key}'; see 'cnnlab train --help'")
             values[key] = value
     if "tta" not in values:  # the fast preset scores flip-trained models on both mirror images
-        flips = "flip" in str(values.get("augment", "")).split(",")
-        values["tta"] = "flip" if preset == "fast" and flips else "none"
+        with_flips = flips(str(values.get("augment", "")))
+        values["tta"] = "flip" if preset == "fast" and with_flips else "none"
     if not values.get("data_dir"):
         values["data_dir"] = os.environ.get("CNNLAB_DATA") or "data"
     cfg = Config(model=model, dataset=dataset, **_coerce(values))
@@ -221,7 +226,7 @@ def validate(cfg: Config) -> None:
         raise CnnlabError("--momentum and --weight-decay must not be negative")
     if not 0 <= cfg.label_smoothing < 1:
         raise CnnlabError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.tta == "flip" and "flip" not in cfg.augment.split(","):
+    if cfg.tta == "flip" and not flips(cfg.augment):
         raise CnnlabError(f"--tta flip needs a model trained with flips (--augment crop,flip "
                           f"or flip), not --augment {cfg.augment}; mirrored images would be "
                           "new to it")

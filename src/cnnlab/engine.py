@@ -132,6 +132,15 @@ def check_finite(bad: float, state: LoopState) -> None:
             "(--detect-anomaly finds the operation)")
 
 
+def scores(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+    """The model's fp32 logits for `x`; `tta_flip`: the mean of those of each image and its
+    mirror image."""
+    logits = model(x).float()
+    if tta_flip:
+        logits = (logits + model(x.flip(3)).float()) / 2
+    return logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
              precision: Precision | None = None, tta_flip: bool = False,
@@ -143,9 +152,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for x, y in batches:
         with precision.autocast() if precision else contextlib.nullcontext():
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = scores(model, x, tta_flip)
         totals[0] += F.cross_entropy(logits, y, reduction="sum")
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(y)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TTAS
+from .config import TTAS, flips
+from .engine import scores
 from .errors import CnnlabError
 from .models import create_model
 from .runs import RUN_FILES, load_checkpoint, write_json
@@ -111,10 +112,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, meta: dict, *,
     out = []
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size].to(device), meta)
-        logits = model(x).float()
-        if tta_flip:
-            logits = (logits + model(x.flip(3)).float()) / 2
-        out.append(logits.cpu())
+        out.append(scores(model, x, tta_flip).cpu())
     return torch.cat(out) if out else torch.empty(0, meta["num_classes"])
 
 
@@ -144,8 +142,7 @@ def _pct(num: torch.Tensor, den: torch.Tensor) -> float:
 def trained_with_flip(ckpt: dict) -> bool:
     """Whether the checkpoint's training used random horizontal flips."""
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    augment = config.get("augment") or ""
-    return "flip" in str(augment).split(",")
+    return flips(str(config.get("augment") or ""))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None,
