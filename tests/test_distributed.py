@@ -14,7 +14,8 @@ import torch
 from conftest import write_mnist
 
 import cnnlab
-from cnnlab.runs import load_checkpoint, read_metrics
+from cnnlab import checkpoint
+from cnnlab.runs import read_metrics
 
 ARGS = ["--epochs", "2", "--batch-size", "32", "--log-every", "8", "--augment", "none",
         "--schedule", "constant", "--lr", "0.05", "--seed", "5", "--telemetry", "0"]
@@ -53,8 +54,8 @@ def test_two_ranks_match_one_process(data, tmp_path):
     cnnlab.train("lenet5", "mnist", data_dir=str(data), out=single, progress=False,
                  **{k: (float(v) if k == "lr" else int(v) if v.isdigit() else v)
                     for k, v in options.items()})
-    a = load_checkpoint(out / "checkpoint.pt")["model"]
-    b = load_checkpoint(single / "checkpoint.pt")["model"]
+    a = checkpoint.load(out / "checkpoint.pt")["model"]
+    b = checkpoint.load(single / "checkpoint.pt")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 

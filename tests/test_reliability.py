@@ -14,8 +14,9 @@ import torch
 from conftest import write_folder, write_mnist
 
 import cnnlab
+from cnnlab import checkpoint
 from cnnlab.errors import CnnlabError, TrainingDiverged
-from cnnlab.runs import load_checkpoint, read_metrics
+from cnnlab.runs import read_metrics
 
 # 4096 images in batches of 16: 256 steps an epoch, slow enough to interrupt mid-epoch
 ARGS = ["--epochs", "2", "--batch-size", "16", "--log-every", "25", "--schedule", "constant",
@@ -49,7 +50,7 @@ def _comparable(run_dir):
 
 def _same_weights(a, b):
     """The evaluated weights and, with --ema, the trained ones too."""
-    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    ca, cb = checkpoint.load(a), checkpoint.load(b)
     keys = [k for k in ("model", "train_model") if k in ca]
     return keys == [k for k in ("model", "train_model") if k in cb] and all(
         torch.equal(ca[key][k], cb[key][k]) for key in keys for k in ca[key])
@@ -92,14 +93,14 @@ def test_interrupt_at_a_random_step_then_resume_is_bitwise_identical(
         break
     else:
         pytest.fail("the run always finished before the signal")
-    stopped_at = load_checkpoint(out / "checkpoint.pt")["step"]
+    stopped_at = checkpoint.load(out / "checkpoint.pt")["step"]
     assert 0 < stopped_at < 512
     res = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert _same_weights(reference / "checkpoint.pt", out / "checkpoint.pt")
     assert _comparable(reference) == _comparable(out)
-    assert load_checkpoint(out / "checkpoint.pt")["step"] == 512
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 512
 
 
 def test_second_ctrl_c_exits_at_once_without_damage(data, tmp_path):
@@ -111,7 +112,7 @@ def test_second_ctrl_c_exits_at_once_without_damage(data, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
     if (out / "checkpoint.pt").exists():
-        load_checkpoint(out / "checkpoint.pt")
+        checkpoint.load(out / "checkpoint.pt")
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -124,7 +125,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(data, tmp
         time.sleep(rng.uniform(0.05, 0.5))
         proc.kill()
         proc.wait(timeout=30)
-        ckpt = load_checkpoint(out / "checkpoint.pt")  # never torn
+        ckpt = checkpoint.load(out / "checkpoint.pt")  # never torn
         assert ckpt["step"] > 0
         res = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(out),
                               "--checkpoint-every", "1epoch"],
@@ -148,7 +149,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, tiny_mnist):
     assert res.returncode == 2 and not marker.exists()
     assert "cannot load checkpoint" in res.stderr and "Traceback" not in res.stderr
     with pytest.raises(CnnlabError, match="cannot load checkpoint"):
-        load_checkpoint(out / "checkpoint.pt")
+        checkpoint.load(out / "checkpoint.pt")
     assert not marker.exists()
 
 
@@ -167,7 +168,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     with pytest.raises(TrainingDiverged, match="NaN or infinite by step 2[1-9].*--lr"):
         cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=3,
                      batch_size=32, log_every=4, progress=False)
-    ckpt = load_checkpoint(out / "checkpoint.pt")
+    ckpt = checkpoint.load(out / "checkpoint.pt")
     assert ckpt["step"] == 16  # the end of epoch 1, the last good state
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
@@ -194,7 +195,7 @@ def test_resume_refuses_unsafe_changes_and_adds_epochs(tiny_mnist, tmp_path):
     with pytest.raises(CnnlabError, match="already finished"):
         cnnlab.train(resume=out, progress=False)
     summary = cnnlab.train(resume=out, epochs=2, progress=False)
-    assert summary["epochs"] == 2 and load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    assert summary["epochs"] == 2 and checkpoint.load(out / "checkpoint.pt")["epoch"] == 2
     assert [r["epoch"] for r in read_metrics(out) if r["type"] == "eval"] == [1, 2]
     with pytest.raises(CnnlabError, match="nothing to resume"):
         cnnlab.train(resume=tmp_path, progress=False)
@@ -216,7 +217,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny_mnist, tmp_path, monkeypat
                                           "intact"):
         cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=2,
                      batch_size=64, progress=False)
-    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert checkpoint.load(out / "checkpoint.pt")["epoch"] == 1
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 

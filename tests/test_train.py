@@ -7,7 +7,8 @@ import torch
 from conftest import write_folder
 
 import cnnlab
-from cnnlab.runs import load_checkpoint, read_metrics
+from cnnlab import checkpoint
+from cnnlab.runs import read_metrics
 
 FAST = dict(epochs=2, batch_size=32, log_every=4, progress=False)
 
@@ -38,12 +39,12 @@ def test_train_writes_the_run_directory(tiny_mnist, tmp_path):
     assert [r["epoch"] for r in evals] == [1, 2]
     assert evals[-1]["test_acc"] == summary["final_test_acc"]
 
-    ckpt = load_checkpoint(out / "checkpoint.pt")
+    ckpt = checkpoint.load(out / "checkpoint.pt")
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng"}
     assert ckpt["epoch"] == 2 and ckpt["step"] == 32
     meta = ckpt["model_meta"]
     assert meta["classes"] == [str(i) for i in range(10)] and meta["image_size"] == [28, 28]
-    best = load_checkpoint(out / "best.pt")
+    best = checkpoint.load(out / "best.pt")
     assert best["test_acc"] == summary["best_test_acc"]
 
 
@@ -55,10 +56,10 @@ def test_two_cpu_runs_with_one_seed_are_identical(tiny_mnist, tmp_path):
                          if k not in ("images_per_second", "train_seconds")}
                         for r in rs if r["type"] != "telemetry"]
     assert strip(read_metrics(runs[0])) == strip(read_metrics(runs[1]))
-    a, b = (load_checkpoint(r / "checkpoint.pt")["model"] for r in runs)
+    a, b = (checkpoint.load(r / "checkpoint.pt")["model"] for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=tmp_path / "c", seed=4, **FAST)
-    c = load_checkpoint(tmp_path / "c" / "checkpoint.pt")["model"]
+    c = checkpoint.load(tmp_path / "c" / "checkpoint.pt")["model"]
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 

@@ -1,5 +1,6 @@
 """Using a trained model: cnnlab eval, predict and export (and their bad inputs)."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,14 +15,16 @@ from conftest import write_cifar, write_folder, write_mnist
 from PIL import Image
 
 import cnnlab
+from cnnlab import checkpoint
+from cnnlab.checkpoint import ModelMeta, load_model
 from cnnlab.cli import main
 from cnnlab.data import load_dataset
 from cnnlab.data.loader import DeviceLoader
 from cnnlab.errors import CnnlabError
 from cnnlab.export import export_model, read_torchscript_metadata
-from cnnlab.inference import evaluate_checkpoint, load_model, predict_logits, preprocess
+from cnnlab.inference import evaluate_checkpoint, predict_logits, preprocess
 from cnnlab.predict import load_image, predict
-from cnnlab.runs import load_checkpoint, read_metrics, save_checkpoint
+from cnnlab.runs import read_metrics
 
 RUN_FILES = ("config.json", "env.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
              "summary.json", "loss.png", "accuracy.png")
@@ -57,12 +60,12 @@ def _snapshot(run: Path) -> dict:
 # ---------------------------------------------------------------- eval
 
 def test_preprocess_is_the_training_loaders_normalisation_bit_for_bit(trained):
-    _, meta, _ = load_model(trained.run)
+    meta = load_model(trained.run).meta
     images = torch.from_numpy(trained.x[:50])
     for normalize in (True, False):
-        m = meta | {"normalize": normalize}
+        m = dataclasses.replace(meta, normalize=normalize)
         loader = DeviceLoader(images, torch.from_numpy(trained.y[:50]), batch_size=50,
-                              mean=tuple(m["mean"]), std=tuple(m["std"]),
+                              mean=m.mean, std=m.std,
                               device=torch.device("cpu"), normalize=normalize)
         (x, _), = list(loader)
         assert torch.equal(preprocess(images, m), x)
@@ -115,7 +118,8 @@ def test_eval_with_tta_flip_on_a_model_trained_with_flips(tmp_path, capsys):
     folder = write_folder(tmp_path / "pets", size=16)
     cnnlab.train("lenet5", f"folder:{folder}", out=tmp_path / "f", epochs=1, batch_size=6,
                  augment="crop,flip", progress=False)
-    model, meta, _ = load_model(tmp_path / "f")
+    loaded = load_model(tmp_path / "f")
+    model, meta = loaded.model, loaded.meta
     data = load_dataset(f"folder:{folder}", "")
     x, y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
     flipped = ((model(preprocess(x, meta)) + model(preprocess(x.flip(3), meta))) / 2)
@@ -131,23 +135,23 @@ def test_eval_with_tta_flip_on_a_model_trained_with_flips(tmp_path, capsys):
 
 def _damaged(tmp_path: Path, run: Path) -> dict:
     """Checkpoint files that are not usable cnnlab checkpoints, by case name."""
-    good = load_checkpoint(run / "best.pt")
+    good = checkpoint.load(run / "best.pt")
     files = {}
     (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint")
     files["garbage"] = tmp_path / "garbage.pt"
     (tmp_path / "truncated.pt").write_bytes((run / "best.pt").read_bytes()[:2000])
     files["truncated"] = tmp_path / "truncated.pt"
-    save_checkpoint(tmp_path / "foreign.pt", {"state_dict": good["model"]})
+    checkpoint.save(tmp_path / "foreign.pt", {"state_dict": good["model"]})
     files["foreign"] = tmp_path / "foreign.pt"
-    save_checkpoint(tmp_path / "tensor.pt", torch.zeros(3))
+    checkpoint.save(tmp_path / "tensor.pt", torch.zeros(3))
     files["tensor"] = tmp_path / "tensor.pt"
-    save_checkpoint(tmp_path / "nometa.pt", {k: v for k, v in good.items() if k != "model_meta"})
+    checkpoint.save(tmp_path / "nometa.pt", {k: v for k, v in good.items() if k != "model_meta"})
     files["nometa"] = tmp_path / "nometa.pt"
     bad_meta = good["model_meta"] | {"num_classes": 5}
-    save_checkpoint(tmp_path / "badmeta.pt", good | {"model_meta": bad_meta})
+    checkpoint.save(tmp_path / "badmeta.pt", good | {"model_meta": bad_meta})
     files["badmeta"] = tmp_path / "badmeta.pt"
     weights = dict(good["model"]) | {"classifier.5.weight": torch.zeros(3, 84)}
-    save_checkpoint(tmp_path / "badweights.pt", good | {"model": weights})
+    checkpoint.save(tmp_path / "badweights.pt", good | {"model": weights})
     files["badweights"] = tmp_path / "badweights.pt"
     (tmp_path / "notarun").mkdir()
     files["notarun"] = tmp_path / "notarun"
@@ -211,13 +215,13 @@ def test_eval_bad_input_one_line_exit_2(trained, tmp_path, capsys, args, message
 def test_a_checkpoint_alone_is_enough(trained, tmp_path, capsys):
     """No run directory, no training config, no dataset: the checkpoint rebuilds the model
     and its preprocessing; eval then only needs to be told the data."""
-    ckpt = load_checkpoint(trained.run / "best.pt")
+    ckpt = checkpoint.load(trained.run / "best.pt")
     alone = tmp_path / "elsewhere" / "model.pt"
     alone.parent.mkdir()
-    save_checkpoint(alone, {"model": ckpt["model"], "model_meta": ckpt["model_meta"]})
-    model, meta, _ = load_model(alone)
-    assert meta["classes"] == [str(i) for i in range(10)] and meta["image_size"] == [28, 28]
-    assert meta["mean"] == [0.1307] and meta["std"] == [0.3081] and meta["name"] == "lenet5"
+    checkpoint.save(alone, {"model": ckpt["model"], "model_meta": ckpt["model_meta"]})
+    meta = load_model(alone).meta
+    assert meta.classes == tuple(str(i) for i in range(10)) and meta.image_size == (28, 28)
+    assert meta.mean == (0.1307,) and meta.std == (0.3081,) and meta.name == "lenet5"
     Image.fromarray(trained.x[0, 0]).save(tmp_path / "digit.png")
     assert predict(alone, [tmp_path / "digit.png"])[0]["top"][0]["label"] == str(trained.y[0])
     assert export_model(alone, "torchscript")["max_abs_diff"] <= 1e-4
@@ -253,14 +257,15 @@ def test_predict_png_and_jpeg_files_gives_their_labels(trained, tmp_path):
             assert len(probs) == 3 and probs == sorted(probs, reverse=True)
             assert 0 < sum(probs) <= 1 + 1e-5 and r["inverted"] is False
     # a PNG decodes to the very pixels: the same probabilities as the arrays themselves
-    model, meta, _ = load_model(trained.run)
+    loaded = load_model(trained.run)
+    model, meta = loaded.model, loaded.meta
     probs = predict_logits(model, torch.from_numpy(trained.x[:n]), meta).softmax(1)
     got = [r["top"][0]["probability"] for r in predict(trained.run, png)]
     assert got == pytest.approx(probs.max(1).values.tolist(), abs=1e-6)
 
 
 def test_predict_prepares_images_as_in_training(trained, tmp_path):
-    _, meta, _ = load_model(trained.run)
+    meta = load_model(trained.run).meta
     digit = trained.x[3, 0]
     Image.fromarray(digit).save(tmp_path / "gray.png")
     Image.fromarray(np.stack([digit] * 3, -1)).save(tmp_path / "rgb.png")
@@ -293,7 +298,7 @@ def test_predict_rgb_model_converts_grayscale_input(tmp_path):
     folder = write_folder(tmp_path / "pets", size=16)  # RGB, 3 classes, not MNIST-style
     cnnlab.train("lenet5", f"folder:{folder}", out=tmp_path / "f", epochs=1, batch_size=6,
                  progress=False)
-    _, meta, _ = load_model(tmp_path / "f")
+    meta = load_model(tmp_path / "f").meta
     Image.fromarray(np.full((40, 30), 250, np.uint8)).save(tmp_path / "light.png")
     arr, inverted = load_image(tmp_path / "light.png", meta)
     assert arr.shape == (3, 16, 16) and not inverted and (arr == 250).all()
@@ -391,7 +396,8 @@ def test_export_onnx_gives_the_same_logits_with_onnxruntime(trained, tmp_path):
     assert json.loads(props["classes"]) == sidecar["classes"]
     assert json.loads(props["cnnlab"])["preprocessing"] == sidecar["preprocessing"]
     # on real test images, at batch sizes other than the one exported with
-    model, meta, _ = load_model(trained.run)
+    loaded = load_model(trained.run)
+    model, meta = loaded.model, loaded.meta
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 7, 128):
         x = preprocess(torch.from_numpy(trained.x[:n]), meta)
@@ -410,14 +416,15 @@ def test_cli_export_torchscript_gives_the_same_logits(trained, tmp_path, capsys)
     assert code == 0, err
     assert stdout.strip() == str(out) and "max |logit difference|" in err[-1]
     loaded = torch.jit.load(str(out))
-    model, meta, _ = load_model(trained.run / "checkpoint.pt")
+    original = load_model(trained.run / "checkpoint.pt")
+    model, meta = original.model, original.meta
     for n in (1, 64):
         x = preprocess(torch.from_numpy(trained.x[:n]), meta)
         with torch.no_grad():
             assert (loaded(x) - model(x)).abs().max() <= 1e-4
     inside = read_torchscript_metadata(out)
     beside = json.loads((tmp_path / "exports" / "lenet.pt.json").read_text())
-    assert inside["classes"] == beside["classes"] == meta["classes"]
+    assert inside["classes"] == beside["classes"] == list(meta.classes)
     assert inside["preprocessing"] == beside["preprocessing"]
     assert beside["format"] == "torchscript" and beside["source"]["epoch"] == 3
     code, _, err = _cli(capsys, "export", trained.run, "--format", "torchscript")
@@ -488,7 +495,8 @@ def test_folder_datasets_decode_images_as_predict_does(tmp_path):
         assert im.mode.startswith("I")  # a 16-bit PNG
     files = folder_files(tmp_path / "train", ["a"], require_all=True)
     for channels, mode in ((1, "L"), (3, "RGB")):
-        meta = {"in_channels": channels, "image_size": [16, 16], "mean": [0.5] * channels}
+        meta = ModelMeta(name="lenet5", in_channels=channels, num_classes=1, image_size=(16, 16),
+                         classes=("a",), mean=(0.5,) * channels, std=(0.25,) * channels)
         x, _ = read_folder_split(files, mode=mode)
         for got, (path, _) in zip(x, files):
             assert np.array_equal(got, load_image(path, meta, invert="no")[0]), (mode, path)

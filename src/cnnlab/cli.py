@@ -3,80 +3,64 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from .config import AUGMENTS, OPTIMIZERS, POOLS, PRESETS, SCHEDULES
-from .errors import CnnlabError, Interrupted
+from .errors import INTERRUPTED, CnnlabError, Exit, Interrupted, one_line
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump
         print(f"cnnlab: error: {message} (see '{self.prog} --help')", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(Exit.BAD_INPUT)
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    """The options of `cnnlab train` after MODEL DATASET (shared with `cnnlab sweep`).
-    Every default is None: an option given beats the config file and the preset."""
-    p.add_argument("--preset", help=f"{' | '.join(PRESETS)} (default fast); seed = the "
-                   "report's exact settings")
-    p.add_argument("--config", help="TOML file with option values (keys as the option names)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", help=" | ".join(OPTIMIZERS))
-    p.add_argument("--lr", type=float, help="(peak) learning rate")
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", help=" | ".join(SCHEDULES))
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--augment", help=" | ".join(AUGMENTS))
-    p.add_argument("--pool", help=f"{' | '.join(POOLS)} (LeNet-5's pooling)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--log-every", type=int, help="log the mean training loss every N steps "
-                   "(default 100)")
-    p.add_argument("--data-dir", help="data root in torchvision's layout "
-                   "(default $CNNLAB_DATA, else ./data)")
-    p.add_argument("--no-download", dest="download", action="store_false", default=None,
-                   help="fail instead of downloading missing data")
-    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 or fp16 on GPUs, "
-                   "fp32 on CPU)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default on)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="one fused optimiser kernel for all parameters (default on; sgd, adam "
-                   "and adamw)")
-    p.add_argument("--ema", type=float, help="evaluate and save an exponential moving average "
-                   "of the weights with this decay per step, e.g. 0.999 (default 0 = off)")
-    p.add_argument("--tta", help="none | flip: score each test image and its mirror image "
-                   "(default flip where the fast preset trains with flips)")
-    p.add_argument("--checkpoint-every", help="N steps or N epochs, e.g. 500 or 1epoch "
-                   "(default 1epoch)")
-    p.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic algorithms (identical reruns, slower on GPU)")
-    p.add_argument("--detect-anomaly", action="store_true", default=None,
-                   help="find the operation that produced a NaN (slow)")
-    p.add_argument("--skip-bad-files", action="store_true", default=None,
-                   help="folder datasets: skip unreadable images instead of stopping")
-    p.add_argument("--sync-bn", action="store_true", default=None,
-                   help="under torchrun: batch-norm statistics over all ranks")
-    p.add_argument("--telemetry", type=float, help="seconds between utilisation samples "
-                   "(default 1, 0 = off)")
-    p.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also write TensorBoard event files")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    """One option per Config field a user may set (`cnnlab train` and `cnnlab sweep`), made
+    from the field's metadata. Every default is None: an option given beats the config file,
+    which beats the preset."""
+    from dataclasses import MISSING
+
+    from .config import ARGUMENT, OFF, ON, OPTIONS, SWITCH, option_name
+    from .results import format_value
+
+    types = {"int": int, "float": float, "str": str}
+    for o in OPTIONS.values():
+        if o.kind == ARGUMENT:
+            continue
+        flag, text = f"--{option_name(o.name)}", o.help
+        if o.kind not in (ON, OFF) and not any(o.default is x for x in (MISSING, None, False)):
+            text += f" (default {'on' if o.default is True else format_value(o.default)})"
+        if o.kind == SWITCH:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif o.kind == ON:
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        elif o.kind == OFF:
+            p.add_argument(f"--no-{flag[2:]}", dest=o.name, action="store_false", default=None,
+                           help=text)
+        else:
+            p.add_argument(flag, type=types[o.type], help=text,
+                           metavar="|".join(o.choices) if o.choices else None)
+
+
+def _names() -> tuple[str, str]:
+    """The MODEL and DATASET choices, from the registries."""
+    from .data.specs import SPECS
+    from .models import MODELS
+
+    return ", ".join(MODELS), ", ".join([*SPECS, "folder:PATH"])
 
 
 def _train_parser(sub) -> None:
+    models, datasets = _names()
     p = sub.add_parser(
         "train", help="train a model on a dataset",
-        description="Train MODEL (lenet5, resnet18) on DATASET (mnist, fashion-mnist, cifar10, "
-                    "folder:PATH). Options beat --config, which beats --preset.")
-    p.add_argument("model", nargs="?", help="lenet5 or resnet18")
-    p.add_argument("dataset", nargs="?", help="mnist, fashion-mnist, cifar10 or folder:PATH")
+        description=f"Train MODEL ({models}) on DATASET ({datasets}). Options beat --config, "
+                    "which beats --preset.")
+    p.add_argument("model", nargs="?", help=models)
+    p.add_argument("dataset", nargs="?", help=datasets)
+    p.add_argument("--config", help="TOML file with option values (keys as the option names)")
     add_train_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--out", help="run directory (default runs/<time>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
                    "last checkpoint (only safe options, e.g. --epochs, may change)")
@@ -97,13 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_options(args: argparse.Namespace) -> dict:
     """The config overrides among parsed arguments (those add_train_options defines)."""
-    from .config import FIELDS
+    from .config import ARGUMENT, OPTIONS
 
-    return {k: v for k, v in vars(args).items() if k in FIELDS and k not in ("model", "dataset")}
+    return {k: v for k, v in vars(args).items() if k in OPTIONS and OPTIONS[k].kind != ARGUMENT}
 
 
 def _train(args: argparse.Namespace) -> int:
     from . import train
+    from .distributed import env_rank
 
     if args.nproc is not None:
         return _launch_torchrun(args.nproc, args.argv)
@@ -111,17 +96,17 @@ def _train(args: argparse.Namespace) -> int:
         raise CnnlabError("train needs MODEL and DATASET (or --resume RUN_DIR)")
     summary = train(args.model, args.dataset, config=args.config, out=args.out,
                     resume=args.resume, progress=not args.quiet, **train_options(args))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     if rank != 0:  # under torchrun: one line per other rank, for comparison
         print(f"rank {rank}: final test accuracy {summary['final_test_acc']:.4f}%",
               file=sys.stderr)
-        return 0
+        return Exit.OK
     print(f"{summary['model']} on {summary['dataset']}: final test accuracy "
           f"{summary['final_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}% "
           f"(epoch {summary['best_epoch']}), {summary['train_seconds']:.1f} s training, "
           f"{summary['images_per_second']:,.0f} img/s on {summary['device']}", file=sys.stderr)
     print(summary["run_dir"])
-    return 0
+    return Exit.OK
 
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -176,7 +161,8 @@ def _use_parsers(sub) -> None:
     p = sub.add_parser(
         "predict", help="classify your own images",
         description="Top-k classes of each image (any format Pillow reads), prepared as in "
-                    "training. Exit status 1 if some files could not be read.")
+                    f"training. Exit status {Exit.SOME_FILES_UNREADABLE.value} if some files "
+                    "could not be read.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help=ckpt_help)
     p.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+")
     p.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
@@ -214,7 +200,7 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         print(format_eval(result))
     print(f"wrote {files['json']} and {files['png']}", file=sys.stderr)
-    return 0
+    return Exit.OK
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -232,7 +218,7 @@ def _predict(args: argparse.Namespace) -> int:
             print(format_prediction(r))
     if args.json:
         print(json.dumps(results))
-    return 1 if any("error" in r for r in results) else 0
+    return Exit.SOME_FILES_UNREADABLE if any("error" in r for r in results) else Exit.OK
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -244,21 +230,21 @@ def _export(args: argparse.Namespace) -> int:
           f"({info['parity']['checked_with']}); metadata in {info['metadata_path']}",
           file=sys.stderr)
     print(info["path"])
-    return 0
+    return Exit.OK
 
 
 def _sweep_parser(sub) -> None:
+    models, datasets = _names()
     p = sub.add_parser(
-        "sweep", help="train a grid of options times seeds", conflict_handler="resolve",
+        "sweep", help="train a grid of options times seeds",
         description="Train every point of a grid - the cross product of the --grid values, or "
                     "a sweep file's [grid] and points - for --seeds seeds, each run an ordinary "
                     "run directory under the sweep directory, then write results.csv, "
                     "results.md, accuracy.png and loss.png there. Running the same sweep again "
                     "skips finished runs and redoes an unfinished one. Options beat the sweep "
                     "file's [train] table, which beats --preset.")
-    p.add_argument("model", nargs="?", help="lenet5 or resnet18 (or the sweep file's)")
-    p.add_argument("dataset", nargs="?", help="mnist, fashion-mnist, cifar10 or folder:PATH")
-    add_train_options(p)
+    p.add_argument("model", nargs="?", help=f"{models} (or the sweep file's)")
+    p.add_argument("dataset", nargs="?", help=f"{datasets} (or the sweep file's)")
     p.add_argument("--config", metavar="SWEEP_TOML", help="sweep file: model, dataset, seeds, "
                    "[train] fixed options, [grid] value lists and/or points = [{...}, ...]")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -266,6 +252,8 @@ def _sweep_parser(sub) -> None:
                    "separate with ';' when values hold commas: 'augment=none;crop,flip'")
     p.add_argument("--seeds", type=int, help="runs per point, seeds seed, seed+1, ... "
                    "(default: the sweep file's, else 1)")
+    add_train_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--out", help="sweep directory (default sweeps/<sweep file name>, else "
                    "sweeps/<model>-<dataset>-<grid keys>)")
 
@@ -291,7 +279,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if result["verdict"]:
         print(result["verdict"], file=sys.stderr)
     print(out)
-    return 0
+    return Exit.OK
 
 
 def _report_parser(sub) -> None:
@@ -318,12 +306,12 @@ def _report(args: argparse.Namespace) -> int:
                            data_dir=args.data_dir, device=args.device)
     print(written["md"])
     print(written["html"])
-    return 0
+    return Exit.OK
 
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time-to-accuracy and throughput against the reference",
-                       description="Benchmark cnnlab against the report's pipeline "
+                       description="Benchmark cnnlab against the lab report's pipeline "
                        "(benchmarks/reference.py) and print a table; --out writes JSON.")
     p.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu")
     p.add_argument("--data-dir", help="data root holding MNIST/ (default $CNNLAB_DATA, "
@@ -335,41 +323,49 @@ def _bench_parser(sub) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
+    from .config import default_data_dir
 
-    data_dir = args.data_dir or os.environ.get("CNNLAB_DATA") or "data"
+    data_dir = default_data_dir(args.data_dir)
     run_bench(args.suite, data_dir, args.cifar_folder or f"{data_dir}/cifar10-jpeg", args.out)
-    return 0
+    return Exit.OK
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
-    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         return {"train": _train, "sweep": _sweep, "report": _report,
                 "eval": _eval, "predict": _predict,
                 "export": _export, "bench": _bench}[args.command](args)
     except Interrupted as e:
-        if main_rank:
+        from .distributed import env_rank
+
+        if env_rank() == 0:
             print(f"cnnlab: {e}", file=sys.stderr)
         return e.exit_code
     except CnnlabError as e:
-        print(f"cnnlab: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         print("cnnlab: stopped at once; the last checkpoint is intact", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("cnnlab: error: out of memory; lower --batch-size", file=sys.stderr)
-        return 2
+        return INTERRUPTED
     except OSError as e:  # a full disk, a folder we may not write to
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"cnnlab: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        if "out of memory" not in str(e) and "not enough memory" not in str(e):
+        return _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
             raise
-        print(f"cnnlab: error: out of memory on the device ({str(e).splitlines()[0][:120]});"
-              " lower --batch-size", file=sys.stderr)
-        return 2
+        return _fail(f"out of memory ({one_line(e, 120)}); lower --batch-size")
+
+
+def _fail(message: str, code: int = Exit.BAD_INPUT) -> int:
+    print(f"cnnlab: error: {message}", file=sys.stderr)
+    return code
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says memory ran out: MemoryError, torch's OutOfMemoryError (GPUs), or the
+    plain RuntimeError that torch's CPU allocator raises (known only by its text)."""
+    import torch
+
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        "DefaultCPUAllocator" in str(e) and "memory" in str(e))

@@ -2,6 +2,11 @@
 
 Precedence: command line > config file > preset. Everything a run did is in `Config`,
 which is written to the run directory and travels inside every checkpoint.
+
+Each field says once, in its metadata, what everything else needs to know about it: its
+help text, its choices, how the command line spells it, and its role - whether it changes
+what a run computes. The command-line options, the TOML keys, the validation of choices and
+what resumes, sweeps and reports compare are all made from that.
 """
 
 from __future__ import annotations
@@ -27,69 +32,159 @@ PRESETS = ("fast", "seed")
 POOLS = ("max", "avg")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TTAS = ("none", "flip")
-# Options a resumed run may change: they do not alter what is computed.
-RESUME_SAFE = ("epochs", "log_every", "checkpoint_every", "device", "data_dir", "download",
-               "telemetry", "tensorboard", "detect_anomaly", "compile")
+
+# Roles: what a field's value means for the result of a run.
+IDENTITY = "identity"  # which run it is (model, dataset, seed): named with the run
+RECIPE = "recipe"      # how it trains: changes the result; a results table lists it
+MACHINE = "machine"    # fits the run to the machine or the data at hand; may change the
+#                        result, but a results table does not list it
+RUNTIME = "runtime"    # where it runs and what it records: cannot change the result, so a
+#                        resumed run may change it and sweeps and reports do not compare it
+
+# How the command line spells a field.
+ARGUMENT = "argument"  # a positional argument (MODEL, DATASET), not an option or a TOML key
+VALUE = "value"        # --name VALUE
+SWITCH = "switch"      # --name / --no-name
+ON = "on"              # --name alone
+OFF = "off"            # --no-name alone
 
 
-@dataclass(frozen=True)
+def option(default: Any = dataclasses.MISSING, *, help: str, role: str = RECIPE,
+           choices: tuple[str, ...] = (), kind: str | None = None) -> Any:
+    """A Config field with its metadata. No default: the preset (or `resolve`) gives the
+    value. kind: how the command line spells it (default: SWITCH for bools, else VALUE)."""
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "role": role, "choices": choices,
+                                       "kind": kind})
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
-    model: str
-    dataset: str
-    preset: str = "fast"
-    epochs: int = 3
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    label_smoothing: float = 0.0
-    augment: str = "none"
-    normalize: bool = True
-    pool: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 100
-    eval_batch_size: int = 1000
-    precision: str = "auto"
-    channels_last: bool | None = None
-    compile: bool = False
-    fused: bool = True
-    ema: float = 0.0
-    tta: str = "none"
-    checkpoint_every: str = "1epoch"
-    deterministic: bool = False
-    detect_anomaly: bool = False
-    skip_bad_files: bool = False
-    sync_bn: bool = False
-    telemetry: float = 1.0
-    tensorboard: bool = False
-    data_dir: str = ""
-    download: bool = True
+    """Everything a run does. `resolve` builds it for a new run; a resumed run rebuilds it
+    from its checkpoint (`Config(**saved)`)."""
+
+    model: str = option(help="the model", role=IDENTITY, kind=ARGUMENT)
+    dataset: str = option(help="the dataset", role=IDENTITY, kind=ARGUMENT)
+    preset: str = option("fast", choices=PRESETS,
+                         help="fast = the shortest way to a good model, seed = the lab "
+                              "report's exact recipe; it gives the options not set otherwise")
+    epochs: int = option(help="passes over the training split")
+    batch_size: int = option(help="images per optimiser step (over all processes)")
+    optimizer: str = option(choices=OPTIMIZERS, help="the optimiser")
+    lr: float = option(help="(peak) learning rate")
+    momentum: float = option(help="SGD momentum")
+    nesterov: bool = option(help="Nesterov momentum (sgd)")
+    weight_decay: float = option(help="L2 penalty on the weights")
+    schedule: str = option(choices=SCHEDULES, help="learning-rate schedule")
+    label_smoothing: float = option(help="label smoothing of the loss, in [0, 1)")
+    augment: str = option(choices=AUGMENTS, help="training batches: random crops (4 pixels of "
+                                                 "padding) and/or mirror images")
+    normalize: bool = option(help="scale images by the dataset's mean and std")
+    pool: str | None = option(None, choices=POOLS, help="LeNet-5's pooling (default: the model's)")
+    seed: int = option(0, role=IDENTITY, help="random seed")
+    device: str = option("auto", role=RUNTIME, help="auto | cpu | cuda | cuda:N")
+    log_every: int = option(100, role=RUNTIME,
+                            help="log the mean training loss every N steps")
+    eval_batch_size: int = option(1000, role=MACHINE, help="images per evaluation batch")
+    precision: str = option("auto", choices=PRECISIONS,
+                            help="auto: bf16 or fp16 on GPUs, fp32 on CPU")
+    channels_last: bool | None = option(None, help="channels-last memory format (default on)")
+    compile: bool = option(False, role=RUNTIME, kind=ON, help="torch.compile the model")
+    fused: bool = option(True, help="one fused optimiser kernel for all parameters, with sgd, "
+                                    "adam and adamw")
+    ema: float = option(0.0, help="evaluate and save an exponential moving average of the "
+                                  "weights with this decay per step (e.g. 0.999; 0 = off)")
+    tta: str = option(choices=TTAS, help="flip: score each test image and its mirror image "
+                                         "(default flip where the fast preset trains with "
+                                         "flips)")
+    checkpoint_every: str = option("1epoch", role=RUNTIME,
+                                   help="N steps or N epochs, e.g. 500 or 1epoch")
+    deterministic: bool = option(False, kind=ON, help="deterministic algorithms (identical "
+                                                      "reruns, slower on GPU)")
+    detect_anomaly: bool = option(False, role=RUNTIME, kind=ON,
+                                  help="find the operation that produced a NaN (slow)")
+    skip_bad_files: bool = option(False, role=MACHINE, kind=ON,
+                                  help="folder datasets: skip unreadable images instead of "
+                                       "stopping")
+    sync_bn: bool = option(False, role=MACHINE, kind=ON,
+                           help="under torchrun: batch-norm statistics over all ranks")
+    telemetry: float = option(1.0, role=RUNTIME,
+                              help="seconds between utilisation samples (0 = off)")
+    tensorboard: bool = option(False, role=RUNTIME, kind=ON,
+                               help="also write TensorBoard event files")
+    data_dir: str = option(role=RUNTIME, help="data root in torchvision's layout (default "
+                                              "$CNNLAB_DATA, else ./data)")
+    download: bool = option(True, role=RUNTIME, kind=OFF,
+                            help="fail instead of downloading missing data")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+@dataclass(frozen=True)
+class Option:
+    """One Config field as the command line, TOML files, validation and reports see it."""
 
-# The report's recipe (SEED.md): ToTensor only, batch 64, SGD momentum 0.9, constant lr.
-_SEED = dict(batch_size=64, optimizer="sgd", momentum=0.9, nesterov=False, weight_decay=0.0,
-             schedule="constant", label_smoothing=0.0, augment="none", normalize=False)
-_SEED_LR_EPOCHS = {"mnist": (0.001, 64), "fashion-mnist": (0.001, 64), "cifar10": (0.01, 30)}
+    name: str
+    type: str                 # "int", "float", "bool" or "str"
+    nullable: bool            # None is a value: the model's or the trainer's own default
+    default: Any              # dataclasses.MISSING: the preset or `resolve` gives it
+    help: str
+    role: str
+    choices: tuple[str, ...]
+    kind: str                 # ARGUMENT, VALUE, SWITCH, ON or OFF
+
+
+def _option(f: dataclasses.Field) -> Option:
+    type_ = str(f.type).split(" ")[0]  # "str | None" -> "str"
+    kind = f.metadata["kind"] or (SWITCH if type_ == "bool" else VALUE)
+    return Option(f.name, type_, "None" in str(f.type), f.default, f.metadata["help"],
+                  f.metadata["role"], f.metadata["choices"], kind)
+
+
+OPTIONS: dict[str, Option] = {f.name: _option(f) for f in dataclasses.fields(Config)}
+
+
+def with_role(*roles: str) -> tuple[str, ...]:
+    """The names of the fields that have one of `roles`, in field order."""
+    return tuple(name for name, o in OPTIONS.items() if o.role in roles)
+
+
+# Fields whose values make two runs different runs (a sweep's finished run must match them;
+# a report compares them).
+COMPARED = with_role(IDENTITY, RECIPE, MACHINE)
+# Fields a results table lists as its settings.
+LISTED = with_role(RECIPE)
+# Options a resumed run may change: those that cannot change the result, and the epochs
+# (the trainer allows only more, and only with the constant schedule).
+RESUME_SAFE = (*with_role(RUNTIME), "epochs")
+
+
+def option_name(name: str) -> str:
+    """A field's name as an option and in messages: batch_size -> batch-size."""
+    return name.replace("_", "-")
+
+
+def field_name(key: str) -> str:
+    """An option or TOML key with '-' or '_' -> the field name it means (if any)."""
+    return str(key).strip().replace("-", "_")
+
+
+# The lab report's recipe (SEED.md): ToTensor only, batch 64, SGD momentum 0.9, constant lr.
+_LAB_RECIPE = dict(batch_size=64, optimizer="sgd", momentum=0.9, nesterov=False,
+                   weight_decay=0.0, schedule="constant", label_smoothing=0.0, augment="none",
+                   normalize=False)
+_LAB_LR_EPOCHS = {"mnist": (0.001, 64), "fashion-mnist": (0.001, 64), "cifar10": (0.01, 30)}
 
 # The shortest way to a good model. LeNet-5 / MNIST: >= 98.8% after one epoch and >= 99.0%
 # after two on a 2-core CPU (benchmarks/RESULTS.md). ResNet-18: a modern short GPU recipe.
-_FAST = {
-    "lenet5": dict(epochs=2, batch_size=64, optimizer="sgd", lr=0.1, momentum=0.9,
-                   nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1),
-    "resnet18": dict(epochs=20, batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9,
-                     nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1),
-    # fastnet (airbench-like): short, large-batch, strong label smoothing.
-    "fastnet": dict(epochs=10, batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9,
-                    nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.2),
+# fastnet (airbench-like): short, large-batch, strong label smoothing.
+_FAST_RECIPE = dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
+                    schedule="onecycle", normalize=True)
+_FAST_BY_MODEL = {
+    "lenet5": dict(epochs=2, batch_size=64, lr=0.1, label_smoothing=0.1),
+    "resnet18": dict(epochs=20, batch_size=512, lr=0.2, label_smoothing=0.1),
+    "fastnet": dict(epochs=10, batch_size=512, lr=0.2, label_smoothing=0.2),
 }
 
 
@@ -99,20 +194,25 @@ def flips(augment: str) -> bool:
 
 
 def preset_values(preset: str, model: str, dataset: str) -> dict[str, Any]:
-    """The values a preset gives for this model and dataset."""
+    """The values a preset gives for this model and dataset: every field without a default
+    but the model, the dataset, tta and data_dir (which `resolve` derives)."""
     if preset not in PRESETS:
         raise CnnlabError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     if preset == "seed":
-        lr, epochs = _SEED_LR_EPOCHS.get(dataset, (0.01, 30))
-        return dict(_SEED, lr=lr, epochs=epochs)
-    values = dict(_FAST.get(model, _FAST["resnet18"]))
+        lr, epochs = _LAB_LR_EPOCHS.get(dataset, (0.01, 30))
+        return dict(_LAB_RECIPE, lr=lr, epochs=epochs)
     # Crop+flip suits natural images; digits must not be mirrored, and folders opt in.
-    values["augment"] = "crop,flip" if dataset == "cifar10" else "none"
-    return values
+    return dict(_FAST_RECIPE, **_FAST_BY_MODEL.get(model, _FAST_BY_MODEL["resnet18"]),
+                augment="crop,flip" if dataset == "cifar10" else "none")
+
+
+def default_data_dir(value: str | os.PathLike | None = None) -> str:
+    """The data root as an absolute path: `value`, else $CNNLAB_DATA, else ./data."""
+    return os.path.abspath(value or os.environ.get("CNNLAB_DATA") or "data")
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a TOML config file into option values (keys may use '-' or '_')."""
+    """Read a TOML file into a dict whose top-level keys are field names ('-' -> '_')."""
     p = Path(path)
     try:
         with p.open("rb") as f:
@@ -121,27 +221,26 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise CnnlabError(f"config file not found: {p}") from None
     except tomllib.TOMLDecodeError as e:
         raise CnnlabError(f"config file {p} is not valid TOML: {e}") from None
-    return {k.replace("-", "_"): v for k, v in raw.items()}
+    return {field_name(k): v for k, v in raw.items()}
 
 
 def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = None,
             overrides: dict[str, Any] | None = None) -> Config:
-    """Build a validated Config: preset < file < overrides (None values are ignored)."""
+    """Build a validated Config for a new run: preset < file < overrides (None values are
+    ignored). Keys are field names."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     file_values = file_values or {}
-    preset = overrides.get("preset") or file_values.get("preset") or "fast"
+    preset = overrides.get("preset") or file_values.get("preset") or OPTIONS["preset"].default
     values: dict[str, Any] = preset_values(preset, model, dataset)
     for source, name in ((file_values, "config file"), (overrides, "option")):
         for key, value in source.items():
-            if key not in FIELDS or key in ("model", "dataset"):
+            if key not in OPTIONS or OPTIONS[key].kind == ARGUMENT:
                 raise CnnlabError(f"unknown {name} key '{key}'; see 'cnnlab train --help'")
-            values[key] = value
+            values[key] = typed_value(key, value)
     if "tta" not in values:  # the fast preset scores flip-trained models on both mirror images
-        with_flips = flips(str(values.get("augment", "")))
-        values["tta"] = "flip" if preset == "fast" and with_flips else "none"
-    if not values.get("data_dir"):
-        values["data_dir"] = os.environ.get("CNNLAB_DATA") or "data"
-    cfg = Config(model=model, dataset=dataset, **_coerce(values))
+        values["tta"] = "flip" if preset == "fast" and flips(values["augment"]) else "none"
+    values["data_dir"] = default_data_dir(values.get("data_dir"))
+    cfg = Config(model=model, dataset=dataset, **values)
     validate(cfg)
     return cfg
 
@@ -154,13 +253,13 @@ def typed_value(key: str, value: Any, *, what: str | None = None) -> Any:
     Config.`key`: int, float, bool (also from true/false, yes/no, 1/0, on/off) or str; None
     where the field allows it. Raises CnnlabError `<what>: <value> is not a <type>` (what:
     e.g. "grid lr"), or without `what`, `<option> must be <type>, got <value>`."""
-    kind = FIELDS[key].type.split(" ")[0]  # "int", "float", "bool", "str" ("str | None")
+    kind = OPTIONS[key].type
     if what:
         bad = CnnlabError(f"{what}: {value!r} is not {'an' if kind == 'int' else 'a'} {kind}")
     else:
-        bad = CnnlabError(f"{key.replace('_', '-')} must be {kind}, got {value!r}")
+        bad = CnnlabError(f"{option_name(key)} must be {kind}, got {value!r}")
     if value is None:
-        if "None" in FIELDS[key].type:
+        if OPTIONS[key].nullable:
             return None
         raise bad
     text = value.strip() if isinstance(value, str) else None
@@ -187,14 +286,10 @@ def typed_value(key: str, value: Any, *, what: str | None = None) -> Any:
     return number
 
 
-def _coerce(values: dict[str, Any]) -> dict[str, Any]:
-    return {key: typed_value(key, value) for key, value in values.items()}
-
-
 def _positive(cfg: Config, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) <= 0:
-            raise CnnlabError(f"--{name.replace('_', '-')} must be positive, "
+            raise CnnlabError(f"--{option_name(name)} must be positive, "
                               f"got {getattr(cfg, name)}")
 
 
@@ -214,14 +309,11 @@ def validate(cfg: Config) -> None:
     if cfg.pool is not None and "pool" not in inspect.signature(MODELS[cfg.model]).parameters:
         raise CnnlabError(f"model {cfg.model} has no option 'pool'")
     _positive(cfg, "epochs", "batch_size", "lr", "log_every", "eval_batch_size")
-    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": AUGMENTS,
-               "precision": PRECISIONS, "tta": TTAS}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise CnnlabError(f"unknown {name} '{getattr(cfg, name)}'; "
-                              f"choose one of {', '.join(allowed)}")
-    if cfg.pool is not None and cfg.pool not in POOLS:
-        raise CnnlabError(f"unknown pool '{cfg.pool}'; choose one of {', '.join(POOLS)}")
+    for o in OPTIONS.values():
+        value = getattr(cfg, o.name)
+        if o.choices and value not in o.choices and not (o.nullable and value is None):
+            raise CnnlabError(f"unknown {option_name(o.name)} '{value}'; "
+                              f"choose one of {', '.join(o.choices)}")
     if cfg.momentum < 0 or cfg.weight_decay < 0:
         raise CnnlabError("--momentum and --weight-decay must not be negative")
     if not 0 <= cfg.label_smoothing < 1:

@@ -55,13 +55,18 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun's environment gives it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU) and pin this
     rank to its GPU. Without torchrun's variables: one process, `device` unchanged."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or "RANK" not in os.environ:
         return Dist(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise CnnlabError(f"rank {rank} wants cuda:{local} but this machine has "

@@ -1,4 +1,5 @@
-"""The loop: one training epoch and one evaluation, nothing else (no file I/O).
+"""The pieces of the loop: the training step, the evaluation, and the state between steps
+(no file I/O; `trainer.train_epochs` is the loop that puts them together).
 
 The loss is read back to the host only at log steps, so the device never waits for Python
 inside the inner loop; everything needed to stop and resume mid-epoch lives in LoopState."""
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -33,6 +33,45 @@ class LoopState:
     best_acc: float = float("-inf")
     history: list[float] = field(default_factory=list)  # test accuracy per epoch
 
+    def count(self, loss: torch.Tensor, images: int) -> None:
+        """Account for one step: its loss joins the window on the device (no host sync)."""
+        loss = loss.double()
+        if self.window is None:
+            self.window = torch.zeros(2, device=loss.device, dtype=torch.float64)
+        self.window += torch.stack((loss, (~torch.isfinite(loss)).double()))
+        self.step += 1
+        self.batch += 1
+        self.window_steps += 1
+        self.images += images
+
+    def end_epoch(self, accuracy: float) -> bool:
+        """Record the epoch's test accuracy and move to the next epoch; True if it is the
+        best so far."""
+        best = accuracy > self.best_acc
+        self.history.append(accuracy)
+        self.best_acc = max(self.best_acc, accuracy)
+        self.epoch, self.batch, self.order = self.epoch + 1, 0, None
+        return best
+
+    def take_window(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+                    ) -> float:
+        """The mean loss since the last call (the one host sync of a log step); raises
+        TrainingDiverged if any of those losses was NaN or infinite."""
+        loss_sum, bad = reduce(self.window).tolist()
+        self.check_finite(bad)
+        mean = loss_sum / max(1, self.window_steps)
+        self.window.zero_()
+        self.window_steps = 0
+        return mean
+
+    def check_finite(self, bad: float) -> None:
+        """Stop with the step and the likely cause if a loss was NaN or infinite."""
+        if bad:
+            raise TrainingDiverged(
+                f"the training loss became NaN or infinite by step {self.step} (epoch "
+                f"{self.epoch}); the learning rate is probably too high - try a smaller --lr "
+                "(--detect-anomaly finds the operation)")
+
 
 class Precision:
     """Autocast and gradient scaling for fp32, bf16 or fp16 (fp16 with a GradScaler)."""
@@ -47,15 +86,6 @@ class Precision:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-            self.scaler.update()
 
 
 class WeightEMA:
@@ -79,70 +109,46 @@ class WeightEMA:
         torch._foreach_lerp_(self._average, self._source, 1.0 - decay)
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,
-                    state: LoopState, *, precision: Precision, log_every: int,
-                    log: Callable[[dict], None],
-                    reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-                    after_step: Callable[[LoopState], bool] = lambda s: False,
-                    ema: WeightEMA | None = None) -> bool:
-    """Train over `batches`, advancing `state`; `log` a `train` record every `log_every`
-    steps. Returns True if `after_step` asked to stop before the epoch's end."""
-    model.train()
-    if state.window is None:
-        state.window = torch.zeros(2, device=next(model.parameters()).device,
-                                   dtype=torch.float64)
-    window_images, window_start = 0, time.perf_counter()
-    for x, y in batches:
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def make_train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision
+                    ) -> Callable[[Batch], torch.Tensor]:
+    """`train_step(batch) -> loss`: forward, loss, backward, optimiser and lr-schedule step on
+    one batch. The device work of training and nothing else: it never reads a value back to
+    the host, so the caller decides when to wait for the device (log steps)."""
+    scaler = precision.scaler
+
+    def train_step(batch: Batch) -> torch.Tensor:
+        x, y = batch
         with precision.autocast():
-            loss = criterion(model(x), y)
+            loss = criterion(net(x), y)
         optimizer.zero_grad(set_to_none=True)
-        precision.backward_step(loss, optimizer)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # fp16: scale the loss so that small gradients do not underflow
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
-        loss = loss.detach().double()
-        state.window += torch.stack((loss, (~torch.isfinite(loss)).double()))
-        state.step += 1
-        if ema is not None:
-            ema.update(state.step)
-        state.batch += 1
-        state.window_steps += 1
-        state.images += len(y)
-        window_images += len(y)
-        if state.step % log_every == 0:
-            loss_sum, bad = reduce_mean(state.window).tolist()  # the only host sync here
-            check_finite(bad, state)
-            now = time.perf_counter()
-            log({"type": "train", "step": state.step, "epoch": state.epoch,
-                 "loss": loss_sum / state.window_steps, "lr": optimizer.param_groups[0]["lr"],
-                 "images_per_second": window_images / (now - window_start)})
-            state.window.zero_()
-            state.window_steps = window_images = 0
-            window_start = now
-        if after_step(state):
-            return True
-    return False
+        return loss.detach()
+
+    return train_step
 
 
-def check_finite(bad: float, state: LoopState) -> None:
-    """Stop with the step and the likely cause if a loss since the last check was NaN/inf."""
-    if bad:
-        raise TrainingDiverged(
-            f"the training loss became NaN or infinite by step {state.step} (epoch "
-            f"{state.epoch}); the learning rate is probably too high - try a smaller --lr "
-            "(--detect-anomaly finds the operation)")
-
-
-def scores(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+def logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
     """The model's fp32 logits for `x`; `tta_flip`: the mean of those of each image and its
     mirror image."""
-    logits = model(x).float()
+    out = model(x).float()
     if tta_flip:
-        logits = (logits + model(x.flip(3)).float()) / 2
-    return logits
+        out = (out + model(x.flip(3)).float()) / 2
+    return out
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+def evaluate(model: nn.Module, batches: Iterable[Batch], *,
              precision: Precision | None = None, tta_flip: bool = False,
              reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
     """Test loss (plain cross-entropy) and accuracy in percent, summed over all ranks;
@@ -152,9 +158,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for x, y in batches:
         with precision.autocast() if precision else contextlib.nullcontext():
-            logits = scores(model, x, tta_flip)
-        totals[0] += F.cross_entropy(logits, y, reduction="sum")
-        totals[1] += (logits.argmax(1) == y).sum()
+            out = logits(model, x, tta_flip)
+        totals[0] += F.cross_entropy(out, y, reduction="sum")
+        totals[1] += (out.argmax(1) == y).sum()
         totals[2] += len(y)
     loss_sum, correct, total = reduce_sum(totals).tolist()
     return {"loss": loss_sum / total, "accuracy": 100.0 * correct / total}

@@ -1,4 +1,4 @@
-"""The machine a run ran on: the record the report kept as a container screenshot."""
+"""The machine a run ran on: the record the lab report kept as a container screenshot."""
 
 from __future__ import annotations
 

@@ -1,21 +1,53 @@
-"""The exceptions users see: a message that says what is wrong and how to fix it."""
+"""The exceptions users see, and the one table of exit statuses the `cnnlab` command uses."""
+
+from __future__ import annotations
+
+import signal
+from enum import IntEnum
+
+
+class Exit(IntEnum):
+    """Every exit status of `cnnlab` (README: "When things go wrong")."""
+
+    OK = 0
+    SOME_FILES_UNREADABLE = 1  # `predict`: some images could not be read, the others were
+    BAD_INPUT = 2              # bad input or environment (also a full disk, out of memory)
+    DIVERGED = 3               # the loss became NaN or infinite
+    SIGNALLED = 128            # + the signal number: 130 SIGINT, 143 SIGTERM
+
+    @staticmethod
+    def for_signal(signum: int) -> int:
+        """The status of a run stopped by signal `signum`, as a shell reports it."""
+        return Exit.SIGNALLED + signum
+
+
+INTERRUPTED = Exit.for_signal(signal.SIGINT)
 
 
 class CnnlabError(Exception):
     """Bad input or environment. The CLI prints it as one line and exits with `exit_code`."""
 
-    exit_code = 2
+    exit_code: int = Exit.BAD_INPUT
 
 
 class TrainingDiverged(CnnlabError):
     """The loss became NaN or infinite."""
 
-    exit_code = 3
+    exit_code = Exit.DIVERGED
 
 
 class Interrupted(CnnlabError):
-    """Stopped by SIGINT (exit 130) or SIGTERM (exit 143) after writing a checkpoint."""
+    """Stopped by a signal (SIGINT: exit 130, SIGTERM: 143) after writing a checkpoint."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.signum = signum
+        self.exit_code = Exit.for_signal(signum)
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (whitespace and line breaks collapsed) of at most
+    `limit` characters, or its type's name when it has no message: for quoting a library's
+    error inside one of ours."""
+    text = " ".join(str(error).split())
+    return text[:limit] if text else type(error).__name__

@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,11 +18,13 @@ import torch
 from torch import nn
 
 from . import __version__
+from .checkpoint import ModelMeta, Trained, load_model
 from .data.loader import mean_std
-from .errors import CnnlabError
-from .inference import checkpoint_path, load_model, preprocess
+from .errors import CnnlabError, one_line
+from .files import temp_file, write_synced
+from .inference import preprocess
 from .predict import light_on_dark
-from .runs import _UMASK, RUN_FILES
+from .runs import RUN_FILES
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -31,26 +32,25 @@ TOLERANCE = 1e-4
 _CHECK_BATCHES = (16, 1)  # parity on a batch and on a single image: the batch axis is free
 
 
-def export_metadata(meta: dict, fmt: str, ckpt: dict, source: Path) -> dict:
+def export_metadata(trained: Trained, fmt: str) -> dict:
     """Everything a user of the exported file needs besides the file itself."""
-    c, (h, w) = int(meta["in_channels"]), (int(s) for s in meta["image_size"])
-    normalize = bool(meta.get("normalize", True))
-    mean, std = mean_std(meta["mean"], meta["std"], normalize)
+    meta = trained.meta
+    c, (h, w) = meta.in_channels, meta.image_size
+    normalize = meta.normalize
+    mean, std = mean_std(meta.mean, meta.std, normalize)
     return {
-        "format": fmt, "model": meta["name"], "options": meta.get("options", {}),
-        "classes": list(meta["classes"]),
+        "format": fmt, "model": meta.name, "options": meta.options,
+        "classes": list(meta.classes),
         "input": {"name": "input", "dtype": "float32", "shape": ["batch", c, h, w]},
-        "output": {"name": "logits", "dtype": "float32",
-                   "shape": ["batch", int(meta["num_classes"])]},
+        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", meta.num_classes]},
         "preprocessing": {
             "color_mode": "L" if c == 1 else "RGB", "size": [h, w],
             "formula": "input = (pixel / 255 - mean) / std, per channel",
             "mean": mean, "std": std, "normalize": normalize,
             "invert_light_background": light_on_dark(meta),
         },
-        "source": {"checkpoint": source.name, "epoch": ckpt.get("epoch"),
-                   "test_acc": ckpt.get("test_acc"),
-                   "dataset": (ckpt.get("config") or {}).get("dataset")},
+        "source": {"checkpoint": trained.path.name, "epoch": trained.epoch,
+                   "test_acc": trained.test_acc, "dataset": trained.config.get("dataset")},
         "cnnlab_version": __version__, "torch_version": torch.__version__,
     }
 
@@ -69,20 +69,20 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
         raise CnnlabError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         _require_onnx()
-    source = checkpoint_path(checkpoint)
-    model, meta, ckpt = load_model(source, "cpu")
+    trained = load_model(checkpoint, "cpu")
+    model, source = trained.model, trained.path
     out = Path(out) if out else default_output(source, fmt)
     sidecar = out.with_name(out.name + ".json")
     _check_output(out, sidecar, source)
-    info = export_metadata(meta, fmt, ckpt, source)
-    inputs = _sample_inputs(meta)
+    info = export_metadata(trained, fmt)
+    inputs = _sample_inputs(trained.meta)
     with torch.no_grad():
         expected = [model(x) for x in inputs]
     temps: list[Path] = []
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        temps.append(_temp_file(out))
-        temps.append(_temp_file(sidecar))
+        temps.append(temp_file(out))
+        temps.append(temp_file(sidecar))
     except OSError as e:
         for path in temps:
             path.unlink(missing_ok=True)
@@ -107,7 +107,7 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
                           "checked_with": checked_with, "batch_sizes": list(_CHECK_BATCHES)}
         info["file"] = out.name
         try:  # both files complete beside their places before either is moved into it
-            _write_temp(tmp_sidecar, (json.dumps(info, indent=2) + "\n").encode())
+            write_synced(tmp_sidecar, (json.dumps(info, indent=2) + "\n").encode())
             os.replace(tmp, out)
             os.replace(tmp_sidecar, sidecar)
         except OSError as e:
@@ -116,24 +116,6 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
         tmp.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
     return info | {"path": str(out), "metadata_path": str(sidecar), "max_abs_diff": diff}
-
-
-def _temp_file(path: Path) -> Path:
-    """An empty temporary file beside `path` (the same file system: os.replace is atomic),
-    with the usual permissions (mkstemp makes 0600)."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-    finally:
-        os.close(fd)
-    return Path(name)
-
-
-def _write_temp(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _require_onnx() -> None:
@@ -166,10 +148,10 @@ def _earlier_export(sidecar: Path) -> bool:
     return isinstance(info, dict) and info.get("format") in FORMATS and "cnnlab_version" in info
 
 
-def _sample_inputs(meta: dict) -> list[torch.Tensor]:
+def _sample_inputs(meta: ModelMeta) -> list[torch.Tensor]:
     """Normalised inputs from random uint8 images: the value range real images have."""
     g = torch.Generator().manual_seed(0)
-    c, (h, w) = int(meta["in_channels"]), (int(s) for s in meta["image_size"])
+    c, (h, w) = meta.in_channels, meta.image_size
     return [preprocess(torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8),
                        meta) for n in _CHECK_BATCHES]
 
@@ -197,12 +179,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, info: dict, path: Path
     except CnnlabError:
         raise
     except Exception as e:  # the exporter raises many types
-        raise CnnlabError(f"ONNX export of {info['model']} failed: "
-                          f"{' '.join(str(e).split())[:300]}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
+        raise CnnlabError(f"ONNX export of {info['model']} failed: {one_line(e)}") from None
 
 
 def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -213,7 +190,7 @@ def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
                 for x in inputs]
     except Exception as e:  # onnxruntime raises its own exception types
-        raise CnnlabError(f"onnxruntime cannot run the ONNX export: {_one_line(e)}") from None
+        raise CnnlabError(f"onnxruntime cannot run the ONNX export: {one_line(e)}") from None
 
 
 def _export_torchscript(model: nn.Module, info: dict, example: torch.Tensor,
@@ -226,7 +203,7 @@ def _export_torchscript(model: nn.Module, info: dict, example: torch.Tensor,
                 scripted = torch.jit.trace(model, example)
             except Exception as e:  # tracing raises many types
                 raise CnnlabError(f"TorchScript export of {info['model']} failed: neither "
-                                  f"scripting nor tracing works ({_one_line(e)})") from None
+                                  f"scripting nor tracing works ({one_line(e)})") from None
         torch.jit.save(scripted, str(path), _extra_files={"cnnlab.json": json.dumps(info)})
 
 
@@ -238,7 +215,7 @@ def _run_torchscript(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tenso
             return [loaded(x) for x in inputs]
     except Exception as e:  # torch.jit raises many types
         raise CnnlabError(f"the TorchScript export cannot be loaded and run: "
-                          f"{_one_line(e)}") from None
+                          f"{one_line(e)}") from None
 
 
 def read_torchscript_metadata(path: str | Path) -> dict:
@@ -248,5 +225,5 @@ def read_torchscript_metadata(path: str | Path) -> dict:
         with _quiet():
             torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as e:  # torch.jit raises many types
-        raise CnnlabError(f"cannot load TorchScript file {path}: {_one_line(e)}") from None
+        raise CnnlabError(f"cannot load TorchScript file {path}: {one_line(e)}") from None
     return json.loads(extra["cnnlab.json"])

@@ -1,127 +1,54 @@
-"""Use a trained model: load it from a checkpoint alone, preprocess like training did, and
-score it on a labelled split (accuracy, loss, per-class precision/recall, confusion).
-
-A checkpoint's `model_meta` holds everything needed to rebuild the model and its
-preprocessing (model name and options, input channels and size, classes, mean/std), so
-loading a model needs neither the training config nor the dataset."""
+"""Use a trained model: prepare its input as training did and score it on a labelled split
+(accuracy, loss, per-class precision/recall, confusion). Models are loaded from checkpoints
+alone (`checkpoint.load_model`): neither the training config nor the dataset is needed."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TTAS, flips
-from .engine import scores
+from . import checkpoint
+from .checkpoint import ModelMeta
+from .config import OPTIONS, TTAS, default_data_dir, flips
+from .engine import logits
 from .errors import CnnlabError
-from .models import create_model
-from .runs import RUN_FILES, load_checkpoint, write_json
+from .files import safe_name, write_json
+from .runs import RUN_FILES
 
 SPLITS = ("test", "train")
-_META_KEYS = ("name", "in_channels", "num_classes", "image_size", "classes", "mean", "std")
 
 
-def checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's best.pt (else its checkpoint.pt)."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.pt", "checkpoint.pt"):
-            if (p / name).is_file():
-                return p / name
-        if (p / "config.json").is_file():
-            raise CnnlabError(f"run directory {p} has no checkpoint yet (best.pt or "
-                              "checkpoint.pt); did its training stop before the first epoch "
-                              "ended?")
-        raise CnnlabError(f"{p} holds no best.pt or checkpoint.pt; is it a run directory?")
-    if not p.exists():
-        raise CnnlabError(f"no checkpoint or run directory at {p}")
-    if not p.is_file():
-        raise CnnlabError(f"{p} is not a checkpoint file or a run directory")
-    return p
-
-
-def check_meta(meta: object, path: str | Path) -> dict:
-    """The checkpoint's model_meta, checked to be complete and consistent."""
-    if not isinstance(meta, dict):
-        raise CnnlabError(f"{path} is not a cnnlab checkpoint (no model_meta); give a "
-                          "checkpoint or run directory written by `cnnlab train`")
-    missing = [k for k in _META_KEYS if k not in meta]
-    if missing:
-        raise CnnlabError(f"{path} is an incomplete cnnlab checkpoint: model_meta lacks "
-                          f"{', '.join(missing)}")
-    c, n = meta["in_channels"], meta["num_classes"]
-    try:
-        size_ok = len(meta["image_size"]) == 2 and all(int(s) > 0 for s in meta["image_size"])
-        ok = (size_ok and int(c) > 0 and len(meta["classes"]) == int(n)
-              and len(meta["mean"]) == len(meta["std"]) == int(c))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise CnnlabError(f"{path} has inconsistent model_meta (channels {c}, classes {n}, "
-                          f"image size {meta['image_size']}, {len(meta['classes'])} class "
-                          "names, mean/std per channel); the checkpoint is damaged")
-    return meta
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"
-               ) -> tuple[nn.Module, dict, dict]:
-    """(model in eval mode, model_meta, checkpoint) from a checkpoint or run directory."""
-    file = checkpoint_path(path)
-    ckpt = load_checkpoint(file, map_location=device)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CnnlabError(f"{file} is not a cnnlab checkpoint (no model weights and "
-                          "model_meta); give a checkpoint or run directory written by "
-                          "`cnnlab train`")
-    meta = check_meta(ckpt.get("model_meta"), file)
-    model = create_model(meta["name"], in_channels=int(meta["in_channels"]),
-                         num_classes=int(meta["num_classes"]),
-                         image_size=tuple(meta["image_size"]), **meta.get("options", {}))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CnnlabError(f"{file}: the stored weights do not fit {meta['name']} "
-                          f"({first[:200]}); the checkpoint is damaged") from None
-    return model.to(device).eval(), meta, ckpt
-
-
-def normalization(meta: dict, device: str | torch.device = "cpu"
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) with x_norm = x * scale + shift for uint8 pixels x: training's
-    (x / 255 - mean) / std, computed by the function the training loader uses."""
-    from .data.loader import normalization as loader_normalization
-
-    return loader_normalization(meta["mean"], meta["std"], meta.get("normalize", True), device)
-
-
-def preprocess(images: torch.Tensor, meta: dict) -> torch.Tensor:
+def preprocess(images: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
     """uint8 (N, C, H, W) -> the float input the model was trained on (bit for bit what
-    the training loader feeds the model)."""
-    scale, shift = normalization(meta, images.device)
+    the training loader feeds the model: the same normalisation function)."""
+    from .data.loader import normalization
+
+    scale, shift = normalization(meta.mean, meta.std, meta.normalize, images.device)
     return torch.addcmul(shift, images.float(), scale)
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, meta: dict, *,
+def predict_logits(model: nn.Module, images: torch.Tensor, meta: ModelMeta, *,
                    batch_size: int = 1000, tta_flip: bool = False) -> torch.Tensor:
     """Logits for uint8 images, in batches; `tta_flip` averages with the mirrored images."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size].to(device), meta)
-        out.append(scores(model, x, tta_flip).cpu())
-    return torch.cat(out) if out else torch.empty(0, meta["num_classes"])
+        out.append(logits(model, x, tta_flip).cpu())
+    return torch.cat(out) if out else torch.empty(0, meta.num_classes)
 
 
-def score(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor,
+                           classes: list[str] | tuple[str, ...]) -> dict:
     """Accuracy (%), mean cross-entropy, per-class precision/recall and the confusion matrix
     (rows: true class, columns: predicted class)."""
     n = len(classes)
     labels = labels.long()
-    pred = logits.argmax(1)
+    pred = scores.argmax(1)
     confusion = torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
     tp = confusion.diag().double()
     predicted, actual = confusion.sum(0).double(), confusion.sum(1).double()
@@ -129,7 +56,7 @@ def score(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dic
                   "recall": _pct(tp[i], actual[i]), "support": int(actual[i])}
                  for i, c in enumerate(classes)]
     return {"accuracy": 100.0 * tp.sum().item() / max(1, len(labels)),
-            "loss": F.cross_entropy(logits, labels).item() if len(labels) else float("nan"),
+            "loss": F.cross_entropy(scores, labels).item() if len(labels) else float("nan"),
             "per_class": per_class, "confusion": confusion.tolist()}
 
 
@@ -139,13 +66,7 @@ def _pct(num: torch.Tensor, den: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- cnnlab eval
 
-def trained_with_flip(ckpt: dict) -> bool:
-    """Whether the checkpoint's training used random horizontal flips."""
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    return flips(str(config.get("augment") or ""))
-
-
-def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None,
+def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = None,
                         split: str = "test", data_dir: str | Path | None = None,
                         download: bool = True, tta: str | None = None,
                         batch_size: int | None = None,
@@ -167,13 +88,12 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None,
                           f"{', '.join(TTAS)}")
     if batch_size is not None and batch_size <= 0:
         raise CnnlabError(f"--batch-size must be positive, got {batch_size}")
-    file = checkpoint_path(checkpoint)
-    model, meta, ckpt = load_model(file, device)
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    trained = checkpoint.load_model(checkpoint_or_run, device)
+    file, meta, config = trained.path, trained.meta, trained.config
     if tta is None:  # as training scored the model
         tta = config.get("tta") if config.get("tta") in TTAS else "none"
     tta = None if tta == "none" else tta
-    if tta == "flip" and not trained_with_flip(ckpt):
+    if tta == "flip" and not flips(str(config.get("augment") or "")):
         raise CnnlabError(f"--tta flip: {file} was not trained with flips (augment "
                           f"'{config.get('augment', 'unknown')}'); mirrored images are new to "
                           "it, so flip averaging would not measure the model; drop --tta")
@@ -182,52 +102,51 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None,
         raise CnnlabError(f"{file} does not say which dataset it was trained on; "
                           "give --dataset")
     if data is None:
-        if data_dir is None:
-            data_dir = config.get("data_dir") or "data"
+        data_dir = data_dir or config.get("data_dir") or default_data_dir()
         data = load_dataset(dataset, data_dir, download=download)
     check_fits(data, meta, dataset)
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     if len(y) == 0:
         raise CnnlabError(f"{dataset} has no {split} images")
-    batch_size = batch_size or int(config.get("eval_batch_size") or 1000)
-    logits = predict_logits(model, torch.from_numpy(x), meta, batch_size=batch_size,
+    batch_size = batch_size or int(config.get("eval_batch_size")
+                                   or OPTIONS["eval_batch_size"].default)
+    scores = predict_logits(trained.model, torch.from_numpy(x), meta, batch_size=batch_size,
                             tta_flip=tta == "flip")
-    result = score(logits, torch.from_numpy(y), meta["classes"])
-    return {"checkpoint": str(file), "model": meta["name"], "epoch": ckpt.get("epoch"),
+    result = classification_metrics(scores, torch.from_numpy(y), meta.classes)
+    return {"checkpoint": str(file), "model": meta.name, "epoch": trained.epoch,
             "dataset": dataset, "split": split, "tta": tta, "images": len(y),
-            "classes": list(meta["classes"]), **result}
+            "classes": list(meta.classes), **result}
 
 
 class DataMismatch(CnnlabError):
     """The images or classes of a dataset are not those the model was trained on."""
 
 
-def check_fits(data, meta: dict, dataset: str) -> None:
+def check_fits(data, meta: ModelMeta, dataset: str) -> None:
     """Refuse a dataset whose images or classes are not those the model was trained on."""
     shape = (data.channels, *data.image_size)
-    expected = (int(meta["in_channels"]), *(int(s) for s in meta["image_size"]))
+    expected = (meta.in_channels, *meta.image_size)
     if shape != expected:
         raise DataMismatch(f"{dataset} has {_shape(shape)} images but the model takes "
                            f"{_shape(expected)}; evaluate it on the dataset it was trained on")
-    if list(data.classes) != list(meta["classes"]):
+    if list(data.classes) != list(meta.classes):
         raise DataMismatch(f"{dataset} has classes {_names(data.classes)} but the model was "
-                           f"trained on {_names(meta['classes'])}")
+                           f"trained on {_names(meta.classes)}")
 
 
 def _shape(shape: tuple[int, ...]) -> str:
     return f"{shape[0]}x{shape[1]}x{shape[2]} (channels x height x width)"
 
 
-def _names(classes: list[str], limit: int = 12) -> str:
+def _names(classes: list[str] | tuple[str, ...], limit: int = 12) -> str:
     shown = ", ".join(classes[:limit])
     return f"[{shown}{', ...' if len(classes) > limit else ''}] ({len(classes)})"
 
 
 def eval_stem(result: dict) -> str:
     """The name the evaluation's files share: eval-<checkpoint>-<dataset>-<split>[-tta]."""
-    name = result["dataset"].removeprefix("folder:").rstrip("/\\")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name).name or "folder").strip("-.")
-    stem = f"{Path(result['checkpoint']).stem}-{name or 'folder'}-{result['split']}"
+    name = Path(result["dataset"].removeprefix("folder:").rstrip("/\\")).name
+    stem = f"{Path(result['checkpoint']).stem}-{safe_name(name, 'folder')}-{result['split']}"
     return stem + (f"-tta-{result['tta']}" if result.get("tta") else "")
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runs import atomic_write, read_metrics
+from .files import atomic_write
+from .runs import read_metrics
 
 
 def _figure(figsize: tuple[float, float], dpi: int = 110):

@@ -15,30 +15,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import ModelMeta, load_model
 from .data.readers import IMAGE_SUFFIXES, decode_image
-from .errors import CnnlabError
-from .inference import load_model, predict_logits
+from .errors import CnnlabError, one_line
+from .inference import predict_logits
 
 INVERTS = ("auto", "yes", "no")
 
 
-def light_on_dark(meta: dict) -> bool:
+def light_on_dark(meta: ModelMeta) -> bool:
     """Whether the model was trained on grayscale images with a dark background."""
-    return int(meta["in_channels"]) == 1 and float(meta["mean"][0]) < 0.5
+    return meta.in_channels == 1 and meta.mean[0] < 0.5
 
 
-def load_image(path: str | Path, meta: dict, invert: str = "auto") -> tuple[np.ndarray, bool]:
+def load_image(path: str | Path, meta: ModelMeta, invert: str = "auto"
+               ) -> tuple[np.ndarray, bool]:
     """Any image Pillow reads -> (uint8 array (C, H, W) as the model takes it, inverted?).
     Raises CnnlabError naming the file when it cannot be read."""
-    channels = int(meta["in_channels"])
+    channels = meta.in_channels
     if channels not in (1, 3):
         raise CnnlabError(f"the model takes {channels}-channel images; only grayscale (1) "
                           "and RGB (3) images can be prepared for it")
-    height, width = (int(s) for s in meta["image_size"])
+    height, width = meta.image_size
     try:
         arr = decode_image(path, "L" if channels == 1 else "RGB", (width, height))
     except Exception as e:  # Pillow raises many types for bad files; all mean the same here
-        raise CnnlabError(f"cannot read image {path}: {_one_line(e)}") from None
+        raise CnnlabError(f"cannot read image {path}: {one_line(e)}") from None
     flip = invert == "yes" or (invert == "auto" and light_on_dark(meta)
                                and _border_mean(arr) > 127.5)
     return (255 - arr if flip else arr).copy(), flip
@@ -48,11 +50,6 @@ def _border_mean(arr: np.ndarray) -> float:
     gray = arr.astype(np.float64).mean(0)
     border = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
     return float(border.mean())
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] if text else type(e).__name__
 
 
 def collect_images(inputs: Iterable[str | Path]) -> list[tuple[str, str | None]]:
@@ -88,11 +85,12 @@ def predict(checkpoint: str | Path, inputs: Iterable[str | Path], *, top_k: int 
         raise CnnlabError(f"unknown --invert '{invert}'; choose one of {', '.join(INVERTS)}")
     if batch_size <= 0:
         raise CnnlabError(f"--batch-size must be positive, got {batch_size}")
-    model, meta, _ = load_model(checkpoint, device)
+    trained = load_model(checkpoint, device)
+    meta = trained.meta
     entries = collect_images(inputs)
     if not entries:
         raise CnnlabError("no images given")
-    classes = list(meta["classes"])
+    classes = meta.classes
     k = min(top_k, len(classes))
     results: list[dict] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -102,7 +100,8 @@ def predict(checkpoint: str | Path, inputs: Iterable[str | Path], *, top_k: int 
             ok = [r for r in loaded if "image" in r]
             if ok:
                 images = torch.from_numpy(np.stack([r.pop("image") for r in ok]))
-                probs = predict_logits(model, images, meta, batch_size=batch_size).softmax(1)
+                probs = predict_logits(trained.model, images, meta,
+                                       batch_size=batch_size).softmax(1)
                 values, indices = probs.topk(k, dim=1)
                 for r, v, i in zip(ok, values.tolist(), indices.tolist()):
                     r["top"] = [{"label": classes[c], "probability": round(p, 6)}
@@ -112,7 +111,7 @@ def predict(checkpoint: str | Path, inputs: Iterable[str | Path], *, top_k: int 
             for r in results]
 
 
-def _try_load(entry: tuple[str, str | None], meta: dict, invert: str) -> dict:
+def _try_load(entry: tuple[str, str | None], meta: ModelMeta, invert: str) -> dict:
     path, error = entry
     if error:
         return {"path": path, "error": error}

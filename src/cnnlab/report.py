@@ -19,24 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import CnnlabError
-from .runs import atomic_write, read_json, read_metrics, unique_dir
-from .sweep import (
-    METRICS,
-    NOT_COMPARED,
-    aggregate,
-    diverged_error,
-    format_value,
-    mean_std,
-    option_name,
-    verdict,
-)
-
-# Settings that say nothing about what was computed, left out of comparisons: the config
-# fields a resumed run may change (but the epochs), and what config.json adds about the
-# machine (the precision "auto" chose, the number of processes).
-_IGNORED = (*NOT_COMPARED, "precision_used", "world_size")
-
+from .config import COMPARED, default_data_dir, option_name
+from .errors import CnnlabError, one_line
+from .files import atomic_write, read_json, safe_name
+from .results import METRICS, aggregate, diverged_error, format_value, md_table, mean_std, verdict
+from .runs import read_metrics, unique_dir
 
 # ---- the document: blocks rendered as Markdown and as HTML ---------------------------------
 
@@ -72,10 +59,6 @@ class Document:
         self.blocks.extend(blocks)
 
 
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def render_markdown(doc: Document, out: Path) -> str:
     lines = [f"# {doc.title}", ""]
     for block in doc.blocks:
@@ -84,10 +67,7 @@ def render_markdown(doc: Document, out: Path) -> str:
         elif isinstance(block, Para):
             lines += [f"**{block.text}**" if block.strong else block.text, ""]
         elif isinstance(block, Table):
-            lines += ["| " + " | ".join(map(_md_cell, block.header)) + " |",
-                      "|" + " --- |" * len(block.header)]
-            lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows]
-            lines.append("")
+            lines += [md_table(block.header, block.rows), ""]
         elif isinstance(block, Figures):
             for path, alt in block.images:
                 rel = Path(os.path.relpath(path, out)).as_posix()
@@ -225,15 +205,16 @@ def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
                  cache: dict) -> dict | str:
     """Per-class accuracy and the confusion matrix of the run's best checkpoint on the test
     split, or a sentence saying why they could not be computed."""
+    from . import checkpoint
     from .data import load_dataset
-    from .inference import DataMismatch, checkpoint_path, evaluate_checkpoint
+    from .inference import DataMismatch, evaluate_checkpoint
 
     try:
-        ckpt_file = checkpoint_path(run.path)
+        ckpt_file = checkpoint.find(run.path)
     except CnnlabError as e:
         return f"No checkpoint to evaluate: {e}"
     dataset = run.config.get("dataset")
-    root = Path(data_dir or run.config.get("data_dir") or "data")
+    root = Path(data_dir or run.config.get("data_dir") or default_data_dir())
     key = (dataset, str(root))
     try:
         if key not in cache:
@@ -251,7 +232,7 @@ def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
     except CnnlabError as e:
         return f"No checkpoint to evaluate: {e}"
     except (RuntimeError, ValueError) as e:
-        return f"Evaluating {ckpt_file.name} failed: {str(e).splitlines()[0][:300]}"
+        return f"Evaluating {ckpt_file.name} failed: {one_line(e)}"
     result["checkpoint"] = ckpt_file.name
     return result
 
@@ -337,7 +318,7 @@ class _Figures:
     def prefix(self, run: RunInfo) -> str:
         if run.path.resolve() == self.out.resolve():
             return ""
-        return re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", run.name) + "-"
+        return safe_name(run.name) + "-"
 
     def _under_out(self, path: Path) -> bool:
         try:
@@ -382,8 +363,9 @@ def _header_rows(runs: list[RunInfo], sweeps: list[Path], paths: list[str | Path
 
 
 def _differing_keys(configs: list[dict]) -> list[str]:
-    keys = list(dict.fromkeys(k for c in configs for k in c))
-    return [k for k in keys if k not in _IGNORED and len({repr(c.get(k)) for c in configs}) > 1]
+    """The config fields that tell the runs apart; what cannot change a result (the runtime
+    fields, and what config.json adds about the machine) is left out."""
+    return [k for k in COMPARED if len({repr(c.get(k)) for c in configs}) > 1]
 
 
 def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,

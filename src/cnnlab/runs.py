@@ -14,50 +14,21 @@ Every file is written atomically (temp file + rename): a killed run never leaves
 from __future__ import annotations
 
 import json
-import os
-import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import torch
-
+from . import checkpoint
 from .errors import CnnlabError
+from .files import safe_name, write_json
 
 # What a training run writes (RUN_FILES names them all): evaluation and export never write
 # over these.
 RUN_FILES = frozenset({"config.json", "env.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
                        "summary.json", "loss.png", "accuracy.png", "utilization.png",
                        "tensorboard"})
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All records of a run's metrics.jsonl (a torn last line from a crash is skipped)."""
@@ -73,22 +44,6 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint without running code from it (weights_only)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CnnlabError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # unpickling errors come in many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CnnlabError(f"cannot load checkpoint {path}: it is damaged or holds more than "
-                          f"tensors and plain data ({first[:200]})") from None
-
-
 def unique_dir(root: str | Path, stem: str) -> Path:
     """root/stem, or root/stem-2, root/stem-3, ...: the first that does not exist yet."""
     path, n = Path(root) / stem, 1
@@ -99,9 +54,8 @@ def unique_dir(root: str | Path, stem: str) -> Path:
 
 
 def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset.replace("folder:", "").rstrip("/"))
-    return unique_dir(root, f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-"
-                            f"{name.strip('-') or 'folder'}")
+    name = safe_name(dataset.removeprefix("folder:"), "folder")
+    return unique_dir(root, f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{name}")
 
 
 class RunDir:
@@ -154,7 +108,7 @@ class RunDir:
 
     def save_checkpoint(self, name: str, state: dict) -> None:
         try:
-            save_checkpoint(self.path / name, state)
+            checkpoint.save(self.path / name, state)
         except OSError as e:
             raise CnnlabError(f"cannot write {self.path / name}: {e.strerror or e}; the "
                               "previous checkpoint is intact - free some space and resume "

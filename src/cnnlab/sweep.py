@@ -32,36 +32,48 @@ import dataclasses
 import io
 import itertools
 import math
-import re
 import shutil
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, RESUME_SAFE, Config, resolve, typed_value
+from .config import (
+    COMPARED,
+    OPTIONS,
+    Config,
+    field_name,
+    load_toml,
+    option_name,
+    resolve,
+    typed_value,
+)
 from .errors import CnnlabError, Interrupted, TrainingDiverged
-from .runs import atomic_write, read_json, write_json
+from .files import atomic_write, read_json, safe_name, write_json
+from .results import (
+    DIVERGED,
+    METRICS,
+    aggregate,
+    diverged_error,
+    fixed_settings,
+    format_value,
+    is_finished,
+    md_table,
+    mean_std,
+    verdict,
+)
 
 SWEEP_FILE_KEYS = ("model", "dataset", "seeds", "train", "grid", "points")
-# Config fields that do not change what a run computes (those a resumed run may change, but
-# the epochs): a finished run with other values of these still counts as finished.
-NOT_COMPARED = tuple(k for k in RESUME_SAFE if k != "epochs")
-
-
-def option_name(key: str) -> str:
-    return key.replace("_", "-")
 
 
 def _grid_key(key: str) -> str:
     """A grid key with '-' or '_' -> the Config field name; anything else is an error."""
-    name = str(key).strip().replace("-", "_")
+    name = field_name(key)
     if name == "seed":
         raise CnnlabError("seed cannot be a grid key: use --seeds N (seeds seed, seed+1, ...) "
                           "and --seed for the first one")
-    if name not in FIELDS:
-        known = ", ".join(option_name(k) for k in FIELDS if k != "seed")
+    if name not in OPTIONS:
+        known = ", ".join(option_name(k) for k in OPTIONS if k != "seed")
         raise CnnlabError(f"unknown grid key '{key}'; grid keys are train options: {known}")
     return name
 
@@ -84,19 +96,10 @@ def parse_grid_arg(text: str) -> tuple[str, list[Any]]:
     return name, [grid_value(name, v) for v in parts]
 
 
-def format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        short = f"{value:g}"
-        return short if float(short) == value else repr(value)
-    return "none" if value is None else str(value)
-
-
 def point_label(values: dict[str, Any]) -> str:
     """The readable name of a grid point: `pool=max`, `optimizer=sgd-lr=0.01`."""
     label = "-".join(f"{option_name(k)}={format_value(v)}" for k, v in values.items())
-    return re.sub(r"[^A-Za-z0-9_.,+=-]+", "_", label)
+    return safe_name(label, "")
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,6 @@ class Plan:
 def load_sweep_file(path: str | Path) -> dict[str, Any]:
     """Read a sweep TOML file into plan_sweep's arguments (model, dataset, seeds, train,
     grid, points), checking its shape."""
-    from .config import load_toml
-
     raw = load_toml(path)  # top-level keys with '_'
     unknown = [k for k in raw if k not in SWEEP_FILE_KEYS]
     if unknown:
@@ -139,7 +140,7 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
         raise CnnlabError(f"sweep file {path}: 'points' must be a list of tables, "
                           "e.g. points = [{optimizer = \"sgd\", lr = 0.01}]")
     if "train" in raw:
-        raw["train"] = {k.replace("-", "_"): v for k, v in raw["train"].items()}
+        raw["train"] = {field_name(k): v for k, v in raw["train"].items()}
     return raw
 
 
@@ -210,10 +211,9 @@ def default_sweep_dir(plan: Plan, config_file: str | Path | None = None,
     if config_file:
         return Path(root) / Path(config_file).stem
     first = plan.runs[0].config
-    dataset = first.dataset.replace("folder:", "").rstrip("/")
-    parts = [first.model, dataset, *(option_name(k) for k in plan.keys)]
-    name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "-", "-".join(parts)).strip("-")
-    return Path(root) / name
+    parts = [first.model, first.dataset.removeprefix("folder:"),
+             *(option_name(k) for k in plan.keys)]
+    return Path(root) / safe_name("-".join(parts))
 
 
 def _config_difference(run_dir: Path, cfg: Config) -> str | None:
@@ -223,29 +223,10 @@ def _config_difference(run_dir: Path, cfg: Config) -> str | None:
     except (OSError, ValueError):
         return "its config.json is missing or damaged"
     for key, value in cfg.to_dict().items():
-        if key not in NOT_COMPARED and done.get(key) != value:
+        if key in COMPARED and done.get(key) != value:
             return (f"it ran with {option_name(key)}={format_value(done.get(key))}, this sweep "
                     f"asks for {format_value(value)}")
     return None
-
-
-DIVERGED = "diverged.json"
-
-
-def is_finished(run_dir: Path) -> bool:
-    """Whether a run is done: it wrote summary.json, or it diverged (diverged.json)."""
-    return (run_dir / "summary.json").is_file() or (run_dir / DIVERGED).is_file()
-
-
-def diverged_error(run_dir: Path) -> str | None:
-    """The error of a run that diverged (from its diverged.json), else None."""
-    path = run_dir / DIVERGED
-    if not path.is_file():
-        return None
-    try:
-        return str(read_json(path).get("error") or "the loss became NaN")
-    except (OSError, ValueError, AttributeError):
-        return "the loss became NaN"
 
 
 def _say(message: str) -> None:
@@ -296,121 +277,15 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True) -> dict:
         if isinstance(e, Interrupted):
             raise Interrupted(f"sweep stopped during {run.name}; run the same command again to "
                               "continue (finished runs are kept, that one is redone)",
-                              e.exit_code) from None
+                              e.signum) from None
         raise
     return write_results(out, plan)
 
 
 # ---- results: mean and spread over seeds ----------------------------------------------------
 
-METRICS = (  # summary key, column title, digits
-    ("final_test_acc", "final test acc (%)", 2),
-    ("best_test_acc", "best test acc (%)", 2),
-    ("best_epoch", "epochs to best", 1),
-    ("train_seconds", "train time (s)", 1),
-    ("images_per_second", "images/s", 0),
-)
-
-
-def aggregate(entries: list[tuple[str, dict, dict]],
-              diverged: list[tuple[str, dict]] = ()) -> list[dict]:
-    """(point label, config dict, summary) per finished run -> one row per label, in order of
-    first appearance: label, config (the first run's), n, and `<metric>_mean` / `<metric>_std`
-    (sample standard deviation over the runs; None for one run) for each of METRICS.
-    `diverged`: (point label, config dict) per run that diverged; they are left out of n and
-    the statistics and counted in the row's `diverged`."""
-    groups: dict[str, list[tuple[dict, dict | None]]] = {}
-    for label, config, summary in entries:
-        groups.setdefault(label, []).append((config, summary))
-    for label, config in diverged:
-        groups.setdefault(label, []).append((config, None))
-    rows = []
-    for label, members in groups.items():
-        done = [(c, s) for c, s in members if s is not None]
-        row: dict[str, Any] = {"label": label, "config": (done or members)[0][0], "n": len(done),
-                               "seeds": [c.get("seed") for c, _ in done],
-                               "diverged": len(members) - len(done)}
-        for key, _, _ in METRICS:
-            values = [float(s[key]) for _, s in done if s.get(key) is not None]
-            row[f"{key}_mean"] = statistics.fmean(values) if values else None
-            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
-        rows.append(row)
-    return rows
-
-
-def mean_std(row: dict, key: str, digits: int) -> str:
-    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
-    if mean is None:
-        return "-"
-    if digits == 0:
-        text = f"{mean:,.0f}" + (f" ± {std:,.0f}" if std is not None else "")
-    else:
-        text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-    return text
-
-
-def _row_name(row: dict, keys: list[str]) -> str:
-    if len(keys) == 1:
-        value = format_value(row["config"].get(keys[0]))
-        return f"{value} pooling" if keys[0] == "pool" else f"{option_name(keys[0])}={value}"
-    return ", ".join(f"{option_name(k)}={format_value(row['config'].get(k))}" for k in keys) \
-        or row["label"]
-
-
-def verdict(rows: list[dict], keys: list[str]) -> str | None:
-    """Which point won on mean best test accuracy, by how much, and whether that is more than
-    the spread over seeds; None for fewer than two points."""
-    ranked = sorted((r for r in rows if r["best_test_acc_mean"] is not None),
-                    key=lambda r: r["best_test_acc_mean"], reverse=True)
-    if len(ranked) < 2:
-        return None
-    first, second = ranked[0], ranked[1]
-
-    def acc(row: dict) -> str:
-        std = row["best_test_acc_std"]
-        return f"{row['best_test_acc_mean']:.2f}" + (f" ± {std:.2f}" if std is not None else "") \
-            + "%"
-
-    diff = first["best_test_acc_mean"] - second["best_test_acc_mean"]
-    counts = sorted({first["n"], second["n"]})
-    seeds = (f"{counts[0]} seed{'s' if counts[0] > 1 else ''} each" if len(counts) == 1
-             else f"{first['n']} and {second['n']} seeds")
-    runner_up = "" if len(ranked) == 2 else f" for the runner-up, {_row_name(second, keys)}"
-    text = (f"{_row_name(first, keys)} won: {acc(first)} vs {acc(second)} best test accuracy"
-            f"{runner_up} (difference {diff:.2f} points, {seeds}).")
-    spread = (first["best_test_acc_std"] or 0.0) + (second["best_test_acc_std"] or 0.0)
-    if first["n"] < 2 or second["n"] < 2:
-        text += " With one seed there is no spread to compare the difference with."
-    elif diff > spread:
-        text += (" The difference is larger than the spread over seeds (the two standard "
-                 "deviations added).")
-    else:
-        text += (" The difference is within the spread over seeds (the two standard deviations "
-                 "added): more seeds or epochs are needed to call it.")
-    return text
-
-
 def _csv_number(value: float | None, digits: int) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.{max(digits, 2) + 2}f}"
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-_NOT_SHOWN = ("model", "dataset", "seed", "eval_batch_size", "skip_bad_files", "sync_bn")
-
-
-def fixed_settings(configs: list[dict], skip: tuple[str, ...] = ()) -> str:
-    """`key=value` for every config field that all runs share and that changes results."""
-    if not configs:
-        return ""
-    skip = (*skip, *NOT_COMPARED, *_NOT_SHOWN)
-    shared = [k for k in configs[0] if k not in skip
-              and all(c.get(k) == configs[0][k] for c in configs)]
-    return ", ".join(f"{option_name(k)}={format_value(configs[0][k])}" for k in shared)
 
 
 def write_results(out: str | Path, plan: Plan) -> dict:
@@ -454,7 +329,7 @@ def write_results(out: str | Path, plan: Plan) -> dict:
              f"seed{'s' if plan.seeds > 1 else ''} per point. Mean ± sample standard deviation "
              "over seeds; accuracies in % on the test split; train time excludes evaluation.",
              "", f"Fixed settings: {fixed_settings(configs, skip=tuple(plan.keys))}.", "",
-             _md_table([*([option_name(k) for k in plan.keys] or ["point"]), "seeds",
+             md_table([*([option_name(k) for k in plan.keys] or ["point"]), "seeds",
                         *(["diverged"] if diverged else []),
                         *(title for _, title, _ in METRICS)],
                        [[*([format_value(row["config"][k]) for k in plan.keys] or [row["label"]]),
@@ -478,7 +353,7 @@ def write_results(out: str | Path, plan: Plan) -> dict:
                 f"{s['best_test_acc']:.2f}", str(s["best_epoch"]), f"{s['train_seconds']:.1f}",
                 f"{s['images_per_second']:,.0f}"]
 
-    lines += ["## Runs", "", _md_table(
+    lines += ["## Runs", "", md_table(
         ["run", "seed", "final test acc (%)", "best test acc (%)", "best epoch", "train time (s)",
          "images/s"], [run_row(r) for r in shown]), ""]
     atomic_write(out / "results.md", lambda f: f.write("\n".join(lines).encode()))

@@ -1,4 +1,4 @@
-"""Utilisation sampling, the report's GPU screenshots as data: a background thread records
+"""Utilisation sampling, the lab report's GPU screenshots as data: a background thread records
 GPU utilisation and memory (NVML), process CPU and RSS (psutil) and throughput about once a
 second. It never stops a run: what it cannot read, it records as a note and skips."""
 

@@ -1,6 +1,6 @@
 """argv -> config -> (dataset, model, optimiser) -> epochs -> run directory.
 
-`fit` is the whole training program; read it top to bottom."""
+`fit` is the whole training program and `train_epochs` its loop; read them top to bottom."""
 
 from __future__ import annotations
 
@@ -9,23 +9,33 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import distributed
-from .config import RESUME_SAFE, Config, checkpoint_interval, typed_value, validate
+from . import checkpoint, distributed
+from .checkpoint import ModelMeta
+from .config import (
+    RESUME_SAFE,
+    Config,
+    checkpoint_interval,
+    default_data_dir,
+    option_name,
+    typed_value,
+    validate,
+)
 from .data import Dataset, load_dataset
 from .data.loader import DeviceLoader
-from .engine import LoopState, Precision, WeightEMA, check_finite, evaluate, train_one_epoch
+from .engine import LoopState, Precision, WeightEMA, evaluate, make_train_step
 from .envinfo import collect_env
-from .errors import CnnlabError, Interrupted, TrainingDiverged
-from .models import count_parameters, create_model
+from .errors import CnnlabError, Interrupted, TrainingDiverged, one_line
+from .models import count_parameters
 from .plots import plot_run, plot_utilization
 from .progress import Progress
-from .runs import RunDir, default_run_dir, load_checkpoint
+from .runs import RunDir, default_run_dir
 from .telemetry import Sampler
 
 
@@ -87,14 +97,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def model_meta(cfg: Config, data: Dataset) -> dict:
-    """Everything needed to rebuild the model and its preprocessing without the dataset."""
-    return {"name": cfg.model, "options": {"pool": cfg.pool} if cfg.pool else {},
-            "in_channels": data.channels, "num_classes": len(data.classes),
-            "image_size": list(data.image_size), "classes": data.classes,
-            "mean": list(data.mean), "std": list(data.std), "normalize": cfg.normalize}
-
-
 class StopSignals:
     """First SIGINT/SIGTERM: finish the step, checkpoint, exit 130/143. Second: exit now."""
 
@@ -108,6 +110,13 @@ class StopSignals:
         self.signum = signum
         print(f"\ncnnlab: {signal.Signals(signum).name}: stopping after this step and writing a "
               "checkpoint (press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    def requested(self, dist: distributed.Dist, collective: bool) -> bool:
+        """Whether to stop now. Under torchrun every rank stops at the same step: the ranks
+        agree at `collective` steps (log steps) only, as agreeing costs a host sync."""
+        if not dist.enabled:
+            return self.signum is not None
+        return dist.any(self.signum is not None) if collective else False
 
     def __enter__(self) -> StopSignals:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -123,50 +132,41 @@ class StopSignals:
 
 
 def resume_config(run_dir: str | Path, overrides: dict) -> tuple[Config, dict]:
-    """The run's own configuration, with only the changes that are safe to make."""
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.is_file():
-        raise CnnlabError(f"nothing to resume in {run_dir}: it has no checkpoint.pt")
-    ckpt = load_checkpoint(path)
-    saved = ckpt["config"]
+    """The run's own configuration, with only the changes that are safe to make, and its
+    checkpoint."""
+    saved, epochs_done, ckpt = checkpoint.load_for_resume(run_dir)
     values = dict(saved)
     for key, value in overrides.items():
+        if key == "data_dir" and value is not None:
+            value = default_data_dir(value)  # stored absolute, as a new run's
         if value is None or value == saved.get(key):
             continue
         if key not in RESUME_SAFE:
-            raise CnnlabError(f"--{key.replace('_', '-')} {value} differs from the run's "
+            raise CnnlabError(f"--{option_name(key)} {value} differs from the run's "
                               f"{saved.get(key)}; a resumed run keeps its configuration "
                               "(start a new run to change it)")
-        if key == "epochs" and (value < ckpt["epoch"] or saved["schedule"] != "constant"):
+        if key == "epochs" and (value < epochs_done or saved["schedule"] != "constant"):
             raise CnnlabError(f"--epochs {value}: a resumed run may only add epochs, and only "
                               f"with the constant schedule (this run's schedule, "
                               f"'{saved['schedule']}', was laid out for {saved['epochs']})")
         values[key] = typed_value(key, value)  # as resolve() types a new run's options
     cfg = Config(**values)
     validate(cfg)
-    if ckpt["epoch"] >= cfg.epochs:
+    if epochs_done >= cfg.epochs:
         raise CnnlabError(f"{run_dir} already finished its {cfg.epochs} epochs; pass --epochs N "
                           "to train more (constant schedule only) or start a new run")
     return cfg, ckpt
 
 
-def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
-        resume: dict | None = None) -> dict:
-    """Train as `cfg` says, write the run directory, return the summary. `resume` is a
-    checkpoint (from resume_config) to continue from, in the run directory `out`."""
-    wall_start = time.perf_counter()
-    dist, device = distributed.setup(resolve_device(cfg.device))
-    try:
-        return _fit(cfg, out, progress, resume, dist, device, wall_start)
-    finally:
-        distributed.cleanup()
-
-
 @dataclass
-class Parts:
+class Training:
     """Everything a run trains with, built from a Config (shared by fit and the benchmarks)."""
 
+    cfg: Config
+    device: torch.device
+    dist: distributed.Dist
     data: Dataset
+    meta: ModelMeta            # what rebuilds the model without the dataset
     model: nn.Module           # the plain model (what checkpoints hold)
     net: nn.Module             # what the loop calls: the model, DDP-wrapped and/or compiled
     generator: torch.Generator
@@ -185,14 +185,30 @@ class Parts:
         return self.ema.module if self.ema else self.model
 
 
-def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None) -> Parts:
-    dist = dist or distributed.Dist()
-    torch.manual_seed(cfg.seed)
-    if cfg.deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
+@contextlib.contextmanager
+def torch_settings(cfg: Config, device: torch.device) -> Iterator[None]:
+    """PyTorch's process-wide switches as `cfg` asks, restored afterwards."""
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    if cfg.deterministic and device.type == "cuda" and saved[3] is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # deterministic cuBLAS needs it
     # warn_only: a few CUDA backward kernels (adaptive pooling) have no deterministic version
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None) -> Training:
+    """Load the data and build the model, loaders, optimiser and schedule (seeded by cfg)."""
+    dist = dist or distributed.Dist()
+    torch.manual_seed(cfg.seed)
     precision = Precision(resolve_precision(cfg.precision, device), device)
     # channels-last is faster for these convnets on GPUs and on CPUs (oneDNN) alike
     channels_last = cfg.channels_last if cfg.channels_last is not None else True
@@ -202,8 +218,8 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
                         skip_bad_files=cfg.skip_bad_files)
     if dist.main:
         dist.barrier()
-    model = create_model(cfg.model, in_channels=data.channels, num_classes=len(data.classes),
-                         image_size=data.image_size, pool=cfg.pool).to(device)
+    meta = ModelMeta.of(cfg, data)
+    model = meta.build().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.enabled:
@@ -225,9 +241,174 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    return Parts(data, model, net, generator, train_batches, test_batches, optimizer, scheduler,
-                 nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
-                 channels_last, WeightEMA(model, cfg.ema) if cfg.ema else None)
+    return Training(cfg, device, dist, data, meta, model, net, generator, train_batches,
+                    test_batches, optimizer, scheduler,
+                    nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
+                    channels_last, WeightEMA(model, cfg.ema) if cfg.ema else None)
+
+
+def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
+        resume: dict | None = None) -> dict:
+    """Train as `cfg` says, write the run directory, return the summary. `resume` is a
+    checkpoint (from resume_config) to continue from, in the run directory `out`."""
+    wall_start = time.perf_counter()
+    dist, device = distributed.setup(resolve_device(cfg.device))
+    try:
+        path = _run_path(cfg, out, resume, dist)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch_settings(cfg, device))
+            training = build(cfg, device, dist)
+            run = stack.enter_context(RunDir(path, resume=resume is not None)) if path else None
+            state, resumed_from = LoopState(), None
+            if resume is not None:
+                offset = checkpoint.restore(resume, training, state, device)
+                resumed_from = state.step
+                if run is not None:
+                    run.truncate_metrics(offset)
+            elif run is not None:
+                run.write_json("config.json", cfg.to_dict() | {
+                    "device": str(device), "precision_used": training.precision.name,
+                    "world_size": dist.world_size})
+                run.write_json("env.json", collect_env(device))
+            if run is not None and cfg.tensorboard:
+                run.add_sink(tensorboard_sink(run.path))
+            bar = Progress(cfg.epochs * len(training.train_batches),
+                           enabled=progress and dist.main, initial=state.step)
+            with bar, Sampler(run.log if run else None, device, cfg.telemetry if run else 0,
+                              lambda: state.images * dist.world_size):
+                result = train_epochs(training, state, run, bar)
+            summary = _summary(training, state, result, wall_start, run.path if run else out)
+            if resumed_from is not None:
+                summary["resumed_from_step"] = resumed_from
+            if run is not None:  # rank 0 alone writes
+                plot_run(run.path)
+                plot_utilization(run.path)
+                run.write_json("summary.json", summary)
+        return summary
+    finally:
+        distributed.cleanup()
+
+
+def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progress) -> dict:
+    """The loop: train each epoch step by step, evaluate it, log, checkpoint, and stop cleanly
+    on a signal. Host-side decisions sit between calls of `train_step`, which only computes.
+    Returns the last evaluation (with `compile_seconds` under --compile)."""
+    cfg, dist = t.cfg, t.dist
+    every, unit = checkpoint_interval(cfg.checkpoint_every)
+    train_step = make_train_step(t.net, t.criterion, t.optimizer, t.scheduler, t.precision)
+    compile_seconds = None  # with --compile: the first step's time, kept out of train_seconds
+    with StopSignals() as signals, _anomalies_as_divergence(cfg.detect_anomaly, state):
+        while state.epoch <= cfg.epochs:
+            if state.batch == 0:
+                state.order = t.train_batches.new_order()
+            t.net.train()
+            started = window_start = time.perf_counter()
+            window_images = 0
+            for batch in t.train_batches.batches(state.order, state.batch):
+                loss = train_step(batch)
+                state.count(loss, len(batch[1]))
+                window_images += len(batch[1])
+                if t.ema:
+                    t.ema.update(state.step)
+                if cfg.compile and compile_seconds is None:  # the first step compiled
+                    compile_seconds = _synced_seconds_since(started, t.device)
+                    _log(run, {"type": "compile", "step": state.step, "seconds": compile_seconds})
+                    started = window_start = time.perf_counter()
+                    window_images = 0
+                log_step = state.step % cfg.log_every == 0
+                if log_step:
+                    now = time.perf_counter()
+                    _log(run, {"type": "train", "step": state.step, "epoch": state.epoch,
+                               "loss": state.take_window(dist.reduce_mean),
+                               "lr": t.optimizer.param_groups[0]["lr"],
+                               "images_per_second": window_images / (now - window_start)},
+                         bar.train)
+                    window_start, window_images = now, 0
+                stop = signals.requested(dist, collective=log_step)
+                if stop or (unit == "step" and state.step % every == 0):
+                    save_checkpoint(t, state, run)
+                if stop:
+                    raise _interrupted(signals.signum, state, run)
+            state.train_seconds += time.perf_counter() - started
+            result = evaluate(t.evaluated if t.ema else t.net, t.test_batches,
+                              precision=t.precision, tta_flip=cfg.tta == "flip",
+                              reduce_sum=dist.reduce_sum)
+            best = state.end_epoch(result["accuracy"])
+            _log(run, {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
+                       "test_loss": result["loss"], "test_acc": result["accuracy"],
+                       "train_seconds": state.train_seconds}, bar.eval)
+            if unit == "step" or state.epoch > cfg.epochs or (state.epoch - 1) % every == 0:
+                save_checkpoint(t, state, run)
+            if best:
+                save_checkpoint(t, state, run, "best.pt")
+    return result | ({"compile_seconds": compile_seconds} if cfg.compile else {})
+
+
+def _log(run: RunDir | None, record: dict, show=None) -> None:
+    """Append `record` to metrics.jsonl (rank 0 only) and `show` it on the progress output."""
+    if run is not None:
+        run.log(record)
+        if show is not None:
+            show(record)
+
+
+@contextlib.contextmanager
+def _anomalies_as_divergence(detect: bool, state: LoopState) -> Iterator[None]:
+    """--detect-anomaly: autograd names the operation that produced a NaN; report it as a
+    divergence (exit status 3) rather than a crash."""
+    with torch.autograd.set_detect_anomaly(detect):
+        try:
+            yield
+        except RuntimeError as e:
+            if not (detect and "nan values" in str(e)):
+                raise
+            raise TrainingDiverged(
+                f"anomaly detected at step {state.step + 1}: {one_line(e)}; the learning "
+                "rate is probably too high - try a smaller --lr") from None
+
+
+def _synced_seconds_since(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _interrupted(signum: int | None, state: LoopState, run: RunDir | None) -> Interrupted:
+    signum = signum or signal.SIGTERM  # under torchrun: another rank received it
+    return Interrupted(f"{signal.Signals(signum).name} at step {state.step} (epoch "
+                       f"{state.epoch}); checkpoint written - resume with: cnnlab train "
+                       f"--resume {run.path if run else ''}", signum)
+
+
+def save_checkpoint(t: Training, state: LoopState, run: RunDir | None,
+                    name: str = "checkpoint.pt") -> None:
+    """Write the training state as `name` in the run directory (rank 0), after checking that
+    no loss since the last log step was NaN: never save weights after a non-finite loss."""
+    if state.window is not None:
+        state.check_finite(t.dist.reduce_sum(state.window)[1].item())
+    if run is not None:
+        run.save_checkpoint(name, checkpoint.state(t.cfg, t.meta, t, state, t.device,
+                                                   run.metrics_offset()))
+
+
+def _summary(t: Training, state: LoopState, result: dict, wall_start: float,
+             run_dir: str | Path | None) -> dict:
+    cfg, world = t.cfg, t.dist.world_size
+    summary = {
+        "model": cfg.model, "dataset": cfg.dataset, "preset": cfg.preset,
+        "epochs": cfg.epochs, "final_test_acc": state.history[-1],
+        "best_test_acc": state.best_acc,
+        "best_epoch": state.history.index(state.best_acc) + 1,
+        "final_test_loss": result["loss"], "train_seconds": round(state.train_seconds, 3),
+        "wall_seconds": round(time.perf_counter() - wall_start, 3),
+        "images_per_second": round(state.images * world / state.train_seconds, 1),
+        "steps": state.step, "parameters": count_parameters(t.model), "device": str(t.device),
+        "precision": t.precision.name, "channels_last": t.channels_last,
+        "world_size": world, "run_dir": str(run_dir),
+    }
+    if cfg.compile:  # compiling the model, not in train_seconds
+        summary["compile_seconds"] = round(result["compile_seconds"] or 0.0, 3)
+    return summary
 
 
 def _run_path(cfg: Config, out, resume: dict | None, dist: distributed.Dist) -> Path | None:
@@ -245,171 +426,6 @@ def _run_path(cfg: Config, out, resume: dict | None, dist: distributed.Dist) -> 
     if dist.any(error is not None):
         raise error or CnnlabError("rank 0 refused the run directory (see its error)")
     return path
-
-
-def _fit(cfg, out, progress, resume, dist, device, wall_start) -> dict:
-    path = _run_path(cfg, out, resume, dist)
-    p = build(cfg, device, dist)
-    run = RunDir(path, resume=resume is not None) if path is not None else None
-    with run or contextlib.nullcontext():
-        if run is not None and cfg.tensorboard:
-            run.add_sink(tensorboard_sink(run.path))
-        state = LoopState()
-        if resume is not None:
-            restore(resume, p, state, device)
-        if run is not None and resume is None:
-            run.write_json("config.json", cfg.to_dict() | {"device": str(device),
-                                                          "precision_used": p.precision.name,
-                                                          "world_size": dist.world_size})
-            run.write_json("env.json", collect_env(device))
-        elif run is not None:
-            run.truncate_metrics(resume["metrics_offset"])
-        result = _train_epochs(cfg, p, state, run, progress, dist, device)
-        summary = {
-            "model": cfg.model, "dataset": cfg.dataset, "preset": cfg.preset,
-            "epochs": cfg.epochs, "final_test_acc": state.history[-1],
-            "best_test_acc": state.best_acc,
-            "best_epoch": state.history.index(state.best_acc) + 1,
-            "final_test_loss": result["loss"], "train_seconds": round(state.train_seconds, 3),
-            "wall_seconds": round(time.perf_counter() - wall_start, 3),
-            "images_per_second": round(state.images * dist.world_size / state.train_seconds, 1),
-            "steps": state.step, "parameters": count_parameters(p.model), "device": str(device),
-            "precision": p.precision.name, "channels_last": p.channels_last,
-            "world_size": dist.world_size, "run_dir": str(run.path if run else out),
-        }
-        if cfg.compile:  # compiling the model, not in train_seconds
-            summary["compile_seconds"] = round(result["compile_seconds"] or 0.0, 3)
-        if resume is not None:
-            summary["resumed_from_step"] = resume["step"]
-        if run is not None:  # rank 0 alone writes
-            plot_run(run.path)
-            plot_utilization(run.path)
-            run.write_json("summary.json", summary)
-    return summary
-
-
-def _train_epochs(cfg: Config, p: Parts, state: LoopState, run: RunDir | None, progress: bool,
-                  dist: distributed.Dist, device: torch.device) -> dict:
-    """The epochs: train, evaluate, log, checkpoint; stop cleanly on a signal. Returns the
-    last evaluation."""
-    every, unit = checkpoint_interval(cfg.checkpoint_every)
-    meta = model_meta(cfg, p.data)
-    bar = Progress(cfg.epochs * len(p.train_batches), enabled=progress and dist.main,
-                   initial=state.step)
-
-    def log(record: dict) -> None:
-        if run is not None:
-            run.log(record)
-            bar.train(record)
-
-    def checkpoint(name: str = "checkpoint.pt") -> None:
-        if state.window is not None:  # never save weights after a non-finite loss
-            check_finite(dist.reduce_sum(state.window)[1].item(), state)
-        if run is None:
-            return
-        run.save_checkpoint(name, {
-            "model": p.evaluated.state_dict(),  # with --ema, the average; else the weights
-            **({"train_model": p.model.state_dict()} if p.ema else {}),
-            "optimizer": p.optimizer.state_dict(),
-            "scheduler": p.scheduler.state_dict(), "epoch": state.epoch - 1,
-            "step": state.step, "batch": state.batch, "config": cfg.to_dict(),
-            "model_meta": meta, "test_acc": state.history[-1] if state.history else None,
-            "loop": {k: v for k, v in vars(state).items() if k not in ("epoch", "step", "batch")},
-            "rng": {"torch": torch.get_rng_state(), "loader": p.generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            "device_type": device.type,
-            "scaler": p.precision.scaler.state_dict() if p.precision.scaler else None,
-            "metrics_offset": run.metrics_offset()})
-
-    compile_seconds = None  # with --compile: the first step's time, kept out of train_seconds
-
-    def after_step(s: LoopState) -> bool:
-        nonlocal compile_seconds
-        if cfg.compile and compile_seconds is None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            compile_seconds = time.perf_counter() - t0
-            if run is not None:
-                run.log({"type": "compile", "step": s.step, "seconds": compile_seconds})
-        stop = signals.signum is not None
-        if dist.enabled:  # every rank stops at the same (log) step
-            stop = dist.any(stop) if s.step % cfg.log_every == 0 else False
-        if stop or (unit == "step" and s.step % every == 0):
-            checkpoint()
-        return stop
-
-    with StopSignals() as signals, Sampler(run.log if run else None, device,
-                                           cfg.telemetry if run else 0,
-                                           lambda: state.images * dist.world_size), \
-            torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
-        try:
-            while state.epoch <= cfg.epochs:
-                if state.batch == 0:
-                    state.order = p.train_batches.new_order()
-                t0 = time.perf_counter()
-                compiling = cfg.compile and compile_seconds is None
-                try:
-                    stopped = train_one_epoch(
-                        p.net, p.train_batches.batches(state.order, state.batch), p.optimizer,
-                        p.scheduler, p.criterion, state, precision=p.precision,
-                        log_every=cfg.log_every, log=log, reduce_mean=dist.reduce_mean,
-                        after_step=after_step, ema=p.ema)
-                except RuntimeError as e:
-                    if not (cfg.detect_anomaly and "nan values" in str(e)):
-                        raise
-                    raise TrainingDiverged(
-                        f"anomaly detected at step {state.step + 1}: "
-                        f"{str(e).splitlines()[0]}; the learning rate is probably too high "
-                        "- try a smaller --lr") from None
-                state.train_seconds += time.perf_counter() - t0 - (
-                    (compile_seconds or 0.0) if compiling else 0.0)
-                if stopped:
-                    raise Interrupted(
-                        f"{signal.Signals(signals.signum).name} at step {state.step} (epoch "
-                        f"{state.epoch}); checkpoint written - resume with: cnnlab train "
-                        f"--resume {run.path if run else ''}", 128 + signals.signum)
-                result = evaluate(p.evaluated if p.ema else p.net, p.test_batches,
-                                  precision=p.precision, tta_flip=cfg.tta == "flip",
-                                  reduce_sum=dist.reduce_sum)
-                state.history.append(result["accuracy"])
-                record = {"type": "eval", "epoch": state.epoch, "steps": state.step,
-                          "test_loss": result["loss"], "test_acc": result["accuracy"],
-                          "train_seconds": state.train_seconds}
-                if run is not None:
-                    run.log(record)
-                    bar.eval(record)
-                best = result["accuracy"] > state.best_acc
-                state.best_acc = max(state.best_acc, result["accuracy"])
-                state.epoch, state.batch, state.order = state.epoch + 1, 0, None
-                if unit == "step" or state.epoch > cfg.epochs or (state.epoch - 1) % every == 0:
-                    checkpoint()
-                if best:
-                    checkpoint("best.pt")
-        finally:
-            bar.close()
-    return result | ({"compile_seconds": compile_seconds} if cfg.compile else {})
-
-
-def restore(ckpt: dict, p: Parts, state: LoopState, device: torch.device) -> None:
-    """Put every piece of training state back as it was when `ckpt` was written."""
-    saved = ckpt.get("device_type", "cpu")
-    if saved != device.type:
-        raise CnnlabError(f"this run was trained on {saved} and can only resume there "
-                          f"(its random state is {saved}'s); pass --device {saved}")
-    p.evaluated.load_state_dict(ckpt["model"])
-    if p.ema:
-        p.model.load_state_dict(ckpt["train_model"])
-    p.optimizer.load_state_dict(ckpt["optimizer"])
-    p.scheduler.load_state_dict(ckpt["scheduler"])
-    if p.precision.scaler and ckpt.get("scaler"):
-        p.precision.scaler.load_state_dict(ckpt["scaler"])
-    for key, value in ckpt["loop"].items():
-        setattr(state, key, value.to(device) if isinstance(value, torch.Tensor) else value)
-    state.epoch, state.step, state.batch = ckpt["epoch"] + 1, ckpt["step"], ckpt["batch"]
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    p.generator.set_state(ckpt["rng"]["loader"])
-    if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
 
 
 class tensorboard_sink:  # noqa: N801 - used like a function

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, one_line
 from . import readers
 from .cache import cached, fingerprint
 from .specs import SPECS, DatasetSpec
@@ -92,8 +92,7 @@ def _download(spec: DatasetSpec, root: Path, folder: Path) -> None:
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types; all mean the same here
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CnnlabError(f"could not download {spec.name} ({reason}); without a network, "
+        raise CnnlabError(f"could not download {spec.name} ({one_line(e)}); without a network, "
                           f"put {_expected(spec)} into {folder}") from None
     if not _present(spec, folder):
         raise CnnlabError(f"download of {spec.name} did not produce {_expected(spec)} in {folder}")

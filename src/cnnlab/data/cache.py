@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+
+from ..files import atomic_write
 
 CACHE_VERSION = 2  # 2: images decoded by readers.decode_image
 
@@ -48,8 +49,9 @@ def cached(preferred_dir: Path, key: str, decode: Callable[[], tuple[np.ndarray,
     for folder in folders:  # beside the data if writable, else the user cache
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _save_atomic(folder / f"{key}.y.npy", y)
-            _save_atomic(folder / f"{key}.x.npy", x)
+            for suffix, array in (("y", y), ("x", x)):
+                atomic_write(folder / f"{key}.{suffix}.npy",
+                             lambda f, a=array: np.save(f, a, allow_pickle=False))
             break
         except OSError as e:
             errors.append(f"{folder}: {e.strerror or e}")
@@ -62,13 +64,3 @@ def _fallback_dir(preferred: Path) -> Path:
     tag = hashlib.sha256(str(preferred.resolve()).encode()).hexdigest()[:12]
     return user_cache_dir() / f"{preferred.parent.name}-{tag}"
 
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -12,7 +12,7 @@ import torch
 def mean_std(mean: Sequence[float], std: Sequence[float], normalize: bool = True
              ) -> tuple[list[float], list[float]]:
     """The per-channel mean and std the model's input is normalised with: the dataset's, or
-    0 and 1 without normalisation (the report's ToTensor(): pixels / 255 only)."""
+    0 and 1 without normalisation (the lab report's ToTensor(): pixels / 255 only)."""
     if not normalize:
         return [0.0] * len(mean), [1.0] * len(std)
     return [float(m) for m in mean], [float(s) for s in std]

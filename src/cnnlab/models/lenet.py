@@ -1,4 +1,4 @@
-"""LeNet-5 as in the report: two 5x5 convolutions with pooling, three linear layers."""
+"""LeNet-5 as in the lab report: two 5x5 convolutions with pooling, three linear layers."""
 
 from __future__ import annotations
 

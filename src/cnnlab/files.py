@@ -1,0 +1,67 @@
+"""Writing files so that a killed process never leaves half of one, and names safe for files.
+
+Every file cnnlab writes goes through `atomic_write`: the bytes go to a temporary file beside
+the target, are flushed to the disk, and the temporary file is renamed over the target."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+Writer = Callable[[IO[bytes]], None]
+
+
+def temp_file(path: Path) -> Path:
+    """A new, empty file beside `path` (the same file system, so a rename over `path` is
+    atomic) with the permissions a plain `open` would give it (0666 less the umask)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def write_synced(path: Path, content: bytes | Writer) -> None:
+    """Write `content` (bytes, or a function writing to a binary file) into `path` and flush
+    it to the disk."""
+    with path.open("wb") as f:
+        if isinstance(content, bytes):
+            f.write(content)
+        else:
+            content(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str | Path, content: bytes | Writer) -> None:
+    """Replace `path` by `content` (bytes, or a function writing to a binary file) in one step:
+    readers see the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = temp_file(path)
+    try:
+        write_synced(tmp, content)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def safe_name(text: str, fallback: str = "x") -> str:
+    """`text` as a file name on any system: runs of other characters than letters, digits and
+    `_ . , = + -` become `-`; `fallback` if nothing is left."""
+    return re.sub(r"[^A-Za-z0-9_.,=+-]+", "-", text).strip("-.") or fallback

@@ -1,0 +1,143 @@
+"""What sweeps and reports say about finished runs: the outcome of a run directory, mean and
+spread over seeds, which configuration won, and the numbers and tables that show it."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .config import LISTED, option_name
+from .files import read_json
+
+METRICS = (  # summary key, column title, digits
+    ("final_test_acc", "final test acc (%)", 2),
+    ("best_test_acc", "best test acc (%)", 2),
+    ("best_epoch", "epochs to best", 1),
+    ("train_seconds", "train time (s)", 1),
+    ("images_per_second", "images/s", 0),
+)
+
+DIVERGED = "diverged.json"  # written into the directory of a run whose loss became NaN
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether a run is done: it wrote summary.json, or it diverged (diverged.json)."""
+    return (run_dir / "summary.json").is_file() or (run_dir / DIVERGED).is_file()
+
+
+def diverged_error(run_dir: Path) -> str | None:
+    """The error of a run that diverged (from its diverged.json), else None."""
+    path = run_dir / DIVERGED
+    if not path.is_file():
+        return None
+    try:
+        return str(read_json(path).get("error") or "the loss became NaN")
+    except (OSError, ValueError, AttributeError):
+        return "the loss became NaN"
+
+
+def format_value(value: Any) -> str:
+    """An option value as the command line writes it: true, 0.001, none."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return "none" if value is None else str(value)
+
+
+def aggregate(entries: list[tuple[str, dict, dict]],
+              diverged: list[tuple[str, dict]] = ()) -> list[dict]:
+    """(point label, config dict, summary) per finished run -> one row per label, in order of
+    first appearance: label, config (the first run's), n, and `<metric>_mean` / `<metric>_std`
+    (sample standard deviation over the runs; None for one run) for each of METRICS.
+    `diverged`: (point label, config dict) per run that diverged; they are left out of n and
+    the statistics and counted in the row's `diverged`."""
+    groups: dict[str, list[tuple[dict, dict | None]]] = {}
+    for label, config, summary in entries:
+        groups.setdefault(label, []).append((config, summary))
+    for label, config in diverged:
+        groups.setdefault(label, []).append((config, None))
+    rows = []
+    for label, members in groups.items():
+        done = [(c, s) for c, s in members if s is not None]
+        row: dict[str, Any] = {"label": label, "config": (done or members)[0][0], "n": len(done),
+                               "seeds": [c.get("seed") for c, _ in done],
+                               "diverged": len(members) - len(done)}
+        for key, _, _ in METRICS:
+            values = [float(s[key]) for _, s in done if s.get(key) is not None]
+            row[f"{key}_mean"] = statistics.fmean(values) if values else None
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def mean_std(row: dict, key: str, digits: int) -> str:
+    """`mean ± std` of an aggregated metric with `digits` decimals; `-` without values."""
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if mean is None:
+        return "-"
+    number = "{:,.0f}" if digits == 0 else f"{{:.{digits}f}}"
+    return number.format(mean) + (f" ± {number.format(std)}" if std is not None else "")
+
+
+def _row_name(row: dict, keys: list[str]) -> str:
+    if len(keys) == 1:
+        value = format_value(row["config"].get(keys[0]))
+        return f"{value} pooling" if keys[0] == "pool" else f"{option_name(keys[0])}={value}"
+    return ", ".join(f"{option_name(k)}={format_value(row['config'].get(k))}" for k in keys) \
+        or row["label"]
+
+
+def verdict(rows: list[dict], keys: list[str]) -> str | None:
+    """Which row won on mean best test accuracy, by how much, and whether that is more than
+    the spread over seeds; None for fewer than two rows. `keys`: the options that make the
+    rows differ, to name them by."""
+    ranked = sorted((r for r in rows if r["best_test_acc_mean"] is not None),
+                    key=lambda r: r["best_test_acc_mean"], reverse=True)
+    if len(ranked) < 2:
+        return None
+    first, second = ranked[0], ranked[1]
+
+    def acc(row: dict) -> str:
+        return mean_std(row, "best_test_acc", 2) + "%"
+
+    diff = first["best_test_acc_mean"] - second["best_test_acc_mean"]
+    counts = sorted({first["n"], second["n"]})
+    seeds = (f"{counts[0]} seed{'s' if counts[0] > 1 else ''} each" if len(counts) == 1
+             else f"{first['n']} and {second['n']} seeds")
+    runner_up = "" if len(ranked) == 2 else f" for the runner-up, {_row_name(second, keys)}"
+    text = (f"{_row_name(first, keys)} won: {acc(first)} vs {acc(second)} best test accuracy"
+            f"{runner_up} (difference {diff:.2f} points, {seeds}).")
+    spread = (first["best_test_acc_std"] or 0.0) + (second["best_test_acc_std"] or 0.0)
+    if first["n"] < 2 or second["n"] < 2:
+        text += " With one seed there is no spread to compare the difference with."
+    elif diff > spread:
+        text += (" The difference is larger than the spread over seeds (the two standard "
+                 "deviations added).")
+    else:
+        text += (" The difference is within the spread over seeds (the two standard deviations "
+                 "added): more seeds or epochs are needed to call it.")
+    return text
+
+
+def fixed_settings(configs: list[dict], skip: tuple[str, ...] = ()) -> str:
+    """`option=value` for every recipe field (config.LISTED) that all runs share, but `skip`."""
+    if not configs:
+        return ""
+    shared = [k for k in LISTED if k in configs[0] and k not in skip
+              and all(c.get(k) == configs[0][k] for c in configs)]
+    return ", ".join(f"{option_name(k)}={format_value(configs[0][k])}" for k in shared)
+
+
+def _md_cell(text: Any) -> str:
+    """Text for one Markdown table cell: `|` escaped, on one line."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (no trailing newline)."""
+    lines = ["| " + " | ".join(map(_md_cell, header)) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Every Config field a user may set is one command-line option and one TOML key, both made
+from the field's metadata, and they mean the same value."""
+
+import dataclasses
+import json
+
+import pytest
+
+from cnnlab.cli import build_parser, train_options
+from cnnlab.config import (
+    ARGUMENT,
+    COMPARED,
+    LISTED,
+    OFF,
+    ON,
+    OPTIONS,
+    PRESETS,
+    RESUME_SAFE,
+    SWITCH,
+    default_data_dir,
+    load_toml,
+    option_name,
+    preset_values,
+    resolve,
+)
+from cnnlab.data.specs import SPECS
+from cnnlab.errors import CnnlabError
+from cnnlab.models import MODELS
+from cnnlab.results import format_value
+
+SETTABLE = [o for o in OPTIONS.values() if o.kind != ARGUMENT]
+# lenet5 (it has --pool) on cifar10 (the fast preset trains it with flips, so --tta flip is
+# allowed and the default): every option can take a value other than the one it has there.
+MODEL, DATASET = "lenet5", "cifar10"
+TEXTS = {"device": "cpu", "checkpoint_every": "500steps", "data_dir": "/data/elsewhere"}
+
+
+def _samples():
+    """(option, value) pairs: both values of a --x/--no-x switch, the value another flag
+    sets, every choice but the one the field has without it, and for numbers and text a
+    valid value it does not have."""
+    base = resolve(MODEL, DATASET)
+    for o in SETTABLE:
+        if o.type == "bool":
+            values = {SWITCH: [True, False], ON: [True], OFF: [False]}[o.kind]
+        elif o.choices:
+            values = [c for c in o.choices if c != getattr(base, o.name)]
+        else:
+            values = [{"int": 7, "float": 0.25}.get(o.type) or TEXTS[o.name]]
+        for value in values:
+            assert o.kind == SWITCH or value != getattr(base, o.name), o.name
+            yield pytest.param(o.name, value, id=f"{o.name}={format_value(value)}")
+
+
+def _argv(name: str, value) -> list[str]:
+    flag = f"--{option_name(name)}"
+    if isinstance(value, bool):
+        return [flag if value else f"--no-{flag[2:]}"]
+    return [flag, format_value(value)]
+
+
+def _toml(value) -> str:
+    return json.dumps(value) if isinstance(value, (bool, str)) else repr(value)
+
+
+@pytest.mark.parametrize("name,value", list(_samples()))
+def test_flag_field_and_toml_key_round_trip(name, value, tmp_path):
+    for command in ("train", "sweep"):
+        args = build_parser().parse_args([command, MODEL, DATASET, *_argv(name, value)])
+        given = {k: v for k, v in train_options(args).items() if v is not None}
+        assert given == {name: value} and type(given[name]) is type(value)
+        assert getattr(resolve(MODEL, DATASET, overrides=given), name) == value
+    for key in (option_name(name), name):
+        path = tmp_path / "options.toml"
+        path.write_text(f"{key} = {_toml(value)}\n")
+        assert getattr(resolve(MODEL, DATASET, file_values=load_toml(path)), name) == value
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_every_settable_field_has_an_option_whose_default_is_none(command):
+    options = train_options(build_parser().parse_args([command]))
+    assert options == {o.name: None for o in SETTABLE}
+
+
+def test_model_and_dataset_are_arguments_not_options_or_keys():
+    assert [o.name for o in OPTIONS.values() if o.kind == ARGUMENT] == ["model", "dataset"]
+    with pytest.raises(CnnlabError, match="unknown config file key 'model'"):
+        resolve(MODEL, DATASET, file_values={"model": "resnet18"})
+
+
+def test_help_names_the_registries(capsys):
+    for command in ("train", "sweep"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(name in text for name in [*MODELS, *SPECS, "fastnet"])
+        assert all(f"--{option_name(o.name)}" in text or f"--no-{option_name(o.name)}" in text
+                   for o in SETTABLE)
+
+
+def test_sweep_and_train_each_have_their_own_config_option():
+    assert build_parser().parse_args(["sweep", "--config", "s.toml"]).config == "s.toml"
+    assert build_parser().parse_args(["train", "--config", "o.toml"]).config == "o.toml"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_each_preset_gives_every_value_the_fields_leave_open(preset):
+    """Fields without a default take their value from the preset (tta and data_dir from
+    resolve), for every model and dataset."""
+    open_fields = {o.name for o in OPTIONS.values() if o.default is dataclasses.MISSING}
+    for model in MODELS:
+        for dataset in [*SPECS, "folder:x"]:
+            values = preset_values(preset, model, dataset)
+            assert set(values) == open_fields - {"model", "dataset", "tta", "data_dir"}
+            assert resolve(model, dataset, overrides={"preset": preset}).preset == preset
+
+
+def test_roles_classify_the_fields():
+    """What a resumed run may change, what sweeps and reports compare and what a results
+    table lists, as the roles in the field metadata give them."""
+    runtime = {"log_every", "checkpoint_every", "device", "data_dir", "download", "telemetry",
+               "tensorboard", "detect_anomaly", "compile"}
+    assert set(RESUME_SAFE) == runtime | {"epochs"}
+    assert set(COMPARED) == set(OPTIONS) - runtime
+    assert set(LISTED) == set(COMPARED) - {"model", "dataset", "seed", "eval_batch_size",
+                                           "skip_bad_files", "sync_bn"}
+
+
+def test_choices_are_validated_from_the_metadata():
+    for o in SETTABLE:
+        if o.choices:
+            with pytest.raises(CnnlabError, match=f"unknown {option_name(o.name)} 'nonsense'; "
+                                                  f"choose one of {', '.join(o.choices)}"):
+                resolve(MODEL, DATASET, overrides={o.name: "nonsense"})
+    with pytest.raises(CnnlabError, match=f"choose one of {', '.join(MODELS)}"):
+        resolve("alexnet", DATASET)
+
+
+def test_default_data_dir(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CNNLAB_DATA", raising=False)
+    assert default_data_dir() == str(tmp_path.resolve() / "data")
+    assert default_data_dir("/x/y") == "/x/y"
+    monkeypatch.setenv("CNNLAB_DATA", "d")
+    assert default_data_dir() == str(tmp_path.resolve() / "d")
+    assert default_data_dir("e") == str(tmp_path.resolve() / "e")
