@@ -122,6 +122,7 @@ def test_image_folder_errors(tmp_path):
         load_dataset(f"folder:{root}", "")
     empty = tmp_path / "empty"
     (empty / "train" / "a").mkdir(parents=True)
+    (empty / "train" / "b").mkdir()
     (empty / "test").mkdir()
     with pytest.raises(CnnlabError, match="has no images"):
         load_dataset(f"folder:{empty}", "")

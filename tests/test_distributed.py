@@ -80,3 +80,30 @@ def test_a_failing_rank_brings_the_job_down(data, tmp_path):
     assert time.time() - killed < 60
     assert "rank" in stderr.lower() and ("SIGKILL" in stderr or "Signal 9" in stderr
                                          or "exitcode" in stderr)
+
+
+def _launch(*args):
+    return subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--nproc", "2", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_nproc_checks_options_once_and_passes_the_ranks_status_through(data, tmp_path):
+    """Bad input: one line before any process starts. SIGTERM to the launcher reaches the
+    ranks, which checkpoint and stop with 143 (not torchrun's 1, no torchrun traceback)."""
+    out = tmp_path / "run"
+    proc = _launch("lenet5", "mnist", "--data-dir", str(data), "--out", str(out), "--lr", "-1")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and err.strip() == "cnnlab: error: --lr must be positive, got -1.0"
+    proc = _launch("lenet5", "mnist", "--data-dir", str(data), "--out", str(out),
+                   "--epochs", "30", "--batch-size", "32", "--log-every", "2", "--telemetry",
+                   "0", "--schedule", "constant")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(r["type"] == "train" for r in read_metrics(out)):
+        time.sleep(0.1)
+    proc.terminate()
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 143, err
+    assert f"checkpoint written - resume with: cnnlab train --resume {out}" in err
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    assert checkpoint.load(out / "checkpoint.pt")["step"] > 0

@@ -3,7 +3,6 @@ through the real command in a subprocess where signals or exit codes are involve
 
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys
@@ -56,53 +55,6 @@ def _same_weights(a, b):
         torch.equal(ca[key][k], cb[key][k]) for key in keys for k in ca[key])
 
 
-@pytest.fixture(scope="module")
-def references(data, tmp_path_factory):
-    """An uninterrupted run for each set of extra options, made when first asked for."""
-    runs = {}
-
-    def get(*extra):
-        if extra not in runs:
-            out = tmp_path_factory.mktemp("ref") / "run"
-            proc = _start(data, out, *extra)
-            assert proc.wait(timeout=300) == 0, proc.stderr.read()
-            runs[extra] = out
-        return runs[extra]
-    return get
-
-
-# SIGTERM's case also averages the weights (--ema), whose state must survive the stop too
-@pytest.mark.parametrize("sig,code,extra", [(signal.SIGINT, 130, ()),
-                                            (signal.SIGTERM, 143, ("--ema", "0.99"))])
-def test_interrupt_at_a_random_step_then_resume_is_bitwise_identical(
-        data, references, tmp_path, sig, code, extra):
-    reference = references(*extra)
-    rng = random.Random(sig)
-    for attempt in range(4):
-        out = tmp_path / f"run{attempt}"
-        proc = _start(data, out, *extra)
-        _wait_for_training(out, proc)
-        time.sleep(rng.uniform(0.0, 1.2) / (attempt + 1))
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-        if proc.returncode == 0:
-            continue  # finished before the signal arrived: try again, sooner
-        assert proc.returncode == code, err
-        assert f"resume with: cnnlab train --resume {out}" in err
-        assert "Traceback" not in err
-        break
-    else:
-        pytest.fail("the run always finished before the signal")
-    stopped_at = checkpoint.load(out / "checkpoint.pt")["step"]
-    assert 0 < stopped_at < 512
-    res = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert _same_weights(reference / "checkpoint.pt", out / "checkpoint.pt")
-    assert _comparable(reference) == _comparable(out)
-    assert checkpoint.load(out / "checkpoint.pt")["step"] == 512
-
-
 def test_second_ctrl_c_exits_at_once_without_damage(data, tmp_path):
     out = tmp_path / "run"
     proc = _start(data, out, "--checkpoint-every", "1")
@@ -114,23 +66,6 @@ def test_second_ctrl_c_exits_at_once_without_damage(data, tmp_path):
     if (out / "checkpoint.pt").exists():
         checkpoint.load(out / "checkpoint.pt")
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-
-
-def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(data, tmp_path):
-    rng = random.Random(7)
-    for attempt in range(2):
-        out = tmp_path / f"run{attempt}"
-        proc = _start(data, out, "--checkpoint-every", "1")  # a checkpoint write every step
-        _wait_for_training(out, proc)
-        time.sleep(rng.uniform(0.05, 0.5))
-        proc.kill()
-        proc.wait(timeout=30)
-        ckpt = checkpoint.load(out / "checkpoint.pt")  # never torn
-        assert ckpt["step"] > 0
-        res = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(out),
-                              "--checkpoint-every", "1epoch"],
-                             capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr
 
 
 def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, tiny_mnist):
@@ -213,8 +148,8 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny_mnist, tmp_path, monkeypat
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(CnnlabError, match="No space left on device.*previous checkpoint is "
-                                          "intact"):
+    with pytest.raises(CnnlabError, match="No space left on device; free some space, then "
+                                          "continue with: cnnlab train --resume"):
         cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=2,
                      batch_size=64, progress=False)
     assert checkpoint.load(out / "checkpoint.pt")["epoch"] == 1

@@ -19,16 +19,18 @@ def train(model: str | None = None, dataset: str | None = None, *,
 
     `options` are the command-line options with underscores (epochs=3, lr=0.01,
     batch_size=128, preset="seed", ...); they beat the `config` TOML file, which beats the
-    preset. `resume=RUN_DIR` continues an interrupted run (only safe options may change).
+    preset. `resume=RUN_DIR` continues an interrupted run, or finishes one whose plots or
+    summary are missing (only options that cannot change the result may change).
     Raises CnnlabError on bad input.
     """
     from .config import load_toml, resolve
     from .trainer import fit, resume_config
 
-    if resume is not None:
-        cfg, ckpt = resume_config(resume, options)
-        return fit(cfg, resume, progress=progress, resume=ckpt)
     file_values = load_toml(config) if config else {}
+    if resume is not None:
+        cfg, how = resume_config(resume, options, model=model, dataset=dataset,
+                                 file_values=file_values, out=out)
+        return fit(cfg, resume, progress=progress, resume=how)
     cfg = resolve(model, dataset, file_values=file_values, overrides=options)
     return fit(cfg, out, progress=progress)
 

@@ -8,6 +8,7 @@ and plain data only, so a crafted file cannot run code):
     train_model     with --ema: the trained weights
     model_meta      ModelMeta as a dict: what rebuilds the model and its preprocessing
     config          the run's Config as a dict
+    data_digest     the content digest of the dataset trained on (Dataset.digest)
     epoch, step, batch, loop, rng, device_type, optimizer, scheduler, scaler,
     metrics_offset  where training was, to resume it bitwise (see `restore`)
     test_acc        the test accuracy of the last evaluation (None before the first)
@@ -18,6 +19,7 @@ export and report (`load_model`) all go through here.
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,8 +112,12 @@ class ModelMeta:
 # ---- writing and reading files ---------------------------------------------------------------
 
 def save(path: str | Path, ckpt: dict[str, Any]) -> None:
-    """Write `ckpt` to `path` atomically: a reader sees the previous file or this one."""
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    """Write `ckpt` to `path` atomically: a reader sees the previous file or this one. It is
+    serialised in memory first, so that a full disk is an OSError naming `path` (torch.save
+    writing to the disk itself reports it as a RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -192,6 +198,7 @@ def state(cfg: Config, meta: ModelMeta, training: Training, loop: LoopState,
         "model": training.evaluated.state_dict(),  # with --ema, the average; else the weights
         **({"train_model": training.model.state_dict()} if training.ema else {}),
         "model_meta": meta.to_dict(), "config": cfg.to_dict(),
+        "data_digest": training.data.digest,
         "optimizer": training.optimizer.state_dict(),
         "scheduler": training.scheduler.state_dict(),
         "epoch": loop.epoch - 1, "step": loop.step, "batch": loop.batch,  # epochs finished
@@ -222,6 +229,11 @@ def restore(ckpt: dict[str, Any], training: Training, loop: LoopState,
             device: torch.device) -> int:
     """Put every piece of training state back as it was when `ckpt` was written; returns
     the byte offset metrics.jsonl had then."""
+    digest = ckpt.get("data_digest")
+    if digest is not None and digest != training.data.digest:
+        raise CnnlabError(f"the dataset {training.cfg.dataset} is not the one this run was "
+                          "trained on (images, labels or classes changed since); resume with "
+                          "that data, or start a new run")
     saved = ckpt.get("device_type", "cpu")
     if saved != device.type:
         raise CnnlabError(f"this run was trained on {saved} and can only resume there "

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
-from .errors import INTERRUPTED, CnnlabError, Exit, Interrupted, one_line
+from .errors import INTERRUPTED, CnnlabError, Exit, Interrupted, StoppedAtOnce, one_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,12 +90,12 @@ def train_options(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace) -> int:
     from . import train
-    from .distributed import env_rank
+    from .launch import env_rank
 
-    if args.nproc is not None:
-        return _launch_torchrun(args.nproc, args.argv)
     if args.resume is None and (args.model is None or args.dataset is None):
         raise CnnlabError("train needs MODEL and DATASET (or --resume RUN_DIR)")
+    if args.nproc is not None:
+        return _launch(args)
     summary = train(args.model, args.dataset, config=args.config, out=args.out,
                     resume=args.resume, progress=not args.quiet, **train_options(args))
     rank = env_rank()
@@ -109,29 +111,25 @@ def _train(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def _launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """`cnnlab train ... --nproc N`: the same command under torchrun, N processes here.
-    (torchrun reports any failing rank as exit status 1.)"""
-    import signal
-    import subprocess
+def _launch(args: argparse.Namespace) -> int:
+    """`--nproc N`: check the options here (one line, not one per rank), then torchrun."""
+    from .config import load_toml, resolve
+    from .launch import launch
 
-    if nproc < 1:
-        raise CnnlabError(f"--nproc must be positive, got {nproc}")
+    if args.nproc < 1:
+        raise CnnlabError(f"--nproc must be positive, got {args.nproc}")
+    if args.resume is None:
+        resolve(args.model, args.dataset, overrides=train_options(args),
+                file_values=load_toml(args.config) if args.config else {})
     rest, skip = [], False
-    for arg in argv:
+    for arg in args.argv:
         if skip:
             skip = False
         elif arg == "--nproc":
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "cnnlab", *rest]
-    proc = subprocess.Popen(cmd)
-    # Ctrl-C reaches the ranks from the terminal: wait for them to checkpoint and stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
-    return proc.wait()
+    return launch(args.nproc, rest)
 
 
 # ---------------------------------------------------------------- use a trained model
@@ -331,30 +329,69 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    args.argv = argv
+    """The `cnnlab` command; `argv` given: the same, called from Python (then the process's
+    signal handlers are left as they are, but while training)."""
+    command = argv is None  # the process is this command: its signals are ours
+    if command:
+        signal.signal(signal.SIGTERM, _stop_at_once)  # until training takes the signals over
+    try:
+        argv = sys.argv[1:] if argv is None else argv
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        if command:
+            from .launch import rank_started
+
+            rank_started()
+        code = _run(args)
+    except (KeyboardInterrupt, StoppedAtOnce) as e:
+        code = Exit.for_signal(e.signum) if isinstance(e, StoppedAtOnce) else INTERRUPTED
+        if command:
+            _exit_at_once_on_signals(code)
+        print("cnnlab: stopped at once; files already written are intact (a run continues "
+              "with --resume RUN_DIR)", file=sys.stderr)
+    if not command:
+        return code
+    from .launch import rank_finished
+
+    rank_finished(code)
+    # Everything is written and closed: end here, rather than in the interpreter's shutdown,
+    # where a signal would meet the default handlers again.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return {"train": _train, "sweep": _sweep, "report": _report,
                 "eval": _eval, "predict": _predict,
                 "export": _export, "bench": _bench}[args.command](args)
     except Interrupted as e:
-        from .distributed import env_rank
+        from .launch import env_rank
 
         if env_rank() == 0:
             print(f"cnnlab: {e}", file=sys.stderr)
         return e.exit_code
     except CnnlabError as e:
         return _fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        print("cnnlab: stopped at once; the last checkpoint is intact", file=sys.stderr)
-        return INTERRUPTED
     except OSError as e:  # a full disk, a folder we may not write to
         return _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
         return _fail(f"out of memory ({one_line(e, 120)}); lower --batch-size")
+
+
+def _stop_at_once(signum, frame) -> None:
+    """SIGTERM outside training (start-up, loading data, writing results) stops the command
+    as Ctrl-C does: cleanly, with a message and exit status 143."""
+    raise StoppedAtOnce(signum)
+
+
+def _exit_at_once_on_signals(code: int) -> None:
+    """After a stop, another Ctrl-C or SIGTERM while the process ends ends it at once."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: os._exit(code))
 
 
 def _fail(message: str, code: int = Exit.BAD_INPUT) -> int:

@@ -12,6 +12,7 @@ what resumes, sweeps and reports compare are all made from that.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -219,7 +220,9 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise CnnlabError(f"config file not found: {p}") from None
-    except tomllib.TOMLDecodeError as e:
+    except OSError as e:  # a folder, a path through a file, no permission
+        raise CnnlabError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CnnlabError(f"config file {p} is not valid TOML: {e}") from None
     return {field_name(k): v for k, v in raw.items()}
 
@@ -296,18 +299,21 @@ def _positive(cfg: Config, *names: str) -> None:
 def validate(cfg: Config) -> None:
     """Reject impossible values with a message naming the option and the fix (before any
     data is read, so that a sweep fails before its first run)."""
-    import inspect
 
     from .data.specs import SPECS
-    from .models import MODELS
+    from .models import MODELS, options_of
 
     if cfg.model not in MODELS:
         raise CnnlabError(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
     if cfg.dataset not in SPECS and not cfg.dataset.startswith("folder:"):
         raise CnnlabError(f"unknown dataset '{cfg.dataset}'; choose one of "
                           f"{', '.join(SPECS)}, folder:PATH")
-    if cfg.pool is not None and "pool" not in inspect.signature(MODELS[cfg.model]).parameters:
+    if cfg.pool is not None and "pool" not in options_of(cfg.model):
         raise CnnlabError(f"model {cfg.model} has no option 'pool'")
+    for o in OPTIONS.values():
+        value = getattr(cfg, o.name)
+        if o.type == "float" and value is not None and not math.isfinite(value):
+            raise CnnlabError(f"--{option_name(o.name)} must be a finite number, got {value}")
     _positive(cfg, "epochs", "batch_size", "lr", "log_every", "eval_batch_size")
     for o in OPTIONS.values():
         value = getattr(cfg, o.name)

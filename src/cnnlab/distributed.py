@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CnnlabError
+from .launch import env_rank
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,6 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def env_rank() -> int:
-    """This process's rank as torchrun's environment gives it (0 without torchrun)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def setup(device: torch.device) -> tuple[Dist, torch.device]:

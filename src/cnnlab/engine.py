@@ -32,6 +32,8 @@ class LoopState:
     train_seconds: float = 0.0
     best_acc: float = float("-inf")
     history: list[float] = field(default_factory=list)  # test accuracy per epoch
+    last_eval: dict | None = None      # the last evaluation: {"loss", "accuracy"}
+    compile_seconds: float | None = None  # with --compile: first steps, not in train_seconds
 
     def count(self, loss: torch.Tensor, images: int) -> None:
         """Account for one step: its loss joins the window on the device (no host sync)."""
@@ -44,12 +46,14 @@ class LoopState:
         self.window_steps += 1
         self.images += images
 
-    def end_epoch(self, accuracy: float) -> bool:
-        """Record the epoch's test accuracy and move to the next epoch; True if it is the
-        best so far."""
+    def end_epoch(self, result: dict) -> bool:
+        """Record the epoch's evaluation and move to the next epoch; True if its accuracy is
+        the best so far."""
+        accuracy = result["accuracy"]
         best = accuracy > self.best_acc
         self.history.append(accuracy)
         self.best_acc = max(self.best_acc, accuracy)
+        self.last_eval = result
         self.epoch, self.batch, self.order = self.epoch + 1, 0, None
         return best
 
@@ -150,9 +154,11 @@ def logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.T
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], *,
              precision: Precision | None = None, tta_flip: bool = False,
-             reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
+             reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+             stop: Callable[[], bool] = lambda: False) -> dict | None:
     """Test loss (plain cross-entropy) and accuracy in percent, summed over all ranks;
-    `tta_flip` scores the mean logits of each image and its mirror image."""
+    `tta_flip` scores the mean logits of each image and its mirror image. None if `stop()`,
+    asked after every batch, said to stop."""
     model.eval()
     device = next(model.parameters()).device
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
@@ -162,5 +168,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], *,
         totals[0] += F.cross_entropy(out, y, reduction="sum")
         totals[1] += (out.argmax(1) == y).sum()
         totals[2] += len(y)
+        if stop():
+            return None
     loss_sum, correct, total = reduce_sum(totals).tolist()
     return {"loss": loss_sum / total, "accuracy": 100.0 * correct / total}

@@ -45,6 +45,16 @@ class Interrupted(CnnlabError):
         self.exit_code = Exit.for_signal(signum)
 
 
+class StoppedAtOnce(BaseException):
+    """A signal that asks to stop at once (one at start-up, a second one during training):
+    like KeyboardInterrupt, it unwinds through every `finally`, so files being written are
+    removed rather than left half written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def one_line(error: BaseException, limit: int = 300) -> str:
     """An exception's message on one line (whitespace and line breaks collapsed) of at most
     `limit` characters, or its type's name when it has no message: for quoting a library's

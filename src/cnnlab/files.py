@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 Writer = Callable[[IO[bytes]], None]
+Content = bytes | memoryview | Writer
 
 
 def temp_file(path: Path) -> Path:
@@ -28,29 +29,42 @@ def temp_file(path: Path) -> Path:
             continue
 
 
-def write_synced(path: Path, content: bytes | Writer) -> None:
+def write_synced(path: Path, content: Content) -> None:
     """Write `content` (bytes, or a function writing to a binary file) into `path` and flush
     it to the disk."""
     with path.open("wb") as f:
-        if isinstance(content, bytes):
-            f.write(content)
-        else:
+        if callable(content):
             content(f)
+        else:
+            f.write(content)
         f.flush()
         os.fsync(f.fileno())
 
 
-def atomic_write(path: str | Path, content: bytes | Writer) -> None:
+def atomic_write(path: str | Path, content: Content) -> None:
     """Replace `path` by `content` (bytes, or a function writing to a binary file) in one step:
-    readers see the old file or the new one, never a part."""
+    readers see the old file or the new one, never a part. An OSError (a full disk, a folder
+    that may not be written) names `path`, and the old file stays as it was."""
     path = Path(path)
-    tmp = temp_file(path)
+    tmp = None
     try:
+        tmp = temp_file(path)
         write_synced(tmp, content)
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete what `atomic_write` left in `folder` when a process was killed mid-write."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -8,6 +8,7 @@ invert="auto", an image whose border is light is inverted."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelMeta, load_model
-from .data.readers import IMAGE_SUFFIXES, decode_image
-from .errors import CnnlabError, one_line
+from .data.readers import IMAGE_SUFFIXES, decode_image, image_error, show_path
+from .errors import CnnlabError
 from .inference import predict_logits
 
 INVERTS = ("auto", "yes", "no")
@@ -39,8 +40,8 @@ def load_image(path: str | Path, meta: ModelMeta, invert: str = "auto"
     height, width = meta.image_size
     try:
         arr = decode_image(path, "L" if channels == 1 else "RGB", (width, height))
-    except Exception as e:  # Pillow raises many types for bad files; all mean the same here
-        raise CnnlabError(f"cannot read image {path}: {one_line(e)}") from None
+    except Exception as e:  # Pillow raises many types for bad files (a decompression bomb's
+        raise CnnlabError(image_error(path, e)) from None  # is none of OSError, ValueError)
     flip = invert == "yes" or (invert == "auto" and light_on_dark(meta)
                                and _border_mean(arr) > 127.5)
     return (255 - arr if flip else arr).copy(), flip
@@ -54,23 +55,36 @@ def _border_mean(arr: np.ndarray) -> float:
 
 def collect_images(inputs: Iterable[str | Path]) -> list[tuple[str, str | None]]:
     """(path, error) for every image named or inside a folder named (recursively, image
-    suffixes only, sorted); error is None where the path is there to read."""
+    suffixes only, hidden files and folders aside, sorted); error is None where the path is
+    there to read. A broken link or link loop inside a folder is listed, for reading it to
+    fail and say why; a subfolder that cannot be listed gets an error."""
     found: list[tuple[str, str | None]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file()
-                           and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not files:
-                found.append((str(p), f"folder {p} holds no images "
-                                      f"({', '.join(sorted(IMAGE_SUFFIXES))})"))
-            found.extend((str(f), None) for f in files)
-        elif p.is_file():
+            images = _images_in(p)
+            if not images:
+                images = [(str(p), f"folder {show_path(p)} holds no images "
+                                   f"({', '.join(sorted(IMAGE_SUFFIXES))})")]
+            found.extend(images)
+        elif os.path.lexists(p):
             found.append((str(p), None))
         else:
-            found.append((str(p), f"no such file or folder: {p}"))
+            found.append((str(p), f"no such file or folder: {show_path(p)}"))
     return found
+
+
+def _images_in(folder: Path) -> list[tuple[str, str | None]]:
+    def unlisted(e: OSError) -> None:
+        found.append((Path(e.filename), f"cannot list folder {show_path(e.filename)}: "
+                                        f"{e.strerror}"))
+
+    found: list[tuple[Path, str | None]] = []
+    for top, dirs, files in os.walk(folder, onerror=unlisted):  # links to folders not followed
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend((Path(top, f), None) for f in files
+                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return [(str(path), error) for path, error in sorted(found, key=lambda e: e[0])]
 
 
 def predict(checkpoint: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3,
@@ -125,4 +139,5 @@ def _try_load(entry: tuple[str, str | None], meta: ModelMeta, invert: str) -> di
 def format_prediction(result: dict) -> str:
     """One line: `path: label 99.80%, label 0.15%, ...`."""
     top = ", ".join(f"{t['label']} {100 * t['probability']:.2f}%" for t in result["top"])
-    return f"{result['path']}: {top}" + ("  (inverted)" if result.get("inverted") else "")
+    inverted = "  (inverted)" if result.get("inverted") else ""
+    return f"{show_path(result['path'])}: {top}{inverted}"

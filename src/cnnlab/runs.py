@@ -7,28 +7,33 @@
     summary.json    the outcome
     loss.png, accuracy.png, utilization.png
     tensorboard/    TensorBoard event files (with --tensorboard)
+    .cnnlab.lock    locked by the process that writes the run
 
-Every file is written atomically (temp file + rename): a killed run never leaves half a file.
+Every file is written atomically (temp file + rename) and metrics.jsonl a whole line at a
+time: a killed run, or one that ran out of disk space, never leaves half a file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import checkpoint
 from .errors import CnnlabError
-from .files import safe_name, write_json
+from .files import remove_temp_files, safe_name, write_json
 
+LOCK_FILE = ".cnnlab.lock"  # held by the process writing the run (see RunDir)
 # What a training run writes (RUN_FILES names them all): evaluation and export never write
 # over these.
 RUN_FILES = frozenset({"config.json", "env.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
-                       "summary.json", "loss.png", "accuracy.png", "utilization.png",
+                       "summary.json", "loss.png", "accuracy.png", "utilization.png", LOCK_FILE,
                        "tensorboard"})
+
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All records of a run's metrics.jsonl (a torn last line from a crash is skipped)."""
@@ -59,26 +64,48 @@ def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path
 
 
 class RunDir:
-    """Writer for one run directory (a new one, or an existing one to resume)."""
+    """Writer for one run directory: a new one (`config` given: written first, as the claim)
+    or an existing one to continue (`config` None).
 
-    def __init__(self, path: str | Path, *, resume: bool = False) -> None:
+    The directory is locked while a process writes to it, so that two processes never mix
+    their files; the lock goes with the process, however it ends."""
+
+    def __init__(self, path: str | Path, *, config: dict | None = None) -> None:
         self.path = Path(path)
-        self.check(self.path, resume=resume)
         self._lock = threading.Lock()
         self._sinks: list[Callable[[dict], None]] = []
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._metrics = (self.path / "metrics.jsonl").open("a", buffering=1)
+            self._claim = _lock(self.path / LOCK_FILE)
         except OSError as e:
             raise CnnlabError(f"cannot create run directory {self.path}: "
                               f"{e.strerror or e}") from None
+        try:
+            self.check(self.path, resume=config is None)
+            remove_temp_files(self.path)  # from a process killed while writing
+            if config is not None:
+                write_json(self.path / "config.json", config)
+            self._metrics = (self.path / "metrics.jsonl").open("ab", buffering=0)
+        except BaseException:
+            self._claim.close()
+            raise
 
     @staticmethod
     def check(path: Path, *, resume: bool = False) -> None:
-        """Refuse to start a new run where one already is (before anything is written)."""
-        if not resume and (path / "config.json").exists():
+        """Refuse to start a new run where one already is, or in a folder that holds other
+        things (before anything is written)."""
+        if resume:
+            return
+        if (path / "config.json").exists():
             raise CnnlabError(f"{path} already holds a run; choose another --out, "
                               f"remove it, or continue it with --resume {path}")
+        if path.is_dir():
+            others = sorted(p.name for p in path.iterdir()
+                            if p.name != LOCK_FILE and not p.name.endswith(".tmp"))
+            if others:
+                raise CnnlabError(f"{path} is not empty ({', '.join(others[:3])}"
+                                  f"{', ...' if len(others) > 3 else ''}) and holds no run; "
+                                  "choose another --out or empty it")
 
     def add_sink(self, sink: Callable[[dict], None]) -> None:
         """Also send every record to `sink` (e.g. TensorBoard)."""
@@ -88,31 +115,34 @@ class RunDir:
         write_json(self.path / name, obj)
 
     def log(self, record: dict) -> None:
+        """Append one record to metrics.jsonl: the whole line or, when the disk is full,
+        nothing (an OSError naming the file)."""
+        line = memoryview((json.dumps(record) + "\n").encode())
         with self._lock:  # the telemetry thread logs too
-            self._metrics.write(json.dumps(record) + "\n")
+            start = self._metrics.tell()
+            try:
+                while line:  # an unbuffered write may take part of the line at a time
+                    line = line[self._metrics.write(line):]
+            except OSError as e:
+                self._metrics.truncate(start)
+                self._metrics.seek(start)
+                raise OSError(e.errno, e.strerror, str(self.path / "metrics.jsonl")) from None
             for sink in self._sinks:
                 sink(record)
 
     def metrics_offset(self) -> int:
         """Bytes of metrics.jsonl written so far (stored in checkpoints, to cut back to)."""
         with self._lock:
-            self._metrics.flush()
             return self._metrics.tell()
 
     def truncate_metrics(self, offset: int) -> None:
         """Drop the records written after a checkpoint, before resuming from it."""
         with self._lock:
-            self._metrics.flush()
             self._metrics.truncate(offset)
             self._metrics.seek(offset)
 
     def save_checkpoint(self, name: str, state: dict) -> None:
-        try:
-            checkpoint.save(self.path / name, state)
-        except OSError as e:
-            raise CnnlabError(f"cannot write {self.path / name}: {e.strerror or e}; the "
-                              "previous checkpoint is intact - free some space and resume "
-                              f"with --resume {self.path}") from None
+        checkpoint.save(self.path / name, state)
 
     def close(self) -> None:
         with self._lock:  # the telemetry thread may be logging
@@ -121,9 +151,24 @@ class RunDir:
                     sink.close()
             self._sinks.clear()
             self._metrics.close()
+            self._claim.close()
 
     def __enter__(self) -> RunDir:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+
+def _lock(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock on `path` until the returned file is closed (or the process
+    ends); refuse if another process holds it."""
+    f = path.open("ab")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise CnnlabError(f"another cnnlab process is writing to {path.parent}; wait for it "
+                          "to end or choose another --out") from None
+    return f

@@ -19,6 +19,7 @@ from torch import nn
 from . import checkpoint, distributed
 from .checkpoint import ModelMeta
 from .config import (
+    OPTIONS,
     RESUME_SAFE,
     Config,
     checkpoint_interval,
@@ -31,7 +32,8 @@ from .data import Dataset, load_dataset
 from .data.loader import DeviceLoader
 from .engine import LoopState, Precision, WeightEMA, evaluate, make_train_step
 from .envinfo import collect_env
-from .errors import CnnlabError, Interrupted, TrainingDiverged, one_line
+from .errors import CnnlabError, Interrupted, StoppedAtOnce, TrainingDiverged, one_line
+from .files import read_json
 from .models import count_parameters
 from .plots import plot_run, plot_utilization
 from .progress import Progress
@@ -76,9 +78,11 @@ def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
     """A per-step schedule over the whole run."""
     sched = torch.optim.lr_scheduler
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total_steps >= 2:
+        # a quarter of the run warms up; at least 1.5 steps, as OneCycleLR needs for very
+        # short runs (fewer than 6 steps)
         return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
-                                pct_start=0.25)
+                                pct_start=max(0.25, 1.5 / total_steps))
     if cfg.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=total_steps)
     if cfg.schedule == "step":  # x0.1 at half and three quarters of the run
@@ -106,7 +110,7 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt  # atomic writes in progress clean up their temp files
+            raise StoppedAtOnce(signum)  # atomic writes in progress remove their temp files
         self.signum = signum
         print(f"\ncnnlab: {signal.Signals(signum).name}: stopping after this step and writing a "
               "checkpoint (press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
@@ -131,20 +135,45 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def resume_config(run_dir: str | Path, overrides: dict) -> tuple[Config, dict]:
-    """The run's own configuration, with only the changes that are safe to make, and its
-    checkpoint."""
-    saved, epochs_done, ckpt = checkpoint.load_for_resume(run_dir)
+@dataclass(frozen=True)
+class Resume:
+    """A run directory to continue: from its checkpoint, or from the start when the run
+    stopped before it wrote one."""
+
+    checkpoint: dict | None
+
+
+def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = None,
+                  dataset: str | None = None, file_values: dict | None = None,
+                  out: str | Path | None = None) -> tuple[Config, Resume]:
+    """The run's own configuration, with only the changes that are safe to make, and where
+    to continue from. What a resumed run cannot honour - another model, dataset or --out,
+    options that would change the result - is refused, whether given as options, as
+    `file_values` (a --config file) or as arguments."""
+    path = Path(run_dir)
+    if out is not None and Path(out).resolve() != path.resolve():
+        raise CnnlabError(f"--out {out} differs from the run being resumed ({run_dir}); a "
+                          "resumed run stays in its directory (drop --out)")
+    if (path / "checkpoint.pt").is_file():
+        saved, epochs_done, ckpt = checkpoint.load_for_resume(path)
+    elif (path / "config.json").is_file():  # stopped before its first checkpoint
+        saved, epochs_done, ckpt = _saved_config(path), 0, None
+    else:
+        raise CnnlabError(f"nothing to resume in {run_dir}: it holds no run (no config.json "
+                          "or checkpoint.pt)")
+    given = {"model": model, "dataset": dataset}
     values = dict(saved)
-    for key, value in overrides.items():
+    options = {k: v for k, v in overrides.items() if v is not None}  # beat the file's
+    for key, value in {**given, **(file_values or {}), **options}.items():
         if key == "data_dir" and value is not None:
             value = default_data_dir(value)  # stored absolute, as a new run's
         if value is None or value == saved.get(key):
             continue
         if key not in RESUME_SAFE:
-            raise CnnlabError(f"--{option_name(key)} {value} differs from the run's "
-                              f"{saved.get(key)}; a resumed run keeps its configuration "
-                              "(start a new run to change it)")
+            what = key.upper() if key in given else f"--{option_name(key)}"
+            raise CnnlabError(f"{what} {value} differs from the run's {saved.get(key)}; a "
+                              "resumed run keeps its configuration (start a new run to "
+                              "change it)")
         if key == "epochs" and (value < epochs_done or saved["schedule"] != "constant"):
             raise CnnlabError(f"--epochs {value}: a resumed run may only add epochs, and only "
                               f"with the constant schedule (this run's schedule, "
@@ -152,10 +181,20 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[Config, dict]:
         values[key] = typed_value(key, value)  # as resolve() types a new run's options
     cfg = Config(**values)
     validate(cfg)
-    if epochs_done >= cfg.epochs:
+    if epochs_done >= cfg.epochs and (path / "summary.json").is_file():
         raise CnnlabError(f"{run_dir} already finished its {cfg.epochs} epochs; pass --epochs N "
                           "to train more (constant schedule only) or start a new run")
-    return cfg, ckpt
+    return cfg, Resume(ckpt)
+
+
+def _saved_config(path: Path) -> dict:
+    """The Config fields of a run directory's config.json."""
+    try:
+        saved = read_json(path / "config.json")
+        return {k: saved[k] for k in OPTIONS}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CnnlabError(f"{path / 'config.json'} is damaged; this run cannot be resumed - "
+                          "start a new one") from None
 
 
 @dataclass
@@ -248,56 +287,89 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
 
 
 def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
-        resume: dict | None = None) -> dict:
-    """Train as `cfg` says, write the run directory, return the summary. `resume` is a
-    checkpoint (from resume_config) to continue from, in the run directory `out`."""
+        resume: Resume | None = None) -> dict:
+    """Train as `cfg` says, write the run directory, return the summary. `resume` (from
+    resume_config) continues the run in the directory `out`; a run whose training is done
+    but whose plots or summary are missing is only finished."""
     wall_start = time.perf_counter()
     dist, device = distributed.setup(resolve_device(cfg.device))
+    path = None
     try:
         path = _run_path(cfg, out, resume, dist)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch_settings(cfg, device))
             training = build(cfg, device, dist)
-            run = stack.enter_context(RunDir(path, resume=resume is not None)) if path else None
-            state, resumed_from = LoopState(), None
-            if resume is not None:
-                offset = checkpoint.restore(resume, training, state, device)
-                resumed_from = state.step
-                if run is not None:
-                    run.truncate_metrics(offset)
-            elif run is not None:
-                run.write_json("config.json", cfg.to_dict() | {
-                    "device": str(device), "precision_used": training.precision.name,
-                    "world_size": dist.world_size})
-                run.write_json("env.json", collect_env(device))
-            if run is not None and cfg.tensorboard:
-                run.add_sink(tensorboard_sink(run.path))
-            bar = Progress(cfg.epochs * len(training.train_batches),
-                           enabled=progress and dist.main, initial=state.step)
-            with bar, Sampler(run.log if run else None, device, cfg.telemetry if run else 0,
-                              lambda: state.images * dist.world_size):
-                result = train_epochs(training, state, run, bar)
-            summary = _summary(training, state, result, wall_start, run.path if run else out)
-            if resumed_from is not None:
-                summary["resumed_from_step"] = resumed_from
-            if run is not None:  # rank 0 alone writes
-                plot_run(run.path)
-                plot_utilization(run.path)
-                run.write_json("summary.json", summary)
-        return summary
+            run = None
+            if path is not None:  # a new run's config.json is its claim on the directory
+                claim = None if resume else _config_json(cfg, training)
+                run = stack.enter_context(RunDir(path, config=claim))
+            return _run(training, state=LoopState(), run=run, resume=resume,
+                        progress=progress, wall_start=wall_start)
+    except OSError as e:  # a full disk: nothing written before is damaged
+        if path is None:
+            raise
+        then = (f"continue with: cnnlab train --resume {path}"
+                if (path / "config.json").is_file() else "run the same command again")
+        raise CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; free some "
+                          f"space, then {then}") from None
     finally:
         distributed.cleanup()
 
 
-def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progress) -> dict:
+def _config_json(cfg: Config, t: Training) -> dict:
+    return cfg.to_dict() | {"device": str(t.device), "precision_used": t.precision.name,
+                            "world_size": t.dist.world_size}
+
+
+def _run(t: Training, *, state: LoopState, run: RunDir | None, resume: Resume | None,
+         progress: bool, wall_start: float) -> dict:
+    """Continue or start the training, then finish: plots and summary.json."""
+    cfg, dist = t.cfg, t.dist
+    resumed_from = None
+    if resume is not None and resume.checkpoint is not None:
+        offset = checkpoint.restore(resume.checkpoint, t, state, t.device)
+        resumed_from = state.step
+        if run is not None:
+            run.truncate_metrics(offset)
+    elif resume is not None and run is not None:  # stopped before its first checkpoint
+        run.truncate_metrics(0)
+    if run is not None:
+        if resume is not None:  # with the changes --resume allowed
+            run.write_json("config.json", _config_json(cfg, t))
+        if resume is None or resume.checkpoint is None:
+            run.write_json("env.json", collect_env(t.device))
+        if cfg.tensorboard:
+            run.add_sink(tensorboard_sink(run.path))
+    with StopSignals() as signals:
+        if state.epoch <= cfg.epochs:
+            with Progress(cfg.epochs * len(t.train_batches), enabled=progress and dist.main,
+                          initial=state.step) as bar, \
+                    Sampler(run.log if run else None, t.device, cfg.telemetry if run else 0,
+                            lambda: state.images * dist.world_size):
+                train_epochs(t, state, run, bar, signals)
+        # Trained: the checkpoint holds the end. What follows, --resume redoes if it is cut.
+        summary = _summary(t, state, wall_start, run.path if run else None)
+        if resumed_from is not None:
+            summary["resumed_from_step"] = resumed_from
+        if run is not None:  # rank 0 alone writes
+            for write in (plot_run, plot_utilization,
+                          lambda path: run.write_json("summary.json", summary)):
+                if signals.signum is not None:
+                    raise _interrupted(signals.signum, state, run, finishing=True)
+                write(run.path)
+    return summary
+
+
+def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progress,
+                 signals: StopSignals) -> None:
     """The loop: train each epoch step by step, evaluate it, log, checkpoint, and stop cleanly
-    on a signal. Host-side decisions sit between calls of `train_step`, which only computes.
-    Returns the last evaluation (with `compile_seconds` under --compile)."""
+    on a signal - within a step or an evaluation batch. Host-side decisions sit between calls
+    of `train_step`, which only computes."""
     cfg, dist = t.cfg, t.dist
     every, unit = checkpoint_interval(cfg.checkpoint_every)
     train_step = make_train_step(t.net, t.criterion, t.optimizer, t.scheduler, t.precision)
-    compile_seconds = None  # with --compile: the first step's time, kept out of train_seconds
-    with StopSignals() as signals, _anomalies_as_divergence(cfg.detect_anomaly, state):
+    compiled = not cfg.compile  # with --compile: the first step's time is kept apart
+    with _anomalies_as_divergence(cfg.detect_anomaly, state):
         while state.epoch <= cfg.epochs:
             if state.batch == 0:
                 state.order = t.train_batches.new_order()
@@ -310,9 +382,10 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                 window_images += len(batch[1])
                 if t.ema:
                     t.ema.update(state.step)
-                if cfg.compile and compile_seconds is None:  # the first step compiled
-                    compile_seconds = _synced_seconds_since(started, t.device)
-                    _log(run, {"type": "compile", "step": state.step, "seconds": compile_seconds})
+                if not compiled:  # the first step compiled the model
+                    compiled, seconds = True, _synced_seconds_since(started, t.device)
+                    state.compile_seconds = (state.compile_seconds or 0.0) + seconds
+                    _log(run, {"type": "compile", "step": state.step, "seconds": seconds})
                     started = window_start = time.perf_counter()
                     window_images = 0
                 log_step = state.step % cfg.log_every == 0
@@ -332,16 +405,19 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
             state.train_seconds += time.perf_counter() - started
             result = evaluate(t.evaluated if t.ema else t.net, t.test_batches,
                               precision=t.precision, tta_flip=cfg.tta == "flip",
-                              reduce_sum=dist.reduce_sum)
-            best = state.end_epoch(result["accuracy"])
+                              reduce_sum=dist.reduce_sum,
+                              stop=lambda: signals.requested(dist, collective=False))
+            if result is None or signals.requested(dist, collective=True):
+                save_checkpoint(t, state, run)  # the epoch's steps; --resume evaluates them
+                raise _interrupted(signals.signum, state, run)
+            best = state.end_epoch(result)
             _log(run, {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
                        "test_loss": result["loss"], "test_acc": result["accuracy"],
                        "train_seconds": state.train_seconds}, bar.eval)
+            if best:  # before checkpoint.pt: a resume from an older one writes it again
+                save_checkpoint(t, state, run, "best.pt")
             if unit == "step" or state.epoch > cfg.epochs or (state.epoch - 1) % every == 0:
                 save_checkpoint(t, state, run)
-            if best:
-                save_checkpoint(t, state, run, "best.pt")
-    return result | ({"compile_seconds": compile_seconds} if cfg.compile else {})
 
 
 def _log(run: RunDir | None, record: dict, show=None) -> None:
@@ -373,11 +449,14 @@ def _synced_seconds_since(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _interrupted(signum: int | None, state: LoopState, run: RunDir | None) -> Interrupted:
+def _interrupted(signum: int | None, state: LoopState, run: RunDir | None,
+                 finishing: bool = False) -> Interrupted:
     signum = signum or signal.SIGTERM  # under torchrun: another rank received it
-    return Interrupted(f"{signal.Signals(signum).name} at step {state.step} (epoch "
-                       f"{state.epoch}); checkpoint written - resume with: cnnlab train "
-                       f"--resume {run.path if run else ''}", signum)
+    where = ("while writing the plots and summary; training is complete - finish"
+             if finishing else f"at step {state.step} (epoch {state.epoch}); checkpoint "
+             "written - resume")
+    return Interrupted(f"{signal.Signals(signum).name} {where} with: cnnlab train --resume "
+                       f"{run.path if run else ''}", signum)
 
 
 def save_checkpoint(t: Training, state: LoopState, run: RunDir | None,
@@ -391,7 +470,7 @@ def save_checkpoint(t: Training, state: LoopState, run: RunDir | None,
                                                    run.metrics_offset()))
 
 
-def _summary(t: Training, state: LoopState, result: dict, wall_start: float,
+def _summary(t: Training, state: LoopState, wall_start: float,
              run_dir: str | Path | None) -> dict:
     cfg, world = t.cfg, t.dist.world_size
     summary = {
@@ -399,7 +478,8 @@ def _summary(t: Training, state: LoopState, result: dict, wall_start: float,
         "epochs": cfg.epochs, "final_test_acc": state.history[-1],
         "best_test_acc": state.best_acc,
         "best_epoch": state.history.index(state.best_acc) + 1,
-        "final_test_loss": result["loss"], "train_seconds": round(state.train_seconds, 3),
+        "final_test_loss": state.last_eval["loss"],
+        "train_seconds": round(state.train_seconds, 3),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
         "images_per_second": round(state.images * world / state.train_seconds, 1),
         "steps": state.step, "parameters": count_parameters(t.model), "device": str(t.device),
@@ -407,11 +487,11 @@ def _summary(t: Training, state: LoopState, result: dict, wall_start: float,
         "world_size": world, "run_dir": str(run_dir),
     }
     if cfg.compile:  # compiling the model, not in train_seconds
-        summary["compile_seconds"] = round(result["compile_seconds"] or 0.0, 3)
+        summary["compile_seconds"] = round(state.compile_seconds or 0.0, 3)
     return summary
 
 
-def _run_path(cfg: Config, out, resume: dict | None, dist: distributed.Dist) -> Path | None:
+def _run_path(cfg: Config, out, resume: Resume | None, dist: distributed.Dist) -> Path | None:
     """Rank 0 checks, before anything trains or is written, that the run directory can be
     used and --tensorboard works; every rank learns the outcome, so a refusal stops all."""
     path, error = None, None

@@ -3,6 +3,9 @@ hand them to training as whole arrays. See `loader.py` for the on-device batch l
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +13,8 @@ import numpy as np
 
 from ..errors import CnnlabError, one_line
 from . import readers
-from .cache import cached, fingerprint
+from .cache import Split, cached, fingerprint
+from .readers import show_path
 from .specs import SPECS, DatasetSpec
 
 FOLDER_PREFIX = "folder:"
@@ -19,7 +23,10 @@ DATASETS = (*SPECS, f"{FOLDER_PREFIX}PATH")
 
 @dataclass
 class Dataset:
-    """A whole dataset in memory: uint8 images (N, C, H, W), int64 labels, and its facts."""
+    """A whole dataset in memory: uint8 images (N, C, H, W), int64 labels, and its facts.
+
+    `digest` (16 hex digits) changes with any image, label or class name of either split:
+    what a checkpoint keeps to tell whether it is resumed on the data it was trained on."""
 
     name: str
     classes: list[str]
@@ -29,6 +36,15 @@ class Dataset:
     train_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    digest: str
+
+    @classmethod
+    def of(cls, name: str, classes: list[str], mean: tuple[float, ...],
+           std: tuple[float, ...], train: Split, test: Split) -> Dataset:
+        """The dataset of two cached splits, with the digest of both and the class names."""
+        summary = json.dumps([train.digest, test.digest, classes]).encode()
+        return cls(name, classes, mean, std, train.images, train.labels, test.images,
+                   test.labels, hashlib.blake2b(summary, digest_size=8).hexdigest())
 
     @property
     def channels(self) -> int:
@@ -52,7 +68,8 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
     folder = root / spec.folder / ("raw" if spec.kind == "idx" else "")
     if not _present(spec, folder):
         if not download:
-            raise CnnlabError(f"{name} not found: expected {_expected(spec)} in {folder}; "
+            raise CnnlabError(f"{name} not found: expected {_expected(spec)} in "
+                              f"{show_path(folder)}; "
                               "run without --no-download to fetch it, or point --data-dir "
                               f"(or CNNLAB_DATA) at the folder that holds {spec.folder}/")
         _download(spec, root, folder)
@@ -66,9 +83,9 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
             sources = [folder / f for f in files]
             decode = lambda fs=files: readers.read_cifar_split(folder, fs, n)  # noqa: E731
         key = f"{spec.name}-{split}-{fingerprint(sources)}"
-        splits[split] = cached(folder / ".cnnlab-cache", key, decode)
-    return Dataset(name, list(spec.classes), spec.mean, spec.std,
-                   *splits["train"], *splits["test"])
+        splits[split] = cached(folder / ".cnnlab-cache", key, n, decode)
+    return Dataset.of(name, list(spec.classes), spec.mean, spec.std,
+                      splits["train"], splits["test"])
 
 
 def _expected(spec: DatasetSpec) -> str:
@@ -76,7 +93,14 @@ def _expected(spec: DatasetSpec) -> str:
 
 
 def _present(spec: DatasetSpec, folder: Path) -> bool:
+    """Whether all official files are there; one there that is no file to read (a link to
+    nothing, a folder) is an error naming it."""
     names = [f for files in spec.files.values() for f in files]
+    gz = [f"{f}.gz" for f in names] if spec.kind == "idx" else []
+    for path in (folder / f for f in names + gz):
+        if os.path.lexists(path) and (problem := readers.file_problem(path)):
+            raise CnnlabError(f"{show_path(path)} cannot be read ({problem}); remove it, or put "
+                              "the real file there")
     if spec.kind == "idx":
         return all(readers.find_idx(folder, f) for f in names)
     return all((folder / f).is_file() for f in names)
@@ -93,30 +117,37 @@ def _download(spec: DatasetSpec, root: Path, folder: Path) -> None:
             cls(str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types; all mean the same here
         raise CnnlabError(f"could not download {spec.name} ({one_line(e)}); without a network, "
-                          f"put {_expected(spec)} into {folder}") from None
+                          f"put {_expected(spec)} into {show_path(folder)}") from None
     if not _present(spec, folder):
-        raise CnnlabError(f"download of {spec.name} did not produce {_expected(spec)} in {folder}")
+        raise CnnlabError(f"download of {spec.name} did not produce {_expected(spec)} in "
+                          f"{show_path(folder)}")
 
 
 def _load_folder(name: str, root: Path, skip_bad_files: bool) -> Dataset:
     if not root.is_dir():
-        raise CnnlabError(f"dataset folder {root} does not exist")
+        what = "is not a folder" if os.path.lexists(root) else "does not exist"
+        raise CnnlabError(f"dataset folder {show_path(root)} {what}")
     classes = readers.folder_classes(root)
+    n = len(classes)
     train_files = readers.folder_files(root / "train", classes, require_all=True)
     test_files = readers.folder_files(root / "test", classes, require_all=False)
     extra = f"{','.join(classes)}:skip={skip_bad_files}"
     train = cached(root / ".cnnlab-cache",
-                   f"folder-train-{fingerprint([p for p, _ in train_files], extra)}",
+                   f"folder-train-{fingerprint([p for p, _ in train_files], extra)}", n,
                    lambda: readers.read_folder_split(train_files, skip_bad=skip_bad_files))
+    empty = [c for c, count in zip(classes, np.bincount(train.labels, minlength=n)) if not count]
+    if empty:
+        raise CnnlabError(f"class folder {show_path(root / 'train' / empty[0])} has no readable "
+                          "images left; fix its files or remove the folder")
     # the test split is read as the training split was: same mode, same size
-    mode = "L" if train[0].shape[1] == 1 else "RGB"
-    size = (train[0].shape[3], train[0].shape[2])
+    mode = "L" if train.images.shape[1] == 1 else "RGB"
+    size = (train.images.shape[3], train.images.shape[2])
     test = cached(root / ".cnnlab-cache",
                   f"folder-test-{fingerprint([p for p, _ in test_files], f'{extra}{mode}{size}')}",
-                  lambda: readers.read_folder_split(test_files, mode=mode, size=size,
-                                                    skip_bad=skip_bad_files))
-    mean, std = channel_stats(train[0])
-    return Dataset(name, classes, mean, std, *train, *test)
+                  n, lambda: readers.read_folder_split(test_files, mode=mode, size=size,
+                                                       skip_bad=skip_bad_files))
+    mean, std = channel_stats(train.images)
+    return Dataset.of(name, classes, mean, std, train, test)
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

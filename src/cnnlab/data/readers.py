@@ -1,24 +1,74 @@
 """Readers for the official formats: IDX (MNIST, Fashion-MNIST), CIFAR pickle batches and
 image folders. Each returns uint8 images as (N, C, H, W) and int64 labels, or raises
-CnnlabError naming the bad file and what is wrong with it."""
+CnnlabError naming the bad file and what is wrong with it.
+
+Hostile input is bad input like any other: a file name that is not UTF-8 or holds control
+characters is shown escaped (`show_path`), a broken link, a link loop, a folder or a FIFO
+where an image should be and an image Pillow refuses (a decompression bomb) are unreadable
+images, and a .gz file cannot inflate to more than its IDX header declares."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import pickle
+import stat
 import sys
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, one_line
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm", ".pbm"}
+MAX_IDX_BYTES = 1 << 34  # 16 GiB: MNIST's largest file is 47 MB
+
+
+def show_path(path: str | os.PathLike[str]) -> str:
+    """`path` as text that prints on any terminal and stays on one line: as it is when every
+    character is printable, else quoted, with bytes that are not UTF-8 (which Python keeps as
+    the surrogates U+DC80..U+DCFF) as \\xNN and control characters escaped as repr() does."""
+    text = os.fspath(path)
+    if text.isprintable():
+        return text
+    return "'" + "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                         else repr(c)[1:-1] for c in text) + "'"
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` is not a regular file to read (a broken link, a link loop, a folder, a
+    FIFO or device that would block or never end), or None when it is one."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            return "it is a link to nothing"
+        return e.strerror or one_line(e)
+    if stat.S_ISDIR(mode):
+        return "it is a folder"
+    return None if stat.S_ISREG(mode) else "it is not a regular file"
+
+
+def image_error(path: str | os.PathLike[str], error: Exception) -> str:
+    """The one-line message for an image that `open_image` or `decode_image` refused."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        why = "not an image format Pillow reads"
+    elif isinstance(error, OSError) and error.strerror:
+        why = error.strerror
+    else:
+        why = one_line(error).rstrip(".")
+    return f"cannot read image {show_path(path)}: {why}"
 
 
 def find_idx(folder: Path, name: str) -> Path | None:
@@ -30,43 +80,58 @@ def find_idx(folder: Path, name: str) -> Path | None:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an unsigned-byte IDX file (optionally .gz) into an array of its declared shape."""
+    """Read an unsigned-byte IDX file (optionally .gz) into an array of its declared shape.
+    Reads at most one byte more than the header declares, so a .gz that inflates without end
+    cannot fill the memory."""
+    shown = show_path(path)
+    again = "delete it and download again"
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise CnnlabError(f"{shown} is not an IDX file (bad magic number); {again}")
+            if head[2] != 0x08:
+                raise CnnlabError(f"{shown} holds IDX type 0x{head[2]:02x}; only unsigned "
+                                  "bytes (0x08) are supported")
+            raw_dims = f.read(4 * head[3])
+            if len(raw_dims) < 4 * head[3]:
+                raise CnnlabError(f"{shown} is truncated (header incomplete); {again}")
+            dims = [int.from_bytes(raw_dims[i:i + 4], "big") for i in range(0, len(raw_dims), 4)]
+            expected = int(np.prod(dims, dtype=object))
+            if expected > MAX_IDX_BYTES:
+                raise CnnlabError(f"{shown} declares a {'x'.join(map(str, dims))} array, more "
+                                  f"than {MAX_IDX_BYTES >> 30} GiB; {again}")
+            data = _read_at_most(f, expected + 1)
     except (OSError, EOFError, zlib.error) as e:
-        raise CnnlabError(f"cannot read {path}: {e}; delete it and download again") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise CnnlabError(f"{path} is not an IDX file (bad magic number); "
-                          "delete it and download again")
-    if data[2] != 0x08:
-        raise CnnlabError(f"{path} holds IDX type 0x{data[2]:02x}; only unsigned bytes (0x08) "
-                          "are supported")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise CnnlabError(f"{path} is truncated (header incomplete); delete it and download again")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims, dtype=np.int64))
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "longer than its header says"
-        raise CnnlabError(f"{path} is {what} ({len(data)} bytes, expected {expected}); "
-                          "delete it and download again")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+        raise CnnlabError(f"cannot read {shown}: {one_line(e)}; {again}") from None
+    if len(data) < expected:
+        raise CnnlabError(f"{shown} is truncated ({len(data)} bytes of data, its header says "
+                          f"{expected}); {again}")
+    if len(data) > expected:
+        raise CnnlabError(f"{shown} is longer than its header says ({expected} bytes of "
+                          f"data); {again}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+def _read_at_most(f: BinaryIO, limit: int, chunk: int = 1 << 26) -> bytes:
+    """Up to `limit` bytes from `f`, read in chunks: never more memory than the data."""
+    parts = []
+    while limit > 0 and (part := f.read(min(chunk, limit))):
+        parts.append(part)
+        limit -= len(part)
+    return b"".join(parts)
 
 
 def read_idx_split(folder: Path, images: str, labels: str, num_classes: int
                    ) -> tuple[np.ndarray, np.ndarray]:
     paths = [find_idx(folder, images), find_idx(folder, labels)]
     if None in paths:
-        raise CnnlabError(f"missing {images} or {labels} in {folder}")
+        raise CnnlabError(f"missing {images} or {labels} in {show_path(folder)}")
     x, y = read_idx(paths[0]), read_idx(paths[1])
-    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-        raise CnnlabError(f"{paths[0]} and {paths[1]} do not match: images {x.shape}, "
-                          f"labels {y.shape}; delete them and download again")
+    if x.ndim != 3 or 0 in x.shape or y.shape != (len(x),):
+        raise CnnlabError(f"{show_path(paths[0])} and {show_path(paths[1])} do not match: "
+                          f"images {x.shape}, labels {y.shape}, expected (N, H, W) and (N,) "
+                          "with N, H, W > 0; delete them and download again")
     _check_labels(y, num_classes, paths[1])
     return x[:, None].copy(), y.astype(np.int64)  # copy: frombuffer arrays are read-only
 
@@ -89,17 +154,19 @@ def read_cifar_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarr
     try:
         with path.open("rb") as f:
             batch = _SafeUnpickler(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
     except FileNotFoundError:
-        raise CnnlabError(f"missing CIFAR batch {path}") from None
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError,
-            IndexError, AttributeError) as e:
-        raise CnnlabError(f"{path} is not a valid CIFAR batch ({e}); "
+        raise CnnlabError(f"missing CIFAR batch {show_path(path)}") from None
+    except Exception as e:  # a damaged pickle raises many types; all mean the same here
+        raise CnnlabError(f"{show_path(path)} is not a valid CIFAR batch ({one_line(e)}); "
                           "delete it and download again") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise CnnlabError(f"{path} has data {data.shape} and {len(labels)} labels; expected "
-                          "(N, 3072) and N; delete it and download again")
+    if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32
+            or not len(data) or not np.issubdtype(labels.dtype, np.integer)
+            or labels.shape != (len(data),)):
+        raise CnnlabError(f"{show_path(path)} has data {data.dtype} {data.shape} and labels "
+                          f"{labels.dtype} {labels.shape}; expected uint8 (N, 3072) and N "
+                          "integers, N > 0; delete it and download again")
+    labels = labels.astype(np.int64)
     _check_labels(labels, num_classes, path)
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -112,63 +179,109 @@ def read_cifar_split(folder: Path, names: tuple[str, ...], num_classes: int
 
 def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise CnnlabError(f"{path} has labels outside 0..{num_classes - 1} "
-                          f"(found {labels.min()}..{labels.max()})")
+        raise CnnlabError(f"{show_path(path)} has labels outside 0..{num_classes - 1} "
+                          f"(found {labels.min()}..{labels.max()}); delete it and download "
+                          "again")
 
 
 # ---------------------------------------------------------------- image folders
 
 def folder_classes(root: Path) -> list[str]:
-    """Class names of an image-folder dataset: the subfolders of train/, sorted."""
-    train = root / "train"
-    if not train.is_dir() or not (root / "test").is_dir():
-        raise CnnlabError(f"{root} must hold train/ and test/ folders, each with one "
+    """Class names of an image-folder dataset: the subfolders of train/, sorted. There must
+    be at least two, each name printable text (it is the model's label for the class)."""
+    train, test = root / "train", root / "test"
+    if not train.is_dir() or not test.is_dir():
+        raise CnnlabError(f"{show_path(root)} must hold train/ and test/ folders, each with one "
                           "subfolder of images per class")
-    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise CnnlabError(f"{train} has no class subfolders; put each class's images in "
-                          f"{train}/<class>/")
-    unknown = sorted(d.name for d in (root / "test").iterdir()
-                     if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
+    classes = _class_folders(train)
+    if len(classes) < 2:
+        found = (f"only one class folder ({show_path(classes[0])})" if classes
+                 else "no class subfolders")
+        raise CnnlabError(f"{show_path(train)} has {found}; a classification dataset needs at "
+                          f"least two classes: put each class's images in "
+                          f"{show_path(train)}/<class>/")
+    unknown = [name for name in _class_folders(test) if name not in classes]
     if unknown:
-        raise CnnlabError(f"{root / 'test'} has classes not in train/: {', '.join(unknown)}")
+        raise CnnlabError(f"{show_path(test)} has classes not in train/: "
+                          f"{', '.join(map(show_path, unknown))}; add them to train/ or remove "
+                          "them")
     return classes
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    """The names of the subfolders of `split_dir` (hidden ones aside), sorted; a link there
+    that leads nowhere or a name that is not printable text is an error."""
+    names = []
+    for entry in _list(split_dir):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink() and not entry.exists():
+            raise CnnlabError(f"class folder {show_path(entry)} cannot be opened "
+                              f"({file_problem(entry)}); fix or remove the link")
+        if not entry.is_dir():
+            continue
+        if not entry.name.isprintable():
+            raise CnnlabError(f"class folder {show_path(entry)}: its name is not printable "
+                              "UTF-8 text, and class names are the model's labels; rename it")
+        names.append(entry.name)
+    return names
+
+
+def _list(folder: Path) -> list[Path]:
+    """The entries of `folder`, sorted, or an error naming it."""
+    try:
+        return sorted(folder.iterdir(), key=lambda p: p.name)  # names: 5x faster than paths
+    except OSError as e:
+        raise CnnlabError(f"cannot list folder {show_path(folder)}: "
+                          f"{e.strerror or one_line(e)}") from None
 
 
 def folder_files(split_dir: Path, classes: list[str], *, require_all: bool
                  ) -> list[tuple[Path, int]]:
-    """(path, label) for every image file under split_dir/<class>/, in a stable order."""
+    """(path, label) for every image file under split_dir/<class>/, in a stable order.
+    Anything named like an image counts, a folder or a broken link too: reading it fails and
+    names it, as for any other unreadable image."""
     files = []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
             if require_all:
-                raise CnnlabError(f"class folder {class_dir} is missing")
+                raise CnnlabError(f"class folder {show_path(class_dir)} is missing")
             continue
-        found = sorted(p for p in class_dir.iterdir()
-                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        found = [p for p in _list(class_dir)
+                 if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
         if not found and require_all:
-            raise CnnlabError(f"class folder {class_dir} has no images "
+            raise CnnlabError(f"class folder {show_path(class_dir)} has no images "
                               f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         files.extend((p, label) for p in found)
     if not files:
-        raise CnnlabError(f"{split_dir} has no images")
+        raise CnnlabError(f"{show_path(split_dir)} has no images; put each class's images in "
+                          f"{show_path(split_dir)}/<class>/")
     return files
+
+
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Pillow's lazy image of `path`, refusing anything but a regular file first (Pillow
+    would block on a FIFO and read a device without end)."""
+    from PIL import Image
+
+    problem = file_problem(path)
+    if problem:
+        raise OSError(problem)
+    return Image.open(path)
 
 
 def _probe(path: Path) -> tuple[str, tuple[int, int]] | str:
     """(mode, size) from the image header (the size as decode_image turns it: EXIF
     orientations 5-8 swap width and height), or why it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             width, height = im.size
             if im.getexif().get(0x0112) in (5, 6, 7, 8):
                 width, height = height, width
             return im.mode, (width, height)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        return f"cannot read image {path}: {e}"
+    except Exception as e:  # Pillow raises many types (a decompression bomb's is neither an
+        return image_error(path, e)  # OSError nor a ValueError); all mean the same here
 
 
 def _to_8bit(im):
@@ -189,10 +302,11 @@ def decode_image(path: str | Path, mode: str, size: tuple[int, int] | None = Non
     """An image file as uint8 (C, H, W), decoded as in training and prediction alike: turned
     as its EXIF orientation says, 16/32-bit grayscale scaled to 8 bits, a transparent
     background made white, converted to `mode` (Pillow's "L" or "RGB") and, with `size`
-    (width, height), resized bilinearly. Pillow's errors pass through."""
+    (width, height), resized bilinearly. Pillow's errors pass through, and OSError for what
+    is no regular file (`file_problem`)."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im)
         im = _to_8bit(im)
@@ -206,11 +320,11 @@ def decode_image(path: str | Path, mode: str, size: tuple[int, int] | None = Non
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _decode(path: Path, mode: str) -> np.ndarray | str:
+def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray | str:
     try:
-        return decode_image(path, mode)
+        return decode_image(path, mode, size)  # size: a header that lied cannot break stack
     except Exception as e:  # Pillow raises many types for bad files; all mean the same here
-        return f"cannot decode image {path}: {e}"
+        return image_error(path, e)
 
 
 def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
@@ -234,10 +348,10 @@ def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
             if isinstance(probe, str):
                 problems[path] = probe
             elif probe[1] != size:
-                problems[path] = (f"image {path} is {probe[1][0]}x{probe[1][1]} but the "
-                                  f"dataset's images are {size[0]}x{size[1]}")
+                problems[path] = (f"image {show_path(path)} is {probe[1][0]}x{probe[1][1]} "
+                                  f"but the dataset's images are {size[0]}x{size[1]}")
         kept = [(p, label) for p, label in files if p not in problems]
-        decoded = list(pool.map(lambda p: _decode(p, mode), (p for p, _ in kept)))
+        decoded = list(pool.map(lambda p: _decode(p, mode, size), (p for p, _ in kept)))
     for (path, _), arr in zip(kept, decoded):
         if isinstance(arr, str):
             problems[path] = arr
@@ -249,7 +363,8 @@ def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
         print(f"cnnlab: skipping: {message}", file=sys.stderr)
     pairs = [(arr, label) for (_, label), arr in zip(kept, decoded) if not isinstance(arr, str)]
     if not pairs:
-        raise CnnlabError(f"no readable images among {len(files)} files")
+        raise CnnlabError(f"no readable images among the {len(files)} files in "
+                          f"{show_path(files[0][0].parent.parent)}")
     return (np.stack([a for a, _ in pairs]),
             np.array([label for _, label in pairs], dtype=np.int64))
 

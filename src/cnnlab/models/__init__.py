@@ -1,35 +1,50 @@
 """Model registry: every model is built as create_model(name, in_channels=, num_classes=,
-image_size=, **options); options left as None keep the model's own defaults."""
+image_size=, **options); options left as None keep the model's own defaults.
+
+The registry names each model's module and builder; the module (and torch) is imported when
+a model is built, so that listing the names - the command line's help - stays instant."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import CnnlabError
-from .fastnet import fastnet
-from .lenet import LeNet5
-from .resnet import resnet18
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "resnet18": resnet18,
-                                               "fastnet": fastnet}
+if TYPE_CHECKING:
+    from torch import nn
+
+_REGISTRY = {"lenet5": ("lenet", "LeNet5"), "resnet18": ("resnet", "resnet18"),
+             "fastnet": ("fastnet", "fastnet")}
+MODELS = tuple(_REGISTRY)  # the model names
+
+
+def builder(name: str) -> Callable[..., nn.Module]:
+    """The function (or class) that builds model `name`."""
+    if name not in _REGISTRY:
+        raise CnnlabError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    module, attribute = _REGISTRY[name]
+    return getattr(importlib.import_module(f".{module}", __name__), attribute)
+
+
+def options_of(name: str) -> tuple[str, ...]:
+    """The options model `name` takes besides the data's shape (e.g. ("pool",))."""
+    shape = ("in_channels", "num_classes", "image_size")
+    return tuple(p for p in inspect.signature(builder(name)).parameters if p not in shape)
 
 
 def create_model(name: str, *, in_channels: int, num_classes: int,
                  image_size: tuple[int, int], **options) -> nn.Module:
-    builder = MODELS.get(name)
-    if builder is None:
-        raise CnnlabError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    build = builder(name)
     options = {k: v for k, v in options.items() if v is not None}
-    accepted = inspect.signature(builder).parameters
     for key in options:
-        if key not in accepted:
+        if key not in options_of(name):
             raise CnnlabError(f"model {name} has no option '{key}'")
     try:
-        return builder(in_channels=in_channels, num_classes=num_classes,
-                       image_size=tuple(image_size), **options)
+        return build(in_channels=in_channels, num_classes=num_classes,
+                     image_size=tuple(image_size), **options)
     except ValueError as e:
         raise CnnlabError(f"cannot build {name}: {e}") from None
 
