@@ -150,3 +150,17 @@ def test_cache_is_used_and_falls_back_when_read_only(tmp_path, monkeypatch):
     load_dataset(f"folder:{ro}", "")
     assert (ro / ".cnnlab-cache").read_text() == "not a folder"
     assert list(cache.rglob("*.x.npy"))
+
+
+def test_folder_decoding_in_worker_processes_equals_decoding_here(tmp_path, monkeypatch):
+    """Large folders are decoded by one worker process a core; the arrays are the same."""
+    from cnnlab.data import readers
+
+    root = write_folder(tmp_path / "pets", n_train=10, n_test=2, size=12, fmt="jpg")
+    files = readers.folder_files(root / "train", ["cat", "dog", "fox"], require_all=True)
+    here = readers.read_folder_split(files)
+    monkeypatch.setattr(readers, "_SMALL", 0)
+    monkeypatch.setattr(readers, "_cores", lambda: 2)
+    pooled = readers.read_folder_split(files)
+    assert np.array_equal(here[0], pooled[0]) and np.array_equal(here[1], pooled[1])
+    assert here[0].shape == (30, 3, 12, 12)

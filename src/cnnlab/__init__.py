@@ -24,14 +24,17 @@ def train(model: str | None = None, dataset: str | None = None, *,
     Raises CnnlabError on bad input.
     """
     from .config import load_toml, resolve
-    from .trainer import fit, resume_config
 
     file_values = load_toml(config) if config else {}
     if resume is not None:
+        from .trainer import fit, resume_config
+
         cfg, how = resume_config(resume, options, model=model, dataset=dataset,
                                  file_values=file_values, out=out)
         return fit(cfg, resume, progress=progress, resume=how)
     cfg = resolve(model, dataset, file_values=file_values, overrides=options)
+    from .trainer import fit  # torch: only once the options are known to be good
+
     return fit(cfg, out, progress=progress)
 
 

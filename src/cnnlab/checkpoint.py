@@ -189,15 +189,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Trained:
 
 # ---- training state --------------------------------------------------------------------------
 
-def state(cfg: Config, meta: ModelMeta, training: Training, loop: LoopState,
-          device: torch.device, metrics_offset: int) -> dict[str, Any]:
+def state(training: Training, loop: LoopState, metrics_offset: int) -> dict[str, Any]:
     """Everything `restore` needs to continue training bitwise as if never stopped."""
-    scaler = training.precision.scaler
+    scaler, device = training.precision.scaler, training.device
     return {
         "format": FORMAT,
         "model": training.evaluated.state_dict(),  # with --ema, the average; else the weights
         **({"train_model": training.model.state_dict()} if training.ema else {}),
-        "model_meta": meta.to_dict(), "config": cfg.to_dict(),
+        "model_meta": training.meta.to_dict(), "config": training.cfg.to_dict(),
         "data_digest": training.data.digest,
         "optimizer": training.optimizer.state_dict(),
         "scheduler": training.scheduler.state_dict(),
@@ -225,10 +224,10 @@ def load_for_resume(run_dir: str | Path) -> tuple[dict[str, Any], int, dict[str,
     return ckpt["config"], int(ckpt["epoch"]), ckpt
 
 
-def restore(ckpt: dict[str, Any], training: Training, loop: LoopState,
-            device: torch.device) -> int:
+def restore(ckpt: dict[str, Any], training: Training, loop: LoopState) -> int:
     """Put every piece of training state back as it was when `ckpt` was written; returns
     the byte offset metrics.jsonl had then."""
+    device = training.device
     digest = ckpt.get("data_digest")
     if digest is not None and digest != training.data.digest:
         raise CnnlabError(f"the dataset {training.cfg.dataset} is not the one this run was "

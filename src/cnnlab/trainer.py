@@ -327,7 +327,7 @@ def _run(t: Training, *, state: LoopState, run: RunDir | None, resume: Resume | 
     cfg, dist = t.cfg, t.dist
     resumed_from = None
     if resume is not None and resume.checkpoint is not None:
-        offset = checkpoint.restore(resume.checkpoint, t, state, t.device)
+        offset = checkpoint.restore(resume.checkpoint, t, state)
         resumed_from = state.step
         if run is not None:
             run.truncate_metrics(offset)
@@ -466,8 +466,7 @@ def save_checkpoint(t: Training, state: LoopState, run: RunDir | None,
     if state.window is not None:
         state.check_finite(t.dist.reduce_sum(state.window)[1].item())
     if run is not None:
-        run.save_checkpoint(name, checkpoint.state(t.cfg, t.meta, t, state, t.device,
-                                                   run.metrics_offset()))
+        run.save_checkpoint(name, checkpoint.state(t, state, run.metrics_offset()))
 
 
 def _summary(t: Training, state: LoopState, wall_start: float,

@@ -9,15 +9,18 @@ images, and a .gz file cannot inflate to more than its IDX header declares."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import gzip
+import multiprocessing
 import os
 import pickle
 import stat
 import sys
 import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -330,14 +333,16 @@ def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray | str:
 def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
                       size: tuple[int, int] | None = None, skip_bad: bool = False
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every image to uint8 (N, C, H, W), in threads (Pillow releases the GIL).
+    """Decode every image to uint8 (N, C, H, W), on all cores (worker processes: Python's
+    share of decoding small images holds the GIL).
 
     `mode` (Pillow's "L" or "RGB") and `size` (width, height) default to what the files
     show: "L" if every image is grayscale, and the most common size. An unreadable image or
     one of another size stops with an error naming it, or with `skip_bad` is reported on
     stderr and left out."""
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        probes = list(pool.map(_probe, (p for p, _ in files)))
+    paths = [p for p, _ in files]
+    with _pool(len(paths)) as pool:
+        probes = _in_chunks(pool, _probe_all, paths)
         good = [p for p in probes if not isinstance(p, str)]
         if mode is None:
             mode = "L" if good and all(m in ("L", "1", "I;16") for m, _ in good) else "RGB"
@@ -351,7 +356,8 @@ def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
                 problems[path] = (f"image {show_path(path)} is {probe[1][0]}x{probe[1][1]} "
                                   f"but the dataset's images are {size[0]}x{size[1]}")
         kept = [(p, label) for p, label in files if p not in problems]
-        decoded = list(pool.map(lambda p: _decode(p, mode, size), (p for p, _ in kept)))
+        decoded = _in_chunks(pool, functools.partial(_decode_all, mode=mode, size=size),
+                             [p for p, _ in kept])
     for (path, _), arr in zip(kept, decoded):
         if isinstance(arr, str):
             problems[path] = arr
@@ -369,6 +375,39 @@ def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
             np.array([label for _, label in pairs], dtype=np.int64))
 
 
-def _workers() -> int:
-    return min(8, (os.cpu_count() or 1) + 2)
+def _probe_all(paths: list[Path]) -> list:
+    return [_probe(p) for p in paths]
+
+
+def _decode_all(paths: list[Path], mode: str, size: tuple[int, int]) -> list:
+    return [_decode(p, mode, size) for p in paths]
+
+
+_SMALL = 2000  # fewer files than this are read in this process: workers would cost more
+
+
+@contextlib.contextmanager
+def _pool(count: int):
+    """Worker processes, one a core (new interpreters, not forks of this one, which may hold
+    torch's threads), or None to read in this process."""
+    if count < _SMALL or _cores() < 2:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=_cores(), mp_context=context) as pool:
+        yield pool
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+def _in_chunks(pool, work, items: list) -> list:
+    """`work(items)`, split into chunks over the pool's workers, results in order."""
+    if pool is None:
+        return work(items)
+    step = max(1, -(-len(items) // (4 * _cores())))
+    chunks = [items[i:i + step] for i in range(0, len(items), step)]
+    return [r for part in pool.map(work, chunks) for r in part]
+
 
