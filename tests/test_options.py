@@ -144,3 +144,33 @@ def test_default_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("CNNLAB_DATA", "d")
     assert default_data_dir() == str(tmp_path.resolve() / "d")
     assert default_data_dir("e") == str(tmp_path.resolve() / "e")
+
+
+def test_version_prefixes_and_where_to_look(capsys):
+    from cnnlab import __version__
+    from cnnlab.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"cnnlab {__version__}"
+    with pytest.raises(SystemExit) as done:  # a prefix of --epochs is not --epochs
+        main(["train", "lenet5", "mnist", "--epoch", "1"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip() == ("cnnlab: error: unrecognized arguments: --epoch "
+                                               "1 (see 'cnnlab train --help')")
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    import subprocess
+    import sys
+
+    check = ("import sys; from cnnlab.cli import main; code = main({argv}); "
+             "assert 'torch' not in sys.modules, 'torch imported'; print(code)")
+    for argv in (["train", "lenet5", "mnist", "--lr", "-1"], ["train", "vgg", "mnist"]):
+        res = subprocess.run([sys.executable, "-c", check.format(argv=argv)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and res.stdout.strip() == "2", res.stderr
+    res = subprocess.run([sys.executable, "-c", "import sys; from cnnlab.cli import build_parser;"
+                          " build_parser().format_help(); assert 'torch' not in sys.modules"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr

@@ -7,12 +7,17 @@ import os
 import signal
 import sys
 
+from . import __version__
 from .errors import INTERRUPTED, CnnlabError, Exit, Interrupted, StoppedAtOnce, one_line
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, no usage dump
-        print(f"cnnlab: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --epoch is a mistake, not --epochs
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, prog: str | None = None):  # one line, exit 2, no usage
+        print(f"cnnlab: error: {message} (see '{prog or self.prog} --help')", file=sys.stderr)
         raise SystemExit(Exit.BAD_INPUT)
 
 
@@ -72,6 +77,7 @@ def _train_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", description="Train classic CNNs fast, with run "
                      "directories you can trust.")
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     _sweep_parser(sub)
@@ -336,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stop_at_once)  # until training takes the signals over
     try:
         argv = sys.argv[1:] if argv is None else argv
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}", f"cnnlab {args.command}")
         args.argv = argv
         if command:
             from .launch import rank_started

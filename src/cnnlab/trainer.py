@@ -342,8 +342,8 @@ def _run(t: Training, *, state: LoopState, run: RunDir | None, resume: Resume | 
             run.add_sink(tensorboard_sink(run.path))
     with StopSignals() as signals:
         if state.epoch <= cfg.epochs:
-            with Progress(cfg.epochs * len(t.train_batches), enabled=progress and dist.main,
-                          initial=state.step) as bar, \
+            with Progress(cfg.epochs * len(t.train_batches), epochs=cfg.epochs,
+                          enabled=progress and dist.main, initial=state.step) as bar, \
                     Sampler(run.log if run else None, t.device, cfg.telemetry if run else 0,
                             lambda: state.images * dist.world_size):
                 train_epochs(t, state, run, bar, signals)
@@ -380,6 +380,7 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                 loss = train_step(batch)
                 state.count(loss, len(batch[1]))
                 window_images += len(batch[1])
+                bar.advance()
                 if t.ema:
                     t.ema.update(state.step)
                 if not compiled:  # the first step compiled the model
