@@ -214,3 +214,55 @@ def test_bench_ablation_rows(tiny_mnist, tmp_path, monkeypatch):
         better = {"s": r["reference"] / r["cnnlab"], "img/s": r["cnnlab"] / r["reference"]}
         assert r["ratio"] == pytest.approx(better[r["unit"]])  # > 1: cnnlab (the option) wins
     assert [r["unit"] for r in rows] == ["img/s"] * 3 + ["s"]
+
+
+def test_bench_checks_its_inputs_before_timing_anything(tmp_path, capsys):
+    from cnnlab.cli import main
+
+    code = main(["bench", "--data-dir", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("cnnlab: error: cnnlab bench --suite cpu needs MNIST's four "
+                             f"official IDX files in {tmp_path / 'nothing' / 'MNIST' / 'raw'}")
+
+
+def test_bench_prints_and_saves_each_row_as_it_comes_and_skips_absent_data(
+        tiny_mnist, tmp_path, monkeypatch, capsys):
+    """Without the CIFAR-10 folder the cpu suite leaves the ResNet-18 rows out with a note;
+    every row is printed and written to --out as soon as it is measured. (The timing itself
+    is replaced: this checks the bench's plumbing, not the machine.)"""
+    import json
+    from pathlib import Path
+
+    from cnnlab import bench
+
+    class Reference:
+        def lenet_mnist_epoch(self, data_dir):
+            return {"seconds": 4.0}
+
+    saved = []
+
+    def fake_process(cmd):  # the whole-process runs: cnnlab's leave a summary
+        saved.append(json.loads((tmp_path / "b.json").read_text())["rows"])
+        if "--out" in cmd:
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "summary.json").write_text('{"final_test_acc": 99.1}')
+        return 8.0, ""
+
+    monkeypatch.setattr(bench, "_reference", Reference)
+    monkeypatch.setattr(bench, "cnnlab_epoch", lambda *a, **kw: {"seconds": 2.0})
+    monkeypatch.setattr(bench, "_process", fake_process)
+    monkeypatch.setattr(bench, "ablation", lambda data_dir, folder: [] if folder is None else 1)
+    results = bench.run_bench("cpu", str(tiny_mnist), str(tmp_path / "no-cifar"),
+                              str(tmp_path / "b.json"))
+    out, err = capsys.readouterr()
+    assert [len(rows) for rows in saved] == [1, 1, 2]  # the file grew row by row
+    assert [r["name"][:20] for r in results["rows"]] == [
+        "LeNet-5/MNIST seed r", "  same, whole proces", "LeNet-5/MNIST fast p"]
+    assert results["rows"][0]["ratio"] == 2.0 and "recorded, not run" in results["rows"][2][
+        "name"]
+    assert json.loads((tmp_path / "b.json").read_text()) == results
+    assert out.count("\n") == 3 + 3 and "ResNet-18" not in out
+    assert "cnnlab bench: no CIFAR-10 image folder: the ResNet-18 rows are left out" in err
+    assert err.count("cnnlab bench: next: ") == 4

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from . import checkpoint
 from .errors import CnnlabError
 from .files import remove_temp_files, safe_name, write_json
 
@@ -142,6 +141,8 @@ class RunDir:
             self._metrics.seek(offset)
 
     def save_checkpoint(self, name: str, state: dict) -> None:
+        from . import checkpoint  # torch: not for those that only read runs
+
         checkpoint.save(self.path / name, state)
 
     def close(self) -> None:
