@@ -1,5 +1,6 @@
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,17 @@ def test_folder_decoding_in_worker_processes_equals_decoding_here(tmp_path, monk
     pooled = readers.read_folder_split(files)
     assert np.array_equal(here[0], pooled[0]) and np.array_equal(here[1], pooled[1])
     assert here[0].shape == (30, 3, 12, 12)
+
+
+def test_a_failed_download_says_why_and_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        Path(args[0], "MNIST", "raw").mkdir(parents=True, exist_ok=True)  # as torchvision does
+        raise ConnectionError()  # no message: the reason is its type
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(CnnlabError, match=r"could not download mnist \(ConnectionError\); "
+                                          "without a network, put"):
+        load_dataset("mnist", tmp_path / "wrong" / "place")
+    assert list(tmp_path.iterdir()) == []

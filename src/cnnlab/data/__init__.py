@@ -112,10 +112,16 @@ def _download(spec: DatasetSpec, root: Path, folder: Path) -> None:
 
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
            "cifar10": datasets.CIFAR10}[spec.name]
+    new = [p for p in (folder, *folder.parents) if not p.exists()]  # what a download creates
     try:
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types; all mean the same here
+        for path in new:  # a failed download leaves no empty folders behind (a wrong
+            try:          # --data-dir would otherwise keep an empty MNIST/raw)
+                path.rmdir()
+            except OSError:
+                break
         raise CnnlabError(f"could not download {spec.name} ({one_line(e)}); without a network, "
                           f"put {_expected(spec)} into {show_path(folder)}") from None
     if not _present(spec, folder):
