@@ -130,8 +130,9 @@ def test_report_on_a_sweep_and_on_several_runs(sweep, tmp_path, capsys):
     md = (work / "report.md").read_text()
     assert "# cnnlab report: sweep sweep (2 runs)" in md
     assert "| configuration | pool | runs | final test acc (%) | best test acc (%) |" in md
-    assert re.search(r"\*\*(max|avg) pooling won: [0-9.]+% vs [0-9.]+% best test accuracy "
-                     r"\(difference [0-9.]+ points, 1 seed each\)", md)
+    assert re.search(r"\*\*(max|avg) pooling scored higher: [0-9.]+% vs [0-9.]+% best test "
+                     r"accuracy \(difference [0-9.]+ points, 1 seed each\)\. With one seed there "
+                     r"is no spread to test the difference against", md)
     assert "### Per-class accuracy side by side" in md and "| class | pool=max | pool=avg |" in md
     assert "## Run pool=max-seed=0" in md and "## Run pool=avg-seed=0" in md
     assert "![Loss of pool=max-seed=0](pool=max-seed=0/loss.png)" in md  # used in place

@@ -150,7 +150,8 @@ def test_sweep_runs_every_point_resumes_and_summarises(tiny_mnist, tmp_path, cap
     best = [summaries[n]["best_test_acc"] for n in names if n.startswith("pool=max")]
     assert "| max | 2 | " in md
     assert f"{statistics.fmean(best):.2f} ± {statistics.stdev(best):.2f}" in md
-    assert " pooling won: " in md and "2 seeds each" in md and "spread over seeds" in md
+    assert (" pooling won: " in md or "No significant difference between " in md) and \
+        "Welch's t-test p = " in md and "2 seeds each" in md
 
     # Interrupted: one point never wrote its summary. Running again redoes only that one.
     (out / "pool=avg-seed=0" / "summary.json").unlink()
@@ -205,11 +206,18 @@ def test_real_mnist_pooling_sweep(real_data, tmp_path):
     md = (out / "results.md").read_text()
     best = {pool: [json.loads((out / f"pool={pool}-seed={i}" / "summary.json").read_text())
                    ["best_test_acc"] for i in (0, 1)] for pool in ("max", "avg")}
-    (win, a), (_, b) = sorted(best.items(), key=lambda kv: -statistics.fmean(kv[1]))
-    assert (f"{win} pooling won: {statistics.fmean(a):.2f} ± {statistics.stdev(a):.2f}% vs "
+    (win, a), (lose, b) = sorted(best.items(), key=lambda kv: -statistics.fmean(kv[1]))
+    from scipy import stats
+
+    p = stats.ttest_ind(a, b, equal_var=False).pvalue if statistics.stdev(a) + \
+        statistics.stdev(b) else float(statistics.fmean(a) == statistics.fmean(b))
+    said = (f"{win} pooling won: " if p < 0.05 else
+            f"No significant difference between {win} pooling and {lose} pooling: ")
+    assert (f"{said}{statistics.fmean(a):.2f} ± {statistics.stdev(a):.2f}% vs "
             f"{statistics.fmean(b):.2f} ± {statistics.stdev(b):.2f}% best test accuracy "
-            f"(difference {statistics.fmean(a) - statistics.fmean(b):.2f} points, "
-            "2 seeds each).") in md
+            f"(difference {statistics.fmean(a) - statistics.fmean(b):.2f} points, 95% "
+            "confidence interval [") in md
+    assert f"Welch's t-test p = {p:.2g}, 2 seeds each)." in md
 
 
 def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tiny_mnist, tmp_path, capsys):
@@ -250,3 +258,22 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tiny_mnist, tmp_path, 
             "lr=1e+12-seed=0, lr=1e+12-seed=1.") in md
     assert "| configuration | lr | runs | diverged |" in md and "| lr=1e+12 | 1e+12 | 0 | 2 |" in md
     assert "| status | diverged after 0 of 1 epochs: the training loss became NaN" in md
+
+
+def test_verdict_tests_the_difference_before_calling_a_winner():
+    from cnnlab.results import verdict
+
+    def row(pool, mean, std, n):
+        return {"label": pool, "config": {"pool": pool}, "best_test_acc_mean": mean,
+                "best_test_acc_std": std, "n": n}
+
+    # the 3-epoch pooling sweep's figures: no winner, and how many seeds would tell
+    text = verdict([row("max", 99.30, 0.05, 3), row("avg", 99.23, 0.10, 3)], ["pool"])
+    assert text.startswith("No significant difference between max pooling and avg pooling: "
+                           "99.30 ± 0.05% vs 99.23 ± 0.10% best test accuracy (difference "
+                           "0.07 points, 95% confidence interval [-0.14, 0.28], Welch's t-test "
+                           "p = 0.36, 3 seeds each).")
+    assert text.endswith("about 21 seeds a point.")
+    text = verdict([row("avg", 99.0, 0.03, 5), row("max", 99.5, 0.02, 5)], ["pool"])
+    assert text.startswith("max pooling won: 99.50 ± 0.02% vs 99.00 ± 0.03%")
+    assert "p = 1e-08" in text

@@ -3,6 +3,7 @@ spread over seeds, which configuration won, and the numbers and tables that show
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -91,34 +92,50 @@ def _row_name(row: dict, keys: list[str]) -> str:
 
 
 def verdict(rows: list[dict], keys: list[str]) -> str | None:
-    """Which row won on mean best test accuracy, by how much, and whether that is more than
-    the spread over seeds; None for fewer than two rows. `keys`: the options that make the
-    rows differ, to name them by."""
+    """The two rows with the highest mean best test accuracy compared with Welch's t-test:
+    the difference, its 95% confidence interval and p-value; "won" only where the difference
+    is significant (p < 0.05), else how many seeds a point would resolve a difference of that
+    size (two-sided test at 5%, power 80%). None for fewer than two rows. `keys`: the
+    options that make the rows differ, to name them by."""
     ranked = sorted((r for r in rows if r["best_test_acc_mean"] is not None),
                     key=lambda r: r["best_test_acc_mean"], reverse=True)
     if len(ranked) < 2:
         return None
     first, second = ranked[0], ranked[1]
-
-    def acc(row: dict) -> str:
-        return mean_std(row, "best_test_acc", 2) + "%"
-
-    diff = first["best_test_acc_mean"] - second["best_test_acc_mean"]
-    counts = sorted({first["n"], second["n"]})
+    (m1, s1, n1), (m2, s2, n2) = ((r["best_test_acc_mean"], r["best_test_acc_std"], r["n"])
+                                  for r in (first, second))
+    diff = m1 - m2
+    counts = sorted({n1, n2})
     seeds = (f"{counts[0]} seed{'s' if counts[0] > 1 else ''} each" if len(counts) == 1
-             else f"{first['n']} and {second['n']} seeds")
+             else f"{n1} and {n2} seeds")
     runner_up = "" if len(ranked) == 2 else f" for the runner-up, {_row_name(second, keys)}"
-    text = (f"{_row_name(first, keys)} won: {acc(first)} vs {acc(second)} best test accuracy"
-            f"{runner_up} (difference {diff:.2f} points, {seeds}).")
-    spread = (first["best_test_acc_std"] or 0.0) + (second["best_test_acc_std"] or 0.0)
-    if first["n"] < 2 or second["n"] < 2:
-        text += " With one seed there is no spread to compare the difference with."
-    elif diff > spread:
-        text += (" The difference is larger than the spread over seeds (the two standard "
-                 "deviations added).")
+    accuracies = (f"{mean_std(first, 'best_test_acc', 2)}% vs "
+                  f"{mean_std(second, 'best_test_acc', 2)}% best test accuracy{runner_up}")
+    if n1 < 2 or n2 < 2:
+        return (f"{_row_name(first, keys)} scored higher: {accuracies} (difference {diff:.2f} "
+                f"points, {seeds}). With one seed there is no spread to test the difference "
+                "against: run more seeds (--seeds).")
+    from scipy import stats
+
+    se = (s1 ** 2 / n1 + s2 ** 2 / n2) ** 0.5
+    if se == 0:  # every seed gave the same accuracy at both points
+        p, low, high = (0.0 if diff else 1.0), diff, diff
     else:
-        text += (" The difference is within the spread over seeds (the two standard deviations "
-                 "added): more seeds or epochs are needed to call it.")
+        p = float(stats.ttest_ind_from_stats(m1, s1, n1, m2, s2, n2, equal_var=False).pvalue)
+        df = se ** 4 / ((s1 ** 2 / n1) ** 2 / (n1 - 1) + (s2 ** 2 / n2) ** 2 / (n2 - 1))
+        half = float(stats.t.ppf(0.975, df)) * se
+        low, high = diff - half, diff + half
+    numbers = (f"difference {diff:.2f} points, 95% confidence interval [{low:.2f}, {high:.2f}],"
+               f" Welch's t-test p = {p:.2g}, {seeds}")
+    if p < 0.05:
+        return f"{_row_name(first, keys)} won: {accuracies} ({numbers})."
+    text = (f"No significant difference between {_row_name(first, keys)} and "
+            f"{_row_name(second, keys)}: {accuracies} ({numbers}).")
+    if diff > 0:
+        spread = ((s1 ** 2 + s2 ** 2) / 2) ** 0.5
+        z = float(stats.norm.ppf(0.975) + stats.norm.ppf(0.8))
+        needed = math.ceil(2 * (z * spread / diff) ** 2)
+        text += f" Resolving a difference of this size would take about {needed} seeds a point."
     return text
 
 
