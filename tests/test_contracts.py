@@ -37,14 +37,23 @@ def test_model_meta_round_trips_and_rebuilds_the_model():
 
 def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path):
     model = META.build()
-    checkpoint.save(tmp_path / "ok.pt", {"format": checkpoint.FORMAT, "model": model.state_dict(),
-                                         "model_meta": META.to_dict()})
+    checkpoint.save({"format": checkpoint.FORMAT, "model": model.state_dict(),
+                     "model_meta": META.to_dict()}, tmp_path / "ok.pt")
     loaded = checkpoint.load_model(tmp_path / "ok.pt")
     assert loaded.meta == META and loaded.config == {} and loaded.epoch is None
-    checkpoint.save(tmp_path / "new.pt", {"format": checkpoint.FORMAT + 1,
-                                          "model": model.state_dict()})
+    checkpoint.save({"format": checkpoint.FORMAT + 1, "model": model.state_dict()},
+                    tmp_path / "new.pt")
     with pytest.raises(CnnlabError, match="newer than this cnnlab reads"):
         checkpoint.load(tmp_path / "new.pt")
+
+
+def test_a_checkpoint_saved_to_two_files_is_the_same_in_both(tmp_path):
+    weights = META.build().state_dict()
+    checkpoint.save({"model": weights, "model_meta": META.to_dict()}, tmp_path / "best.pt",
+                    tmp_path / "checkpoint.pt")
+    assert (tmp_path / "best.pt").read_bytes() == (tmp_path / "checkpoint.pt").read_bytes()
+    assert all(torch.equal(checkpoint.load(tmp_path / "best.pt")["model"][k], v)
+               for k, v in weights.items())
 
 
 def test_only_the_checkpoint_module_saves_or_loads_with_torch():

@@ -141,17 +141,17 @@ def _damaged(tmp_path: Path, run: Path) -> dict:
     files["garbage"] = tmp_path / "garbage.pt"
     (tmp_path / "truncated.pt").write_bytes((run / "best.pt").read_bytes()[:2000])
     files["truncated"] = tmp_path / "truncated.pt"
-    checkpoint.save(tmp_path / "foreign.pt", {"state_dict": good["model"]})
+    checkpoint.save({"state_dict": good["model"]}, tmp_path / "foreign.pt")
     files["foreign"] = tmp_path / "foreign.pt"
-    checkpoint.save(tmp_path / "tensor.pt", torch.zeros(3))
+    checkpoint.save(torch.zeros(3), tmp_path / "tensor.pt")
     files["tensor"] = tmp_path / "tensor.pt"
-    checkpoint.save(tmp_path / "nometa.pt", {k: v for k, v in good.items() if k != "model_meta"})
+    checkpoint.save({k: v for k, v in good.items() if k != "model_meta"}, tmp_path / "nometa.pt")
     files["nometa"] = tmp_path / "nometa.pt"
     bad_meta = good["model_meta"] | {"num_classes": 5}
-    checkpoint.save(tmp_path / "badmeta.pt", good | {"model_meta": bad_meta})
+    checkpoint.save(good | {"model_meta": bad_meta}, tmp_path / "badmeta.pt")
     files["badmeta"] = tmp_path / "badmeta.pt"
     weights = dict(good["model"]) | {"classifier.5.weight": torch.zeros(3, 84)}
-    checkpoint.save(tmp_path / "badweights.pt", good | {"model": weights})
+    checkpoint.save(good | {"model": weights}, tmp_path / "badweights.pt")
     files["badweights"] = tmp_path / "badweights.pt"
     (tmp_path / "notarun").mkdir()
     files["notarun"] = tmp_path / "notarun"
@@ -218,7 +218,7 @@ def test_a_checkpoint_alone_is_enough(trained, tmp_path, capsys):
     ckpt = checkpoint.load(trained.run / "best.pt")
     alone = tmp_path / "elsewhere" / "model.pt"
     alone.parent.mkdir()
-    checkpoint.save(alone, {"model": ckpt["model"], "model_meta": ckpt["model_meta"]})
+    checkpoint.save({"model": ckpt["model"], "model_meta": ckpt["model_meta"]}, alone)
     meta = load_model(alone).meta
     assert meta.classes == tuple(str(i) for i in range(10)) and meta.image_size == (28, 28)
     assert meta.mean == (0.1307,) and meta.std == (0.3081,) and meta.name == "lenet5"

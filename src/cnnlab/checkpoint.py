@@ -111,13 +111,14 @@ class ModelMeta:
 
 # ---- writing and reading files ---------------------------------------------------------------
 
-def save(path: str | Path, ckpt: dict[str, Any]) -> None:
-    """Write `ckpt` to `path` atomically: a reader sees the previous file or this one. It is
-    serialised in memory first, so that a full disk is an OSError naming `path` (torch.save
-    writing to the disk itself reports it as a RuntimeError)."""
+def save(ckpt: dict[str, Any], *paths: str | Path) -> None:
+    """Write `ckpt` to each of `paths` atomically: a reader sees the previous file or this
+    one. It is serialised once, in memory, so that a full disk is an OSError naming the path
+    (torch.save writing to the disk itself reports it as a RuntimeError)."""
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
-    atomic_write(path, buffer.getbuffer())
+    for path in paths:
+        atomic_write(path, buffer.getbuffer())
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -215,8 +216,6 @@ def load_for_resume(run_dir: str | Path) -> tuple[dict[str, Any], int, dict[str,
     """(the run's config as a dict, epochs it finished, the checkpoint) of the run directory's
     checkpoint.pt."""
     path = Path(run_dir) / "checkpoint.pt"
-    if not path.is_file():
-        raise CnnlabError(f"nothing to resume in {run_dir}: it has no checkpoint.pt")
     ckpt = load(path)
     if not isinstance(ckpt.get("config"), dict) or "loop" not in ckpt:
         raise CnnlabError(f"{path} holds a model but not the state of a training run; "

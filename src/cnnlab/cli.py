@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
               "with --resume RUN_DIR)", file=sys.stderr)
     if not command:
         return code
+    _exit_at_once_on_signals(code)  # from here a signal could only interrupt the exit
     from .launch import rank_finished
 
     rank_finished(code)

@@ -65,8 +65,7 @@ def launch(nproc: int, args: list[str]) -> int:
             log.close()
     if len(statuses) < nproc:
         return code
-    failing = [statuses[r] for r in sorted(statuses) if statuses[r] != 0]
-    return statuses[0] or (failing[0] if failing else 0)
+    return next((statuses[r] for r in sorted(statuses) if statuses[r]), 0)  # rank 0 first
 
 
 def rank_started() -> None:

@@ -140,10 +140,10 @@ class RunDir:
             self._metrics.truncate(offset)
             self._metrics.seek(offset)
 
-    def save_checkpoint(self, name: str, state: dict) -> None:
+    def save_checkpoint(self, state: dict, *names: str) -> None:
         from . import checkpoint  # torch: not for those that only read runs
 
-        checkpoint.save(self.path / name, state)
+        checkpoint.save(state, *(self.path / name for name in names))
 
     def close(self) -> None:
         with self._lock:  # the telemetry thread may be logging

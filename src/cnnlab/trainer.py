@@ -415,10 +415,11 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
             _log(run, {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
                        "test_loss": result["loss"], "test_acc": result["accuracy"],
                        "train_seconds": state.train_seconds}, bar.eval)
-            if best:  # before checkpoint.pt: a resume from an older one writes it again
-                save_checkpoint(t, state, run, "best.pt")
-            if unit == "step" or state.epoch > cfg.epochs or (state.epoch - 1) % every == 0:
-                save_checkpoint(t, state, run)
+            due = unit == "step" or state.epoch > cfg.epochs or (state.epoch - 1) % every == 0
+            # best.pt first: a resume from an older checkpoint.pt writes it again
+            names = ("best.pt",) * best + ("checkpoint.pt",) * due
+            if names:
+                save_checkpoint(t, state, run, *names)
 
 
 def _log(run: RunDir | None, record: dict, show=None) -> None:
@@ -461,13 +462,15 @@ def _interrupted(signum: int | None, state: LoopState, run: RunDir | None,
 
 
 def save_checkpoint(t: Training, state: LoopState, run: RunDir | None,
-                    name: str = "checkpoint.pt") -> None:
-    """Write the training state as `name` in the run directory (rank 0), after checking that
-    no loss since the last log step was NaN: never save weights after a non-finite loss."""
+                    *names: str) -> None:
+    """Write the training state as each of `names` (default checkpoint.pt) in the run
+    directory (rank 0), serialised once, after checking that no loss since the last log step
+    was NaN: never save weights after a non-finite loss."""
     if state.window is not None:
         state.check_finite(t.dist.reduce_sum(state.window)[1].item())
     if run is not None:
-        run.save_checkpoint(name, checkpoint.state(t, state, run.metrics_offset()))
+        run.save_checkpoint(checkpoint.state(t, state, run.metrics_offset()),
+                            *(names or ("checkpoint.pt",)))
 
 
 def _summary(t: Training, state: LoopState, wall_start: float,
