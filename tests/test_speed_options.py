@@ -115,8 +115,10 @@ def test_training_with_ema_evaluates_and_saves_the_average(tiny_mnist, tmp_path)
 def test_flip_tta_is_the_fast_preset_default_for_flip_trained_models(tmp_path):
     from cnnlab.config import resolve
 
-    assert resolve("fastnet", "cifar10").tta == "flip"
+    assert resolve("fastnet", "cifar10").tta == "flip,translate"
+    assert resolve("resnet18", "cifar10").tta == "flip"
     assert resolve("resnet18", "folder:x", overrides={"augment": "crop,flip"}).tta == "flip"
+    assert resolve("fastnet", "folder:x", overrides={"augment": "crop,altflip"}).tta == "flip"
     assert resolve("resnet18", "cifar10", overrides={"preset": "seed"}).tta == "none"
     assert resolve("lenet5", "mnist").tta == "none"
     assert resolve("fastnet", "cifar10", overrides={"tta": "none"}).tta == "none"
@@ -145,7 +147,7 @@ def test_training_scores_flip_tta_as_eval_does(tmp_path):
     model = load_model(out / "checkpoint.pt", "cpu").model
     x = torch.rand(4, 3, 16, 16)
     y = ((model(x) + model(x.flip(3))) / 2).argmax(1)
-    assert evaluate(model, [(x, y)], tta_flip=True)["accuracy"] == 100.0
+    assert evaluate(model, [(x, y)], tta="flip")["accuracy"] == 100.0
 
 
 def test_compile_time_is_reported_apart_from_training(tiny_mnist, tmp_path, monkeypatch):

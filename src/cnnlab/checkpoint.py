@@ -197,6 +197,7 @@ def state(training: Training, loop: LoopState, metrics_offset: int) -> dict[str,
         "format": FORMAT,
         "model": training.evaluated.state_dict(),  # with --ema, the average; else the weights
         **({"train_model": training.model.state_dict()} if training.ema else {}),
+        **({"lookahead": training.lookahead.module.state_dict()} if training.lookahead else {}),
         "model_meta": training.meta.to_dict(), "config": training.cfg.to_dict(),
         "data_digest": training.data.digest,
         "optimizer": training.optimizer.state_dict(),
@@ -239,6 +240,8 @@ def restore(ckpt: dict[str, Any], training: Training, loop: LoopState) -> int:
     training.evaluated.load_state_dict(ckpt["model"])
     if training.ema:
         training.model.load_state_dict(ckpt["train_model"])
+    if training.lookahead:
+        training.lookahead.module.load_state_dict(ckpt["lookahead"])
     training.optimizer.load_state_dict(ckpt["optimizer"])
     training.scheduler.load_state_dict(ckpt["scheduler"])
     if training.precision.scaler and ckpt.get("scaler"):
@@ -246,6 +249,8 @@ def restore(ckpt: dict[str, Any], training: Training, loop: LoopState) -> int:
     for key, value in ckpt["loop"].items():
         setattr(loop, key, value.to(device) if isinstance(value, torch.Tensor) else value)
     loop.epoch, loop.step, loop.batch = ckpt["epoch"] + 1, ckpt["step"], ckpt["batch"]
+    if "best_epoch" not in ckpt["loop"] and loop.history:  # written before it was kept
+        loop.best_epoch = loop.history.index(loop.best_acc) + 1
     torch.set_rng_state(ckpt["rng"]["torch"])
     training.generator.set_state(ckpt["rng"]["loader"])
     if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:

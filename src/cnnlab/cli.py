@@ -154,8 +154,9 @@ def _use_parsers(sub) -> None:
     p.add_argument("--data-dir", help="data root (default: the one used in training)")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="fail instead of downloading missing data")
-    p.add_argument("--tta", help="none | flip: average with mirrored images (models trained "
-                   "with flips only; default: as training scored the model)")
+    p.add_argument("--tta", help="none | flip | flip,translate: average with mirrored (and "
+                   "shifted) images (models trained with flips only; default: as training "
+                   "scored the model)")
     p.add_argument("--batch-size", type=int, help="default: training's eval batch size")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out-dir", help="where to write the files (default: beside the "

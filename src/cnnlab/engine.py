@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,8 @@ class LoopState:
     images: int = 0                    # images trained on in the whole run (this rank)
     train_seconds: float = 0.0
     best_acc: float = float("-inf")
-    history: list[float] = field(default_factory=list)  # test accuracy per epoch
+    best_epoch: int = 0
+    history: list[float] = field(default_factory=list)  # test accuracy per evaluated epoch
     last_eval: dict | None = None      # the last evaluation: {"loss", "accuracy"}
     compile_seconds: float | None = None  # with --compile: first steps, not in train_seconds
 
@@ -46,14 +47,15 @@ class LoopState:
         self.window_steps += 1
         self.images += images
 
-    def end_epoch(self, result: dict) -> bool:
-        """Record the epoch's evaluation and move to the next epoch; True if its accuracy is
-        the best so far."""
-        accuracy = result["accuracy"]
-        best = accuracy > self.best_acc
-        self.history.append(accuracy)
-        self.best_acc = max(self.best_acc, accuracy)
-        self.last_eval = result
+    def end_epoch(self, result: dict | None) -> bool:
+        """Record the epoch's evaluation (None: not evaluated) and move to the next epoch;
+        True if its accuracy is the best so far."""
+        best = result is not None and result["accuracy"] > self.best_acc
+        if result is not None:
+            self.history.append(result["accuracy"])
+            self.last_eval = result
+        if best:
+            self.best_acc, self.best_epoch = result["accuracy"], self.epoch
         self.epoch, self.batch, self.order = self.epoch + 1, 0, None
         return best
 
@@ -92,6 +94,11 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
+def _float_tensors(m: nn.Module) -> list[torch.Tensor]:
+    """A model's parameters and float buffers (batch-norm statistics), in a fixed order."""
+    return [*m.parameters(), *(b for b in m.buffers() if b.is_floating_point())]
+
+
 class WeightEMA:
     """An exponential moving average of a model's weights and float buffers, updated after
     every optimiser step with decay min(decay, (1 + step) / (10 + step)), so that the random
@@ -101,11 +108,7 @@ class WeightEMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-        def tensors(m: nn.Module) -> list[torch.Tensor]:
-            return [*m.parameters(), *(b for b in m.buffers() if b.is_floating_point())]
-
-        self._source, self._average = tensors(model), tensors(self.module)
+        self._source, self._average = _float_tensors(model), _float_tensors(self.module)
 
     @torch.no_grad()
     def update(self, step: int) -> None:
@@ -113,15 +116,43 @@ class WeightEMA:
         torch._foreach_lerp_(self._average, self._source, 1.0 - decay)
 
 
+class Lookahead:
+    """Lookahead (Zhang et al. 2019) on a schedule: every 5 steps the slow weights move
+    towards the model's (fast) weights, and the model restarts from them. The slow weights
+    keep a share decay = 0.95^5 x (step / total)^3 of themselves: none early on, where
+    training moves fast, 77% at the end; the last step ends the model on the slow weights.
+    Batch-norm statistics are averaged with the weights."""
+
+    EVERY = 5
+
+    def __init__(self, model: nn.Module, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self._fast, self._slow = _float_tensors(model), _float_tensors(self.module)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if step == self.total_steps:
+            decay = 1.0
+        elif step % self.EVERY == 0:
+            decay = 0.95 ** self.EVERY * (step / self.total_steps) ** 3
+        else:
+            return
+        torch._foreach_lerp_(self._slow, self._fast, 1.0 - decay)
+        torch._foreach_copy_(self._fast, self._slow)
+
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def make_train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision
-                    ) -> Callable[[Batch], torch.Tensor]:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision,
+                    held: Sequence[torch.Tensor] = ()) -> Callable[[Batch], torch.Tensor]:
     """`train_step(batch) -> loss`: forward, loss, backward, optimiser and lr-schedule step on
     one batch. The device work of training and nothing else: it never reads a value back to
-    the host, so the caller decides when to wait for the device (log steps)."""
+    the host, so the caller decides when to wait for the device (log steps). Parameters in
+    `held` (a list the caller may change between steps) keep their values: no gradient
+    reaches the optimiser, which then leaves them as they are."""
     scaler = precision.scaler
 
     def train_step(batch: Batch) -> torch.Tensor:
@@ -131,9 +162,13 @@ def make_train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
+            for p in held:
+                p.grad = None
             optimizer.step()
         else:  # fp16: scale the loss so that small gradients do not underflow
             scaler.scale(loss).backward()
+            for p in held:
+                p.grad = None
             scaler.step(optimizer)
             scaler.update()
         scheduler.step()
@@ -142,29 +177,35 @@ def make_train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim
     return train_step
 
 
-def logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
-    """The model's fp32 logits for `x`; `tta_flip`: the mean of those of each image and its
-    mirror image."""
-    out = model(x).float()
-    if tta_flip:
-        out = (out + model(x.flip(3)).float()) / 2
+def logits(model: nn.Module, x: torch.Tensor, tta: str | None = None) -> torch.Tensor:
+    """The model's fp32 logits for `x`. Test-time averaging: `tta="flip"` gives the mean of
+    the logits of each image and its mirror image; "flip,translate" weighs that pair 1/2 and
+    the pairs shifted one pixel up-left and one pixel down-right (mirrored border) 1/4 each."""
+    if tta in (None, "none"):
+        return model(x).float()
+    out = (model(x).float() + model(x.flip(3)).float()) / 2
+    if tta == "flip,translate":
+        h, w = x.shape[2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = (padded[:, :, :h, :w], padded[:, :, 2:, 2:])
+        out = out / 2 + sum(logits(model, v, "flip") for v in shifted) / 4
     return out
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], *,
-             precision: Precision | None = None, tta_flip: bool = False,
+             precision: Precision | None = None, tta: str | None = None,
              reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
              stop: Callable[[], bool] = lambda: False) -> dict | None:
-    """Test loss (plain cross-entropy) and accuracy in percent, summed over all ranks;
-    `tta_flip` scores the mean logits of each image and its mirror image. None if `stop()`,
-    asked after every batch, said to stop."""
+    """Test loss (plain cross-entropy) and accuracy in percent, summed over all ranks, of the
+    logits with test-time averaging `tta` (see `logits`). None if `stop()`, asked after every
+    batch, said to stop."""
     model.eval()
     device = next(model.parameters()).device
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for x, y in batches:
         with precision.autocast() if precision else contextlib.nullcontext():
-            out = logits(model, x, tta_flip)
+            out = logits(model, x, tta)
         totals[0] += F.cross_entropy(out, y, reduction="sum")
         totals[1] += (out.argmax(1) == y).sum()
         totals[2] += len(y)

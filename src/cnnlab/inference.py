@@ -32,13 +32,13 @@ def preprocess(images: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, meta: ModelMeta, *,
-                   batch_size: int = 1000, tta_flip: bool = False) -> torch.Tensor:
-    """Logits for uint8 images, in batches; `tta_flip` averages with the mirrored images."""
+                   batch_size: int = 1000, tta: str | None = None) -> torch.Tensor:
+    """Logits for uint8 images, in batches, with test-time averaging `tta` (engine.logits)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size].to(device), meta)
-        out.append(logits(model, x, tta_flip).cpu())
+        out.append(logits(model, x, tta).cpu())
     return torch.cat(out) if out else torch.empty(0, meta.num_classes)
 
 
@@ -75,8 +75,9 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
 
     `dataset` and `data_dir` default to those the model was trained on; `data`, the
     Dataset already loaded (then `dataset` only names it), saves reading it again.
-    `tta="flip"` averages the logits of each image and its mirror image (only for models
-    trained with flips); by default as training scored the model; `tta="none"`: without.
+    `tta` ("flip", "flip,translate", see engine.logits) averages the logits of each image
+    and its mirrored (and shifted) copies (only for models trained with flips); by default
+    as training scored the model; `tta="none"`: without.
     Returns accuracy (%), loss, per_class, confusion and what was evaluated. Raises
     CnnlabError (DataMismatch where the data does not fit the model)."""
     from .data import load_dataset
@@ -93,8 +94,8 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     if tta is None:  # as training scored the model
         tta = config.get("tta") if config.get("tta") in TTAS else "none"
     tta = None if tta == "none" else tta
-    if tta == "flip" and not flips(str(config.get("augment") or "")):
-        raise CnnlabError(f"--tta flip: {file} was not trained with flips (augment "
+    if tta is not None and not flips(str(config.get("augment") or "")):
+        raise CnnlabError(f"--tta {tta}: {file} was not trained with flips (augment "
                           f"'{config.get('augment', 'unknown')}'); mirrored images are new to "
                           "it, so flip averaging would not measure the model; drop --tta")
     dataset = dataset or config.get("dataset")
@@ -111,7 +112,7 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     batch_size = batch_size or int(config.get("eval_batch_size")
                                    or OPTIONS["eval_batch_size"].default)
     scores = predict_logits(trained.model, torch.from_numpy(x), meta, batch_size=batch_size,
-                            tta_flip=tta == "flip")
+                            tta=tta)
     result = classification_metrics(scores, torch.from_numpy(y), meta.classes)
     return {"checkpoint": str(file), "model": meta.name, "epoch": trained.epoch,
             "dataset": dataset, "split": split, "tta": tta, "images": len(y),

@@ -30,7 +30,7 @@ from .config import (
 )
 from .data import Dataset, load_dataset
 from .data.loader import DeviceLoader
-from .engine import LoopState, Precision, WeightEMA, evaluate, make_train_step
+from .engine import Lookahead, LoopState, Precision, WeightEMA, evaluate, make_train_step
 from .envinfo import collect_env
 from .errors import CnnlabError, Interrupted, StoppedAtOnce, TrainingDiverged, one_line
 from .files import read_json
@@ -63,7 +63,23 @@ def resolve_device(spec: str) -> torch.device:
     raise CnnlabError(f"unknown device '{spec}'; use auto, cpu, cuda or cuda:N")
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def parameter_groups(cfg: Config, model: nn.Module) -> list[dict]:
+    """The trainable parameters in optimiser groups: batch-norm parameters learn
+    `norm_lr_scale` times faster with the same weight decay per step (lr x weight decay),
+    the rest at --lr. Frozen parameters (requires_grad off) are left out."""
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    scale = cfg.norm_lr_scale
+    if scale == 1:
+        return [{"params": trainable}]
+    return [{"params": [p for p in trainable if id(p) not in norms]},
+            {"params": [p for p in trainable if id(p) in norms], "lr": cfg.lr * scale,
+             "weight_decay": cfg.weight_decay / scale}]
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    params = parameter_groups(cfg, model)
     # fused: the whole update in one kernel rather than a loop of small ops per parameter
     fused = {"fused": True} if cfg.fused and cfg.optimizer != "adamax" else {}  # no fused Adamax
     if cfg.optimizer == "sgd":
@@ -75,14 +91,26 @@ def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
+def triangle(step: int, total_steps: int) -> float:
+    """The triangle schedule's lr factor: linear from 0.2 up to 1 over the first 23% of the
+    steps, then linear down to 0.07 at the last."""
+    peak = max(1, int(0.23 * total_steps))
+    if step < peak:
+        return 0.2 + 0.8 * step / peak
+    return 1.0 - 0.93 * (step - peak) / max(1, total_steps - peak)
+
+
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
-    """A per-step schedule over the whole run."""
+    """A per-step schedule over the whole run (of each group's own peak lr)."""
     sched = torch.optim.lr_scheduler
     if cfg.schedule == "onecycle" and total_steps >= 2:
         # a quarter of the run warms up; at least 1.5 steps, as OneCycleLR needs for very
         # short runs (fewer than 6 steps)
-        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+        return sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                total_steps=total_steps,
                                 pct_start=max(0.25, 1.5 / total_steps))
+    if cfg.schedule == "triangle":
+        return sched.LambdaLR(optimizer, lambda step: triangle(step, total_steps))
     if cfg.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=total_steps)
     if cfg.schedule == "step":  # x0.1 at half and three quarters of the run
@@ -217,6 +245,12 @@ class Training:
     precision: Precision
     channels_last: bool
     ema: WeightEMA | None      # the averaged weights, when --ema is on
+    lookahead: Lookahead | None  # the slow weights, when --lookahead is on
+    early: list[tuple[nn.Parameter, int]]  # (parameter, epochs): trained in those only
+
+    def held(self, epoch: int) -> list[nn.Parameter]:
+        """The parameters that stay as they are in `epoch`."""
+        return [p for p, epochs in self.early if epoch > epochs]
 
     @property
     def evaluated(self) -> nn.Module:
@@ -272,8 +306,11 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
                                  generator=generator, **common)
     test_batches = DeviceLoader(torch.from_numpy(data.test_x), torch.from_numpy(data.test_y),
                                 batch_size=cfg.eval_batch_size, **common)
-    optimizer = build_optimizer(cfg, model.parameters())
-    scheduler = build_scheduler(cfg, optimizer, cfg.epochs * len(train_batches))
+    if hasattr(model, "init_from_data"):  # e.g. fastnet's whitening stem (a resume reloads)
+        model.init_from_data(train_batches.normalize(train_batches.images[:10_000]))
+    optimizer = build_optimizer(cfg, model)
+    total_steps = cfg.epochs * len(train_batches)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
     net = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(
@@ -283,7 +320,9 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     return Training(cfg, device, dist, data, meta, model, net, generator, train_batches,
                     test_batches, optimizer, scheduler,
                     nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
-                    channels_last, WeightEMA(model, cfg.ema) if cfg.ema else None)
+                    channels_last, WeightEMA(model, cfg.ema) if cfg.ema else None,
+                    Lookahead(model, total_steps) if cfg.lookahead else None,
+                    list(getattr(model, "early_parameters", list)()))
 
 
 def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
@@ -367,22 +406,27 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
     of `train_step`, which only computes."""
     cfg, dist = t.cfg, t.dist
     every, unit = checkpoint_interval(cfg.checkpoint_every)
-    train_step = make_train_step(t.net, t.criterion, t.optimizer, t.scheduler, t.precision)
+    held: list[nn.Parameter] = []  # this epoch's
+    train_step = make_train_step(t.net, t.criterion, t.optimizer, t.scheduler, t.precision,
+                                 held)
     compiled = not cfg.compile  # with --compile: the first step's time is kept apart
     with _anomalies_as_divergence(cfg.detect_anomaly, state):
         while state.epoch <= cfg.epochs:
             if state.batch == 0:
                 state.order = t.train_batches.new_order()
+            held[:] = t.held(state.epoch)
             t.net.train()
             started = window_start = time.perf_counter()
             window_images = 0
-            for batch in t.train_batches.batches(state.order, state.batch):
+            for batch in t.train_batches.batches(state.order, state.batch, state.epoch):
                 loss = train_step(batch)
                 state.count(loss, len(batch[1]))
                 window_images += len(batch[1])
                 bar.advance()
                 if t.ema:
                     t.ema.update(state.step)
+                if t.lookahead:
+                    t.lookahead.update(state.step)
                 if not compiled:  # the first step compiled the model
                     compiled, seconds = True, _synced_seconds_since(started, t.device)
                     state.compile_seconds = (state.compile_seconds or 0.0) + seconds
@@ -404,17 +448,23 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                 if stop:
                     raise _interrupted(signals.signum, state, run)
             state.train_seconds += time.perf_counter() - started
-            result = evaluate(t.evaluated if t.ema else t.net, t.test_batches,
-                              precision=t.precision, tta_flip=cfg.tta == "flip",
-                              reduce_sum=dist.reduce_sum,
-                              stop=lambda: signals.requested(dist, collective=False))
-            if result is None or signals.requested(dist, collective=True):
-                save_checkpoint(t, state, run)  # the epoch's steps; --resume evaluates them
+            result = None
+            if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
+                result = evaluate(t.evaluated if t.ema else t.net, t.test_batches,
+                                  precision=t.precision, tta=cfg.tta,
+                                  reduce_sum=dist.reduce_sum,
+                                  stop=lambda: signals.requested(dist, collective=False))
+                if result is None:
+                    save_checkpoint(t, state, run)  # the epoch's steps; --resume evaluates
+                    raise _interrupted(signals.signum, state, run)
+            if signals.requested(dist, collective=True):
+                save_checkpoint(t, state, run)
                 raise _interrupted(signals.signum, state, run)
             best = state.end_epoch(result)
-            _log(run, {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
-                       "test_loss": result["loss"], "test_acc": result["accuracy"],
-                       "train_seconds": state.train_seconds}, bar.eval)
+            if result is not None:
+                _log(run, {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
+                           "test_loss": result["loss"], "test_acc": result["accuracy"],
+                           "train_seconds": state.train_seconds}, bar.eval)
             due = unit == "step" or state.epoch > cfg.epochs or (state.epoch - 1) % every == 0
             # best.pt first: a resume from an older checkpoint.pt writes it again
             names = ("best.pt",) * best + ("checkpoint.pt",) * due
@@ -480,7 +530,7 @@ def _summary(t: Training, state: LoopState, wall_start: float,
         "model": cfg.model, "dataset": cfg.dataset, "preset": cfg.preset,
         "epochs": cfg.epochs, "final_test_acc": state.history[-1],
         "best_test_acc": state.best_acc,
-        "best_epoch": state.history.index(state.best_acc) + 1,
+        "best_epoch": state.best_epoch,
         "final_test_loss": state.last_eval["loss"],
         "train_seconds": round(state.train_seconds, 3),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),

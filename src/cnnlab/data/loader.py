@@ -32,8 +32,11 @@ def normalization(mean: Sequence[float], std: Sequence[float], normalize: bool =
 class DeviceLoader:
     """Yields (images, labels) batches: float images normalised with mean/std, on `device`.
 
-    `augment` is a subset of {"crop", "flip"}: random crop after zero padding of 4 pixels,
-    and random horizontal flip, both drawn per image from `generator`.
+    `augment` is a subset of {"crop", "translate", "flip", "altflip"}, drawn per image from
+    `generator`: a random crop after zero padding of 4 pixels, or a random translation by up
+    to 2 pixels with a mirrored border; a random horizontal flip, or alternating flips (each
+    image is mirrored in every other epoch, half of them in odd epochs and the rest in even
+    ones, which halves the repeats of a view between consecutive epochs).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
@@ -51,6 +54,9 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
         self.scale, self.shift = normalization(mean, std, normalize, device)
+        # which images alternating flips mirror in odd epochs; the others in even ones
+        self.odd_flips = (torch.rand(len(self.labels), device=device, generator=generator) < 0.5
+                          if "altflip" in augment else None)
 
     def __len__(self) -> int:
         return len(range(0, self._end(), self.batch_size))
@@ -73,10 +79,11 @@ class DeviceLoader:
             return None
         return torch.randperm(len(self.labels), device=self.device, generator=self.generator)
 
-    def batches(self, order: torch.Tensor | None, start_batch: int = 0
+    def batches(self, order: torch.Tensor | None, start_batch: int = 0, epoch: int = 1
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of one epoch in `order`, from batch `start_batch` on (to resume mid-epoch).
-        With several ranks, each yields its own contiguous slice of every global batch."""
+        """Batches of epoch `epoch` in `order`, from batch `start_batch` on (to resume
+        mid-epoch). With several ranks, each yields its own contiguous slice of every global
+        batch."""
         n = self._end()
         for start in range(start_batch * self.batch_size, n, self.batch_size):
             stop = min(start + self.batch_size, n)
@@ -87,8 +94,12 @@ class DeviceLoader:
             # streams stay in step and their union is exactly the single-process batch.
             if "crop" in self.augment:
                 x = random_crop(x, 4, self.generator)
+            if "translate" in self.augment:
+                x = random_crop(x, 2, self.generator, mirror=True)
             if "flip" in self.augment:
                 x = random_flip(x, self.generator)
+            if self.odd_flips is not None:
+                x = flip_where(x, self.odd_flips[idx] == (epoch % 2 == 1))
             if self.world_size > 1:
                 x = x.tensor_split(self.world_size)[self.rank]
                 y = y.tensor_split(self.world_size)[self.rank]
@@ -100,20 +111,36 @@ class DeviceLoader:
         return torch.addcmul(self.shift, x.float(), self.scale)
 
 
-def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
-    """Per-image random crop of a zero-padded batch (N, C, H, W), same size out."""
+def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None, *,
+                mirror: bool = False) -> torch.Tensor:
+    """Per-image random crop (N, C, H, W) -> same size of the batch padded by `pad` pixels:
+    zeros, or with `mirror` the image's own border reflected (no pixel repeated). Each image
+    moves by dy, dx in [-pad, pad], drawn uniformly."""
     n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device, generator=generator)
-    rows = (dy + torch.arange(h, device=x.device).view(1, h, 1)).expand(n, h, w)
-    cols = (dx + torch.arange(w, device=x.device).view(1, 1, w)).expand(n, h, w)
-    flat = (rows * (w + 2 * pad) + cols).view(n, 1, h * w).expand(n, c, h * w)
-    return padded.flatten(2).gather(2, flat).view(n, c, h, w)
+    rows = dy + torch.arange(h, device=x.device).view(1, h, 1)
+    cols = dx + torch.arange(w, device=x.device).view(1, 1, w)
+    if mirror:  # index the image itself: -1 -> 1, h -> h - 2
+        rows, cols, width, source = _reflect(rows - pad, h), _reflect(cols - pad, w), w, x
+    else:
+        width, source = w + 2 * pad, torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    flat = (rows * width + cols).view(n, 1, h * w).expand(n, c, h * w)
+    return source.flatten(2).gather(2, flat).view(n, c, h, w)
+
+
+def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices outside [0, size) mirrored back in, as reflect padding does (for a border
+    narrower than the image)."""
+    i = i.abs()
+    return torch.where(i >= size, 2 * (size - 1) - i, i)
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each image of a batch left-right with probability 1/2."""
-    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return flip_where(x, torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5)
+
+
+def flip_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The batch with the images where `mask` (N,) is true mirrored left-right."""
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
