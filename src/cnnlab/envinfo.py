@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+from importlib import metadata
 
 import psutil
 import torch
@@ -22,13 +23,11 @@ def cpu_model() -> str:
 
 
 def collect_env(device: torch.device | None = None) -> dict:
-    import torchvision
-
     cpu = cpu_model()
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": _version("torchvision"),  # importing it would cost 1-3 s
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device) if device is not None else None,
@@ -51,3 +50,11 @@ def collect_env(device: torch.device | None = None) -> dict:
         if device is not None and device.type == "cuda":
             env["device_name"] = torch.cuda.get_device_name(device)
     return env
+
+
+def _version(package: str) -> str | None:
+    """An installed package's version, without importing it."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

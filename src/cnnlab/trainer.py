@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, optim
 from .checkpoint import ModelMeta
 from .config import (
     OPTIONS,
@@ -83,11 +83,10 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     # fused: the whole update in one kernel rather than a loop of small ops per parameter
     fused = {"fused": True} if cfg.fused and cfg.optimizer != "adamax" else {}  # no fused Adamax
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay, **fused)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-           "adamax": torch.optim.Adamax}[cfg.optimizer]
+        return optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                         nesterov=cfg.nesterov and cfg.momentum > 0,
+                         weight_decay=cfg.weight_decay, **fused)
+    cls = {"adam": optim.Adam, "adamw": optim.AdamW, "adamax": optim.Adamax}[cfg.optimizer]
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
@@ -266,13 +265,18 @@ def torch_settings(cfg: Config, device: torch.device) -> Iterator[None]:
              torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     if cfg.deterministic and device.type == "cuda" and saved[3] is None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # deterministic cuBLAS needs it
-    # warn_only: a few CUDA backward kernels (adaptive pooling) have no deterministic version
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    # warn_only: a few CUDA backward kernels (adaptive pooling) have no deterministic version.
+    # Switched only when it changes (the call imports torch._inductor: a second or two);
+    # while off, warn_only means nothing.
+    switch = cfg.deterministic != saved[0] or (cfg.deterministic and not saved[1])
+    if switch:
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        if switch:
+            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark = saved[2]
         if saved[3] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
