@@ -49,6 +49,20 @@ def test_train_writes_the_run_directory(tiny_mnist, tmp_path):
     assert best["test_acc"] == summary["best_test_acc"]
 
 
+def test_a_fraction_of_an_epoch_ends_the_last_epoch_part_way(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    summary = cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, lr=0.05,
+                           **{**FAST, "epochs": "1.5"})
+    assert summary["epochs"] == 1.5 and summary["steps"] == 24  # 16 steps an epoch
+    evals = [r for r in read_metrics(out) if r["type"] == "eval"]
+    assert [(r["epoch"], r["steps"]) for r in evals] == [(1, 16), (2, 24)]
+    ckpt = checkpoint.load(out / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 24)
+    assert ckpt["scheduler"]["last_epoch"] == 24  # the schedule was laid out for 24 steps
+    with pytest.raises(cnnlab.errors.CnnlabError, match="after whole epochs"):
+        cnnlab.train(resume=out, epochs=3, progress=False)
+
+
 def test_two_cpu_runs_with_one_seed_are_identical(tiny_mnist, tmp_path):
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:

@@ -73,7 +73,8 @@ class Config:
     preset: str = option("fast", choices=PRESETS,
                          help="fast = the shortest way to a good model, seed = the lab "
                               "report's exact recipe; it gives the options not set otherwise")
-    epochs: int = option(help="passes over the training split")
+    epochs: float = option(help="passes over the training split; a fraction ends the last "
+                                "one part-way (e.g. 1.5)")
     batch_size: int = option(help="images per optimiser step (over all processes)")
     optimizer: str = option(choices=OPTIMIZERS, help="the optimiser")
     lr: float = option(help="(peak) learning rate")

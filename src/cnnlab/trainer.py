@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -201,10 +202,12 @@ def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = N
             raise CnnlabError(f"{what} {value} differs from the run's {saved.get(key)}; a "
                               "resumed run keeps its configuration (start a new run to "
                               "change it)")
-        if key == "epochs" and (value < epochs_done or saved["schedule"] != "constant"):
+        if key == "epochs" and (value < epochs_done or saved["schedule"] != "constant"
+                                or not float(saved["epochs"]).is_integer()):
             raise CnnlabError(f"--epochs {value}: a resumed run may only add epochs, and only "
-                              f"with the constant schedule (this run's schedule, "
-                              f"'{saved['schedule']}', was laid out for {saved['epochs']})")
+                              f"with the constant schedule after whole epochs (this run's "
+                              f"schedule, '{saved['schedule']}', was laid out for "
+                              f"{saved['epochs']})")
         values[key] = typed_value(key, value)  # as resolve() types a new run's options
     cfg = Config(**values)
     validate(cfg)
@@ -246,6 +249,12 @@ class Training:
     ema: WeightEMA | None      # the averaged weights, when --ema is on
     lookahead: Lookahead | None  # the slow weights, when --lookahead is on
     early: list[tuple[nn.Parameter, int]]  # (parameter, epochs): trained in those only
+    total_steps: int           # epochs x batches per epoch, rounded: the last epoch may be cut
+
+    @property
+    def epoch_count(self) -> int:
+        """The epochs the run trains in, the last possibly in part."""
+        return math.ceil(self.cfg.epochs)
 
     def held(self, epoch: int) -> list[nn.Parameter]:
         """The parameters that stay as they are in `epoch`."""
@@ -313,7 +322,7 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     if hasattr(model, "init_from_data"):  # e.g. fastnet's whitening stem (a resume reloads)
         model.init_from_data(train_batches.normalize(train_batches.images[:10_000]))
     optimizer = build_optimizer(cfg, model)
-    total_steps = cfg.epochs * len(train_batches)
+    total_steps = max(1, round(cfg.epochs * len(train_batches)))
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     net = model
     if dist.enabled:
@@ -326,7 +335,7 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
                     nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
                     channels_last, WeightEMA(model, cfg.ema) if cfg.ema else None,
                     Lookahead(model, total_steps) if cfg.lookahead else None,
-                    list(getattr(model, "early_parameters", list)()))
+                    list(getattr(model, "early_parameters", list)()), total_steps)
 
 
 def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
@@ -384,8 +393,8 @@ def _run(t: Training, *, state: LoopState, run: RunDir | None, resume: Resume | 
         if cfg.tensorboard:
             run.add_sink(tensorboard_sink(run.path))
     with StopSignals() as signals:
-        if state.epoch <= cfg.epochs:
-            with Progress(cfg.epochs * len(t.train_batches), epochs=cfg.epochs,
+        if state.epoch <= t.epoch_count:
+            with Progress(t.total_steps, epochs=t.epoch_count,
                           enabled=progress and dist.main, initial=state.step) as bar, \
                     Sampler(run.log if run else None, t.device, cfg.telemetry if run else 0,
                             lambda: state.images * dist.world_size):
@@ -415,7 +424,7 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                                  held)
     compiled = not cfg.compile  # with --compile: the first step's time is kept apart
     with _anomalies_as_divergence(cfg.detect_anomaly, state):
-        while state.epoch <= cfg.epochs:
+        while state.epoch <= t.epoch_count:
             if state.batch == 0:
                 state.order = t.train_batches.new_order()
             held[:] = t.held(state.epoch)
@@ -423,6 +432,8 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
             started = window_start = time.perf_counter()
             window_images = 0
             for batch in t.train_batches.batches(state.order, state.batch, state.epoch):
+                if state.step == t.total_steps:  # a fraction of an epoch: the run ends here
+                    break
                 loss = train_step(batch)
                 state.count(loss, len(batch[1]))
                 window_images += len(batch[1])
@@ -453,7 +464,7 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                     raise _interrupted(signals.signum, state, run)
             state.train_seconds += time.perf_counter() - started
             result = None
-            if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
+            if state.epoch % cfg.eval_every == 0 or state.epoch == t.epoch_count:
                 result = evaluate(t.evaluated if t.ema else t.net, t.test_batches,
                                   precision=t.precision, tta=cfg.tta,
                                   reduce_sum=dist.reduce_sum,
@@ -469,7 +480,8 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                 _log(run, {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
                            "test_loss": result["loss"], "test_acc": result["accuracy"],
                            "train_seconds": state.train_seconds}, bar.eval)
-            due = unit == "step" or state.epoch > cfg.epochs or (state.epoch - 1) % every == 0
+            due = (unit == "step" or state.epoch > t.epoch_count
+                   or (state.epoch - 1) % every == 0)
             # best.pt first: a resume from an older checkpoint.pt writes it again
             names = ("best.pt",) * best + ("checkpoint.pt",) * due
             if names:
