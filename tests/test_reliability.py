@@ -13,7 +13,7 @@ import torch
 from conftest import write_folder, write_mnist
 
 import cnnlab
-from cnnlab import checkpoint
+from cnnlab import checkpoint, files
 from cnnlab.errors import CnnlabError, TrainingDiverged
 from cnnlab.runs import read_metrics
 
@@ -106,6 +106,12 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     ckpt = checkpoint.load(out / "checkpoint.pt")
     assert ckpt["step"] == 16  # the end of epoch 1, the last good state
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    # the run says where it diverged, and so does its report
+    from cnnlab.report import write_report
+
+    assert files.read_json(out / "diverged.json")["step"] == 24  # the log step that saw it
+    md = write_report([out], evaluate=False)["md"].read_text()
+    assert "| status | diverged at step 24 (epoch 2) |" in md and "did not finish" not in md
 
 
 @pytest.mark.parametrize("extra,message", [([], "NaN or infinite by step"),

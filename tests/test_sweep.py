@@ -244,7 +244,8 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tiny_mnist, tmp_path, 
     assert "2 of 4 runs finished (2 more diverged" in md
     assert "| lr | seeds | diverged | final test acc (%)" in md
     assert "| 1e+12 | 0 | 2 | - |" in md
-    assert "| [lr=1e+12-seed=0](lr=1e+12-seed=0/) | 0 | diverged: the training loss" in md
+    assert "| [lr=1e+12-seed=0](lr=1e+12-seed=0/) | 0 | diverged at step 2 (epoch 1) |" in md
+    assert json.loads((bad / "diverged.json").read_text())["step"] == 2
 
     # Running it again keeps the diverged runs as they are, like finished ones.
     before = (out / "lr=1e+12-seed=1" / "diverged.json").read_bytes()
@@ -257,7 +258,7 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tiny_mnist, tmp_path, 
     assert ("Diverged runs (the loss became NaN; left out of the comparison's mean and std): "
             "lr=1e+12-seed=0, lr=1e+12-seed=1.") in md
     assert "| configuration | lr | runs | diverged |" in md and "| lr=1e+12 | 1e+12 | 0 | 2 |" in md
-    assert "| status | diverged after 0 of 1 epochs: the training loss became NaN" in md
+    assert "| status | diverged at step 2 (epoch 1) |" in md
 
 
 def test_verdict_tests_the_difference_before_calling_a_winner():

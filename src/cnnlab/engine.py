@@ -76,7 +76,7 @@ class LoopState:
             raise TrainingDiverged(
                 f"the training loss became NaN or infinite by step {self.step} (epoch "
                 f"{self.epoch}); the learning rate is probably too high - try a smaller --lr "
-                "(--detect-anomaly finds the operation)")
+                "(--detect-anomaly finds the operation)", self.step, self.epoch)
 
 
 class Precision:

@@ -31,9 +31,13 @@ class CnnlabError(Exception):
 
 
 class TrainingDiverged(CnnlabError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, by optimiser step `step` of epoch `epoch`."""
 
     exit_code = Exit.DIVERGED
+
+    def __init__(self, message: str, step: int | None = None, epoch: int | None = None) -> None:
+        super().__init__(message)
+        self.step, self.epoch = step, epoch
 
 
 class Interrupted(CnnlabError):

@@ -249,8 +249,7 @@ def _outcome_table(run: RunInfo) -> Table:
     o = outcome(run)
     done = len(run.evals)
     status = (f"finished ({done} of {run.config.get('epochs')} epochs)" if run.summary
-              else f"diverged after {done} of {run.config.get('epochs')} epochs: {run.diverged}"
-              if run.diverged
+              else run.diverged if run.diverged
               else f"did not finish: {done} of {run.config.get('epochs')} epochs evaluated")
     rows = [["status", status],
             ["final test accuracy", _pct(o.get("final_test_acc"))],

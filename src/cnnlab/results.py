@@ -28,14 +28,19 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def diverged_error(run_dir: Path) -> str | None:
-    """The error of a run that diverged (from its diverged.json), else None."""
+    """How a run that diverged ended - "diverged at step N (epoch E)", from its
+    diverged.json (the error itself where it does not say the step) - else None."""
     path = run_dir / DIVERGED
     if not path.is_file():
         return None
     try:
-        return str(read_json(path).get("error") or "the loss became NaN")
+        info = read_json(path)
+        error, step, epoch = info.get("error"), info.get("step"), info.get("epoch")
     except (OSError, ValueError, AttributeError):
-        return "the loss became NaN"
+        error = step = epoch = None
+    if step is None:
+        return f"diverged: {error or 'the loss became NaN or infinite'}"
+    return f"diverged at step {step}" + (f" (epoch {epoch})" if epoch is not None else "")
 
 
 def format_value(value: Any) -> str:

@@ -31,7 +31,7 @@ LOCK_FILE = ".cnnlab.lock"  # held by the process writing the run (see RunDir)
 # over these.
 RUN_FILES = frozenset({"config.json", "env.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
                        "summary.json", "loss.png", "accuracy.png", "utilization.png", LOCK_FILE,
-                       "tensorboard"})
+                       "tensorboard", "diverged.json"})
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

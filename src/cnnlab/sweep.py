@@ -51,7 +51,6 @@ from .config import (
 from .errors import CnnlabError, Interrupted, TrainingDiverged
 from .files import atomic_write, read_json, safe_name, write_json
 from .results import (
-    DIVERGED,
     METRICS,
     aggregate,
     diverged_error,
@@ -264,9 +263,7 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True) -> dict:
                 _say(f"{tag}: training")
             try:
                 s = fit(run.config, run_dir, progress=progress)
-            except TrainingDiverged as e:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                write_json(run_dir / DIVERGED, {"error": str(e)})
+            except TrainingDiverged as e:  # the run wrote diverged.json
                 _say(f"{tag}: diverged ({e}); going on with the other runs")
                 continue
             _say(f"{tag}: final {s['final_test_acc']:.2f}%, best {s['best_test_acc']:.2f}% "
@@ -347,7 +344,7 @@ def write_results(out: str | Path, plan: Plan) -> dict:
     def run_row(r: Run) -> list[str]:
         if r.name in diverged:
             return [f"[{r.name}]({r.name}/)", str(r.config.seed),
-                    f"diverged: {diverged[r.name]}", "-", "-", "-", "-"]
+                    diverged[r.name], "-", "-", "-", "-"]
         s = summaries[r.name]
         return [f"[{r.name}]({r.name}/)", str(r.config.seed), f"{s['final_test_acc']:.2f}",
                 f"{s['best_test_acc']:.2f}", str(s["best_epoch"]), f"{s['train_seconds']:.1f}",

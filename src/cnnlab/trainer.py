@@ -38,6 +38,7 @@ from .files import read_json
 from .models import count_parameters
 from .plots import plot_run, plot_utilization
 from .progress import Progress
+from .results import DIVERGED
 from .runs import RunDir, default_run_dir
 from .telemetry import Sampler
 
@@ -355,8 +356,14 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
             if path is not None:  # a new run's config.json is its claim on the directory
                 claim = None if resume else _config_json(cfg, training)
                 run = stack.enter_context(RunDir(path, config=claim))
-            return _run(training, state=LoopState(), run=run, resume=resume,
-                        progress=progress, wall_start=wall_start)
+            try:
+                return _run(training, state=LoopState(), run=run, resume=resume,
+                            progress=progress, wall_start=wall_start)
+            except TrainingDiverged as e:  # reports show the run as diverged at its step
+                if run is not None:
+                    run.write_json(DIVERGED, {"error": str(e), "step": e.step,
+                                              "epoch": e.epoch})
+                raise
     except OSError as e:  # a full disk: nothing written before is damaged
         if path is None:
             raise
@@ -508,7 +515,8 @@ def _anomalies_as_divergence(detect: bool, state: LoopState) -> Iterator[None]:
                 raise
             raise TrainingDiverged(
                 f"anomaly detected at step {state.step + 1}: {one_line(e)}; the learning "
-                "rate is probably too high - try a smaller --lr") from None
+                "rate is probably too high - try a smaller --lr", state.step + 1,
+                state.epoch) from None
 
 
 def _synced_seconds_since(start: float, device: torch.device) -> float:
