@@ -27,6 +27,19 @@ def test_fp16_needs_a_gpu(tiny_mnist, tmp_path):
                      precision="fp16", progress=False)
 
 
+@pytest.mark.parametrize("native,model,expected", [
+    (True, "resnet18", "bf16"), (True, "fastnet", "bf16"), (True, "lenet5", "fp32"),
+    (False, "resnet18", "fp32")])
+def test_auto_precision_on_cpu_picks_bf16_where_native_and_it_pays(monkeypatch, native, model,
+                                                                   expected):
+    from cnnlab.trainer import resolve_precision
+
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: native, raising=False)
+    assert resolve_precision("auto", torch.device("cpu"), model) == expected
+    assert resolve_precision("fp32", torch.device("cpu"), model) == "fp32"
+
+
 def test_fastnet_shapes():
     model = create_model("fastnet", in_channels=3, num_classes=10, image_size=(32, 32))
     model.eval()

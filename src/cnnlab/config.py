@@ -102,7 +102,8 @@ class Config:
                             help="log the mean training loss every N steps")
     eval_batch_size: int = option(1000, role=MACHINE, help="images per evaluation batch")
     precision: str = option("auto", choices=PRECISIONS,
-                            help="auto: bf16 or fp16 on GPUs, fp32 on CPU")
+                            help="auto: bf16 or fp16 on GPUs; on CPUs with AVX512-BF16 or "
+                                 "AMX bf16 for resnet18 and fastnet; else fp32")
     channels_last: bool | None = option(None, help="channels-last memory format (default on)")
     compile: bool = option(False, role=RUNTIME, kind=ON, help="torch.compile the model")
     fused: bool = option(True, help="one fused optimiser kernel for all parameters, with sgd, "
