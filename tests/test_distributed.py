@@ -3,7 +3,6 @@ the same weights as one process, and a failing rank bringing the job down."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -42,8 +41,7 @@ def test_two_ranks_match_one_process(data, tmp_path):
     assert stdout.strip().splitlines() == [str(out)]  # rank 0 alone prints the run directory
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
-    other = re.search(r"rank 1: final test accuracy ([\d.]+)%", stderr)
-    assert other and abs(float(other.group(1)) - summary["final_test_acc"]) < 1e-3
+    assert "rank 1" not in stderr  # rank 0 alone reports
     evals = [r for r in read_metrics(out) if r["type"] == "eval"]
     assert [r["epoch"] for r in evals] == [1, 2]  # written once, not once per rank
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["best.pt",

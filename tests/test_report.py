@@ -95,7 +95,8 @@ def test_report_on_one_run(run):
         in md
     assert len(re.findall(r"^\| [0-9] \| [0-9.]+% \|", md, re.M)) == 10
     assert "| CPU (process) | mean 152%, peak 155% |" in md
-    assert f"| best test accuracy | {acc:.2f}% (epoch {summary['best_epoch']}) |" in md
+    assert f"| best on test (optimistic: no validation split) | {acc:.2f}% (epoch "\
+           f"{summary['best_epoch']}) |" in md
     assert "| pool | max |" in md and "| torch |" in md
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert images == ["loss.png", "accuracy.png", "utilization.png", "confusion.png"]
@@ -129,7 +130,7 @@ def test_report_on_a_sweep_and_on_several_runs(sweep, tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(work / "report.md"), str(work / "report.html")]
     md = (work / "report.md").read_text()
     assert "# cnnlab report: sweep sweep (2 runs)" in md
-    assert "| configuration | pool | runs | final test acc (%) | best test acc (%) |" in md
+    assert "| configuration | pool | runs | final test acc (%) | best on test (%) |" in md
     assert re.search(r"\*\*(max|avg) pooling scored higher: [0-9.]+% vs [0-9.]+% best test "
                      r"accuracy \(difference [0-9.]+ points, 1 seed each\)\. With one seed there "
                      r"is no spread to test the difference against", md)

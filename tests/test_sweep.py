@@ -33,7 +33,7 @@ def test_grid_values_take_the_config_field_types(text, key, values):
 @pytest.mark.parametrize("text,message", [
     ("colour=red", "unknown grid key 'colour'"),
     ("lr=fast", "grid lr: 'fast' is not a float"),
-    ("epochs=1.5", "grid epochs: '1.5' is not an int"),
+    ("batch-size=1.5", "grid batch-size: '1.5' is not an int"),
     ("nesterov=maybe", "grid nesterov: 'maybe' is not a bool"),
     ("lr=0.1,", "grid lr: empty value"),
     ("lr", "write KEY=VALUE1,VALUE2"),
@@ -146,7 +146,7 @@ def test_sweep_runs_every_point_resumes_and_summarises(tiny_mnist, tmp_path, cap
             assert float(row[f"{key}_mean"]) == pytest.approx(statistics.mean(values), abs=1e-3)
             assert float(row[f"{key}_std"]) == pytest.approx(statistics.stdev(values), abs=1e-3)
     md = (out / "results.md").read_text()
-    assert "| pool | seeds | final test acc (%) | best test acc (%) | epochs to best" in md
+    assert "| pool | seeds | final test acc (%) | best on test (%) | epochs to best" in md
     best = [summaries[n]["best_test_acc"] for n in names if n.startswith("pool=max")]
     assert "| max | 2 | " in md
     assert f"{statistics.fmean(best):.2f} ± {statistics.stdev(best):.2f}" in md

@@ -204,6 +204,7 @@ def state(training: Training, loop: LoopState, metrics_offset: int) -> dict[str,
         "scheduler": training.scheduler.state_dict(),
         "epoch": loop.epoch - 1, "step": loop.step, "batch": loop.batch,  # epochs finished
         "test_acc": loop.history[-1] if loop.history else None,
+        "val_acc": loop.last_val["accuracy"] if loop.last_val else None,
         "loop": {k: v for k, v in vars(loop).items() if k not in ("epoch", "step", "batch")},
         "rng": {"torch": torch.get_rng_state(), "loader": training.generator.get_state(),
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},

@@ -104,15 +104,18 @@ def _train(args: argparse.Namespace) -> int:
         return _launch(args)
     summary = train(args.model, args.dataset, config=args.config, out=args.out,
                     resume=args.resume, progress=not args.quiet, **train_options(args))
-    rank = env_rank()
-    if rank != 0:  # under torchrun: one line per other rank, for comparison
-        print(f"rank {rank}: final test accuracy {summary['final_test_acc']:.4f}%",
-              file=sys.stderr)
+    if env_rank() != 0:  # under torchrun, rank 0 alone reports
         return Exit.OK
+    if summary["selected_on"] == "validation":
+        best = (f"best.pt chosen on validation: epoch {summary['best_epoch']}, validation "
+                f"{summary['best_val_acc']:.2f}%, test {summary['test_acc_at_best']:.2f}%")
+    else:
+        best = (f"best on test {summary['best_test_acc']:.2f}% (epoch "
+                f"{summary['best_epoch']})")
     print(f"{summary['model']} on {summary['dataset']}: final test accuracy "
-          f"{summary['final_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}% "
-          f"(epoch {summary['best_epoch']}), {summary['train_seconds']:.1f} s training, "
-          f"{summary['images_per_second']:,.0f} img/s on {summary['device']}", file=sys.stderr)
+          f"{summary['final_test_acc']:.2f}%, {best}, {summary['train_seconds']:.1f} s "
+          f"training, {summary['images_per_second']:,.0f} img/s on {summary['device']}",
+          file=sys.stderr)
     print(summary["run_dir"])
     return Exit.OK
 

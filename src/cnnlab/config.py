@@ -95,6 +95,11 @@ class Config:
                                                  "border); flip (random) or altflip "
                                                  "(alternating epochs)")
     normalize: bool = option(help="scale images by the dataset's mean and std")
+    val_split: float = option(0.0, help="hold out this fraction of each class's training "
+                                        "images (drawn with --seed) as a validation split, "
+                                        "on which best.pt is chosen; 0: none - a folder's "
+                                        "val/ is used when it has one, else best.pt is the "
+                                        "best on test (optimistic)")
     pool: str | None = option(None, choices=POOLS, help="LeNet-5's pooling (default: the model's)")
     seed: int = option(0, role=IDENTITY, help="random seed")
     device: str = option("auto", role=RUNTIME, help="auto | cpu | cuda | cuda:N")
@@ -320,6 +325,8 @@ def typed_value(key: str, value: Any, *, what: str | None = None) -> Any:
         if not number.is_integer():
             raise bad
         return int(number)
+    if key == "epochs" and number.is_integer():
+        return int(number)  # whole epochs are written as they are given: 2, not 2.0
     return number
 
 
@@ -357,6 +364,9 @@ def validate(cfg: Config) -> None:
                               f"choose one of {', '.join(o.choices)}")
     if cfg.momentum < 0 or cfg.weight_decay < 0:
         raise CnnlabError("--momentum and --weight-decay must not be negative")
+    if not 0 <= cfg.val_split < 1:
+        raise CnnlabError(f"--val-split must be a fraction in [0, 1), e.g. 0.1, got "
+                          f"{cfg.val_split}")
     if not 0 <= cfg.label_smoothing < 1:
         raise CnnlabError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.tta != "none" and not flips(cfg.augment):

@@ -34,6 +34,8 @@ class LoopState:
     best_epoch: int = 0
     history: list[float] = field(default_factory=list)  # test accuracy per evaluated epoch
     last_eval: dict | None = None      # the last evaluation: {"loss", "accuracy"}
+    last_val: dict | None = None       # the same on the validation split, when there is one
+    best_test: float | None = None     # test accuracy of the best epoch (best.pt)
     compile_seconds: float | None = None  # with --compile: first steps, not in train_seconds
 
     def count(self, loss: torch.Tensor, images: int) -> None:
@@ -47,15 +49,18 @@ class LoopState:
         self.window_steps += 1
         self.images += images
 
-    def end_epoch(self, result: dict | None) -> bool:
-        """Record the epoch's evaluation (None: not evaluated) and move to the next epoch;
-        True if its accuracy is the best so far."""
-        best = result is not None and result["accuracy"] > self.best_acc
+    def end_epoch(self, result: dict | None, val: dict | None = None) -> bool:
+        """Record the epoch's evaluation on the test split (None: not evaluated) and on the
+        validation split, if any, and move to the next epoch; True if it is the best epoch so
+        far: by validation accuracy where there is a validation split, else by test accuracy."""
+        chosen = val or result
+        best = chosen is not None and chosen["accuracy"] > self.best_acc
         if result is not None:
             self.history.append(result["accuracy"])
-            self.last_eval = result
+            self.last_eval, self.last_val = result, val
         if best:
-            self.best_acc, self.best_epoch = result["accuracy"], self.epoch
+            self.best_acc, self.best_epoch = chosen["accuracy"], self.epoch
+            self.best_test = result["accuracy"]
         self.epoch, self.batch, self.order = self.epoch + 1, 0, None
         return best
 

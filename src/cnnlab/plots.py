@@ -36,6 +36,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
     if evals:
         ax.plot([r["epoch"] for r in evals], [r["test_loss"] for r in evals], "o-",
                 label="test loss", lw=1.5, ms=4)
+    validated = [r for r in evals if r.get("val_acc") is not None]
+    if validated:
+        ax.plot([r["epoch"] for r in validated], [r["val_loss"] for r in validated], "s--",
+                label="validation loss", lw=1.2, ms=3)
     written.append(_finish(fig, ax, out_dir / f"{prefix}loss.png", xlabel="epoch",
                            ylabel="cross-entropy loss", title=f"Loss - {run_dir.name}"))
 
@@ -44,11 +48,20 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
     if evals:
         ax.plot([r["epoch"] for r in evals], [r["test_acc"] for r in evals], "o-", lw=1.5, ms=4,
                 label="test accuracy")
+    if validated:  # best.pt: chosen on validation
+        ax.plot([r["epoch"] for r in validated], [r["val_acc"] for r in validated], "s--",
+                lw=1.2, ms=3, label="validation accuracy")
+        best = max(validated, key=lambda r: r["val_acc"])
+        ax.annotate(f"best.pt (validation {best['val_acc']:.2f}%): test {best['test_acc']:.2f}%",
+                    (best["epoch"], best["test_acc"]), textcoords="offset points",
+                    xytext=(0, -16), ha="center")
+    elif evals:
         best = max(evals, key=lambda r: r["test_acc"])
-        ax.annotate(f"best {best['test_acc']:.2f}%", (best["epoch"], best["test_acc"]),
+        ax.annotate(f"best on test {best['test_acc']:.2f}%", (best["epoch"], best["test_acc"]),
                     textcoords="offset points", xytext=(0, -16), ha="center")
+    ax.set_ylim(top=min(100.0, ax.get_ylim()[1]))  # an accuracy axis stops at 100%
     written.append(_finish(fig, ax, out_dir / f"{prefix}accuracy.png", xlabel="epoch",
-                           ylabel="test accuracy (%)", title=f"Accuracy - {run_dir.name}"))
+                           ylabel="accuracy (%)", title=f"Accuracy - {run_dir.name}"))
     return written
 
 

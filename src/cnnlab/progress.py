@@ -56,9 +56,11 @@ class Progress:
         train_loss = (f"train loss {sum(self.losses) / len(self.losses):.4f}, "
                       if self.losses else "")
         self.acc = f"acc {record['test_acc']:.2f}% "
+        val = (f", validation accuracy {record['val_acc']:.2f}%"
+               if record.get("val_acc") is not None else "")
         line = (f"epoch {record['epoch']}/{self.epochs}: {now - self.epoch_start:.1f} s, "
                 f"{train_loss}test loss {record['test_loss']:.4f}, test accuracy "
-                f"{record['test_acc']:.2f}%"
+                f"{record['test_acc']:.2f}%{val}"
                 + (f", ETA {self.eta()}" if record["epoch"] < self.epochs else ""))
         self.epoch_start, self.losses = now, []
         if self.tty:

@@ -22,7 +22,15 @@ from . import __version__
 from .config import COMPARED, default_data_dir, option_name
 from .errors import CnnlabError, one_line
 from .files import atomic_write, read_json, safe_name
-from .results import METRICS, aggregate, diverged_error, format_value, md_table, mean_std, verdict
+from .results import (
+    aggregate,
+    diverged_error,
+    format_value,
+    md_table,
+    mean_std,
+    shown_metrics,
+    verdict,
+)
 from .runs import read_metrics, unique_dir
 
 # ---- the document: blocks rendered as Markdown and as HTML ---------------------------------
@@ -195,10 +203,15 @@ def outcome(run: RunInfo) -> dict:
     evals = run.evals
     if not evals:
         return {}
-    best = max(evals, key=lambda r: r["test_acc"])
-    return {"final_test_acc": evals[-1]["test_acc"], "best_test_acc": best["test_acc"],
-            "best_epoch": best["epoch"], "final_test_loss": evals[-1].get("test_loss"),
-            "train_seconds": evals[-1].get("train_seconds")}
+    key = "val_acc" if evals[-1].get("val_acc") is not None else "test_acc"
+    best = max(evals, key=lambda r: r[key])
+    out = {"final_test_acc": evals[-1]["test_acc"],
+           "best_test_acc": max(r["test_acc"] for r in evals),
+           "best_epoch": best["epoch"], "final_test_loss": evals[-1].get("test_loss"),
+           "train_seconds": evals[-1].get("train_seconds")}
+    if key == "val_acc":
+        out.update(best_val_acc=best["val_acc"], test_acc_at_best=best["test_acc"])
+    return out
 
 
 def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
@@ -253,8 +266,12 @@ def _outcome_table(run: RunInfo) -> Table:
               else f"did not finish: {done} of {run.config.get('epochs')} epochs evaluated")
     rows = [["status", status],
             ["final test accuracy", _pct(o.get("final_test_acc"))],
-            ["best test accuracy", f"{_pct(o.get('best_test_acc'))} (epoch "
-                                   f"{o.get('best_epoch', '-')})"],
+            *([["best.pt: chosen on validation", f"epoch {o.get('best_epoch', '-')}: "
+                f"validation {_pct(o['best_val_acc'])}, test {_pct(o.get('test_acc_at_best'))}"],
+               ["best on test (optimistic)", _pct(o.get("best_test_acc"))]]
+              if o.get("best_val_acc") is not None else
+              [["best on test (optimistic: no validation split)",
+                f"{_pct(o.get('best_test_acc'))} (epoch {o.get('best_epoch', '-')})"]]),
             ["final test loss", "-" if o.get("final_test_loss") is None
              else f"{o['final_test_loss']:.4f}"],
             ["training time (no evaluation)", _seconds(o.get("train_seconds"))]]
@@ -384,10 +401,11 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
     doc.add(Para("One row per configuration: mean ± sample standard deviation over its runs "
                  "(seeds); accuracies in % on the test split."),
             Table(["configuration", *(option_name(k) for k in keys), "runs",
-                   *(["diverged"] if diverged else []), *(title for _, title, _ in METRICS)],
+                   *(["diverged"] if diverged else []),
+                   *(title for _, title, _ in shown_metrics(rows))],
                   [[row["label"], *(_value(row["config"].get(k)) for k in keys), str(row["n"]),
                     *([str(row["diverged"])] if diverged else []),
-                    *(mean_std(row, key, digits) for key, _, digits in METRICS)]
+                    *(mean_std(row, key, digits) for key, _, digits in shown_metrics(rows))]
                    for row in rows]))
     text = verdict(rows, keys)
     if text:

@@ -13,7 +13,9 @@ from .files import read_json
 
 METRICS = (  # summary key, column title, digits
     ("final_test_acc", "final test acc (%)", 2),
-    ("best_test_acc", "best test acc (%)", 2),
+    ("test_acc_at_best", "test acc of best.pt (%)", 2),  # chosen on validation
+    ("best_val_acc", "best val acc (%)", 2),
+    ("best_test_acc", "best on test (%)", 2),  # chosen on test: optimistic
     ("best_epoch", "epochs to best", 1),
     ("train_seconds", "train time (s)", 1),
     ("images_per_second", "images/s", 0),
@@ -77,6 +79,12 @@ def aggregate(entries: list[tuple[str, dict, dict]],
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         rows.append(row)
     return rows
+
+
+def shown_metrics(rows: list[dict]) -> tuple[tuple[str, str, int], ...]:
+    """The METRICS that some row has a value of (the validation columns only where a run
+    had a validation split)."""
+    return tuple(m for m in METRICS if any(r.get(f"{m[0]}_mean") is not None for r in rows))
 
 
 def mean_std(row: dict, key: str, digits: int) -> str:

@@ -59,6 +59,7 @@ from .results import (
     is_finished,
     md_table,
     mean_std,
+    shown_metrics,
     verdict,
 )
 
@@ -266,7 +267,7 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True) -> dict:
             except TrainingDiverged as e:  # the run wrote diverged.json
                 _say(f"{tag}: diverged ({e}); going on with the other runs")
                 continue
-            _say(f"{tag}: final {s['final_test_acc']:.2f}%, best {s['best_test_acc']:.2f}% "
+            _say(f"{tag}: final {s['final_test_acc']:.2f}%, best on test {s['best_test_acc']:.2f}% "
                  f"(epoch {s['best_epoch']}), {s['train_seconds']:.1f} s")
     except BaseException as e:
         with contextlib.suppress(Exception):  # keep what finished readable
@@ -303,6 +304,7 @@ def write_results(out: str | Path, plan: Plan) -> dict:
                                       if r.name in diverged]),
                   key=lambda row: order.index(row["label"]))
     text = verdict(rows, plan.keys)
+    columns = shown_metrics(rows)
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -328,10 +330,10 @@ def write_results(out: str | Path, plan: Plan) -> dict:
              "", f"Fixed settings: {fixed_settings(configs, skip=tuple(plan.keys))}.", "",
              md_table([*([option_name(k) for k in plan.keys] or ["point"]), "seeds",
                         *(["diverged"] if diverged else []),
-                        *(title for _, title, _ in METRICS)],
+                        *(title for _, title, _ in columns)],
                        [[*([format_value(row["config"][k]) for k in plan.keys] or [row["label"]]),
                          str(row["n"]), *([str(row["diverged"])] if diverged else []),
-                         *(mean_std(row, key, digits) for key, _, digits in METRICS)]
+                         *(mean_std(row, key, digits) for key, _, digits in columns)]
                         for row in rows]), ""]
     if text:
         lines += [f"**{text}**", ""]
@@ -351,7 +353,7 @@ def write_results(out: str | Path, plan: Plan) -> dict:
                 f"{s['images_per_second']:,.0f}"]
 
     lines += ["## Runs", "", md_table(
-        ["run", "seed", "final test acc (%)", "best test acc (%)", "best epoch", "train time (s)",
+        ["run", "seed", "final test acc (%)", "best on test (%)", "best epoch", "train time (s)",
          "images/s"], [run_row(r) for r in shown]), ""]
     atomic_write(out / "results.md", lambda f: f.write("\n".join(lines).encode()))
     return {"out": str(out), "rows": rows, "verdict": text, "finished": len(finished),

@@ -29,7 +29,7 @@ from .config import (
     typed_value,
     validate,
 )
-from .data import Dataset, load_dataset
+from .data import Dataset, hold_out, load_dataset
 from .data.loader import DeviceLoader
 from .engine import Lookahead, LoopState, Precision, WeightEMA, evaluate, make_train_step
 from .envinfo import collect_env
@@ -264,6 +264,7 @@ class Training:
     lookahead: Lookahead | None  # the slow weights, when --lookahead is on
     early: list[tuple[nn.Parameter, int]]  # (parameter, epochs): trained in those only
     total_steps: int           # epochs x batches per epoch, rounded: the last epoch may be cut
+    val_batches: DeviceLoader | None = None  # the validation split best.pt is chosen on
 
     @property
     def epoch_count(self) -> int:
@@ -314,8 +315,8 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     channels_last = cfg.channels_last if cfg.channels_last is not None else True
     if not dist.main:
         dist.barrier()  # rank 0 downloads and decodes first; the others then read its cache
-    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
-                        skip_bad_files=cfg.skip_bad_files)
+    data = hold_out(load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
+                                 skip_bad_files=cfg.skip_bad_files), cfg.val_split, cfg.seed)
     if dist.main:
         dist.barrier()
     meta = ModelMeta.of(cfg, data)
@@ -333,6 +334,9 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
                                  generator=generator, **common)
     test_batches = DeviceLoader(torch.from_numpy(data.test_x), torch.from_numpy(data.test_y),
                                 batch_size=cfg.eval_batch_size, **common)
+    val_batches = None if data.val_x is None else DeviceLoader(
+        torch.from_numpy(data.val_x), torch.from_numpy(data.val_y),
+        batch_size=cfg.eval_batch_size, **common)
     if hasattr(model, "init_from_data"):  # e.g. fastnet's whitening stem (a resume reloads)
         model.init_from_data(train_batches.normalize(train_batches.images[:10_000]))
     optimizer = build_optimizer(cfg, model)
@@ -349,7 +353,8 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
                     nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
                     channels_last, WeightEMA(model, cfg.ema) if cfg.ema else None,
                     Lookahead(model, total_steps) if cfg.lookahead else None,
-                    list(getattr(model, "early_parameters", list)()), total_steps)
+                    list(getattr(model, "early_parameters", list)()), total_steps,
+                    val_batches)
 
 
 def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
@@ -483,22 +488,26 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                 if stop:
                     raise _interrupted(signals.signum, state, run)
             state.train_seconds += time.perf_counter() - started
-            result = None
+            result = val = None
             if state.epoch % cfg.eval_every == 0 or state.epoch == t.epoch_count:
-                result = evaluate(t.evaluated if t.ema else t.net, t.test_batches,
-                                  precision=t.precision, tta=cfg.tta,
-                                  reduce_sum=dist.reduce_sum,
-                                  stop=lambda: signals.requested(dist, collective=False))
-                if result is None:
+                result, val = (evaluate(t.evaluated if t.ema else t.net, batches,
+                                        precision=t.precision, tta=cfg.tta,
+                                        reduce_sum=dist.reduce_sum,
+                                        stop=lambda: signals.requested(dist, collective=False))
+                               if batches else None
+                               for batches in (t.test_batches, t.val_batches))
+                if result is None or (t.val_batches and val is None):
                     save_checkpoint(t, state, run)  # the epoch's steps; --resume evaluates
                     raise _interrupted(signals.signum, state, run)
             if signals.requested(dist, collective=True):
                 save_checkpoint(t, state, run)
                 raise _interrupted(signals.signum, state, run)
-            best = state.end_epoch(result)
+            best = state.end_epoch(result, val)
             if result is not None:
                 _log(run, {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
                            "test_loss": result["loss"], "test_acc": result["accuracy"],
+                           **({"val_loss": val["loss"], "val_acc": val["accuracy"]} if val
+                              else {}),
                            "train_seconds": state.train_seconds}, bar.eval)
             due = (unit == "step" or state.epoch > t.epoch_count
                    or (state.epoch - 1) % every == 0)
@@ -566,8 +575,9 @@ def _summary(t: Training, state: LoopState, wall_start: float,
     summary = {
         "model": cfg.model, "dataset": cfg.dataset, "preset": cfg.preset,
         "epochs": cfg.epochs, "final_test_acc": state.history[-1],
-        "best_test_acc": state.best_acc,
-        "best_epoch": state.best_epoch,
+        "best_test_acc": max(state.history),  # best on test: an optimistic figure
+        "best_epoch": state.best_epoch,       # best.pt's: chosen on validation if there is one
+        "selected_on": "validation" if t.val_batches else "test",
         "final_test_loss": state.last_eval["loss"],
         "train_seconds": round(state.train_seconds, 3),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
@@ -576,6 +586,10 @@ def _summary(t: Training, state: LoopState, wall_start: float,
         "precision": t.precision.name, "channels_last": t.channels_last,
         "world_size": world, "run_dir": str(run_dir),
     }
+    if t.val_batches:  # the honest figure: test accuracy of the model chosen on validation
+        summary.update(final_val_acc=state.last_val["accuracy"], best_val_acc=state.best_acc,
+                       test_acc_at_best=state.best_test, val_images=len(t.data.val_y),
+                       val_source=t.data.val_source)
     if cfg.compile:  # compiling the model, not in train_seconds
         summary["compile_seconds"] = round(state.compile_seconds or 0.0, 3)
     return summary

@@ -3,6 +3,7 @@ hand them to training as whole arrays. See `loader.py` for the on-device batch l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,8 +26,9 @@ DATASETS = (*SPECS, f"{FOLDER_PREFIX}PATH")
 class Dataset:
     """A whole dataset in memory: uint8 images (N, C, H, W), int64 labels, and its facts.
 
-    `digest` (16 hex digits) changes with any image, label or class name of either split:
-    what a checkpoint keeps to tell whether it is resumed on the data it was trained on."""
+    `digest` (16 hex digits) changes with any image, label or class name of any split: what
+    a checkpoint keeps to tell whether it is resumed on the data it was trained on. A
+    validation split (val_x, val_y) is a folder's val/, or held out by `hold_out`."""
 
     name: str
     classes: list[str]
@@ -37,14 +39,20 @@ class Dataset:
     test_x: np.ndarray
     test_y: np.ndarray
     digest: str
+    val_x: np.ndarray | None = None
+    val_y: np.ndarray | None = None
+    val_source: str | None = None  # "val/" (a folder's own) or "held out"
 
     @classmethod
     def of(cls, name: str, classes: list[str], mean: tuple[float, ...],
-           std: tuple[float, ...], train: Split, test: Split) -> Dataset:
-        """The dataset of two cached splits, with the digest of both and the class names."""
-        summary = json.dumps([train.digest, test.digest, classes]).encode()
+           std: tuple[float, ...], train: Split, test: Split,
+           val: Split | None = None) -> Dataset:
+        """The dataset of its cached splits, with the digest of them all and the class names."""
+        digests = [train.digest, test.digest, classes] + ([val.digest] if val else [])
+        summary = json.dumps(digests).encode()
         return cls(name, classes, mean, std, train.images, train.labels, test.images,
-                   test.labels, hashlib.blake2b(summary, digest_size=8).hexdigest())
+                   test.labels, hashlib.blake2b(summary, digest_size=8).hexdigest(),
+                   *((val.images, val.labels, "val/") if val else ()))
 
     @property
     def channels(self) -> int:
@@ -152,8 +160,40 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool) -> Dataset:
                   f"folder-test-{fingerprint([p for p, _ in test_files], f'{extra}{mode}{size}')}",
                   n, lambda: readers.read_folder_split(test_files, mode=mode, size=size,
                                                        skip_bad=skip_bad_files))
+    val = None
+    if (root / "val").is_dir():  # a validation split of its own: read as the test split
+        val_files = readers.folder_files(root / "val", classes, require_all=False)
+        val = cached(root / ".cnnlab-cache",
+                     f"folder-val-{fingerprint([p for p, _ in val_files], f'{extra}{mode}{size}')}",
+                     n, lambda: readers.read_folder_split(val_files, mode=mode, size=size,
+                                                          skip_bad=skip_bad_files))
     mean, std = channel_stats(train.images)
-    return Dataset.of(name, classes, mean, std, train, test)
+    return Dataset.of(name, classes, mean, std, train, test, val)
+
+
+def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:
+    """`data` with `fraction` of each class's training images moved to a validation split,
+    drawn with `seed` (stratified: every class keeps its share); `data` itself when
+    fraction is 0. The digest stays the dataset's: the split follows from it and the config."""
+    if not fraction:
+        return data
+    if data.val_x is not None:
+        raise CnnlabError(f"--val-split {fraction:g}: {data.name} has a val/ folder of its own, "
+                          "which is the validation split; drop --val-split (or remove val/)")
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(data.train_y), dtype=bool)
+    for c in range(len(data.classes)):
+        members = np.flatnonzero(data.train_y == c)
+        take = int(round(fraction * len(members)))
+        if take >= len(members) or (take == 0 and len(members) > 1):
+            raise CnnlabError(f"--val-split {fraction:g} leaves class '{data.classes[c]}' "
+                              f"({len(members)} training images) with "
+                              f"{'no training' if take else 'no validation'} images; choose "
+                              "a fraction between 0 and 1 that leaves both")
+        val[rng.permutation(members)[:take]] = True
+    return dataclasses.replace(data, train_x=data.train_x[~val], train_y=data.train_y[~val],
+                               val_x=data.train_x[val], val_y=data.train_y[val],
+                               val_source="held out")
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
