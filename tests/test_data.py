@@ -179,3 +179,15 @@ def test_a_failed_download_says_why_and_leaves_no_empty_folders(tmp_path, monkey
                                           "without a network, put"):
         load_dataset("mnist", tmp_path / "wrong" / "place")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_channel_stats_equal_the_plain_float_computation():
+    """The integer-sum formula gives what the mean and sample std of x / 255 give."""
+    import torch
+
+    for seed, (n, c) in enumerate([(300, 3), (50, 1), (1, 3)]):
+        x = np.random.default_rng(seed).integers(0, 256, (n, c, 9, 7), dtype=np.uint8) // 3
+        t = torch.from_numpy(x).double() / 255
+        mean = tuple(round(t[:, k].mean().item(), 4) for k in range(c))
+        std = tuple(round(max(t[:, k].std().item(), 1e-3), 4) for k in range(c))
+        assert channel_stats(x) == (mean, std)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,13 +198,16 @@ def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images (N, C, H, W), as fractions of 255."""
-    import torch
-
-    t = torch.from_numpy(x)
+    """Per-channel mean and (sample) std of uint8 images (N, C, H, W), as fractions of 255,
+    to 4 decimals: from exact integer sums of the pixels and of their squares (which fit
+    uint16), without torch and in a fraction of a second for CIFAR-10."""
     means, stds = [], []
-    for c in range(t.shape[1]):
-        xc = t[:, c].float() / 255
-        means.append(round(xc.mean().item(), 4))
-        stds.append(round(max(xc.std().item(), 1e-3), 4))
+    for c in range(x.shape[1]):
+        channel = x[:, c]
+        n = channel.size
+        total = int(channel.sum(dtype=np.uint64))
+        squares = int((channel.astype(np.uint16) ** 2).sum(dtype=np.uint64))
+        variance = (squares - total * total / n) / max(n - 1, 1)
+        means.append(round(total / n / 255, 4))
+        stds.append(round(max(math.sqrt(max(variance, 0.0)) / 255, 1e-3), 4))
     return tuple(means), tuple(stds)

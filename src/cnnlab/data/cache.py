@@ -67,13 +67,15 @@ def fingerprint(files: Iterable[Path], extra: str = "") -> str:
     file that cannot be looked at (a broken link) counts by its error, for its reader to
     report."""
     h = hashlib.sha256(f"v{CACHE_VERSION}:".encode() + os.fsencode(extra))
+    cwd = os.getcwd()
     for p in files:
+        path = os.path.join(cwd, p)  # Path.absolute(), without its cost on 60,000 files
         try:
-            st = p.stat()
+            st = os.stat(path)
             state = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError as e:
             state = f"error {e.errno}"
-        h.update(os.fsencode(p.absolute()) + f":{state};".encode())
+        h.update(os.fsencode(path) + f":{state};".encode())
     return h.hexdigest()[:16]
 
 
