@@ -191,3 +191,42 @@ def test_channel_stats_equal_the_plain_float_computation():
         mean = tuple(round(t[:, k].mean().item(), 4) for k in range(c))
         std = tuple(round(max(t[:, k].std().item(), 1e-3), 4) for k in range(c))
         assert channel_stats(x) == (mean, std)
+
+
+@pytest.mark.parametrize("first_pass_pixels", [64 * 64, 1])  # decoded at once / probed first
+def test_folder_split_equals_decoding_each_file_as_the_dataset_does(tmp_path, monkeypatch,
+                                                                   first_pass_pixels):
+    """Small images are decoded as they are first opened, in their own mode, and made RGB
+    afterwards where the dataset is RGB; larger ones are probed, then decoded in the
+    dataset's mode. Either way each image equals decode_image in the dataset's mode."""
+    from PIL import Image
+
+    from cnnlab.data import readers
+
+    monkeypatch.setattr(readers, "_FIRST_PASS_PIXELS", first_pass_pixels)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    images = {"rgb.png": Image.fromarray(rgb), "gray.png": Image.fromarray(gray, "L"),
+              "bits.png": Image.fromarray(gray > 128),
+              "alpha.png": Image.fromarray(np.dstack([rgb, gray]), "RGBA"),
+              "gray16.png": Image.fromarray(gray.astype(np.uint16) * 257),
+              "palette.png": Image.fromarray(rgb).convert("P")}
+    for name, im in images.items():
+        im.save(folder / name)
+    files = [(folder / name, 0) for name in images]
+    x, _ = readers.read_folder_split(files)
+    expected = np.stack([readers.decode_image(p, "RGB") for p, _ in files])
+    assert np.array_equal(x, expected)
+    grays = [(folder / n, 0) for n in ("gray.png", "bits.png", "gray16.png")]
+    x, _ = readers.read_folder_split(grays)
+    assert x.shape[1] == 1
+    assert np.array_equal(x, np.stack([readers.decode_image(p, "L") for p, _ in grays]))
+    # an image of another size is named, and with more of the common size left out
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "big.png")
+    with pytest.raises(CnnlabError, match="big.png is 24x20 but the dataset's images are 16x16"):
+        readers.read_folder_split([*files, (folder / "big.png", 0)])
+    x, _ = readers.read_folder_split([*files, (folder / "big.png", 0)], skip_bad=True)
+    assert len(x) == len(files)

@@ -274,15 +274,23 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
     return Image.open(path)
 
 
-def _probe(path: Path) -> tuple[str, tuple[int, int]] | str:
-    """(mode, size) from the image header (the size as decode_image turns it: EXIF
-    orientations 5-8 swap width and height), or why it cannot be read."""
+_GRAYSCALE = ("L", "1", "I;16")  # the Pillow modes a dataset of grayscale images has
+_FIRST_PASS_PIXELS = 256 * 256  # images up to this size are decoded as they are first opened
+
+
+def _first_look(path: Path, mode: str | None) -> np.ndarray | tuple[str, tuple[int, int]] | str:
+    """One opening of an image file: a small image decoded (as `mode`; None: "L" if it is
+    grayscale, else "RGB"); of a larger one only (mode, size) from its header (the size as
+    decode_image turns it: EXIF orientations 5-8 swap width and height), so that an image of
+    the wrong size is never decoded; or why it cannot be read."""
     try:
         with open_image(path) as im:
             width, height = im.size
             if im.getexif().get(0x0112) in (5, 6, 7, 8):
                 width, height = height, width
-            return im.mode, (width, height)
+            if width * height > _FIRST_PASS_PIXELS:
+                return im.mode, (width, height)
+            return _pixels(im, mode or ("L" if im.mode in _GRAYSCALE else "RGB"))
     except Exception as e:  # Pillow raises many types (a decompression bomb's is neither an
         return image_error(path, e)  # OSError nor a ValueError); all mean the same here
 
@@ -307,19 +315,24 @@ def decode_image(path: str | Path, mode: str, size: tuple[int, int] | None = Non
     background made white, converted to `mode` (Pillow's "L" or "RGB") and, with `size`
     (width, height), resized bilinearly. Pillow's errors pass through, and OSError for what
     is no regular file (`file_problem`)."""
+    with open_image(path) as im:
+        return _pixels(im, mode, size)
+
+
+def _pixels(im, mode: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """decode_image's work on an open image."""
     from PIL import Image, ImageOps
 
-    with open_image(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        im = _to_8bit(im)
-        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        im = im.convert(mode)
-        if size is not None and im.size != tuple(size):
-            im = im.resize(tuple(size), Image.Resampling.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
+    im.load()
+    im = ImageOps.exif_transpose(im)
+    im = _to_8bit(im)
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    im = im.convert(mode)
+    if size is not None and im.size != tuple(size):
+        im = im.resize(tuple(size), Image.Resampling.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -334,7 +347,7 @@ def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
                       size: tuple[int, int] | None = None, skip_bad: bool = False
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image to uint8 (N, C, H, W), on all cores (worker processes: Python's
-    share of decoding small images holds the GIL).
+    share of decoding small images holds the GIL), opening each small image once.
 
     `mode` (Pillow's "L" or "RGB") and `size` (width, height) default to what the files
     show: "L" if every image is grayscale, and the most common size. An unreadable image or
@@ -342,32 +355,45 @@ def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
     stderr and left out."""
     paths = [p for p, _ in files]
     with _pool(len(paths)) as pool:
-        probes = _in_chunks(pool, _probe_all, paths)
-        good = [p for p in probes if not isinstance(p, str)]
+        # small images come back decoded (grayscale ones as "L" when `mode` is open), larger
+        # ones as (mode, size) from their headers, unreadable ones as an error
+        looks = _in_chunks(pool, functools.partial(_first_look_all, mode=mode), paths)
+        shapes = {path: ((look.shape[2], look.shape[1]), len(look) == 1)
+                  if isinstance(look, np.ndarray) else (look[1], look[0] in _GRAYSCALE)
+                  for path, look in zip(paths, looks) if not isinstance(look, str)}
         if mode is None:
-            mode = "L" if good and all(m in ("L", "1", "I;16") for m, _ in good) else "RGB"
-        if size is None and good:
-            size = Counter(s for _, s in good).most_common(1)[0][0]
+            mode = "L" if shapes and all(gray for _, gray in shapes.values()) else "RGB"
+        if size is None and shapes:
+            size = Counter(s for s, _ in shapes.values()).most_common(1)[0][0]
         problems = {}
-        for (path, _), probe in zip(files, probes):
-            if isinstance(probe, str):
-                problems[path] = probe
-            elif probe[1] != size:
-                problems[path] = (f"image {show_path(path)} is {probe[1][0]}x{probe[1][1]} "
-                                  f"but the dataset's images are {size[0]}x{size[1]}")
-        kept = [(p, label) for p, label in files if p not in problems]
-        decoded = _in_chunks(pool, functools.partial(_decode_all, mode=mode, size=size),
-                             [p for p, _ in kept])
-    for (path, _), arr in zip(kept, decoded):
+        for path, look in zip(paths, looks):
+            if isinstance(look, str):
+                problems[path] = look
+            elif shapes[path][0] != tuple(size):
+                width, height = shapes[path][0]
+                problems[path] = (f"image {show_path(path)} is {width}x{height} but the "
+                                  f"dataset's images are {size[0]}x{size[1]}")
+        later = [p for p, look in zip(paths, looks) if isinstance(look, tuple)
+                 and p not in problems]  # large images of the right size: decoded now
+        decoded = dict(zip(later, _in_chunks(pool, functools.partial(
+            _decode_all, mode=mode, size=size), later)))
+    kept = []
+    for (path, label), look in zip(files, looks):
+        arr = decoded.get(path, look)
+        if path in problems:
+            continue
         if isinstance(arr, str):
             problems[path] = arr
+            continue
+        kept.append((np.repeat(arr, 3, axis=0) if mode == "RGB" and len(arr) == 1 else arr,
+                     label))
     if problems and not skip_bad:
         first = next(iter(problems.values()))
         more = f" (and {len(problems) - 1} more bad files)" if len(problems) > 1 else ""
         raise CnnlabError(f"{first}{more}; fix or remove it, or pass --skip-bad-files")
     for message in problems.values():
         print(f"cnnlab: skipping: {message}", file=sys.stderr)
-    pairs = [(arr, label) for (_, label), arr in zip(kept, decoded) if not isinstance(arr, str)]
+    pairs = kept
     if not pairs:
         raise CnnlabError(f"no readable images among the {len(files)} files in "
                           f"{show_path(files[0][0].parent.parent)}")
@@ -375,8 +401,8 @@ def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
             np.array([label for _, label in pairs], dtype=np.int64))
 
 
-def _probe_all(paths: list[Path]) -> list:
-    return [_probe(p) for p in paths]
+def _first_look_all(paths: list[Path], mode: str | None) -> list:
+    return [_first_look(p, mode) for p in paths]
 
 
 def _decode_all(paths: list[Path], mode: str, size: tuple[int, int]) -> list:
