@@ -126,7 +126,7 @@ def test_eval_with_tta_flip_on_a_model_trained_with_flips(tmp_path, capsys):
     result = evaluate_checkpoint(tmp_path / "f", tta="flip")
     expected = 100 * (flipped.argmax(1) == y).sum().item() / len(y)
     assert result["accuracy"] == pytest.approx(expected) and result["tta"] == "flip"
-    assert torch.allclose(predict_logits(model, x, meta, tta_flip=True), flipped, atol=1e-6)
+    assert torch.allclose(predict_logits(model, x, meta, tta="flip"), flipped, atol=1e-6)
     code, out, err = _cli(capsys, "eval", tmp_path / "f", "--tta", "flip", "--json")
     assert code == 0, err
     assert json.loads(out)["classes"] == ["cat", "dog", "fox"]
