@@ -3,6 +3,7 @@ utilisation plot, per-class accuracy; and report.html rendered in a headless Chr
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from conftest import write_mnist
 
 from cnnlab.cli import main
-from cnnlab.plots import plot_overlay, plot_utilization
+from cnnlab.plots import plot_overlay, plot_utilization, utilization_panels
 from cnnlab.report import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -72,6 +73,12 @@ def test_plot_utilization_and_overlay(tmp_path, sweep):
     assert path == run_dir / "utilization.png" and path.read_bytes().startswith(PNG)
     other = plot_utilization(run_dir, tmp_path, prefix="x-")
     assert other == tmp_path / "x-utilization.png" and other.is_file()
+    # the process's CPU as a share of the machine's cores, as env.json counts them
+    (run_dir / "env.json").write_text(json.dumps({"cpu_cores_logical": 4}))
+    (label, lines), *_ = utilization_panels(run_dir)
+    assert label == "utilisation (%)" and lines[0][0] == "CPU (process, % of 4 cores)"
+    cpu = [r["cpu_percent"] / 4 for r in _telemetry()]
+    assert [v for _, v in lines[0][1]] == cpu
 
     runs = sorted(sweep.glob("pool=*"))
     written = plot_overlay(runs, ["a", "b"], tmp_path, prefix="o-")
@@ -94,7 +101,7 @@ def test_report_on_one_run(run):
     assert "| class | accuracy (recall) | precision | test images | most often mistaken for |" \
         in md
     assert len(re.findall(r"^\| [0-9] \| [0-9.]+% \|", md, re.M)) == 10
-    assert "| CPU (process) | mean 152%, peak 155% |" in md
+    assert "| CPU (process; 100% = one core) | mean 152%, peak 155% |" in md
     assert f"| best on test (optimistic: no validation split) | {acc:.2f}% (epoch "\
            f"{summary['best_epoch']}) |" in md
     assert "| pool | max |" in md and "| torch |" in md
@@ -135,11 +142,23 @@ def test_report_on_a_sweep_and_on_several_runs(sweep, tmp_path, capsys):
                      r"accuracy \(difference [0-9.]+ points, 1 seed each\)\. With one seed there "
                      r"is no spread to test the difference against", md)
     assert "### Per-class accuracy side by side" in md and "| class | pool=max | pool=avg |" in md
-    assert "## Run pool=max-seed=0" in md and "## Run pool=avg-seed=0" in md
+    # a table of contents; what all runs share, once; each run folded, with its own options
+    assert "- [Comparison](#comparison)" in md and "- [Runs](#runs)" in md
+    assert "- [Environment](#environment)" in md and md.count("| torch |") == 1
+    assert md.count("| optimizer | sgd |") == 1 and md.count("| pool |") == 3
+    assert "<summary>Run pool=max-seed=0: final test accuracy" in md
+    assert "<summary>Run pool=avg-seed=0: final test accuracy" in md
+    html = (work / "report.html").read_text()
+    assert '<h2 id="comparison">Comparison</h2>' in html and '<a href="#runs">Runs</a>' in html
+    assert html.count("<details>") == 2
     assert "![Loss of pool=max-seed=0](pool=max-seed=0/loss.png)" in md  # used in place
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (work / name).is_file(), name
-    assert len(_html_images((work / "report.html").read_text())) == 2 + 2 * 4
+    assert len(_html_images(html)) == 2 + 2 * 4
+    # no figure twice: the comparison is the sweep's own accuracy.png and loss.png, and each
+    # run's confusion matrix lies in its directory
+    assert not list(work.glob("comparison-*.png")) and not list(work.glob("*confusion*.png"))
+    assert (work / "pool=max-seed=0" / "confusion.png").is_file()
 
     out = tmp_path / "several"
     assert main(["report", str(work / "pool=max-seed=0"), str(work / "pool=avg-seed=0"),
@@ -184,6 +203,8 @@ window.addEventListener("load", () => {
 
 def test_report_html_loads_every_image_in_headless_chromium(sweep, tmp_path):
     browser = _chromium()
+    if browser is None and os.environ.get("CNNLAB_REQUIRE_BROWSER"):  # CI could install it
+        pytest.fail("CNNLAB_REQUIRE_BROWSER is set but no Chromium was found on PATH")
     if browser is None:
         pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium package)")
     work = shutil.copytree(sweep, tmp_path / "sweep")
@@ -213,3 +234,27 @@ def test_figures_leave_pyplot_and_its_backend_alone(tmp_path):
                          timeout=120)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "c.png").read_bytes().startswith(PNG)
+
+
+def test_the_lab_reports_numbers_stand_beside_its_reproduced_experiment(tmp_path):
+    from cnnlab.config import resolve
+    from cnnlab.files import write_json
+
+    runs = []
+    for optimizer, lr, acc in (("sgd", 0.01, 71.2), ("adamax", 0.002, 60.1)):
+        run = tmp_path / f"{optimizer}-{lr}"
+        run.mkdir()
+        cfg = resolve("resnet18", "cifar10", overrides={"preset": "seed", "optimizer": optimizer,
+                                                        "lr": lr}).to_dict()
+        write_json(run / "config.json", cfg)
+        (run / "metrics.jsonl").write_text(json.dumps(
+            {"type": "eval", "epoch": 30, "steps": 23460, "test_loss": 1.0, "test_acc": acc,
+             "train_seconds": 100.0}) + "\n")
+        write_json(run / "summary.json", {"final_test_acc": acc, "best_test_acc": acc,
+                                          "best_epoch": 30, "train_seconds": 100.0,
+                                          "images_per_second": 500.0, "epochs": 30})
+        runs.append(run)
+    md = write_report(runs, tmp_path / "out", evaluate=False)["md"].read_text()
+    assert "what the lab report (SEED.md) saw with the same recipe after 30 epochs" in md
+    assert re.search(r"\| sgd-0\.01 \| sgd \| 0\.01 \| 1 \| 71\.20 \| .*\| ~70% \|", md), md
+    assert re.search(r"\| adamax-0\.002 \| adamax \| 0\.002 \| 1 \| 60\.10 \| .*\| ~57% \|", md)

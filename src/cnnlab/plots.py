@@ -4,9 +4,10 @@ confusion matrix (plot_confusion)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .files import atomic_write
+from .files import atomic_write, read_json
 from .runs import read_metrics
 
 
@@ -140,8 +141,9 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
     return written
 
 
-_TELEMETRY_PANELS = (
-    ("utilisation (%)", (("cpu_percent", "CPU (process)"), ("gpu_util", "GPU"))),
+_TELEMETRY_PANELS = (  # CPU: the process's share of all cores (psutil counts one core as 100)
+    ("utilisation (%)", (("cpu_percent", "CPU (process, % of {cores} cores)"),
+                         ("gpu_util", "GPU"))),
     ("memory (MB)", (("rss_mb", "host RSS"), ("gpu_mem_mb", "GPU memory"))),
     ("images/s", (("images_per_second", "training throughput"),)),
 )
@@ -153,19 +155,7 @@ def plot_utilization(run_dir: str | Path, out_dir: str | Path | None = None, *,
     `telemetry` records of metrics.jsonl, into the run directory (or `out_dir`). Returns the
     path, or None when the run has no telemetry records."""
     run_dir = Path(run_dir)
-    telemetry = [r for r in read_metrics(run_dir) if r.get("type") == "telemetry"]
-    if not telemetry:
-        return None
-    panels = []
-    for ylabel, series in _TELEMETRY_PANELS:
-        lines = []
-        for key, name in series:
-            points = [(r["elapsed"], r[key]) for r in telemetry
-                      if r.get(key) is not None and r.get("elapsed") is not None]
-            if points:
-                lines.append((name, points))
-        if lines:
-            panels.append((ylabel, lines))
+    panels = utilization_panels(run_dir)
     if not panels:
         return None
     fig = _figure((7.5, 2.2 * len(panels) + 0.6))
@@ -174,6 +164,8 @@ def plot_utilization(run_dir: str | Path, out_dir: str | Path | None = None, *,
         for name, points in lines:
             ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.3, label=name)
         ax.set_ylabel(ylabel)
+        # from 0, so that a wobble looks like one; utilisation up to 100%
+        ax.set_ylim(0, 105 if ylabel.startswith("utilisation") else None)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     axes[-1, 0].set_xlabel("seconds since training start")
@@ -181,6 +173,28 @@ def plot_utilization(run_dir: str | Path, out_dir: str | Path | None = None, *,
     fig.tight_layout()
     return _save(fig, (Path(out_dir) if out_dir is not None else run_dir)
                  / f"{prefix}utilization.png")
+
+
+def utilization_panels(run_dir: Path) -> list[tuple[str, list[tuple[str, list]]]]:
+    """(y label, [(line name, [(seconds, value)])]) per panel of utilization.png, from the
+    telemetry records; the process's CPU as a share of all the machine's cores."""
+    telemetry = [r for r in read_metrics(run_dir) if r.get("type") == "telemetry"]
+    try:
+        cores = int(read_json(run_dir / "env.json")["cpu_cores_logical"])
+    except (OSError, ValueError, KeyError, TypeError):
+        cores = os.cpu_count() or 1
+    panels = []
+    for ylabel, series in _TELEMETRY_PANELS:
+        lines = []
+        for key, name in series:
+            scale = 1 / cores if key == "cpu_percent" else 1
+            points = [(r["elapsed"], r[key] * scale) for r in telemetry
+                      if r.get(key) is not None and r.get("elapsed") is not None]
+            if points:
+                lines.append((name.format(cores=cores), points))
+        if lines:
+            panels.append((ylabel, lines))
+    return panels
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path, *,

@@ -40,6 +40,26 @@ class Heading:
     level: int
     text: str
 
+    @property
+    def anchor(self) -> str:
+        """The id a link to it uses: GitHub's rule for Markdown headings, set as the id in
+        HTML, so that one table of contents works in both."""
+        return re.sub(r"[^\w\- ]", "", self.text.lower()).replace(" ", "-")
+
+
+@dataclass
+class Contents:
+    headings: list[Heading]  # linked to, in order
+
+
+@dataclass
+class Details:
+    """Blocks folded away under a one-line summary (<details>, which Markdown viewers that
+    allow HTML show as such too)."""
+
+    summary: str
+    blocks: list
+
 
 @dataclass
 class Para:
@@ -68,9 +88,18 @@ class Document:
 
 
 def render_markdown(doc: Document, out: Path) -> str:
-    lines = [f"# {doc.title}", ""]
-    for block in doc.blocks:
-        if isinstance(block, Heading):
+    return "\n".join([f"# {doc.title}", "", *_markdown_lines(doc.blocks, out)])
+
+
+def _markdown_lines(blocks: list, out: Path) -> list[str]:
+    lines = []
+    for block in blocks:
+        if isinstance(block, Contents):
+            lines += [*(f"- [{h.text}](#{h.anchor})" for h in block.headings), ""]
+        elif isinstance(block, Details):
+            lines += ["<details>", f"<summary>{html.escape(block.summary)}</summary>", "",
+                      *_markdown_lines(block.blocks, out), "</details>", ""]
+        elif isinstance(block, Heading):
             lines += [f"{'#' * block.level} {block.text}", ""]
         elif isinstance(block, Para):
             lines += [f"**{block.text}**" if block.strong else block.text, ""]
@@ -80,7 +109,7 @@ def render_markdown(doc: Document, out: Path) -> str:
             for path, alt in block.images:
                 rel = Path(os.path.relpath(path, out)).as_posix()
                 lines += [f"![{alt}]({rel.replace(' ', '%20')})", ""]
-    return "\n".join(lines)
+    return lines
 
 
 _CSS = """
@@ -97,6 +126,9 @@ tr:nth-child(even) td { background: #fafafa; }
 .figs img { width: calc(50% - 6px); min-width: 420px; max-width: 100%; height: auto;
             box-sizing: border-box; border: 1px solid #e3e3e3; }
 .strong { font-weight: 600; background: #eef6ee; padding: .5em .8em; border-left: 4px solid #4a4; }
+details { border: 1px solid #e3e3e3; border-radius: 4px; padding: .2em .8em; margin: .6em 0; }
+summary { cursor: pointer; font-weight: 600; padding: .3em 0; }
+nav ul { margin: .4em 0 1.2em; }
 """
 
 
@@ -104,10 +136,24 @@ def render_html(doc: Document) -> str:
     esc = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
              f"<title>{esc(doc.title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-             f"<h1>{esc(doc.title)}</h1>"]
-    for block in doc.blocks:
-        if isinstance(block, Heading):
-            parts.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
+             f"<h1>{esc(doc.title)}</h1>", *_html_parts(doc.blocks), "</body>", "</html>", ""]
+    return "\n".join(parts)
+
+
+def _html_parts(blocks: list) -> list[str]:
+    esc = html.escape
+    parts = []
+    for block in blocks:
+        if isinstance(block, Contents):
+            items = "".join(f'<li><a href="#{h.anchor}">{esc(h.text)}</a></li>'
+                            for h in block.headings)
+            parts.append(f"<nav><ul>{items}</ul></nav>")
+        elif isinstance(block, Details):
+            parts += [f"<details><summary>{esc(block.summary)}</summary>",
+                      *_html_parts(block.blocks), "</details>"]
+        elif isinstance(block, Heading):
+            parts.append(f'<h{block.level} id="{block.anchor}">{esc(block.text)}'
+                         f"</h{block.level}>")
         elif isinstance(block, Para):
             parts.append(f'<p class="strong">{esc(block.text)}</p>' if block.strong
                          else f"<p>{esc(block.text)}</p>")
@@ -122,8 +168,7 @@ def render_html(doc: Document) -> str:
                 f'<img alt="{esc(alt)}" src="data:image/png;base64,'
                 f'{base64.b64encode(path.read_bytes()).decode()}">' for path, alt in block.images)
             parts.append(f'<div class="figs">{images}</div>')
-    parts += ["</body>", "</html>", ""]
-    return "\n".join(parts)
+    return parts
 
 
 # ---- what is reported ------------------------------------------------------------------------
@@ -300,7 +345,7 @@ def _utilisation(run: RunInfo) -> list[list[str]]:
         return [float(r[key]) for r in telemetry if r.get(key) is not None]
 
     rows = [["samples", f"{len(telemetry)} over {_seconds(telemetry[-1].get('elapsed'))}"]]
-    for key, name, unit in (("cpu_percent", "CPU (process)", "%"),
+    for key, name, unit in (("cpu_percent", "CPU (process; 100% = one core)", "%"),
                             ("gpu_util", "GPU utilisation", "%"),
                             ("rss_mb", "host memory (RSS)", " MB"),
                             ("gpu_mem_mb", "GPU memory", " MB"),
@@ -385,7 +430,10 @@ def _differing_keys(configs: list[dict]) -> list[str]:
 
 
 def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
-                evaluations: dict[str, dict | str]) -> None:
+                evaluations: dict[str, dict | str], prefix: str) -> None:
+    """The comparison table, verdict, overlaid curves (named after `prefix`: "" in a sweep's
+    own directory, where they are the sweep's accuracy.png and loss.png) and per-class
+    accuracy side by side."""
     from .plots import plot_overlay
 
     finished = [r for r in runs if r.summary is not None]
@@ -398,20 +446,25 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
     keys = [k for k in _differing_keys([row["config"] for row in rows]) if k != "seed"]
     if not keys and len(rows) > 1:
         keys = _differing_keys([row["config"] for row in rows])
+    lab = [_lab_report(row["config"]) for row in rows]
     doc.add(Para("One row per configuration: mean ± sample standard deviation over its runs "
-                 "(seeds); accuracies in % on the test split."),
+                 "(seeds); accuracies in % on the test split."
+                 + (" The last column is what the lab report (SEED.md) saw with the same "
+                    "recipe after 30 epochs." if any(lab) else "")),
             Table(["configuration", *(option_name(k) for k in keys), "runs",
                    *(["diverged"] if diverged else []),
-                   *(title for _, title, _ in shown_metrics(rows))],
+                   *(title for _, title, _ in shown_metrics(rows)),
+                   *(["lab report"] if any(lab) else [])],
                   [[row["label"], *(_value(row["config"].get(k)) for k in keys), str(row["n"]),
                     *([str(row["diverged"])] if diverged else []),
-                    *(mean_std(row, key, digits) for key, _, digits in shown_metrics(rows))]
-                   for row in rows]))
+                    *(mean_std(row, key, digits) for key, _, digits in shown_metrics(rows)),
+                    *([figure or "-"] if any(lab) else [])]
+                   for row, figure in zip(rows, lab)]))
     text = verdict(rows, keys)
     if text:
         doc.add(Para(text, strong=True))
     written = plot_overlay([r.path for r in finished], [r.group for r in finished], figures.out,
-                           prefix="comparison-")
+                           prefix=prefix)
     doc.add(Figures([(written[0], "Test accuracy of every run"),
                      (written[1], "Loss of every run")]))
     scored = [(r, evaluations.get(r.name)) for r in finished]
@@ -433,13 +486,16 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
                 Table(["class", *groups], table))
 
 
-def _run_section(doc: Document, run: RunInfo, figures: _Figures, evaluation: dict | str | None,
-                 level: int) -> None:
+def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, level: int,
+                shared: dict | None = None) -> list:
+    """A run's section: outcome, curves, utilisation, per-class results, configuration and
+    environment, under headings of `level`. `shared` (several runs): the options all runs
+    share, and "env" if they share the environment - left out here, shown once above."""
     from .plots import plot_confusion
 
-    if level > 1:
-        doc.add(Heading(level, f"Run {run.name}"))
-    sub = min(level + 1, 6)
+    shared = shared or {}
+    doc = Document("")
+    sub = level
     doc.add(Heading(sub, "Outcome"), _outcome_table(run))
     curves = [figures.run_figure(run, "loss.png"), figures.run_figure(run, "accuracy.png")]
     doc.add(Heading(sub, "Loss and accuracy"),
@@ -461,18 +517,55 @@ def _run_section(doc: Document, run: RunInfo, figures: _Figures, evaluation: dic
                      + (f" (the run recorded {recorded:.2f}% for it)." if recorded is not None
                         else ".")),
                 _per_class_table(evaluation))
+        # beside the run's other figures; in the report's folder where the run's is read-only
+        target = (run.path / "confusion.png" if os.access(run.path, os.W_OK)
+                  else figures.out / f"{figures.prefix(run)}confusion.png")
         path = plot_confusion(evaluation["confusion"],
-                              [c["class"] for c in evaluation["per_class"]],
-                              figures.out / f"{figures.prefix(run)}confusion.png",
+                              [c["class"] for c in evaluation["per_class"]], target,
                               title=f"Confusion matrix - {run.name} ({evaluation['checkpoint']})")
         doc.add(Figures([(path, f"Confusion matrix of {run.name}")]))
     else:
         doc.add(Para(evaluation or "Not computed (--no-eval)."))
-    doc.add(Heading(sub, "Configuration"),
-            Table(["option", "value"], [[option_name(k), _value(v)]
-                                        for k, v in run.config.items()]))
-    doc.add(Heading(sub, "Environment"),
-            Table(["", ""], [[k, _value(v)] for k, v in run.env.items()] or [["-", "-"]]))
+    own = {k: v for k, v in run.config.items() if k not in shared.get("config", {})}
+    doc.add(Heading(sub, "Configuration" + (" (where it differs)" if shared else "")),
+            _config_table(own))
+    if "env" not in shared:
+        doc.add(Heading(sub, "Environment"), _env_table(run.env))
+    return doc.blocks
+
+
+def _config_table(config: dict) -> Table:
+    return Table(["option", "value"], [[option_name(k), _value(v)] for k, v in config.items()]
+                 or [["-", "-"]])
+
+
+def _env_table(env: dict) -> Table:
+    return Table(["", ""], [[k, _value(v)] for k, v in env.items()] or [["-", "-"]])
+
+
+# The lab report's optimiser experiment (SEED.md): CIFAR-10, its recipe, 30 epochs; its
+# test accuracies by (optimizer, lr) - Adamax's learning rate it does not give.
+_LAB_REPORT = {("sgd", 0.01): "~70%", ("sgd", 0.02): "~67%", ("sgd", 0.001): "~75%",
+               ("adamax", None): "~57%"}
+
+
+def _lab_report(config: dict) -> str | None:
+    """What the lab report saw for this configuration, where it ran the same experiment."""
+    if (config.get("dataset"), config.get("preset"), config.get("epochs")) != \
+            ("cifar10", "seed", 30):
+        return None
+    optimizer = config.get("optimizer")
+    return _LAB_REPORT.get((optimizer, config.get("lr"))) or _LAB_REPORT.get((optimizer, None))
+
+
+def _run_line(run: RunInfo) -> str:
+    """A run in one line: its name and how it ended."""
+    o = outcome(run)
+    if run.diverged:
+        return f"Run {run.name}: {run.diverged}"
+    end = "final" if run.summary else "unfinished, last"
+    return (f"Run {run.name}: {end} test accuracy {_pct(o.get('final_test_acc'))}"
+            if o else f"Run {run.name}: no evaluation yet")
 
 
 def default_report_dir(paths: list[str | Path], root: str | Path = "reports") -> Path:
@@ -515,11 +608,27 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, *,
         title = f"cnnlab report: {len(runs)} runs"
     doc = Document(title)
     doc.add(*_header_rows(runs, sweeps, paths))
-    if len(runs) > 1:
-        _comparison(doc, runs, figures, evaluations)
-    for run in runs:
-        _run_section(doc, run, figures, evaluations.get(run.name), level=1 if len(runs) == 1
-                     else 2)
+    if len(runs) == 1:
+        doc.add(*_run_blocks(runs[0], figures, evaluations.get(runs[0].name), level=2))
+    else:  # the comparison first; what all runs share once; each run folded away
+        config = {k: v for k, v in runs[0].config.items()
+                  if all(r.config.get(k, v) == v and k in r.config for r in runs)}
+        shared = {"config": config, **({"env": True}
+                                       if all(r.env == runs[0].env for r in runs) else {})}
+        sections = [Heading(2, "Comparison"), Heading(2, "Configuration of all runs"),
+                    *([Heading(2, "Environment")] if "env" in shared else []),
+                    Heading(2, "Runs")]
+        doc.add(Contents(sections))
+        _comparison(doc, runs, figures, evaluations, prefix="" if sweeps and out.resolve()
+                    in {s.resolve() for s in sweeps} else "comparison-")
+        doc.add(sections[1], Para("The options every run shares (each run lists the rest)."),
+                _config_table(config))
+        if "env" in shared:
+            doc.add(sections[2], Para("Every run ran here."), _env_table(runs[0].env))
+        doc.add(sections[-1])
+        for run in runs:
+            doc.add(Details(_run_line(run), _run_blocks(run, figures, evaluations.get(run.name),
+                                                        level=3, shared=shared)))
     written = {"html": out / "report.html", "md": out / "report.md"}
     atomic_write(written["md"], lambda f: f.write(render_markdown(doc, out).encode()))
     atomic_write(written["html"], lambda f: f.write(render_html(doc).encode()))
