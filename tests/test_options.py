@@ -32,7 +32,9 @@ SETTABLE = [o for o in OPTIONS.values() if o.kind != ARGUMENT]
 # lenet5 (it has --pool) on cifar10 (the fast preset trains it with flips, so --tta flip is
 # allowed and the default): every option can take a value other than the one it has there.
 MODEL, DATASET = "lenet5", "cifar10"
-TEXTS = {"device": "cpu", "checkpoint_every": "500steps", "data_dir": "/data/elsewhere"}
+TEXTS = {"device": "cpu", "checkpoint_every": "500steps", "data_dir": "/data/elsewhere",
+         "image_size": "64x48"}
+FOLDER_ONLY = {"image_size"}  # options of folder datasets: tried on one
 
 
 def _samples():
@@ -47,9 +49,10 @@ def _samples():
             values = [c for c in o.choices if c != getattr(base, o.name)]
         else:
             values = [{"int": 7, "float": 0.25}.get(o.type) or TEXTS[o.name]]
+        dataset = "folder:x" if o.name in FOLDER_ONLY else DATASET
         for value in values:
             assert o.kind == SWITCH or value != getattr(base, o.name), o.name
-            yield pytest.param(o.name, value, id=f"{o.name}={format_value(value)}")
+            yield pytest.param(o.name, value, dataset, id=f"{o.name}={format_value(value)}")
 
 
 def _argv(name: str, value) -> list[str]:
@@ -63,17 +66,17 @@ def _toml(value) -> str:
     return json.dumps(value) if isinstance(value, (bool, str)) else repr(value)
 
 
-@pytest.mark.parametrize("name,value", list(_samples()))
-def test_flag_field_and_toml_key_round_trip(name, value, tmp_path):
+@pytest.mark.parametrize("name,value,dataset", list(_samples()))
+def test_flag_field_and_toml_key_round_trip(name, value, dataset, tmp_path):
     for command in ("train", "sweep"):
-        args = build_parser().parse_args([command, MODEL, DATASET, *_argv(name, value)])
+        args = build_parser().parse_args([command, MODEL, dataset, *_argv(name, value)])
         given = {k: v for k, v in train_options(args).items() if v is not None}
         assert given == {name: value} and type(given[name]) is type(value)
-        assert getattr(resolve(MODEL, DATASET, overrides=given), name) == value
+        assert getattr(resolve(MODEL, dataset, overrides=given), name) == value
     for key in (option_name(name), name):
         path = tmp_path / "options.toml"
         path.write_text(f"{key} = {_toml(value)}\n")
-        assert getattr(resolve(MODEL, DATASET, file_values=load_toml(path)), name) == value
+        assert getattr(resolve(MODEL, dataset, file_values=load_toml(path)), name) == value
 
 
 @pytest.mark.parametrize("command", ["train", "sweep"])

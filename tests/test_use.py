@@ -388,7 +388,8 @@ def test_export_onnx_gives_the_same_logits_with_onnxruntime(trained, tmp_path):
     sidecar = json.loads((trained.run / "best.onnx.json").read_text())
     assert sidecar["classes"] == [str(i) for i in range(10)]
     assert sidecar["preprocessing"] == {
-        "color_mode": "L", "size": [28, 28], "mean": [0.1307], "std": [0.3081],
+        "color_mode": "L", "size": [28, 28], "resize": "to the size, bilinear",
+        "mean": [0.1307], "std": [0.3081],
         "normalize": True, "invert_light_background": True,
         "formula": "input = (pixel / 255 - mean) / std, per channel"}
     assert sidecar["parity"]["max_abs_diff"] <= 1e-4 and sidecar["file"] == "best.onnx"

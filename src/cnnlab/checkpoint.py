@@ -54,13 +54,16 @@ class ModelMeta:
     std: tuple[float, ...]
     normalize: bool = True         # False: the input is pixel / 255 (the lab report's ToTensor)
     options: dict[str, Any] = field(default_factory=dict)  # e.g. {"pool": "avg"}
+    fit: str = "resize"            # how an image of another size is made image_size: "resize"
+    #                                (stretched), "crop" (shorter side, then centre crop)
 
     @classmethod
     def of(cls, cfg: Config, data: Dataset) -> ModelMeta:
         return cls(name=cfg.model, in_channels=data.channels, num_classes=len(data.classes),
                    image_size=data.image_size, classes=tuple(data.classes),
                    mean=tuple(data.mean), std=tuple(data.std), normalize=cfg.normalize,
-                   options={"pool": cfg.pool} if cfg.pool else {})
+                   options={"pool": cfg.pool} if cfg.pool else {},
+                   fit="crop" if cfg.image_size else "resize")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -85,7 +88,8 @@ class ModelMeta:
                          mean=tuple(float(m) for m in meta["mean"]),
                          std=tuple(float(s) for s in meta["std"]),
                          normalize=bool(meta.get("normalize", True)),
-                         options=dict(meta.get("options") or {}))
+                         options=dict(meta.get("options") or {}),
+                         fit=str(meta.get("fit", "resize")))
         except (TypeError, ValueError):
             parsed = None
         if parsed is None or not parsed.consistent():
@@ -98,7 +102,8 @@ class ModelMeta:
     def consistent(self) -> bool:
         return (len(self.image_size) == 2 and min(self.image_size) > 0 and self.in_channels > 0
                 and len(self.classes) == self.num_classes
-                and len(self.mean) == len(self.std) == self.in_channels)
+                and len(self.mean) == len(self.std) == self.in_channels
+                and self.fit in ("resize", "crop"))
 
     def build(self) -> nn.Module:
         """The model, with freshly initialised weights."""

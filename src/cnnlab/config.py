@@ -95,6 +95,10 @@ class Config:
                                                  "border); flip (random) or altflip "
                                                  "(alternating epochs)")
     normalize: bool = option(help="scale images by the dataset's mean and std")
+    image_size: str | None = option(None, help="folder datasets: resize each image's shorter "
+                                               "side and centre-crop it to N x N or H x W "
+                                               "pixels (e.g. 64 or 64x48); kept with the "
+                                               "model for predict and export")
     val_split: float = option(0.0, help="hold out this fraction of each class's training "
                                         "images (drawn with --seed) as a validation split, "
                                         "on which best.pt is chosen; 0: none - a folder's "
@@ -364,6 +368,11 @@ def validate(cfg: Config) -> None:
                               f"choose one of {', '.join(o.choices)}")
     if cfg.momentum < 0 or cfg.weight_decay < 0:
         raise CnnlabError("--momentum and --weight-decay must not be negative")
+    if cfg.image_size is not None:
+        parse_image_size(cfg.image_size)
+        if not cfg.dataset.startswith("folder:"):
+            raise CnnlabError(f"--image-size resizes the images of folder datasets; "
+                              f"{cfg.dataset}'s images come in one size already")
     if not 0 <= cfg.val_split < 1:
         raise CnnlabError(f"--val-split must be a fraction in [0, 1), e.g. 0.1, got "
                           f"{cfg.val_split}")
@@ -378,6 +387,16 @@ def validate(cfg: Config) -> None:
     if cfg.telemetry < 0:
         raise CnnlabError(f"--telemetry must be seconds >= 0 (0 = off), got {cfg.telemetry}")
     checkpoint_interval(cfg.checkpoint_every)
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'64' -> (64, 64); '64x48' -> (64, 48): (height, width) in pixels."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
+    if not m or int(m.group(1)) <= 0 or (m.group(2) is not None and int(m.group(2)) <= 0):
+        raise CnnlabError(f"--image-size must be N or HxW in pixels (e.g. 64 or 64x48), got "
+                          f"'{text}'")
+    height = int(m.group(1))
+    return height, int(m.group(2) or height)
 
 
 def checkpoint_interval(text: str) -> tuple[int, str]:

@@ -45,6 +45,8 @@ def export_metadata(trained: Trained, fmt: str) -> dict:
         "output": {"name": "logits", "dtype": "float32", "shape": ["batch", meta.num_classes]},
         "preprocessing": {
             "color_mode": "L" if c == 1 else "RGB", "size": [h, w],
+            "resize": ("shorter side to fit, then centre crop" if meta.fit == "crop"
+                       else "to the size, bilinear"),
             "formula": "input = (pixel / 255 - mean) / std, per channel",
             "mean": mean, "std": std, "normalize": normalize,
             "invert_light_background": light_on_dark(meta),

@@ -104,7 +104,8 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
                           "give --dataset")
     if data is None:
         data_dir = data_dir or config.get("data_dir") or default_data_dir()
-        data = load_dataset(dataset, data_dir, download=download)
+        data = load_dataset(dataset, data_dir, download=download,
+                            image_size=meta.image_size if meta.fit == "crop" else None)
     check_fits(data, meta, dataset)
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     if len(y) == 0:

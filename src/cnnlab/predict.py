@@ -39,7 +39,8 @@ def load_image(path: str | Path, meta: ModelMeta, invert: str = "auto"
                           "and RGB (3) images can be prepared for it")
     height, width = meta.image_size
     try:
-        arr = decode_image(path, "L" if channels == 1 else "RGB", (width, height))
+        arr = decode_image(path, "L" if channels == 1 else "RGB", (width, height),
+                           crop=meta.fit == "crop")
     except Exception as e:  # Pillow raises many types for bad files (a decompression bomb's
         raise CnnlabError(image_error(path, e)) from None  # is none of OSError, ValueError)
     flip = invert == "yes" or (invert == "auto" and light_on_dark(meta)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import COMPARED, default_data_dir, option_name
+from .config import COMPARED, default_data_dir, option_name, parse_image_size
 from .errors import CnnlabError, one_line
 from .files import atomic_write, read_json, safe_name
 from .results import (
@@ -273,10 +273,12 @@ def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
         return f"No checkpoint to evaluate: {e}"
     dataset = run.config.get("dataset")
     root = Path(data_dir or run.config.get("data_dir") or default_data_dir())
-    key = (dataset, str(root))
+    size = run.config.get("image_size")
+    size = parse_image_size(size) if size else None
+    key = (dataset, str(root), size)
     try:
         if key not in cache:
-            cache[key] = load_dataset(dataset, root, download=False)
+            cache[key] = load_dataset(dataset, root, download=False, image_size=size)
         data = cache[key]
     except CnnlabError as e:
         return (f"The test data is not available here, so per-class accuracy and the confusion "

@@ -26,6 +26,7 @@ from .config import (
     checkpoint_interval,
     default_data_dir,
     option_name,
+    parse_image_size,
     typed_value,
     validate,
 )
@@ -315,8 +316,10 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     channels_last = cfg.channels_last if cfg.channels_last is not None else True
     if not dist.main:
         dist.barrier()  # rank 0 downloads and decodes first; the others then read its cache
+    size = parse_image_size(cfg.image_size) if cfg.image_size else None
     data = hold_out(load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
-                                 skip_bad_files=cfg.skip_bad_files), cfg.val_split, cfg.seed)
+                                 skip_bad_files=cfg.skip_bad_files, image_size=size),
+                    cfg.val_split, cfg.seed)
     if dist.main:
         dist.barrier()
     meta = ModelMeta.of(cfg, data)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +66,14 @@ class Dataset:
 
 
 def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
-                 skip_bad_files: bool = False) -> Dataset:
+                 skip_bad_files: bool = False, image_size: tuple[int, int] | None = None
+                 ) -> Dataset:
     """Load `mnist`, `fashion-mnist`, `cifar10` (under data_dir, torchvision's layout) or
-    `folder:PATH` (PATH/train/<class>/*, PATH/test/<class>/*)."""
+    `folder:PATH` (PATH/train/<class>/*, PATH/test/<class>/*, optionally PATH/val/<class>/*),
+    a folder's images resized and centre-cropped to `image_size` (height, width) if given."""
     if name.startswith(FOLDER_PREFIX):
-        return _load_folder(name, Path(name[len(FOLDER_PREFIX):]).expanduser(), skip_bad_files)
+        return _load_folder(name, Path(name[len(FOLDER_PREFIX):]).expanduser(), skip_bad_files,
+                            image_size)
     spec = SPECS.get(name)
     if spec is None:
         raise CnnlabError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
@@ -138,7 +142,8 @@ def _download(spec: DatasetSpec, root: Path, folder: Path) -> None:
                           f"{show_path(folder)}")
 
 
-def _load_folder(name: str, root: Path, skip_bad_files: bool) -> Dataset:
+def _load_folder(name: str, root: Path, skip_bad_files: bool,
+                 image_size: tuple[int, int] | None = None) -> Dataset:
     if not root.is_dir():
         what = "is not a folder" if os.path.lexists(root) else "does not exist"
         raise CnnlabError(f"dataset folder {show_path(root)} {what}")
@@ -147,9 +152,14 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool) -> Dataset:
     train_files = readers.folder_files(root / "train", classes, require_all=True)
     test_files = readers.folder_files(root / "test", classes, require_all=False)
     extra = f"{','.join(classes)}:skip={skip_bad_files}"
+    fit = None if image_size is None else (image_size[1], image_size[0])  # Pillow's (w, h)
+    if fit:
+        extra += f":crop={fit}"
+        _say_memory(len(train_files), image_size)
     train = cached(root / ".cnnlab-cache",
                    f"folder-train-{fingerprint([p for p, _ in train_files], extra)}", n,
-                   lambda: readers.read_folder_split(train_files, skip_bad=skip_bad_files))
+                   lambda: readers.read_folder_split(train_files, size=fit, crop=bool(fit),
+                                                     skip_bad=skip_bad_files))
     empty = [c for c, count in zip(classes, np.bincount(train.labels, minlength=n)) if not count]
     if empty:
         raise CnnlabError(f"class folder {show_path(root / 'train' / empty[0])} has no readable "
@@ -160,16 +170,26 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool) -> Dataset:
     test = cached(root / ".cnnlab-cache",
                   f"folder-test-{fingerprint([p for p, _ in test_files], f'{extra}{mode}{size}')}",
                   n, lambda: readers.read_folder_split(test_files, mode=mode, size=size,
-                                                       skip_bad=skip_bad_files))
+                                                       crop=bool(fit), skip_bad=skip_bad_files))
     val = None
     if (root / "val").is_dir():  # a validation split of its own: read as the test split
         val_files = readers.folder_files(root / "val", classes, require_all=False)
         val = cached(root / ".cnnlab-cache",
                      f"folder-val-{fingerprint([p for p, _ in val_files], f'{extra}{mode}{size}')}",
                      n, lambda: readers.read_folder_split(val_files, mode=mode, size=size,
+                                                          crop=bool(fit),
                                                           skip_bad=skip_bad_files))
     mean, std = channel_stats(train.images)
     return Dataset.of(name, classes, mean, std, train, test, val)
+
+
+def _say_memory(count: int, image_size: tuple[int, int]) -> None:
+    """Before decoding a large split: how much memory it will hold (the whole split stays in
+    memory, as uint8, three channels at most)."""
+    size = count * 3 * image_size[0] * image_size[1]
+    if size >= 2**30:
+        print(f"cnnlab: note: {count:,} training images of {image_size[0]}x{image_size[1]} "
+              f"pixels will take up to {size / 2**30:.1f} GiB of memory", file=sys.stderr)
 
 
 def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:

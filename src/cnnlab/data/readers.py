@@ -278,19 +278,22 @@ _GRAYSCALE = ("L", "1", "I;16")  # the Pillow modes a dataset of grayscale image
 _FIRST_PASS_PIXELS = 256 * 256  # images up to this size are decoded as they are first opened
 
 
-def _first_look(path: Path, mode: str | None) -> np.ndarray | tuple[str, tuple[int, int]] | str:
+def _first_look(path: Path, mode: str | None, crop: tuple[int, int] | None = None
+                ) -> np.ndarray | tuple[str, tuple[int, int]] | str:
     """One opening of an image file: a small image decoded (as `mode`; None: "L" if it is
-    grayscale, else "RGB"); of a larger one only (mode, size) from its header (the size as
-    decode_image turns it: EXIF orientations 5-8 swap width and height), so that an image of
-    the wrong size is never decoded; or why it cannot be read."""
+    grayscale, else "RGB"), or any image with `crop` (width, height: decode_image's); of a
+    larger one only (mode, size) from its header (the size as decode_image turns it: EXIF
+    orientations 5-8 swap width and height), so that an image of the wrong size is never
+    decoded; or why it cannot be read."""
     try:
         with open_image(path) as im:
             width, height = im.size
             if im.getexif().get(0x0112) in (5, 6, 7, 8):
                 width, height = height, width
-            if width * height > _FIRST_PASS_PIXELS:
+            if width * height > _FIRST_PASS_PIXELS and crop is None:
                 return im.mode, (width, height)
-            return _pixels(im, mode or ("L" if im.mode in _GRAYSCALE else "RGB"))
+            own = mode or ("L" if im.mode in _GRAYSCALE else "RGB")
+            return _pixels(im, own, crop, crop=crop is not None)
     except Exception as e:  # Pillow raises many types (a decompression bomb's is neither an
         return image_error(path, e)  # OSError nor a ValueError); all mean the same here
 
@@ -308,18 +311,21 @@ def _to_8bit(im):
     return im
 
 
-def decode_image(path: str | Path, mode: str, size: tuple[int, int] | None = None
-                 ) -> np.ndarray:
+def decode_image(path: str | Path, mode: str, size: tuple[int, int] | None = None, *,
+                 crop: bool = False) -> np.ndarray:
     """An image file as uint8 (C, H, W), decoded as in training and prediction alike: turned
     as its EXIF orientation says, 16/32-bit grayscale scaled to 8 bits, a transparent
     background made white, converted to `mode` (Pillow's "L" or "RGB") and, with `size`
-    (width, height), resized bilinearly. Pillow's errors pass through, and OSError for what
-    is no regular file (`file_problem`)."""
+    (width, height), resized bilinearly - with `crop`, keeping its aspect ratio: scaled
+    until it covers `size`, then cut to it about its centre (torchvision's Resize +
+    CenterCrop). Pillow's errors pass through, and OSError for what is no regular file
+    (`file_problem`)."""
     with open_image(path) as im:
-        return _pixels(im, mode, size)
+        return _pixels(im, mode, size, crop=crop)
 
 
-def _pixels(im, mode: str, size: tuple[int, int] | None = None) -> np.ndarray:
+def _pixels(im, mode: str, size: tuple[int, int] | None = None, *, crop: bool = False
+            ) -> np.ndarray:
     """decode_image's work on an open image."""
     from PIL import Image, ImageOps
 
@@ -331,7 +337,13 @@ def _pixels(im, mode: str, size: tuple[int, int] | None = None) -> np.ndarray:
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
     im = im.convert(mode)
     if size is not None and im.size != tuple(size):
-        im = im.resize(tuple(size), Image.Resampling.BILINEAR)
+        box = None
+        if crop:  # the centred part of the image with the target's aspect ratio
+            (w, h), (tw, th) = im.size, size
+            scale = max(tw / w, th / h)
+            cw, ch = tw / scale, th / scale
+            box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+        im = im.resize(tuple(size), Image.Resampling.BILINEAR, box=box)
     arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -344,20 +356,22 @@ def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray | str:
 
 
 def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
-                      size: tuple[int, int] | None = None, skip_bad: bool = False
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      size: tuple[int, int] | None = None, skip_bad: bool = False,
+                      crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image to uint8 (N, C, H, W), on all cores (worker processes: Python's
     share of decoding small images holds the GIL), opening each small image once.
 
     `mode` (Pillow's "L" or "RGB") and `size` (width, height) default to what the files
     show: "L" if every image is grayscale, and the most common size. An unreadable image or
-    one of another size stops with an error naming it, or with `skip_bad` is reported on
-    stderr and left out."""
+    one of another size stops with an error naming them, or with `skip_bad` is reported on
+    stderr and left out. With `crop` (and `size`) every image is resized and centre-cropped
+    to `size` (decode_image)."""
     paths = [p for p, _ in files]
     with _pool(len(paths)) as pool:
         # small images come back decoded (grayscale ones as "L" when `mode` is open), larger
         # ones as (mode, size) from their headers, unreadable ones as an error
-        looks = _in_chunks(pool, functools.partial(_first_look_all, mode=mode), paths)
+        looks = _in_chunks(pool, functools.partial(_first_look_all, mode=mode,
+                                                   crop=size if crop else None), paths)
         shapes = {path: ((look.shape[2], look.shape[1]), len(look) == 1)
                   if isinstance(look, np.ndarray) else (look[1], look[0] in _GRAYSCALE)
                   for path, look in zip(paths, looks) if not isinstance(look, str)}
@@ -365,14 +379,19 @@ def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
             mode = "L" if shapes and all(gray for _, gray in shapes.values()) else "RGB"
         if size is None and shapes:
             size = Counter(s for s, _ in shapes.values()).most_common(1)[0][0]
-        problems = {}
-        for path, look in zip(paths, looks):
-            if isinstance(look, str):
-                problems[path] = look
-            elif shapes[path][0] != tuple(size):
-                width, height = shapes[path][0]
-                problems[path] = (f"image {show_path(path)} is {width}x{height} but the "
-                                  f"dataset's images are {size[0]}x{size[1]}")
+        problems = {path: look for path, look in zip(paths, looks) if isinstance(look, str)}
+        other = [p for p in paths if p not in problems and shapes[p][0] != tuple(size)]
+        if other and not skip_bad:
+            width, height = shapes[other[0]][0]
+            raise CnnlabError(
+                f"{len(other)} of the {len(paths)} images are not {size[0]}x{size[1]}, the "
+                f"dataset's size (e.g. {show_path(other[0])} is {width}x{height}); pass "
+                f"--image-size {size[1]}x{size[0]} (or another HxW) to resize and centre-crop "
+                "them all, or --skip-bad-files to leave them out")
+        for path in other:
+            width, height = shapes[path][0]
+            problems[path] = (f"image {show_path(path)} is {width}x{height} but the "
+                              f"dataset's images are {size[0]}x{size[1]}")
         later = [p for p, look in zip(paths, looks) if isinstance(look, tuple)
                  and p not in problems]  # large images of the right size: decoded now
         decoded = dict(zip(later, _in_chunks(pool, functools.partial(
@@ -401,8 +420,9 @@ def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
             np.array([label for _, label in pairs], dtype=np.int64))
 
 
-def _first_look_all(paths: list[Path], mode: str | None) -> list:
-    return [_first_look(p, mode) for p in paths]
+def _first_look_all(paths: list[Path], mode: str | None, crop: tuple[int, int] | None
+                    ) -> list:
+    return [_first_look(p, mode, crop) for p in paths]
 
 
 def _decode_all(paths: list[Path], mode: str, size: tuple[int, int]) -> list:
