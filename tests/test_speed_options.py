@@ -272,12 +272,28 @@ def test_bench_prints_and_saves_each_row_as_it_comes_and_skips_absent_data(
     results = bench.run_bench("cpu", str(tiny_mnist), str(tmp_path / "no-cifar"),
                               str(tmp_path / "b.json"))
     out, err = capsys.readouterr()
-    assert [len(rows) for rows in saved] == [1, 1, 2]  # the file grew row by row
+    # the file grew row by row: the seed recipe, 5 seeds each after a reference, 5 x --help
+    assert [len(rows) for rows in saved] == [1, 1] + [2] * 10 + [3] * 5
     assert [r["name"][:20] for r in results["rows"]] == [
-        "LeNet-5/MNIST seed r", "  same, whole proces", "LeNet-5/MNIST fast p"]
-    assert results["rows"][0]["ratio"] == 2.0 and "recorded, not run" in results["rows"][2][
-        "name"]
+        "LeNet-5/MNIST seed r", "  same, whole proces", "LeNet-5/MNIST fast p",
+        "`cnnlab --help` (s, "]
+    fast = results["rows"][2]
+    assert results["rows"][0]["ratio"] == 2.0 and "recorded, not run" in fast["name"]
+    assert fast["accuracy"] == [99.1] * 5 and "lowest accuracy 99.10%" in fast["name"]
+    assert fast["cnnlab"] == 8.0 and fast["reference_epoch_process_seconds"] == [8.0] * 5
     assert json.loads((tmp_path / "b.json").read_text()) == results
-    assert out.count("\n") == 3 + 3 and "ResNet-18" not in out
+    assert out.count("\n") == 3 + 4 and "ResNet-18" not in out
     assert "cnnlab bench: no CIFAR-10 image folder: the ResNet-18 rows are left out" in err
-    assert err.count("cnnlab bench: next: ") == 4
+    assert err.count("cnnlab bench: next: ") == 5
+
+
+def test_bench_times_a_first_decode_and_a_cached_read(tmp_path):
+    from conftest import write_folder
+
+    from cnnlab import bench
+
+    folder = write_folder(tmp_path / "pets", n_train=4, n_test=2)
+    first, cached = bench.decode_seconds(str(folder))
+    assert 0 < first and 0 < cached
+    # a writable folder keeps the cache beside it: a later bench reads it (and says so)
+    assert (folder / ".cnnlab-cache").is_dir()

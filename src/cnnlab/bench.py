@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,7 +116,7 @@ def cpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None],
     ours = cnnlab_epoch("lenet5", "mnist", data_dir, preset="seed", device="cpu")
     emit({"name": "LeNet-5/MNIST seed recipe, one epoch of the loop (s)",
           "reference": reference["seconds"], "cnnlab": ours["seconds"],
-          "ratio": reference["seconds"] / ours["seconds"], "unit": "s", "target": ">= 2.0"})
+          "ratio": reference["seconds"] / ours["seconds"], "unit": "s", "target": ">= 3.0"})
     py = sys.executable
     ref_cmd = [py, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import reference; "
                "reference.lenet_mnist_epoch(sys.argv[2])", str(REPO / "benchmarks"), data_dir]
@@ -127,21 +129,47 @@ def cpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None],
         emit({"name": "  same, whole process incl. start, data and evaluation (s)",
               "reference": ref_s, "cnnlab": our_s, "ratio": ref_s / our_s, "unit": "s",
               "target": "(reported)"})
-        # 2. time-to-accuracy of the fast preset, whole process
-        say("next: `cnnlab train lenet5 mnist`, whole process (about 20 s)")
-        wall, _ = _process([py, "-m", "cnnlab", "train", "lenet5", "mnist", "--data-dir",
-                            data_dir, "--quiet", "--out", f"{tmp}/fast"])
-        summary = json.loads(Path(f"{tmp}/fast/summary.json").read_text())
-        emit({"name": "LeNet-5/MNIST fast preset: whole process to "
-                      f"{summary['final_test_acc']:.2f}% (s; reference recorded, not run)",
+        # 2. time-to-accuracy of the fast preset, whole process, on 5 seeds; each run
+        # follows a whole-process epoch of the reference, which shows the machine's speed
+        say("next: `cnnlab train lenet5 mnist` on seeds 0-4, each after a reference epoch "
+            "(about 2.5 minutes)")
+        walls, accuracies, refs = [], [], []
+        for seed in range(5):
+            refs.append(_process(ref_cmd)[0])
+            walls.append(_process([py, "-m", "cnnlab", "train", "lenet5", "mnist", "--data-dir",
+                                   data_dir, "--quiet", "--seed", str(seed),
+                                   "--out", f"{tmp}/fast{seed}"])[0])
+            summary = json.loads(Path(f"{tmp}/fast{seed}/summary.json").read_text())
+            accuracies.append(summary["final_test_acc"])
+        wall = statistics.median(walls)
+        emit({"name": "LeNet-5/MNIST fast preset: whole process, median of seeds 0-4, lowest "
+                      f"accuracy {min(accuracies):.2f}% (s; reference recorded, not run)",
               "reference": RECORDED_REFERENCE_SECONDS, "cnnlab": wall,
               "ratio": RECORDED_REFERENCE_SECONDS / wall, "unit": "s",
-              "target": "<= 10 s and >= 99.0%", "accuracy": summary["final_test_acc"],
+              "target": "<= 10 s and >= 99.0% each", "accuracy": accuracies,
+              "seconds": walls, "reference_epoch_process_seconds": refs,
               "note": "reference: a recorded figure, not measured in this run - the report's "
-                      "recipe reached its best, 98.79%, after 20 epochs (SEED.md)"})
+                      "recipe reached its best, 98.79%, after 20 epochs (SEED.md); the "
+                      "reference's one-epoch process ran before each seed (seconds kept)"})
+        say("next: `cnnlab --help`, 5 times")
+        helps = [_process([py, "-m", "cnnlab", "--help"])[0] for _ in range(5)]
+        emit({"name": "`cnnlab --help` (s, median of 5)", "reference": None,
+              "cnnlab": statistics.median(helps), "ratio": None, "unit": "s",
+              "target": "<= 0.3 s"})
     if folder is None:
         say("no CIFAR-10 image folder: the ResNet-18 rows are left out (give --cifar-folder)")
     else:
+        say("next: decoding the CIFAR-10 image folder into a new cache, then reading it back "
+            "(about 30 s)")
+        own = (Path(folder) / ".cnnlab-cache").is_dir()  # then read, not decoded
+        first, cached = decode_seconds(folder)
+        emit({"name": "CIFAR-10 image folder (60,000 JPEGs): first decode (s)",
+              "reference": None, "cnnlab": first, "ratio": None, "unit": "s",
+              "target": "<= 15 s",
+              **({"note": "the folder has a cache of its own: read, not decoded"} if own
+                 else {})})
+        emit({"name": "  same, read back from the cache (s)", "reference": None,
+              "cnnlab": cached, "ratio": None, "unit": "s", "target": "< 1 s"})
         # 3. ResNet-18 training throughput
         say("next: ResNet-18 training throughput, reference then cnnlab (about 60 s; the first run "
             "also decodes the image folder)")
@@ -158,6 +186,26 @@ def cpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None],
     say("next: each speed option on and off (about 60 s, more with ResNet-18)")
     for row in ablation(data_dir, folder):
         emit(row)
+
+
+def decode_seconds(folder: str) -> tuple[float, float]:
+    """Seconds `load_dataset` takes on the image folder in a new process: first with an empty
+    user cache (decoding, unless the folder keeps a cache of its own, as a writable one does
+    after its first decode), then again (reading the cache). The process's start is not
+    counted."""
+    code = ("import sys, time; t = time.perf_counter(); from cnnlab.data import load_dataset; "
+            "load_dataset('folder:' + sys.argv[1], '.'); print(time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "CNNLAB_CACHE": cache}
+        times = []
+        for _ in range(2):
+            res = subprocess.run([sys.executable, "-c", code, folder], capture_output=True,
+                                 text=True, env=env)
+            if res.returncode != 0:
+                raise CnnlabError(f"decoding {folder} failed: "
+                                  f"{res.stderr.strip().splitlines()[-1:]}")
+            times.append(float(res.stdout.split()[-1]))
+    return times[0], times[1]
 
 
 # The report's recipe, run as written on this project's CPU machine, took 241 s to its best
@@ -312,7 +360,7 @@ def format_row(r: dict) -> str:
     def number(v) -> str:
         return f"{v:10.2f}" if isinstance(v, float) else f"{'-':>10}"
 
-    ratio = f"{r['ratio']:7.2f}" if "ratio" in r else f"{'-':>7}"
+    ratio = f"{r['ratio']:7.2f}" if r.get("ratio") is not None else f"{'-':>7}"
     return (f"{r['name']:<62} {number(r.get('reference'))} {number(r.get('cnnlab'))} {ratio}  "
             f"{r['target']}")
 
