@@ -232,3 +232,22 @@ def test_folder_split_equals_decoding_each_file_as_the_dataset_does(tmp_path, mo
         readers.read_folder_split([*files, (folder / "big.png", 0)])
     x, _ = readers.read_folder_split([*files, (folder / "big.png", 0)], skip_bad=True)
     assert len(x) == len(files)
+
+
+def test_a_cached_split_is_memory_mapped_not_loaded(tmp_path):
+    """Read back from the cache, the images stay memory-mapped (a split larger than RAM still
+    trains) - copy-on-write, so tensors made from them take writes without a warning."""
+    import warnings
+
+    import torch
+
+    root = write_folder(tmp_path / "pets", n_train=4, n_test=2)
+    first = load_dataset(f"folder:{root}", "")
+    again = load_dataset(f"folder:{root}", "")
+    assert not isinstance(first.train_x, np.memmap) and isinstance(again.train_x, np.memmap)
+    assert np.array_equal(first.train_x, again.train_x) and first.digest == again.digest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = torch.from_numpy(again.train_x)
+    t[0] = 0  # the process's own copy of that page; the cache file is untouched
+    assert np.array_equal(load_dataset(f"folder:{root}", "").train_x, first.train_x)

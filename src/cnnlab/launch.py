@@ -28,7 +28,9 @@ def launch(nproc: int, args: list[str]) -> int:
     1). SIGINT and SIGTERM go to the ranks, which checkpoint and stop; torchrun's report of
     a failing rank stays out of the output unless a rank died without a status."""
     with tempfile.TemporaryDirectory(prefix="cnnlab-launch-") as folder:
-        env = {**os.environ, LAUNCH_DIR: folder}
+        # each rank its share of the cores (torchrun would give each one thread, and say so)
+        threads = str(max(1, (os.cpu_count() or 1) // nproc))
+        env = {"OMP_NUM_THREADS": threads, **os.environ, LAUNCH_DIR: folder}
         own_stderr = Path(f"/proc/{os.getpid()}/fd/2")
         log = None
         if own_stderr.exists():  # Linux: the ranks write to ours, torchrun to a log

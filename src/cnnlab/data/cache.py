@@ -125,15 +125,17 @@ def _read_entry(folder: Path, key: str, num_classes: int) -> Split | str | None:
         return "is incomplete"
     try:
         manifest = json.loads(paths[0].read_bytes())
-        # memory-mapped first: a header claiming a huge shape fails here instead of
-        # allocating it, and the shapes are checked before anything is read
-        x, y = (np.load(p, mmap_mode="r", allow_pickle=False) for p in paths[1:])
+        # memory-mapped: a header claiming a huge shape fails here instead of allocating
+        # it, the shapes are checked before anything is read, and the images stay mapped -
+        # read from the page cache as batches need them, so a split larger than RAM still
+        # trains (copy-on-write: a tensor made from them may be written, the file never)
+        x, y = (np.load(p, mmap_mode="c", allow_pickle=False) for p in paths[1:])
     except (OSError, ValueError) as e:
         return f"cannot be read ({one_line(e, 120)})"
     if x.dtype != np.uint8 or x.ndim != 4 or y.dtype != np.int64 or y.shape != (len(x),):
         return (f"holds images {x.dtype} {x.shape} and labels {y.dtype} {y.shape}, not uint8 "
                 "(N, C, H, W) and int64 (N,)")
-    x, y = np.array(x), np.array(y)
+    y = np.array(y)
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         return f"has labels outside 0..{num_classes - 1}"
     digest = content_digest(x, y)
