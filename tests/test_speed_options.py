@@ -175,6 +175,26 @@ def test_compile_time_is_reported_apart_from_training(tiny_mnist, tmp_path, monk
     assert len(records) == 1 and records[0]["step"] == 1
     assert summary["compile_seconds"] == pytest.approx(records[0]["seconds"], abs=1e-3)
     assert 0 < summary["train_seconds"] and summary["best_test_acc"] > 50
+    assert summary["steps"] == 2 * (512 // 32)
+
+
+def test_compiled_training_compiles_once(tiny_mnist, tmp_path, monkeypatch):
+    """Static shapes: the last partial batch is left out, and evaluation runs eagerly, so a
+    run compiles its model once - not again for eval mode, the evaluation's batch size or a
+    smaller last batch."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(tuple(tuple(x.shape) for x in example_inputs if hasattr(x, "shape")))
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=counting))
+    summary = cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=tmp_path / "r",
+                           epochs=2, batch_size=48, lr=0.05, compile=True, progress=False,
+                           telemetry=0)
+    assert summary["steps"] == 2 * (512 // 48)  # 10 full batches an epoch, the 32 left out
+    assert len(graphs) == 1, graphs
 
 
 def test_gpu_suite_plumbing_on_the_cpu(tmp_path, monkeypatch):

@@ -114,7 +114,11 @@ class Config:
                             help="auto: bf16 or fp16 on GPUs; on CPUs with AVX512-BF16 or "
                                  "AMX bf16 for resnet18 and fastnet; else fp32")
     channels_last: bool | None = option(None, help="channels-last memory format (default on)")
-    compile: bool = option(False, role=RUNTIME, kind=ON, help="torch.compile the model")
+    compile: bool = option(False, role=MACHINE, kind=ON,
+                           help="torch.compile the model for training (static shapes: the "
+                                "last partial batch of an epoch is left out; evaluation runs "
+                                "eagerly). Its compilation takes tens of seconds: it pays "
+                                "for long GPU runs, not on CPUs or for short runs")
     fused: bool = option(True, help="one fused optimiser kernel for all parameters, with sgd, "
                                     "adam and adamw")
     ema: float = option(0.0, help="evaluate and save an exponential moving average of the "

@@ -332,9 +332,10 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     augment = frozenset() if cfg.augment == "none" else frozenset(cfg.augment.split(","))
     common = dict(mean=data.mean, std=data.std, device=device, normalize=cfg.normalize,
                   channels_last=channels_last, rank=dist.rank, world_size=dist.world_size)
+    # --compile: every training batch the same shape, or the last one would recompile
     train_batches = DeviceLoader(torch.from_numpy(data.train_x), torch.from_numpy(data.train_y),
                                  batch_size=cfg.batch_size, shuffle=True, augment=augment,
-                                 generator=generator, **common)
+                                 generator=generator, drop_last=cfg.compile, **common)
     test_batches = DeviceLoader(torch.from_numpy(data.test_x), torch.from_numpy(data.test_y),
                                 batch_size=cfg.eval_batch_size, **common)
     val_batches = None if data.val_x is None else DeviceLoader(
@@ -493,8 +494,10 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
             state.train_seconds += time.perf_counter() - started
             result = val = None
             if state.epoch % cfg.eval_every == 0 or state.epoch == t.epoch_count:
-                result, val = (evaluate(t.evaluated if t.ema else t.net, batches,
-                                        precision=t.precision, tta=cfg.tta,
+                # evaluated eagerly (torch.compile's module keeps the one it compiled as
+                # _orig_mod): the compiled one would recompile for eval mode and batch size
+                eager = t.evaluated if t.ema else getattr(t.net, "_orig_mod", t.net)
+                result, val = (evaluate(eager, batches, precision=t.precision, tta=cfg.tta,
                                         reduce_sum=dist.reduce_sum,
                                         stop=lambda: signals.requested(dist, collective=False))
                                if batches else None

@@ -43,7 +43,8 @@ class DeviceLoader:
                  mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
                  shuffle: bool = False, augment: frozenset[str] = frozenset(),
                  generator: torch.Generator | None = None, normalize: bool = True,
-                 channels_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 channels_last: bool = False, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
@@ -53,6 +54,7 @@ class DeviceLoader:
         self.generator = generator
         self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last  # every batch the same shape (a compiled step's need)
         self.scale, self.shift = normalization(mean, std, normalize, device)
         # which images alternating flips mirror in odd epochs; the others in even ones
         self.odd_flips = (torch.rand(len(self.labels), device=device, generator=generator) < 0.5
@@ -62,9 +64,12 @@ class DeviceLoader:
         return len(range(0, self._end(), self.batch_size))
 
     def _end(self) -> int:
-        """Where the epoch ends: with several ranks, a last training batch too small to give
-        every rank a sample is dropped (an empty slice would make its loss NaN)."""
+        """Where the epoch ends: with `drop_last` (and more than a batch) before the last
+        partial batch; with several ranks, a last training batch too small to give every
+        rank a sample is dropped (an empty slice would make its loss NaN)."""
         n = len(self.labels)
+        if self.drop_last and n > self.batch_size:
+            return n - n % self.batch_size
         if self.shuffle and self.world_size > 1 and 0 < n % self.batch_size < self.world_size:
             return n - n % self.batch_size
         return n
