@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import signal
@@ -142,6 +143,20 @@ def resolve_precision(name: str, device: torch.device, model: str = "") -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if model in _CPU_BF16_MODELS and cpu_has_bf16() else "fp32"
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep the memory a training step frees for the next step. By default it
+    hands every freed block over 128 KiB back to the system and faults it in again page by
+    page on the next step: about 700,000 page faults in one CPU epoch of LeNet-5, a tenth of
+    its time. Blocks up to glibc's largest setting, 32 MiB, now come from the heap, which is
+    trimmed only past 256 MiB free. For this process; nothing where there is no glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows)
+        return
+    mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD
+    mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
 
 
 class StopSignals:
@@ -368,6 +383,8 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
     but whose plots or summary are missing is only finished."""
     wall_start = time.perf_counter()
     dist, device = distributed.setup(resolve_device(cfg.device))
+    if device.type == "cpu":
+        keep_freed_memory()
     path = None
     try:
         path = _run_path(cfg, out, resume, dist)
