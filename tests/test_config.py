@@ -74,7 +74,8 @@ def test_data_dir_from_environment(monkeypatch, tmp_path):
     ({"pool": "min"}, "unknown pool"),
     ({"preset": "slow"}, "unknown preset 'slow'"),
     ({"label_smoothing": 1.5}, "label-smoothing"),
-    ({"epochs": 2.5}, "epochs must be int"),
+    ({"epochs": "two"}, "epochs must be float"),
+    ({"val_split": 1.0}, "--val-split must be a fraction"),
 ])
 def test_validation(overrides, message):
     with pytest.raises(CnnlabError, match=message):

@@ -44,8 +44,12 @@ class DeviceLoader:
                  shuffle: bool = False, augment: frozenset[str] = frozenset(),
                  generator: torch.Generator | None = None, normalize: bool = True,
                  channels_last: bool = False, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False) -> None:
-        self.images = images.to(device)
+                 drop_last: bool = False, resident: bool | None = None) -> None:
+        # The split on the device when it fits there (half its free memory at most; on the
+        # CPU it is there already, memory-mapped or not); else in pinned host memory, each
+        # batch gathered there and copied over
+        self.resident = resident if resident is not None else fits(images, device)
+        self.images = images.to(device) if self.resident else _pinned(images, device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.device = device
@@ -90,11 +94,18 @@ class DeviceLoader:
         mid-epoch). With several ranks, each yields its own contiguous slice of every global
         batch."""
         n = self._end()
+        host_order = None
         for start in range(start_batch * self.batch_size, n, self.batch_size):
             stop = min(start + self.batch_size, n)
             idx = torch.arange(start, stop, device=self.device) if order is None \
                 else order[start:stop]
-            x, y = self.images[idx], self.labels[idx]
+            if self.resident:
+                x = self.images[idx]
+            else:  # the order's slice comes to the host once an epoch
+                if host_order is None:
+                    host_order = (torch.arange(n) if order is None else order.cpu())
+                x = self.images[host_order[start:stop]].to(self.device, non_blocking=True)
+            y = self.labels[idx]
             # Augment the whole global batch on every rank, then slice: the ranks' random
             # streams stay in step and their union is exactly the single-process batch.
             if "crop" in self.augment:
@@ -114,6 +125,26 @@ class DeviceLoader:
         if self.channels_last:  # .to, not .contiguous: a one-channel batch must get NHWC
             x = x.to(memory_format=torch.channels_last)  # strides too, or oneDNN answers NCHW
         return torch.addcmul(self.shift, x.float(), self.scale)
+
+
+def fits(images: torch.Tensor, device: torch.device) -> bool:
+    """Whether a split of `images` may live on `device`: always on the CPU; on a GPU if it
+    takes at most half the device's free memory."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.numel() * images.element_size() <= free // 2
+
+
+def _pinned(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The split in page-locked host memory for fast copies to a GPU; as it is where that
+    cannot be had (no GPU, or not enough lockable memory)."""
+    if device.type != "cuda":
+        return images
+    try:
+        return images.pin_memory()
+    except RuntimeError:
+        return images
 
 
 def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None, *,
