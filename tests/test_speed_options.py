@@ -341,7 +341,8 @@ def test_freed_memory_is_kept_for_the_next_step():
             "start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "for _ in range(60): step()\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)\n")
-    counts = {how: int(subprocess.run([sys.executable, "-c", code, how], capture_output=True,
-                                      text=True, check=True).stdout)
-              for how in ("default", "kept")}
-    assert counts["kept"] * 4 < counts["default"], counts
+    kept = int(subprocess.run([sys.executable, "-c", code, "kept"], capture_output=True,
+                              text=True, check=True).stdout)
+    # glibc's own dynamic thresholds gave about 1,000 faults a step (62,019 in 60), or few,
+    # depending on what the process had freed before; kept, a handful a step at most
+    assert kept < 60 * 50, kept
