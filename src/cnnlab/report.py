@@ -497,12 +497,11 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
 
     shared = shared or {}
     doc = Document("")
-    sub = level
-    doc.add(Heading(sub, "Outcome"), _outcome_table(run))
+    doc.add(Heading(level, "Outcome"), _outcome_table(run))
     curves = [figures.run_figure(run, "loss.png"), figures.run_figure(run, "accuracy.png")]
-    doc.add(Heading(sub, "Loss and accuracy"),
+    doc.add(Heading(level, "Loss and accuracy"),
             Figures([(curves[0], f"Loss of {run.name}"), (curves[1], f"Accuracy of {run.name}")]))
-    doc.add(Heading(sub, "Utilisation over time"))
+    doc.add(Heading(level, "Utilisation over time"))
     utilisation = figures.run_figure(run, "utilization.png")
     if utilisation is None:
         doc.add(Para("This run has no telemetry records in metrics.jsonl, so there is no "
@@ -510,9 +509,10 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
     else:
         doc.add(Table(["", ""], _utilisation(run)),
                 Figures([(utilisation, f"Utilisation of {run.name}")]))
-    doc.add(Heading(sub, "Per-class accuracy and confusion matrix"))
+    doc.add(Heading(level, "Per-class accuracy and confusion matrix"))
     if isinstance(evaluation, dict):
-        recorded = outcome(run).get("best_test_acc")
+        o = outcome(run)  # what the run recorded for best.pt (chosen on validation if any)
+        recorded = o.get("test_acc_at_best", o.get("best_test_acc"))
         doc.add(Para(f"The {evaluation['checkpoint']} checkpoint (epoch {evaluation['epoch']}) "
                      f"on the {evaluation['images']:,} test images: "
                      f"{evaluation['accuracy']:.2f}% accuracy"
@@ -529,10 +529,10 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
     else:
         doc.add(Para(evaluation or "Not computed (--no-eval)."))
     own = {k: v for k, v in run.config.items() if k not in shared.get("config", {})}
-    doc.add(Heading(sub, "Configuration" + (" (where it differs)" if shared else "")),
+    doc.add(Heading(level, "Configuration" + (" (where it differs)" if shared else "")),
             _config_table(own))
     if "env" not in shared:
-        doc.add(Heading(sub, "Environment"), _env_table(run.env))
+        doc.add(Heading(level, "Environment"), _env_table(run.env))
     return doc.blocks
 
 

@@ -412,12 +412,11 @@ def read_folder_split(files: list[tuple[Path, int]], *, mode: str | None = None,
         raise CnnlabError(f"{first}{more}; fix or remove it, or pass --skip-bad-files")
     for message in problems.values():
         print(f"cnnlab: skipping: {message}", file=sys.stderr)
-    pairs = kept
-    if not pairs:
+    if not kept:
         raise CnnlabError(f"no readable images among the {len(files)} files in "
                           f"{show_path(files[0][0].parent.parent)}")
-    return (np.stack([a for a, _ in pairs]),
-            np.array([label for _, label in pairs], dtype=np.int64))
+    return (np.stack([a for a, _ in kept]),
+            np.array([label for _, label in kept], dtype=np.int64))
 
 
 def _first_look_all(paths: list[Path], mode: str | None, crop: tuple[int, int] | None
