@@ -105,3 +105,26 @@ def test_nproc_checks_options_once_and_passes_the_ranks_status_through(data, tmp
     assert f"checkpoint written - resume with: cnnlab train --resume {out}" in err
     assert "Traceback" not in err and "ChildFailedError" not in err
     assert checkpoint.load(out / "checkpoint.pt")["step"] > 0
+
+
+@pytest.mark.parametrize("gpus,args,error", [
+    (1, [], "--nproc 2: this machine has 1 GPU(s) and each process needs its own; use "
+            "--nproc 1, or --device cpu to run 2 processes on the CPU"),
+    (0, ["--device", "cuda"], "--nproc 2: this machine has 0 GPU(s)"),
+    (1, ["--device", "cpu"], None),  # gloo on the CPU
+    (0, [], None),                   # auto without GPUs: the CPU
+    (2, [], None),
+])
+def test_nproc_needs_a_gpu_a_process_or_the_cpu(monkeypatch, capsys, gpus, args, error):
+    from cnnlab import launch
+    from cnnlab.cli import main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    launched = []
+    monkeypatch.setattr(launch, "launch", lambda n, rest: launched.append(n) or 0)
+    code = main(["train", "lenet5", "mnist", "--nproc", "2", *args])
+    err = capsys.readouterr().err
+    if error:
+        assert code == 2 and error in err and not launched
+    else:
+        assert code == 0 and launched == [2]

@@ -127,9 +127,18 @@ def _launch(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise CnnlabError(f"--nproc must be positive, got {args.nproc}")
+    device = args.device or "auto"
     if args.resume is None:
-        resolve(args.model, args.dataset, overrides=train_options(args),
-                file_values=load_toml(args.config) if args.config else {})
+        device = resolve(args.model, args.dataset, overrides=train_options(args),
+                         file_values=load_toml(args.config) if args.config else {}).device
+    if device != "cpu":  # one GPU a process: say so before any process starts
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if (gpus or device != "auto") and gpus < args.nproc:
+            raise CnnlabError(f"--nproc {args.nproc}: this machine has {gpus} GPU(s) and each "
+                              f"process needs its own; use --nproc {max(gpus, 1)}, or --device "
+                              f"cpu to run {args.nproc} processes on the CPU")
     rest, skip = [], False
     for arg in args.argv:
         if skip:
