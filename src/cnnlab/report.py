@@ -448,6 +448,7 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
     keys = [k for k in _differing_keys([row["config"] for row in rows]) if k != "seed"]
     if not keys and len(rows) > 1:
         keys = _differing_keys([row["config"] for row in rows])
+    columns = shown_metrics(rows)
     lab = [_lab_report(row["config"]) for row in rows]
     doc.add(Para("One row per configuration: mean ± sample standard deviation over its runs "
                  "(seeds); accuracies in % on the test split."
@@ -455,11 +456,11 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
                     "recipe after 30 epochs." if any(lab) else "")),
             Table(["configuration", *(option_name(k) for k in keys), "runs",
                    *(["diverged"] if diverged else []),
-                   *(title for _, title, _ in shown_metrics(rows)),
+                   *(title for _, title, _ in columns),
                    *(["lab report"] if any(lab) else [])],
                   [[row["label"], *(_value(row["config"].get(k)) for k in keys), str(row["n"]),
                     *([str(row["diverged"])] if diverged else []),
-                    *(mean_std(row, key, digits) for key, _, digits in shown_metrics(rows)),
+                    *(mean_std(row, key, digits) for key, _, digits in columns),
                     *([figure or "-"] if any(lab) else [])]
                    for row, figure in zip(rows, lab)]))
     text = verdict(rows, keys)

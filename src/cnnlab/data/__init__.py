@@ -164,21 +164,20 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
     if empty:
         raise CnnlabError(f"class folder {show_path(root / 'train' / empty[0])} has no readable "
                           "images left; fix its files or remove the folder")
-    # the test split is read as the training split was: same mode, same size
+    # the other splits are read as the training split was: same mode, same size
     mode = "L" if train.images.shape[1] == 1 else "RGB"
     size = (train.images.shape[3], train.images.shape[2])
-    test = cached(root / ".cnnlab-cache",
-                  f"folder-test-{fingerprint([p for p, _ in test_files], f'{extra}{mode}{size}')}",
-                  n, lambda: readers.read_folder_split(test_files, mode=mode, size=size,
-                                                       crop=bool(fit), skip_bad=skip_bad_files))
+
+    def like_train(split: str, files: list) -> Split:
+        key = f"folder-{split}-{fingerprint([p for p, _ in files], f'{extra}{mode}{size}')}"
+        return cached(root / ".cnnlab-cache", key, n,
+                      lambda: readers.read_folder_split(files, mode=mode, size=size,
+                                                        crop=bool(fit), skip_bad=skip_bad_files))
+
+    test = like_train("test", test_files)
     val = None
-    if (root / "val").is_dir():  # a validation split of its own: read as the test split
-        val_files = readers.folder_files(root / "val", classes, require_all=False)
-        val = cached(root / ".cnnlab-cache",
-                     f"folder-val-{fingerprint([p for p, _ in val_files], f'{extra}{mode}{size}')}",
-                     n, lambda: readers.read_folder_split(val_files, mode=mode, size=size,
-                                                          crop=bool(fit),
-                                                          skip_bad=skip_bad_files))
+    if (root / "val").is_dir():  # a validation split of its own
+        val = like_train("val", readers.folder_files(root / "val", classes, require_all=False))
     mean, std = channel_stats(train.images)
     return Dataset.of(name, classes, mean, std, train, test, val)
 
