@@ -2,16 +2,18 @@
 
 import csv
 import json
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO
 
 from cnnlab.cli import main
 from cnnlab.errors import CnnlabError
-from cnnlab.sweep import load_sweep_file, parse_grid_arg, plan_sweep
+from cnnlab.sweep import job_device, load_sweep_file, parse_grid_arg, plan_sweep
 
 TINY = ["--epochs", "1", "--batch-size", "64", "--log-every", "2", "--lr", "0.05", "--quiet"]
 
@@ -180,6 +182,7 @@ def test_sweep_runs_every_point_resumes_and_summarises(tiny_mnist, tmp_path, cap
     (["--grid", "pool=max,mean"], "unknown pool 'mean'"),
     (["--grid", "pool=max,avg", "--pool", "avg"], "--pool is a grid key"),
     (["--grid", "lr=0.1", "--seeds", "0"], "seeds must be a positive integer"),
+    (["--grid", "lr=0.1", "--jobs", "0"], "--jobs must be a positive integer, got 0"),
 ])
 def test_cli_sweep_errors_are_one_line_exit_2(tiny_mnist, tmp_path, capsys, args, message):
     out = tmp_path / "sweep"
@@ -220,13 +223,14 @@ def test_real_mnist_pooling_sweep(real_data, tmp_path):
     assert f"Welch's t-test p = {p:.2g}, 2 seeds each)." in md
 
 
-def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tiny_mnist, tmp_path, capsys):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tiny_mnist, tmp_path, capsys, jobs):
     from cnnlab.report import write_report
 
     out = tmp_path / "sweep"
     args = ["sweep", "lenet5", "mnist", "--data-dir", str(tiny_mnist), "--grid", "lr=0.05,1e12",
             "--schedule", "constant", "--log-every", "1", "--epochs", "1", "--batch-size", "64",
-            "--seeds", "2", "--out", str(out), "--quiet"]
+            "--seeds", "2", "--out", str(out), "--quiet", "--jobs", jobs]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "[2/4] lr=1e+12-seed=0: diverged (the training loss became NaN or infinite" in err
@@ -259,6 +263,99 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tiny_mnist, tmp_path, 
             "lr=1e+12-seed=0, lr=1e+12-seed=1.") in md
     assert "| configuration | lr | runs | diverged |" in md and "| lr=1e+12 | 1e+12 | 0 | 2 |" in md
     assert "| status | diverged at step 2 (epoch 1) |" in md
+
+
+def _metrics(run_dir):
+    """A run's metrics records without their timings."""
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [{k: v for k, v in r.items() if not any(t in k for t in ("time", "second"))}
+            for r in records if r["type"] != "telemetry"]
+
+
+def test_concurrent_runs_give_the_one_by_one_results(tiny_mnist, tmp_path, capsys, monkeypatch):
+    """--jobs 2: each run in a process of its own with half the cores, the same runs and
+    results as one after another with as many threads (bitwise: the same losses)."""
+    import torch
+
+    from cnnlab import sweep
+
+    monkeypatch.setattr(sweep, "_cores", lambda: 2)  # so each of 2 jobs has 1 thread
+    args = ["sweep", "lenet5", "mnist", "--data-dir", str(tiny_mnist), "--grid", "pool=max,avg",
+            "--seeds", "2", "--log-every", "2", *TINY[:-3]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "[1/4] pool=max-seed=0: training (job 1)" in err
+    assert "[2/4] pool=avg-seed=0: training (job 2)" in err
+    assert err.count(": final ") == 4
+    for run in ("pool=max-seed=0", "pool=avg-seed=0", "pool=max-seed=1", "pool=avg-seed=1"):
+        a, b = tmp_path / "one" / run, tmp_path / "two" / run
+        assert _metrics(a) == _metrics(b), run
+        sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+        assert sa["final_test_acc"] == sb["final_test_acc"] and sa["best_epoch"] == sb["best_epoch"]
+    rows = {k: _results(tmp_path / k) for k in ("one", "two")}
+    same = [k for k in rows["one"][0] if "seconds" not in k and "per_second" not in k]
+    assert [[r[k] for k in same] for r in rows["one"]] == [[r[k] for k in same]
+                                                           for r in rows["two"]]
+
+
+def test_a_concurrent_run_that_fails_lets_the_others_finish(tiny_mnist, tmp_path, capsys):
+    """A run that fails in its process (here: a device this machine lacks) is one line naming
+    the run, exit 2; the run under way beside it finishes and is in the results."""
+    out = tmp_path / "sweep"
+    code = main(["sweep", "lenet5", "mnist", "--data-dir", str(tiny_mnist), "--grid",
+                 "device=cpu,cuda:7", "--out", str(out), "--jobs", "2", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "cnnlab: error: device=cuda-7-seed=0: --device cuda:7: ")  # no GPU, or not 8 of them
+    assert (out / "device=cpu-seed=0" / "summary.json").is_file()
+    assert [r["point"] for r in _results(out)] == ["device=cpu"]
+
+
+def test_ctrl_c_stops_every_concurrent_run_and_the_same_command_continues(tiny_mnist,
+                                                                        tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "cnnlab", "sweep", "lenet5", "mnist", "--data-dir",
+           str(tiny_mnist), "--grid", "pool=max,avg", "--batch-size", "16", "--log-every", "1",
+           "--out", str(out), "--jobs", "2", "--quiet"]
+    proc = subprocess.Popen([*cmd, "--epochs", "200"], stderr=subprocess.PIPE, text=True)
+    runs = [out / "pool=max-seed=0", out / "pool=avg-seed=0"]
+    deadline = time.monotonic() + 120
+    while not all((r / "metrics.jsonl").is_file() for r in runs):  # both are training
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGINT: stopping the 2 running runs after their current step" in err
+    assert err.count(": stopped") == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "cnnlab: sweep stopped; run the same command again to continue (finished runs are "
+        "kept, the stopped ones are redone)")
+    for run in runs:
+        assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()
+    # Nothing finished, so a shorter sweep in the same directory redoes both.
+    res = subprocess.run([*cmd, "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("unfinished, removing it and training it again") == 2
+    assert [(r["point"], r["seeds"]) for r in _results(out)] == [("pool=max", "1"),
+                                                                  ("pool=avg", "1")]
+
+
+def test_job_slots_take_one_gpu_each_round_robin():
+    assert [job_device("auto", slot, 2) for slot in range(4)] == \
+        ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert job_device("cuda", 2, 3) == "cuda:2"
+    assert [job_device(d, 1, 1) for d in ("auto", "cuda", "cpu")] == ["auto", "cuda", "cpu"]
+    assert job_device("cuda:1", 0, 4) == "cuda:1" and job_device("cpu", 0, 4) == "cpu"
 
 
 def test_verdict_tests_the_difference_before_calling_a_winner():

@@ -8,7 +8,14 @@ import signal
 import sys
 
 from . import __version__
-from .errors import INTERRUPTED, CnnlabError, Exit, Interrupted, StoppedAtOnce, one_line
+from .errors import (
+    INTERRUPTED,
+    CnnlabError,
+    Exit,
+    Interrupted,
+    StoppedAtOnce,
+    failure_message,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -270,6 +277,11 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--seeds", type=int, help="runs per point, seeds seed, seed+1, ... "
                    "(default: the sweep file's, else 1)")
     add_train_options(p)
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, each in a process of its own: on the CPU they "
+                   "share the cores; on one GPU they share it (runs with small batches leave "
+                   "most of a GPU idle); on several GPUs each job has one, round-robin "
+                   "(default 1: one run after another, with a progress bar)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--out", help="sweep directory (default sweeps/<sweep file name>, else "
                    "sweeps/<model>-<dataset>-<grid keys>)")
@@ -290,7 +302,7 @@ def _sweep(args: argparse.Namespace) -> int:
                       seeds=args.seeds if args.seeds is not None else spec.get("seeds", 1),
                       train=spec.get("train"), options=train_options(args))
     out = args.out or default_sweep_dir(plan, args.config)
-    result = run_sweep(plan, out, progress=not args.quiet)
+    result = run_sweep(plan, out, progress=not args.quiet, jobs=args.jobs)
     print(f"{result['finished']} of {result['total']} runs finished; results.md and "
           f"results.csv in {out}", file=sys.stderr)
     if result["verdict"]:
@@ -395,14 +407,11 @@ def _run(args: argparse.Namespace) -> int:
         if env_rank() == 0:
             print(f"cnnlab: {e}", file=sys.stderr)
         return e.exit_code
-    except CnnlabError as e:
-        return _fail(str(e), e.exit_code)
-    except OSError as e:  # a full disk, a folder we may not write to
-        return _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
-    except (MemoryError, RuntimeError) as e:
-        if not _out_of_memory(e):
+    except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
+        message = failure_message(e)
+        if message is None:
             raise
-        return _fail(f"out of memory ({one_line(e, 120)}); lower --batch-size")
+        return _fail(message, getattr(e, "exit_code", Exit.BAD_INPUT))
 
 
 def _stop_at_once(signum, frame) -> None:
@@ -421,11 +430,3 @@ def _fail(message: str, code: int = Exit.BAD_INPUT) -> int:
     print(f"cnnlab: error: {message}", file=sys.stderr)
     return code
 
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether `e` says memory ran out: MemoryError, torch's OutOfMemoryError (GPUs), or the
-    plain RuntimeError that torch's CPU allocator raises (known only by its text)."""
-    import torch
-
-    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or (
-        "DefaultCPUAllocator" in str(e) and "memory" in str(e))

@@ -65,3 +65,26 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     error inside one of ours."""
     text = " ".join(str(error).split())
     return text[:limit] if text else type(error).__name__
+
+
+def failure_message(error: BaseException) -> str | None:
+    """The one line a user sees for an error that is bad input or environment rather than a
+    bug: cnnlab's own, an OSError (a full disk, a folder we may not write to), or memory
+    running out. None for anything else."""
+    if isinstance(error, CnnlabError):
+        return str(error)
+    if isinstance(error, OSError):
+        return (f"{error.filename}: {error.strerror or error}" if error.filename
+                else str(error.strerror or error))
+    if isinstance(error, (MemoryError, RuntimeError)) and _out_of_memory(error):
+        return f"out of memory ({one_line(error, 120)}); lower --batch-size"
+    return None
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says memory ran out: MemoryError, torch's OutOfMemoryError (GPUs), or
+    the plain RuntimeError that torch's CPU allocator raises (known only by its text)."""
+    import torch
+
+    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        "DefaultCPUAllocator" in str(error) and "memory" in str(error))

@@ -22,6 +22,9 @@ loss.png (every point's curves overlaid). A point is finished when its summary.j
 when it diverged (its loss became NaN: diverged.json holds the error, the sweep goes on with the
 other runs, and the results count it apart from the mean and std): running the same sweep again
 skips finished points and trains unfinished ones from scratch.
+
+`--jobs N` trains N runs at once, each in a process of its own (small models leave most of a
+GPU, or of a many-core CPU, idle): the results are those of training them one by one.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ import dataclasses
 import io
 import itertools
 import math
+import os
 import shutil
+import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +54,14 @@ from .config import (
     resolve,
     typed_value,
 )
-from .errors import CnnlabError, Interrupted, TrainingDiverged
+from .errors import (
+    CnnlabError,
+    Interrupted,
+    StoppedAtOnce,
+    TrainingDiverged,
+    failure_message,
+    one_line,
+)
 from .files import atomic_write, read_json, safe_name, write_json
 from .results import (
     METRICS,
@@ -233,11 +246,12 @@ def _say(message: str) -> None:
     print(f"cnnlab sweep: {message}", file=sys.stderr, flush=True)
 
 
-def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True) -> dict:
-    """Train every unfinished run of `plan` under `out`, then write the results.
+def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int = 1) -> dict:
+    """Train every unfinished run of `plan` under `out`, then write the results; `jobs` > 1
+    trains that many at once, each in a process of its own (see train_concurrently).
     Returns what write_results returns."""
-    from .trainer import fit
-
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise CnnlabError(f"--jobs must be a positive integer, got {jobs!r}")
     out = Path(out)
     for run in plan.runs:  # before training anything: refuse a directory of another sweep
         if is_finished(out / run.name):
@@ -250,34 +264,177 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True) -> dict:
         write_json(out / "sweep.json", plan.to_json())
     except OSError as e:
         raise CnnlabError(f"cannot create sweep directory {out}: {e.strerror or e}") from None
+    todo: list[tuple[str, Run]] = []
+    for i, run in enumerate(plan.runs, 1):
+        tag = f"[{i}/{len(plan.runs)}] {run.name}"
+        if is_finished(out / run.name):
+            _say(f"{tag}: {'diverged' if diverged_error(out / run.name) else 'finished'} before, "
+                 "skipped")
+        else:
+            todo.append((tag, run))
     try:
-        for i, run in enumerate(plan.runs, 1):
-            run_dir, tag = out / run.name, f"[{i}/{len(plan.runs)}] {run.name}"
-            if is_finished(run_dir):
-                _say(f"{tag}: {'diverged' if diverged_error(run_dir) else 'finished'} before, "
-                     "skipped")
-                continue
-            if run_dir.exists():
-                _say(f"{tag}: unfinished, removing it and training it again")
-                shutil.rmtree(run_dir)
-            else:
-                _say(f"{tag}: training")
-            try:
-                s = fit(run.config, run_dir, progress=progress)
-            except TrainingDiverged as e:  # the run wrote diverged.json
-                _say(f"{tag}: diverged ({e}); going on with the other runs")
-                continue
-            _say(f"{tag}: final {s['final_test_acc']:.2f}%, best on test {s['best_test_acc']:.2f}% "
-                 f"(epoch {s['best_epoch']}), {s['train_seconds']:.1f} s")
-    except BaseException as e:
+        if jobs > 1 and len(todo) > 1:
+            train_concurrently(todo, out, jobs)
+        else:
+            _train_one_by_one(todo, out, progress)
+    except BaseException:
         with contextlib.suppress(Exception):  # keep what finished readable
             write_results(out, plan)
-        if isinstance(e, Interrupted):
+        raise
+    return write_results(out, plan)
+
+
+def _train_one_by_one(todo: list[tuple[str, Run]], out: Path, progress: bool) -> None:
+    from .trainer import fit
+
+    for tag, run in todo:
+        _start(out / run.name, tag)
+        try:
+            s = fit(run.config, out / run.name, progress=progress)
+        except TrainingDiverged as e:  # the run wrote diverged.json
+            _say(f"{tag}: diverged ({e}); going on with the other runs")
+            continue
+        except Interrupted as e:
             raise Interrupted(f"sweep stopped during {run.name}; run the same command again to "
                               "continue (finished runs are kept, that one is redone)",
                               e.signum) from None
-        raise
-    return write_results(out, plan)
+        _say(_finished(tag, s))
+
+
+def _start(run_dir: Path, tag: str, where: str = "") -> None:
+    if run_dir.exists():
+        _say(f"{tag}: unfinished, removing it and training it again{where}")
+        shutil.rmtree(run_dir)
+    else:
+        _say(f"{tag}: training{where}")
+
+
+def _finished(tag: str, s: dict) -> str:
+    return (f"{tag}: final {s['final_test_acc']:.2f}%, best on test {s['best_test_acc']:.2f}% "
+            f"(epoch {s['best_epoch']}), {s['train_seconds']:.1f} s")
+
+
+# ---- concurrent runs ------------------------------------------------------------------------
+
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+def job_device(device: str, slot: int, gpus: int) -> str:
+    """The device of a run in job slot `slot` (0, 1, ...): with several GPUs and the device
+    left to cnnlab (auto or cuda), one GPU per slot, round-robin; else the run's own."""
+    return f"cuda:{slot % gpus}" if gpus > 1 and device in ("auto", "cuda") else device
+
+
+def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int) -> None:
+    """Train the runs of `todo` (tag, run), `jobs` at a time, each in a process of its own.
+
+    The data is downloaded and decoded here first, once. Each process gets 1/jobs of the CPU
+    cores as torch threads; with several GPUs each job slot has a GPU of its own (round-robin),
+    with one GPU the processes share it. A signal (Ctrl-C, SIGTERM) reaches this process alone
+    and is passed on to every running run once: each writes a checkpoint and stops, and the
+    sweep stops (a second one stops them at once). A run that fails stops the sweep from
+    starting more; the runs under way finish first."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    import torch
+
+    from .trainer import load_data
+
+    datasets = {(c.dataset, c.data_dir, c.download, c.skip_bad_files, c.image_size): c
+                for c in (run.config for _, run in todo)}
+    for cfg in datasets.values():
+        load_data(cfg)  # into the cache, before N processes would decode it at once
+    gpus = torch.cuda.device_count()
+    threads = max(1, _cores() // jobs)
+    context = multiprocessing.get_context("spawn")
+    waiting = list(todo)
+    running: dict[Any, tuple[Any, Any, str, int]] = {}  # sentinel -> process, pipe, tag, slot
+    free = list(range(min(jobs, len(todo))))
+    stop: list[int] = []  # the signals received
+    failed: list[str] = []
+
+    def pass_on(signum, frame) -> None:
+        if not stop:
+            _say(f"{signal.Signals(signum).name}: stopping the {len(running)} running runs "
+                 "after their current step (press Ctrl-C again to stop them at once)")
+        stop.append(signum)
+        for process, *_ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            while waiting and free and not stop and not failed:
+                tag, run = waiting.pop(0)
+                slot = free.pop(0)
+                device = job_device(run.config.device, slot, gpus)
+                cfg = dataclasses.replace(run.config, device=device)
+                _start(out / run.name, tag, f" (job {slot + 1}"
+                       f"{', ' + device if device.startswith('cuda:') else ''})")
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_train_in_process,
+                                          args=(cfg, out / run.name, threads, send))
+                process.start()
+                send.close()
+                running[process.sentinel] = (process, receive, tag, slot)
+            if not running:
+                break
+            for sentinel in wait(list(running)):
+                process, receive, tag, slot = running.pop(sentinel)
+                outcome, detail = receive.recv() if receive.poll() else (None, None)
+                receive.close()
+                process.join()
+                free.append(slot)
+                free.sort()
+                if outcome == "finished":
+                    _say(_finished(tag, detail))
+                elif outcome == "diverged":
+                    _say(f"{tag}: diverged ({detail}); going on with the other runs")
+                elif stop:
+                    _say(f"{tag}: stopped")
+                else:
+                    why = detail or f"its process ended with status {process.exitcode}"
+                    failed.append(f"{tag.split('] ', 1)[1]}: {why}")
+                    if running:
+                        _say(f"{tag}: failed ({why}); letting the {len(running)} running runs "
+                             "finish, starting no more")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop:
+        raise Interrupted("sweep stopped; run the same command again to continue (finished "
+                          "runs are kept, the stopped ones are redone)", stop[0])
+    if failed:
+        raise CnnlabError(failed[0])
+
+
+def _train_in_process(cfg: Config, run_dir: Path, threads: int, send) -> None:
+    """One run of a concurrent sweep, in a process of its own: it takes signals from the
+    sweep's process only (passed on once), trains with `threads` CPU threads, and sends
+    (outcome, detail) back: finished (the summary), diverged, stopped or failed (the error)."""
+    os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the sweep alone
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        from .trainer import fit
+
+        outcome = ("finished", fit(cfg, run_dir, progress=False))
+    except TrainingDiverged as e:  # the run wrote diverged.json
+        outcome = ("diverged", str(e))
+    except (Interrupted, KeyboardInterrupt, StoppedAtOnce):
+        outcome = ("stopped", None)
+    except BaseException as e:
+        message = failure_message(e)
+        if message is None:  # a bug: its traceback, for the report
+            traceback.print_exc()
+            message = f"{type(e).__name__}: {one_line(e)}"
+        outcome = ("failed", message)
+    send.send(outcome)
+    send.close()
 
 
 # ---- results: mean and spread over seeds ----------------------------------------------------

@@ -322,6 +322,15 @@ def torch_settings(cfg: Config, device: torch.device) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+def load_data(cfg: Config) -> Dataset:
+    """The dataset `cfg` trains on, its validation split held out (downloaded and decoded
+    on first use, cached after)."""
+    size = parse_image_size(cfg.image_size) if cfg.image_size else None
+    return hold_out(load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
+                                 skip_bad_files=cfg.skip_bad_files, image_size=size),
+                    cfg.val_split, cfg.seed)
+
+
 def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None) -> Training:
     """Load the data and build the model, loaders, optimiser and schedule (seeded by cfg)."""
     dist = dist or distributed.Dist()
@@ -331,10 +340,7 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     channels_last = cfg.channels_last if cfg.channels_last is not None else True
     if not dist.main:
         dist.barrier()  # rank 0 downloads and decodes first; the others then read its cache
-    size = parse_image_size(cfg.image_size) if cfg.image_size else None
-    data = hold_out(load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
-                                 skip_bad_files=cfg.skip_bad_files, image_size=size),
-                    cfg.val_split, cfg.seed)
+    data = load_data(cfg)
     if dist.main:
         dist.barrier()
     meta = ModelMeta.of(cfg, data)
