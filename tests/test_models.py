@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cnnlab.errors import CnnlabError
-from cnnlab.models import count_parameters, create_model
+from cnnlab.models import MODELS, builder, count_parameters, create_model, options_of
 
 
 @pytest.mark.parametrize("pool", ["max", "avg"])
@@ -41,6 +41,15 @@ def test_resnet18_grayscale():
     model = create_model("resnet18", in_channels=1, num_classes=10, image_size=(28, 28))
     model.eval()
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_the_registry_names_each_builders_options():
+    import inspect
+
+    shape = {"in_channels", "num_classes", "image_size"}
+    for name in MODELS:
+        assert options_of(name) == tuple(
+            p for p in inspect.signature(builder(name)).parameters if p not in shape), name
 
 
 def test_registry_errors():

@@ -18,15 +18,15 @@ from cnnlab.config import (
     RESUME_SAFE,
     SWITCH,
     default_data_dir,
+    format_value,
     load_toml,
     option_name,
     preset_values,
     resolve,
 )
-from cnnlab.data.specs import SPECS
 from cnnlab.errors import CnnlabError
 from cnnlab.models import MODELS
-from cnnlab.results import format_value
+from cnnlab.specs import SPECS
 
 SETTABLE = [o for o in OPTIONS.values() if o.kind != ARGUMENT]
 # lenet5 (it has --pool) on cifar10 (the fast preset trains it with flips, so --tta flip is
@@ -169,11 +169,14 @@ def test_help_and_argument_errors_do_not_import_torch():
 
     check = ("import sys; from cnnlab.cli import main; code = main({argv}); "
              "assert 'torch' not in sys.modules, 'torch imported'; print(code)")
-    for argv in (["train", "lenet5", "mnist", "--lr", "-1"], ["train", "vgg", "mnist"]):
+    for argv in (["train", "lenet5", "mnist", "--lr", "-1"], ["train", "vgg", "mnist"],
+                 ["train", "lenet5", "mnist", "--pool", "mean"],
+                 ["train", "resnet18", "mnist", "--pool", "avg"]):
         res = subprocess.run([sys.executable, "-c", check.format(argv=argv)],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and res.stdout.strip() == "2", res.stderr
     res = subprocess.run([sys.executable, "-c", "import sys; from cnnlab.cli import build_parser;"
-                          " build_parser().format_help(); assert 'torch' not in sys.modules"],
+                          " build_parser().format_help(); assert 'torch' not in sys.modules;"
+                          " assert 'numpy' not in sys.modules, 'numpy imported'"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

@@ -299,7 +299,7 @@ def check_inputs(suite: str, data_dir: str, folder: str) -> str | None:
     return the CIFAR-10 image folder, or None where it is absent (the cpu suite leaves its
     rows out)."""
     from .data import readers
-    from .data.specs import SPECS
+    from .specs import SPECS
 
     raw = Path(data_dir) / "MNIST" / "raw"
     has_folder = (Path(folder) / "train").is_dir() and (Path(folder) / "test").is_dir()

@@ -34,8 +34,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     which beats the preset."""
     from dataclasses import MISSING
 
-    from .config import ARGUMENT, OFF, ON, OPTIONS, SWITCH, option_name
-    from .results import format_value
+    from .config import ARGUMENT, OFF, ON, OPTIONS, SWITCH, format_value, option_name
+
 
     types = {"int": int, "float": float, "str": str}
     for o in OPTIONS.values():
@@ -58,8 +58,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def _names() -> tuple[str, str]:
     """The MODEL and DATASET choices, from the registries."""
-    from .data.specs import SPECS
     from .models import MODELS
+    from .specs import SPECS
 
     return ", ".join(MODELS), ", ".join([*SPECS, "folder:PATH"])
 

@@ -192,6 +192,16 @@ LISTED = with_role(RECIPE)
 RESUME_SAFE = (*with_role(RUNTIME), "epochs")
 
 
+def format_value(value: Any) -> str:
+    """An option value as the command line writes it: true, 0.001, none."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return "none" if value is None else str(value)
+
+
 def option_name(name: str) -> str:
     """A field's name as an option and in messages: batch_size -> batch-size."""
     return name.replace("_", "-")
@@ -349,8 +359,8 @@ def validate(cfg: Config) -> None:
     """Reject impossible values with a message naming the option and the fix (before any
     data is read, so that a sweep fails before its first run)."""
 
-    from .data.specs import SPECS
     from .models import MODELS, options_of
+    from .specs import SPECS
 
     if cfg.model not in MODELS:
         raise CnnlabError(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import COMPARED, default_data_dir, option_name, parse_image_size
+from .config import COMPARED, default_data_dir, format_value, option_name, parse_image_size
 from .errors import CnnlabError, one_line
 from .files import atomic_write, read_json, safe_name
 from .results import (
     aggregate,
     diverged_error,
-    format_value,
     md_table,
     mean_std,
     shown_metrics,

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .config import LISTED, option_name
+from .config import LISTED, format_value, option_name
 from .files import read_json
 
 METRICS = (  # summary key, column title, digits
@@ -43,16 +43,6 @@ def diverged_error(run_dir: Path) -> str | None:
     if step is None:
         return f"diverged: {error or 'the loss became NaN or infinite'}"
     return f"diverged at step {step}" + (f" (epoch {epoch})" if epoch is not None else "")
-
-
-def format_value(value: Any) -> str:
-    """An option value as the command line writes it: true, 0.001, none."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        short = f"{value:g}"
-        return short if float(short) == value else repr(value)
-    return "none" if value is None else str(value)
 
 
 def aggregate(entries: list[tuple[str, dict, dict]],

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CnnlabError, one_line
+from ..specs import SPECS, DatasetSpec
 from . import readers
 from .cache import Split, cached, fingerprint
 from .readers import show_path
-from .specs import SPECS, DatasetSpec
 
 FOLDER_PREFIX = "folder:"
 DATASETS = (*SPECS, f"{FOLDER_PREFIX}PATH")

@@ -7,7 +7,6 @@ a model is built, so that listing the names - the command line's help - stays in
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -16,8 +15,10 @@ from ..errors import CnnlabError
 if TYPE_CHECKING:
     from torch import nn
 
-_REGISTRY = {"lenet5": ("lenet", "LeNet5"), "resnet18": ("resnet", "resnet18"),
-             "fastnet": ("fastnet", "fastnet")}
+# name -> (module, builder, the options it takes besides the data's shape): the options are
+# written here rather than read off the builder, so that checking them imports no torch
+_REGISTRY = {"lenet5": ("lenet", "LeNet5", ("pool",)), "resnet18": ("resnet", "resnet18", ()),
+             "fastnet": ("fastnet", "fastnet", ())}
 MODELS = tuple(_REGISTRY)  # the model names
 
 
@@ -25,14 +26,15 @@ def builder(name: str) -> Callable[..., nn.Module]:
     """The function (or class) that builds model `name`."""
     if name not in _REGISTRY:
         raise CnnlabError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
-    module, attribute = _REGISTRY[name]
+    module, attribute, _ = _REGISTRY[name]
     return getattr(importlib.import_module(f".{module}", __name__), attribute)
 
 
 def options_of(name: str) -> tuple[str, ...]:
     """The options model `name` takes besides the data's shape (e.g. ("pool",))."""
-    shape = ("in_channels", "num_classes", "image_size")
-    return tuple(p for p in inspect.signature(builder(name)).parameters if p not in shape)
+    if name not in _REGISTRY:
+        raise CnnlabError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    return _REGISTRY[name][2]
 
 
 def create_model(name: str, *, in_channels: int, num_classes: int,
