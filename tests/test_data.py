@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import synthetic_images, write_cifar, write_folder, write_idx, write_mnist
 
-from cnnlab.data import channel_stats, load_dataset
+from cnnlab.data import load_dataset
+from cnnlab.data.cache import channel_stats
 from cnnlab.data.readers import read_cifar_batch, read_idx
 from cnnlab.errors import CnnlabError
 
@@ -102,8 +103,10 @@ def test_image_folder(tmp_path, mode, fmt):
     assert ds.classes == ["cat", "dog", "fox"]
     assert ds.train_x.shape == (18, channels, 16, 16) and ds.test_x.shape == (9, channels, 16, 16)
     assert list(ds.train_y) == [0] * 6 + [1] * 6 + [2] * 6
-    assert ds.mean == channel_stats(ds.train_x)[0] and len(ds.mean) == channels
+    assert (ds.mean, ds.std) == channel_stats(ds.train_x) and len(ds.mean) == channels
     assert 0 < ds.mean[0] < 1 and 0 < ds.std[0] < 1
+    cached = load_dataset(f"folder:{root}", "unused")  # the statistics stored with the cache
+    assert (cached.mean, cached.std) == (ds.mean, ds.std)
 
 
 def test_image_folder_errors(tmp_path):
@@ -142,6 +145,11 @@ def test_cache_is_used_and_falls_back_when_read_only(tmp_path, monkeypatch):
                         lambda *a: pytest.fail("decoded again despite the cache"))
     again = load_dataset(f"folder:{root}", "")
     np.testing.assert_array_equal(first.train_x, again.train_x)
+    # nor the same folder spelled another way: relative, through "..", through a link
+    (tmp_path / "link").symlink_to(root)
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("pets", "./link/../pets", "link"):
+        load_dataset(f"folder:{spelling}", "")
     monkeypatch.undo()
 
     # A data folder we cannot write to (a file where the cache folder would go stops even

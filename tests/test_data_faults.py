@@ -110,6 +110,11 @@ def _manifest_missing(p: dict) -> None:
     p["json"].unlink()
 
 
+def _stats_missing(p: dict) -> None:  # the right digest, no channel statistics
+    manifest = json.loads(p["json"].read_text())
+    p["json"].write_text(json.dumps({"digest": manifest["digest"], "mean": [0.5]}))
+
+
 def _array_missing(p: dict) -> None:
     p["y"].unlink()
 
@@ -134,6 +139,7 @@ def _huge_shape_claimed(p: dict) -> None:  # a header that would allocate 1 TB i
     (_labels_out_of_range_with_a_forged_digest, r"labels outside 0\.\.9"),
     (_manifest_damaged, "cannot be read"),
     (_manifest_missing, "is incomplete"),
+    (_stats_missing, "has no channel statistics"),
     (_array_missing, "is incomplete"),
     (_huge_shape_claimed, "cannot be read"),
 ])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -95,7 +94,7 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
         else:
             sources = [folder / f for f in files]
             decode = lambda fs=files: readers.read_cifar_split(folder, fs, n)  # noqa: E731
-        key = f"{spec.name}-{split}-{fingerprint(sources)}"
+        key = f"{spec.name}-{split}-{fingerprint(folder, sources)}"
         splits[split] = cached(folder / ".cnnlab-cache", key, n, decode)
     return Dataset.of(name, list(spec.classes), spec.mean, spec.std,
                       splits["train"], splits["test"])
@@ -157,7 +156,7 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
         extra += f":crop={fit}"
         _say_memory(len(train_files), image_size)
     train = cached(root / ".cnnlab-cache",
-                   f"folder-train-{fingerprint([p for p, _ in train_files], extra)}", n,
+                   f"folder-train-{fingerprint(root, [p for p, _ in train_files], extra)}", n,
                    lambda: readers.read_folder_split(train_files, size=fit, crop=bool(fit),
                                                      skip_bad=skip_bad_files))
     empty = [c for c, count in zip(classes, np.bincount(train.labels, minlength=n)) if not count]
@@ -169,8 +168,8 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
     size = (train.images.shape[3], train.images.shape[2])
 
     def like_train(split: str, files: list) -> Split:
-        key = f"folder-{split}-{fingerprint([p for p, _ in files], f'{extra}{mode}{size}')}"
-        return cached(root / ".cnnlab-cache", key, n,
+        key = fingerprint(root, [p for p, _ in files], f"{extra}{mode}{size}")
+        return cached(root / ".cnnlab-cache", f"folder-{split}-{key}", n,
                       lambda: readers.read_folder_split(files, mode=mode, size=size,
                                                         crop=bool(fit), skip_bad=skip_bad_files))
 
@@ -178,8 +177,7 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
     val = None
     if (root / "val").is_dir():  # a validation split of its own
         val = like_train("val", readers.folder_files(root / "val", classes, require_all=False))
-    mean, std = channel_stats(train.images)
-    return Dataset.of(name, classes, mean, std, train, test, val)
+    return Dataset.of(name, classes, train.mean, train.std, train, test, val)
 
 
 def _say_memory(count: int, image_size: tuple[int, int]) -> None:
@@ -214,19 +212,3 @@ def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:
     return dataclasses.replace(data, train_x=data.train_x[~val], train_y=data.train_y[~val],
                                val_x=data.train_x[val], val_y=data.train_y[val],
                                val_source="held out")
-
-
-def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (sample) std of uint8 images (N, C, H, W), as fractions of 255,
-    to 4 decimals: from exact integer sums of the pixels and of their squares (which fit
-    uint16), without torch and in a fraction of a second for CIFAR-10."""
-    means, stds = [], []
-    for c in range(x.shape[1]):
-        channel = x[:, c]
-        n = channel.size
-        total = int(channel.sum(dtype=np.uint64))
-        squares = int((channel.astype(np.uint16) ** 2).sum(dtype=np.uint64))
-        variance = (squares - total * total / n) / max(n - 1, 1)
-        means.append(round(total / n / 255, 4))
-        stds.append(round(max(math.sqrt(max(variance, 0.0)) / 255, 1e-3), 4))
-    return tuple(means), tuple(stds)

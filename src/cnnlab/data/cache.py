@@ -4,7 +4,8 @@ the data directory is read-only.
 An entry is three files named by its key, which holds a fingerprint of the source files'
 paths, sizes and modification times (so a changed source is decoded again): `KEY.x.npy`
 (uint8 images, N x C x H x W), `KEY.y.npy` (int64 labels) and, written last, `KEY.json`
-with the content digest of both arrays (blake2b over their dtypes, shapes and bytes). An
+with the content digest of both arrays (blake2b over their dtypes, shapes and bytes) and the
+images' per-channel mean and standard deviation (a folder dataset normalises by them). An
 entry is used only when both arrays load, have those dtypes and matching lengths, its labels
 name one of the dataset's classes and the digest matches; anything else gets a one-line note
 on stderr and the data is decoded and stored again. Writes are atomic, so a killed run leaves
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -42,17 +44,20 @@ from ..errors import one_line
 from ..files import atomic_write, safe_name
 from .readers import show_path
 
-CACHE_VERSION = 3  # 2: images decoded by readers.decode_image; 3: content digest in KEY.json
+CACHE_VERSION = 4  # 2: images decoded by readers.decode_image; 3: content digest in KEY.json;
+# 4: channel statistics in KEY.json, keys from the paths within the data folder
 _CHUNK = 1 << 22  # bytes hashed per thread task
 
 
 class Split(NamedTuple):
-    """One split of a dataset: uint8 images (N, C, H, W), int64 labels (N,) and the content
-    digest of both (`content_digest`)."""
+    """One split of a dataset: uint8 images (N, C, H, W), int64 labels (N,), the content
+    digest of both (`content_digest`) and the images' channel statistics."""
 
     images: np.ndarray
     labels: np.ndarray
     digest: str
+    mean: tuple[float, ...]   # channel_stats(images)
+    std: tuple[float, ...]
 
 
 def user_cache_dir() -> Path:
@@ -62,20 +67,21 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnlab"
 
 
-def fingerprint(files: Iterable[Path], extra: str = "") -> str:
-    """Hash of the files' paths, sizes and modification times (cheap, no content read). A
-    file that cannot be looked at (a broken link) counts by its error, for its reader to
-    report."""
+def fingerprint(root: Path, files: Iterable[Path], extra: str = "") -> str:
+    """Hash of the files' paths within `root` (however `root` is spelled: relative, absolute,
+    through a link), sizes and modification times (cheap, no content read). A file that
+    cannot be looked at (a broken link) counts by its error, for its reader to report."""
     h = hashlib.sha256(f"v{CACHE_VERSION}:".encode() + os.fsencode(extra))
-    cwd = os.getcwd()
+    prefix = os.path.join(os.fspath(root), "")
     for p in files:
-        path = os.path.join(cwd, p)  # Path.absolute(), without its cost on 60,000 files
+        path = os.fspath(p)
         try:
             st = os.stat(path)
             state = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError as e:
             state = f"error {e.errno}"
-        h.update(os.fsencode(path) + f":{state};".encode())
+        inside = path[len(prefix):] if path.startswith(prefix) else os.path.abspath(path)
+        h.update(os.fsencode(inside) + f":{state};".encode())
     return h.hexdigest()[:16]
 
 
@@ -111,7 +117,7 @@ def cached(preferred_dir: Path, key: str, num_classes: int,
     for problem in problems:
         print(f"cnnlab: note: {problem}; decoding the data again", file=sys.stderr)
     x, y = decode()
-    split = Split(x, y, content_digest(x, y))
+    split = Split(x, y, content_digest(x, y), *channel_stats(x))
     _write_entry(folders, key, split)
     return split
 
@@ -141,13 +147,18 @@ def _read_entry(folder: Path, key: str, num_classes: int) -> Split | str | None:
     digest = content_digest(x, y)
     if not isinstance(manifest, dict) or manifest.get("digest") != digest:
         return "does not match the content digest it was stored with"
-    return Split(x, y, digest)
+    stats = [manifest.get("mean"), manifest.get("std")]
+    if not all(isinstance(v, list) and len(v) == x.shape[1] and
+               all(type(f) is float for f in v) for v in stats):
+        return "has no channel statistics"
+    return Split(x, y, digest, *map(tuple, stats))
 
 
 def _write_entry(folders: Iterable[Path], key: str, split: Split) -> None:
     """Store `split` in the first folder that takes it (beside the data if writable, else
     the user cache), its digest last."""
-    manifest = json.dumps({"digest": split.digest}).encode()
+    manifest = json.dumps({"digest": split.digest, "mean": split.mean,
+                           "std": split.std}).encode()
     errors = []
     for folder in folders:
         try:
@@ -165,3 +176,19 @@ def _write_entry(folders: Iterable[Path], key: str, split: Split) -> None:
 def _fallback_dir(preferred: Path) -> Path:
     tag = hashlib.sha256(os.fsencode(preferred.resolve())).hexdigest()[:12]
     return user_cache_dir() / f"{safe_name(preferred.parent.name)}-{tag}"
+
+
+def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (sample) std of uint8 images (N, C, H, W), as fractions of 255,
+    to 4 decimals: from exact integer sums of the pixels and of their squares (which fit
+    uint16), without torch and in a fraction of a second for CIFAR-10."""
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        channel = x[:, c]
+        n = channel.size
+        total = int(channel.sum(dtype=np.uint64))
+        squares = int((channel.astype(np.uint16) ** 2).sum(dtype=np.uint64))
+        variance = (squares - total * total / n) / max(n - 1, 1)
+        means.append(round(total / n / 255, 4))
+        stds.append(round(max(math.sqrt(max(variance, 0.0)) / 255, 1e-3), 4))
+    return tuple(means), tuple(stds)
