@@ -24,12 +24,12 @@ def test_seed_preset_is_the_report():
 
 
 def test_fast_preset_defaults():
-    """README "Presets": LeNet-5 trains 2 epochs with SGD Nesterov, one-cycle lr 0.1, batch 64,
+    """README "Presets": LeNet-5 trains 1.5 epochs with SGD Nesterov, one-cycle lr 0.1, batch 64,
     label smoothing 0.1; ResNet-18 on CIFAR-10 with crop+flip, one-cycle, label smoothing 0.1,
     batch 512, scored with flip TTA; digits and folders are not mirrored."""
     lenet = resolve("lenet5", "mnist")
     assert lenet.preset == "fast"
-    assert _recipe(lenet) == (2, 64, "sgd", 0.1, 0.9, True, 5e-4, "onecycle", 0.1, "none",
+    assert _recipe(lenet) == (1.5, 64, "sgd", 0.1, 0.9, True, 5e-4, "onecycle", 0.1, "none",
                               True, "none")
     cifar = resolve("resnet18", "cifar10")
     assert (cifar.augment, cifar.schedule, cifar.label_smoothing, cifar.batch_size,

@@ -228,7 +228,7 @@ _LAB_LR_EPOCHS = {"mnist": (0.001, 64), "fashion-mnist": (0.001, 64), "cifar10":
 _FAST_RECIPE = dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
                     schedule="onecycle", normalize=True, norm_lr_scale=1.0, lookahead=False)
 _FAST_BY_MODEL = {
-    "lenet5": dict(epochs=2, batch_size=64, lr=0.1, label_smoothing=0.1),
+    "lenet5": dict(epochs=1.5, batch_size=64, lr=0.1, label_smoothing=0.1),
     "resnet18": dict(epochs=20, batch_size=512, lr=0.2, label_smoothing=0.1),
     "fastnet": dict(epochs=10, batch_size=1024, lr=1.5, momentum=0.85, weight_decay=0.002 / 1.5,
                     schedule="triangle", label_smoothing=0.2, norm_lr_scale=64.0,
