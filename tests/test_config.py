@@ -93,3 +93,12 @@ def test_bad_config_files(tmp_path):
         load_toml(bad)
     with pytest.raises(CnnlabError, match="unknown config file key 'epoch'"):
         resolve("lenet5", "mnist", file_values={"epoch": 3})
+
+
+def test_cnnlab_device_replaces_the_default_device(monkeypatch):
+    monkeypatch.delenv("CNNLAB_DEVICE")
+    assert resolve("lenet5", "mnist").device == "auto"
+    monkeypatch.setenv("CNNLAB_DEVICE", "cuda:1")
+    assert resolve("lenet5", "mnist").device == "cuda:1"
+    assert resolve("lenet5", "mnist", file_values={"device": "cpu"}).device == "cpu"
+    assert resolve("lenet5", "mnist", overrides={"device": "cpu"}).device == "cpu"

@@ -122,6 +122,7 @@ def test_nproc_needs_a_gpu_a_process_or_the_cpu(monkeypatch, capsys, gpus, args,
     from cnnlab import launch
     from cnnlab.cli import main
 
+    monkeypatch.delenv("CNNLAB_DEVICE")  # the default device: auto
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     launched = []
     monkeypatch.setattr(launch, "launch", lambda n, rest: launched.append(n) or 0)

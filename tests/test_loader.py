@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from cnnlab.data.loader import DeviceLoader, fits, random_crop, random_flip
@@ -99,21 +100,27 @@ def test_channels_last_gives_one_channel_batches_nhwc_strides():
     assert conv(x).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_a_split_streamed_from_host_memory_gives_the_same_batches():
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_a_split_streamed_from_host_memory_gives_the_same_batches(device):
     """A split too large for the GPU stays in (pinned) host memory and each batch is gathered
     there and copied over: the batches are those of a split held on the device."""
     images = torch.randint(0, 256, (70, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(70) % 10
+    device = torch.device(device)
 
     def batches(resident):
         loader = DeviceLoader(images, labels, batch_size=16, mean=(0.5,) * 3, std=(0.2,) * 3,
-                              device=torch.device("cpu"), shuffle=True,
+                              device=device, shuffle=True,
                               augment=frozenset({"crop", "flip"}),
-                              generator=torch.Generator().manual_seed(1), resident=resident)
+                              generator=torch.Generator(device).manual_seed(1),
+                              resident=resident)
         assert loader.resident is resident
         order = loader.new_order()
         return list(loader.batches(order, 1))  # from the second batch, as a resume would
 
     for (xa, ya), (xb, yb) in zip(batches(True), batches(False), strict=True):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert fits(images, torch.device("cpu"))
+        assert xa.device.type == device.type and torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert fits(images, device)

@@ -106,7 +106,8 @@ class Config:
                                         "best on test (optimistic)")
     pool: str | None = option(None, choices=POOLS, help="LeNet-5's pooling (default: the model's)")
     seed: int = option(0, role=IDENTITY, help="random seed")
-    device: str = option("auto", role=RUNTIME, help="auto | cpu | cuda | cuda:N")
+    device: str = option("auto", role=RUNTIME, help="auto | cpu | cuda | cuda:N; "
+                         "$CNNLAB_DEVICE, where set, replaces the default")
     log_every: int = option(100, role=RUNTIME,
                             help="log the mean training loss every N steps")
     eval_batch_size: int = option(1000, role=MACHINE, help="images per evaluation batch")
@@ -293,6 +294,8 @@ def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = No
     if "tta" not in values:  # the fast preset scores flip-trained models on both mirror images
         values["tta"] = _fast_tta(values["augment"]) if preset == "fast" else "none"
     values["data_dir"] = default_data_dir(values.get("data_dir"))
+    if "device" not in values and os.environ.get("CNNLAB_DEVICE"):
+        values["device"] = os.environ["CNNLAB_DEVICE"]
     cfg = Config(model=model, dataset=dataset, **values)
     validate(cfg)
     return cfg
