@@ -32,7 +32,7 @@ SETTABLE = [o for o in OPTIONS.values() if o.kind != ARGUMENT]
 # lenet5 (it has --pool) on cifar10 (the fast preset trains it with flips, so --tta flip is
 # allowed and the default): every option can take a value other than the one it has there.
 MODEL, DATASET = "lenet5", "cifar10"
-TEXTS = {"device": "cpu", "checkpoint_every": "500steps", "data_dir": "/data/elsewhere",
+TEXTS = {"device": "cuda:1", "checkpoint_every": "500steps", "data_dir": "/data/elsewhere",
          "image_size": "64x48"}
 FOLDER_ONLY = {"image_size"}  # options of folder datasets: tried on one
 

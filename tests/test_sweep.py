@@ -87,7 +87,7 @@ def test_the_shipped_sweep_files_are_the_reports_experiments():
                       points=spec.get("points"), seeds=spec["seeds"], train=spec["train"])
     assert {r.point for r in plan.runs} == {"pool=max", "pool=avg"} and plan.seeds == 3
     cfg = plan.runs[0].config
-    assert (cfg.model, cfg.dataset, cfg.preset, cfg.epochs) == ("lenet5", "mnist", "fast", 2)
+    assert (cfg.model, cfg.dataset, cfg.preset, cfg.epochs) == ("lenet5", "mnist", "fast", 1.5)
     plan = plan_sweep(spec["model"], spec["dataset"], grid=spec["grid"], train=spec["train"],
                       options={"preset": "seed"})  # --preset seed: the report's exact recipe
     cfg = plan.runs[0].config
