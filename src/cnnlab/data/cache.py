@@ -71,8 +71,8 @@ def fingerprint(root: Path, files: Iterable[Path], extra: str = "") -> str:
     """Hash of the files' paths within `root` (however `root` is spelled: relative, absolute,
     through a link), sizes and modification times (cheap, no content read). A file that
     cannot be looked at (a broken link) counts by its error, for its reader to report."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}:".encode() + os.fsencode(extra))
     prefix = os.path.join(os.fspath(root), "")
+    parts = [f"v{CACHE_VERSION}:{extra}"]
     for p in files:
         path = os.fspath(p)
         try:
@@ -81,7 +81,8 @@ def fingerprint(root: Path, files: Iterable[Path], extra: str = "") -> str:
         except OSError as e:
             state = f"error {e.errno}"
         inside = path[len(prefix):] if path.startswith(prefix) else os.path.abspath(path)
-        h.update(os.fsencode(inside) + f":{state};".encode())
+        parts.append(f"{inside}:{state};")
+    h = hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm", ".pbm"}
+_IMAGE_ENDINGS = tuple(IMAGE_SUFFIXES)  # for str.endswith
 MAX_IDX_BYTES = 1 << 34  # 16 GiB: MNIST's largest file is 47 MB
 
 
@@ -259,7 +260,7 @@ def folder_files(split_dir: Path, classes: list[str], *, require_all: bool
             continue
         base = os.path.join(class_dir, "")
         found = [base + n for n in _names(class_dir)
-                 if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES and not n.startswith(".")]
+                 if n.lower().endswith(_IMAGE_ENDINGS) and not n.startswith(".")]
         if not found and require_all:
             raise CnnlabError(f"class folder {show_path(class_dir)} has no images "
                               f"({', '.join(sorted(IMAGE_SUFFIXES))})")
