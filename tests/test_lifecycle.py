@@ -22,7 +22,7 @@ from cnnlab.runs import LOCK_FILE, RunDir, read_metrics
 
 ARGS = ["--epochs", "3", "--batch-size", "8", "--log-every", "5", "--checkpoint-every", "5",
         "--ema", "0.9", "--telemetry", "0.3"]
-TIMING = ("images_per_second", "train_seconds", "wall_seconds", "run_dir",
+TIMING = ("images_per_second", "train_seconds", "eval_seconds", "wall_seconds", "run_dir",
           "resumed_from_step", "compile_seconds")
 
 

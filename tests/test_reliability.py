@@ -43,7 +43,8 @@ def _wait_for_training(out, proc, timeout=120):
 
 
 def _comparable(run_dir):
-    return [{k: v for k, v in r.items() if k not in ("images_per_second", "train_seconds")}
+    return [{k: v for k, v in r.items()
+             if k not in ("images_per_second", "train_seconds", "eval_seconds")}
             for r in read_metrics(run_dir) if r["type"] != "telemetry"]
 
 

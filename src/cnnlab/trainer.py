@@ -520,6 +520,7 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                 # evaluated eagerly (torch.compile's module keeps the one it compiled as
                 # _orig_mod): the compiled one would recompile for eval mode and batch size
                 eager = t.evaluated if t.ema else getattr(t.net, "_orig_mod", t.net)
+                eval_started = time.perf_counter()
                 result, val = (evaluate(eager, batches, precision=t.precision, tta=cfg.tta,
                                         reduce_sum=dist.reduce_sum,
                                         stop=lambda: signals.requested(dist, collective=False))
@@ -537,7 +538,9 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                            "test_loss": result["loss"], "test_acc": result["accuracy"],
                            **({"val_loss": val["loss"], "val_acc": val["accuracy"]} if val
                               else {}),
-                           "train_seconds": state.train_seconds}, bar.eval)
+                           "train_seconds": state.train_seconds,
+                           "eval_seconds": round(time.perf_counter() - eval_started, 4)},
+                     bar.eval)
             due = (unit == "step" or state.epoch > t.epoch_count
                    or (state.epoch - 1) % every == 0)
             # best.pt first: a resume from an older checkpoint.pt writes it again
