@@ -36,7 +36,6 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
     from .config import ARGUMENT, OFF, ON, OPTIONS, SWITCH, format_value, option_name
 
-
     types = {"int": int, "float": float, "str": str}
     for o in OPTIONS.values():
         if o.kind == ARGUMENT:

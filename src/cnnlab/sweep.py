@@ -24,7 +24,8 @@ other runs, and the results count it apart from the mean and std): running the s
 skips finished points and trains unfinished ones from scratch.
 
 `--jobs N` trains N runs at once, each in a process of its own (small models leave most of a
-GPU, or of a many-core CPU, idle): the results are those of training them one by one.
+GPU, or of a many-core CPU, idle): the same run directories and results files as training
+them one by one (on the CPU a run with fewer threads may differ in the last digits).
 """
 
 from __future__ import annotations
@@ -350,7 +351,8 @@ def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int) -> Non
     threads = max(1, _cores() // jobs)
     context = multiprocessing.get_context("spawn")
     waiting = list(todo)
-    running: dict[Any, tuple[Any, Any, str, int]] = {}  # sentinel -> process, pipe, tag, slot
+    # a running run's process sentinel -> its process, pipe end, tag, run and job slot
+    running: dict[Any, tuple[Any, Any, str, Run, int]] = {}
     free = list(range(min(jobs, len(todo))))
     stop: list[int] = []  # the signals received
     failed: list[str] = []
@@ -379,11 +381,11 @@ def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int) -> Non
                                           args=(cfg, out / run.name, threads, send))
                 process.start()
                 send.close()
-                running[process.sentinel] = (process, receive, tag, slot)
+                running[process.sentinel] = (process, receive, tag, run, slot)
             if not running:
                 break
             for sentinel in wait(list(running)):
-                process, receive, tag, slot = running.pop(sentinel)
+                process, receive, tag, run, slot = running.pop(sentinel)
                 outcome, detail = receive.recv() if receive.poll() else (None, None)
                 receive.close()
                 process.join()
@@ -397,7 +399,7 @@ def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int) -> Non
                     _say(f"{tag}: stopped")
                 else:
                     why = detail or f"its process ended with status {process.exitcode}"
-                    failed.append(f"{tag.split('] ', 1)[1]}: {why}")
+                    failed.append(f"{run.name}: {why}")
                     if running:
                         _say(f"{tag}: failed ({why}); letting the {len(running)} running runs "
                              "finish, starting no more")
