@@ -102,3 +102,6 @@ def test_cnnlab_device_replaces_the_default_device(monkeypatch):
     assert resolve("lenet5", "mnist").device == "cuda:1"
     assert resolve("lenet5", "mnist", file_values={"device": "cpu"}).device == "cpu"
     assert resolve("lenet5", "mnist", overrides={"device": "cpu"}).device == "cpu"
+    from cnnlab.config import default_device  # eval, predict and report too
+
+    assert (default_device(), default_device("cpu")) == ("cuda:1", "cpu")

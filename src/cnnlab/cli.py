@@ -128,12 +128,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     """`--nproc N`: check the options here (one line, not one per rank), then torchrun."""
-    from .config import load_toml, resolve
+    from .config import default_device, load_toml, resolve
     from .launch import launch
 
     if args.nproc < 1:
         raise CnnlabError(f"--nproc must be positive, got {args.nproc}")
-    device = args.device or "auto"
+    device = default_device(args.device)
     if args.resume is None:
         device = resolve(args.model, args.dataset, overrides=train_options(args),
                          file_values=load_toml(args.config) if args.config else {}).device
@@ -176,7 +176,8 @@ def _use_parsers(sub) -> None:
                    "shifted) images (models trained with flips only; default: as training "
                    "scored the model)")
     p.add_argument("--batch-size", type=int, help="default: training's eval batch size")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default $CNNLAB_DEVICE, "
+                   "else auto)")
     p.add_argument("--out-dir", help="where to write the files (default: beside the "
                    "checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -192,7 +193,8 @@ def _use_parsers(sub) -> None:
     p.add_argument("--invert", default="auto", help="auto (default: invert light-background "
                    "images for MNIST-style models) | yes | no")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default $CNNLAB_DEVICE, "
+                   "else auto)")
     p.add_argument("--json", action="store_true", help="print one JSON array")
 
     p = sub.add_parser(
@@ -210,13 +212,14 @@ def _eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from .config import default_device
     from .inference import evaluate_checkpoint, format_eval, save_eval
     from .trainer import resolve_device
 
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split,
                                  data_dir=args.data_dir, download=args.download,
                                  tta=args.tta, batch_size=args.batch_size,
-                                 device=resolve_device(args.device))
+                                 device=resolve_device(default_device(args.device)))
     files = save_eval(result, args.out_dir or Path(result["checkpoint"]).parent)
     if args.json:
         print(json.dumps(result | {"files": files}))
@@ -229,11 +232,13 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
+    from .config import default_device
     from .predict import format_prediction, predict
     from .trainer import resolve_device
 
+    device = resolve_device(default_device(args.device))
     results = predict(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert,
-                      batch_size=args.batch_size, device=resolve_device(args.device))
+                      batch_size=args.batch_size, device=device)
     for r in results:
         if "error" in r:
             print(f"cnnlab: error: {r['error']}", file=sys.stderr)
@@ -322,16 +327,18 @@ def _report_parser(sub) -> None:
                    "else reports/<time>)")
     p.add_argument("--data-dir", help="where the test data is, when not where the runs "
                    "found it")
-    p.add_argument("--device", default="auto", help="evaluate on auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", help="evaluate on auto | cpu | cuda | cuda:N (default "
+                   "$CNNLAB_DEVICE, else auto)")
     p.add_argument("--no-eval", action="store_true", help="leave out per-class accuracy and "
                    "the confusion matrix (needs no data)")
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .config import default_device
     from .report import write_report
 
     written = write_report(args.dirs, args.out, evaluate=not args.no_eval,
-                           data_dir=args.data_dir, device=args.device)
+                           data_dir=args.data_dir, device=default_device(args.device))
     print(written["md"])
     print(written["html"])
     return Exit.OK

@@ -258,6 +258,11 @@ def preset_values(preset: str, model: str, dataset: str) -> dict[str, Any]:
                 augment=augment)
 
 
+def default_device(value: str | None = None) -> str:
+    """The device to use: `value`, else $CNNLAB_DEVICE, else auto."""
+    return value or os.environ.get("CNNLAB_DEVICE") or "auto"
+
+
 def default_data_dir(value: str | os.PathLike | None = None) -> str:
     """The data root as an absolute path: `value`, else $CNNLAB_DATA, else ./data."""
     return os.path.abspath(value or os.environ.get("CNNLAB_DATA") or "data")
@@ -294,8 +299,7 @@ def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = No
     if "tta" not in values:  # the fast preset scores flip-trained models on both mirror images
         values["tta"] = _fast_tta(values["augment"]) if preset == "fast" else "none"
     values["data_dir"] = default_data_dir(values.get("data_dir"))
-    if "device" not in values and os.environ.get("CNNLAB_DEVICE"):
-        values["device"] = os.environ["CNNLAB_DEVICE"]
+    values["device"] = default_device(values.get("device"))
     cfg = Config(model=model, dataset=dataset, **values)
     validate(cfg)
     return cfg
