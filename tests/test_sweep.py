@@ -277,9 +277,7 @@ def test_concurrent_runs_give_the_one_by_one_results(tiny_mnist, tmp_path, capsy
     results as one after another with as many threads (bitwise: the same losses)."""
     import torch
 
-    from cnnlab import sweep
-
-    monkeypatch.setattr(sweep, "_cores", lambda: 2)  # so each of 2 jobs has 1 thread
+    monkeypatch.setattr("os.cpu_count", lambda: 2)  # so each of 2 jobs has 1 thread
     args = ["sweep", "lenet5", "mnist", "--data-dir", str(tiny_mnist), "--grid", "pool=max,avg",
             "--seeds", "2", "--log-every", "2", *TINY[:-3]]
     threads = torch.get_num_threads()

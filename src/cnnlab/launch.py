@@ -22,6 +22,11 @@ LAUNCH_DIR = "CNNLAB_LAUNCH_DIR"  # where each rank leaves its pid and exit stat
 LAUNCHER_STDERR = "CNNLAB_LAUNCHER_STDERR"  # the launcher's stderr, for the ranks to write to
 
 
+def cores_per_process(count: int) -> int:
+    """Each of `count` processes' share of this machine's cores, at least one."""
+    return max(1, (os.cpu_count() or 1) // count)
+
+
 def launch(nproc: int, args: list[str]) -> int:
     """Run `cnnlab ARGS` as `nproc` processes under torchrun and return the ranks' own exit
     status: rank 0's, else the first failing rank's (torchrun itself reports any failure as
@@ -29,8 +34,8 @@ def launch(nproc: int, args: list[str]) -> int:
     a failing rank stays out of the output unless a rank died without a status."""
     with tempfile.TemporaryDirectory(prefix="cnnlab-launch-") as folder:
         # each rank its share of the cores (torchrun would give each one thread, and say so)
-        threads = str(max(1, (os.cpu_count() or 1) // nproc))
-        env = {"OMP_NUM_THREADS": threads, **os.environ, LAUNCH_DIR: folder}
+        env = {"OMP_NUM_THREADS": str(cores_per_process(nproc)), **os.environ,
+               LAUNCH_DIR: folder}
         own_stderr = Path(f"/proc/{os.getpid()}/fd/2")
         log = None
         if own_stderr.exists():  # Linux: the ranks write to ours, torchrun to a log

@@ -65,6 +65,7 @@ from .errors import (
     one_line,
 )
 from .files import atomic_write, read_json, safe_name, write_json
+from .launch import cores_per_process
 from .results import (
     METRICS,
     aggregate,
@@ -317,10 +318,6 @@ def _finished(tag: str, s: dict) -> str:
 
 # ---- concurrent runs ------------------------------------------------------------------------
 
-def _cores() -> int:
-    return os.cpu_count() or 1
-
-
 def job_device(device: str, slot: int, gpus: int) -> str:
     """The device of a run in job slot `slot` (0, 1, ...): with several GPUs and the device
     left to cnnlab (auto or cuda), one GPU per slot, round-robin; else the run's own."""
@@ -348,7 +345,7 @@ def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int) -> Non
     for cfg in datasets.values():
         load_data(cfg)  # into the cache, before N processes would decode it at once
     gpus = torch.cuda.device_count()
-    threads = max(1, _cores() // jobs)
+    threads = cores_per_process(jobs)
     context = multiprocessing.get_context("spawn")
     waiting = list(todo)
     # a running run's process sentinel -> its process, pipe end, tag, run and job slot
