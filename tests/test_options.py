@@ -126,7 +126,7 @@ def test_roles_classify_the_fields():
     assert set(RESUME_SAFE) == runtime | {"epochs"}
     assert set(COMPARED) == set(OPTIONS) - runtime
     assert set(LISTED) == set(COMPARED) - {"model", "dataset", "seed", "eval_batch_size", "compile",
-                                           "skip_bad_files", "sync_bn"}
+                                           "cuda_graph", "skip_bad_files", "sync_bn"}
 
 
 def test_choices_are_validated_from_the_metadata():

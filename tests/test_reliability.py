@@ -69,6 +69,35 @@ def test_second_ctrl_c_exits_at_once_without_damage(data, tmp_path):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_an_import_stops_the_command_after_it(sig):
+    """Raised inside an import, the stop could cross torch's C++ start-up code and abort the
+    process; it waits for the import to finish (here a module marked as being imported)."""
+    code = f"""
+import os, signal, sys, time, types
+from importlib.machinery import ModuleSpec
+from cnnlab import cli
+from cnnlab.errors import StoppedAtOnce
+signal.signal({int(sig)}, cli._stop_at_once)
+module = types.ModuleType("half_imported")
+module.__spec__ = ModuleSpec("half_imported", None)
+module.__spec__._initializing = True
+sys.modules["half_imported"] = module
+os.kill(os.getpid(), {int(sig)})
+time.sleep(0.3)
+print("not stopped during the import", flush=True)
+module.__spec__._initializing = False
+try:
+    time.sleep(10)
+except StoppedAtOnce as e:
+    print("stopped after it by", e.signum)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.stdout.splitlines() == ["not stopped during the import",
+                                       f"stopped after it by {int(sig)}"], res.stderr
+
+
 def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, tiny_mnist):
     out = tmp_path / "run"
     cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=1,

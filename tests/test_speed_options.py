@@ -209,19 +209,21 @@ def test_gpu_suite_plumbing_on_the_cpu(tmp_path, monkeypatch):
         cnnlab.train, bench._process, bench.cnnlab_epoch, torch.compile)
     trained = []
 
+    # on the CPU: --cuda-graph rows are timed as eager steps (test_cuda_graph covers it)
     def small(kw: dict) -> dict:
-        return {**kw, "device": "cpu", "epochs": 1, "batch_size": 20}
+        return {**kw, "device": "cpu", "epochs": 1, "batch_size": 20, "cuda_graph": False}
 
     def small_train(model, dataset, **kw):
-        trained.append((model, dataset, kw["seed"]))
+        trained.append((model, dataset, kw["seed"], kw["cuda_graph"]))
         return real_train(model, dataset, **small(kw))
 
     def small_process(cmd):
+        trained.append((cmd[4], "--cuda-graph" in cmd))
+        cmd = [arg for arg in cmd if arg != "--cuda-graph"]
         return real_process([*cmd, "--epochs", "1", "--batch-size", "20"])
 
     def small_epoch(*args, **kw):
-        return real_epoch(*args, **{**kw, "batch_size": 8, "max_steps": 2, "warmup": 1,
-                                    "device": "cpu"})
+        return real_epoch(*args, **{**small(kw), "batch_size": 8, "max_steps": 2, "warmup": 1})
 
     answers = iter([True])  # the suite's own check passes; everything after sees no GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: next(answers, False))
@@ -230,17 +232,23 @@ def test_gpu_suite_plumbing_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "cnnlab_epoch", small_epoch)
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager"))
     rows = bench.gpu_suite(str(root), None)
-    assert trained == [("fastnet", "cifar10", seed) for seed in range(5)]
+    assert trained == [*(("fastnet", "cifar10", seed, graph) for graph in (False, True)
+                         for seed in range(5)),
+                       ("resnet18", False), ("lenet5", False), ("lenet5", True)]
     assert [r["target"] for r in rows] == [
-        "<= 2.0 s, mean >= 90.5%", ">= 90%", "<= 10 s", ">= 90%", "<= 15 s",
-        "<= 1.0 s, >= 99.0%", "<= 6 s", "(compile pays: > 1)", "(compile pays: > 1)"]
-    fastnet = rows[0]
-    assert len(fastnet["seconds"]) == len(fastnet["accuracy"]) == 5
-    assert fastnet["cnnlab"] == sorted(fastnet["seconds"])[2] > 0
-    assert rows[1]["cnnlab"] is None and rows[3]["cnnlab"] is None  # no NVML on the CPU
-    assert rows[2]["cnnlab"] is None  # 91% is out of reach in one epoch of 40 images
-    assert rows[4]["cnnlab"] > 0 and rows[5]["cnnlab"] > 0 and rows[6]["cnnlab"] > rows[5]["cnnlab"]
-    assert all(r["reference"] > 0 and r["cnnlab"] > 0 for r in rows[7:])
+        "<= 2.0 s, mean >= 90.5%", ">= 90%", "<= 2.0 s, mean >= 90.5%", ">= 90%", "<= 10 s",
+        ">= 90%", "<= 15 s", "<= 1.0 s, >= 99.0%", "<= 6 s", "<= 1.0 s, >= 99.0%", "<= 6 s",
+        *["(--compile pays: > 1)", "(--cuda-graph pays: > 1)"] * 2]
+    assert "--cuda-graph" in rows[2]["name"] and "--cuda-graph" in rows[9]["name"]
+    for fastnet in rows[0], rows[2]:
+        assert len(fastnet["seconds"]) == len(fastnet["accuracy"]) == 5
+        assert fastnet["cnnlab"] == sorted(fastnet["seconds"])[2] > 0
+    assert all(rows[i]["cnnlab"] is None for i in (1, 3, 5))  # no NVML on the CPU
+    assert rows[4]["cnnlab"] is None  # 91% is out of reach in one epoch of 40 images
+    assert rows[6]["cnnlab"] > 0
+    for training, whole in (rows[7], rows[8]), (rows[9], rows[10]):
+        assert whole["cnnlab"] > training["cnnlab"] > 0
+    assert all(r["reference"] > 0 and r["cnnlab"] > 0 for r in rows[11:])
     table = bench.format_table({"date": "today", "env": {"gpus": [], "cpu_model": "cpu",
                                                          "cpu_cores_logical": 2,
                                                          "torch": torch.__version__},

@@ -159,6 +159,10 @@ def test_sweep_runs_every_point_resumes_and_summarises(tiny_mnist, tmp_path, cap
     (out / "pool=avg-seed=0" / "summary.json").unlink()
     (out / "pool=avg-seed=0" / "best.pt").unlink()
     before = {n: (out / n / "summary.json").read_bytes() for n in names if n != names[1]}
+    # a run written before --cuda-graph existed ran with its default: still this sweep's
+    saved = json.loads((out / names[0] / "config.json").read_text())
+    del saved["cuda_graph"]
+    (out / names[0] / "config.json").write_text(json.dumps(saved))
     assert main(args) == 0
     err = capsys.readouterr().err
     assert err.count("finished before, skipped") == 3

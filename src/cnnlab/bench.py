@@ -52,7 +52,8 @@ def cnnlab_epoch(model: str, dataset: str, data_dir: str, max_steps: int | None 
     device = resolve_device(cfg.device)
     with torch_settings(cfg, device):
         t = build(cfg, device)
-        train_step = make_train_step(t.net, t.criterion, t.optimizer, t.scheduler, t.precision)
+        train_step = make_train_step(t.net, t.criterion, t.optimizer, t.scheduler, t.precision,
+                                     graph=cfg.cuda_graph)
         batches = t.train_batches.batches(t.train_batches.new_order())
         state = LoopState()
         t.net.train()
@@ -297,7 +298,7 @@ def gpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None] | 
     """The GPU rows: fastnet's time to 90.5% over 5 seeds (training steps plus the final
     evaluation, as airbench counts), ResNet-18's time to 91%, LeNet-5's training and whole
     process, GPU utilisation, a first run's time outside training, and the step time eager
-    against --compile."""
+    against --compile and --cuda-graph; fastnet and LeNet-5 also with --cuda-graph."""
     import torch
 
     if not torch.cuda.is_available():
@@ -321,25 +322,29 @@ def gpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None] | 
             "augment": _FOLDER_AUGMENT[model]}
 
     with tempfile.TemporaryDirectory() as tmp:
-        say("next: the fastnet fast preset on seeds 0-4 (a few seconds each)")
-        seconds, accuracies, utils = [], [], []
-        for seed in range(5):
-            out = Path(tmp) / f"fastnet{seed}"
-            s = cnnlab.train("fastnet", dataset, data_dir=data_dir, out=out, progress=False,
-                             seed=seed, eval_every=10 ** 6, telemetry=0.5, **augment("fastnet"))
-            seconds.append(s["train_seconds"] + _last_eval_seconds(out))
-            accuracies.append(s["final_test_acc"])
-            utils.append(_util(out))
-        mean = stats.fmean(accuracies)
-        add({"name": f"fastnet fast preset, seeds 0-4: training + final evaluation (s, median;"
-                     f" mean accuracy {mean:.2f}%)",
-             "reference": None, "cnnlab": stats.median(seconds), "ratio": None, "unit": "s",
-             "target": "<= 2.0 s, mean >= 90.5%", "seconds": seconds, "accuracy": accuracies,
-             "note": "airbench94 on the same data and GPU: 2.00-2.12 s, 90.53%"})
-        known = [u for u in utils if u is not None]
-        add({"name": "  fastnet: mean GPU utilisation during training (%)", "reference": None,
-             "cnnlab": stats.fmean(known) if known else None, "ratio": None, "unit": "%",
-             "target": ">= 90%"})
+        for graph in (False, True):
+            flag = " --cuda-graph" if graph else ""
+            say(f"next: the fastnet fast preset{flag} on seeds 0-4 (a few seconds each)")
+            seconds, accuracies, utils = [], [], []
+            for seed in range(5):
+                out = Path(tmp) / f"fastnet{seed}{flag.strip()}"
+                s = cnnlab.train("fastnet", dataset, data_dir=data_dir, out=out, seed=seed,
+                                 progress=False, eval_every=10 ** 6, telemetry=0.5,
+                                 cuda_graph=graph, **augment("fastnet"))
+                seconds.append(s["train_seconds"] + _last_eval_seconds(out))
+                accuracies.append(s["final_test_acc"])
+                utils.append(_util(out))
+            mean = stats.fmean(accuracies)
+            add({"name": f"fastnet fast preset{flag}, seeds 0-4: training + final evaluation "
+                         f"(s, median; mean accuracy {mean:.2f}%)",
+                 "reference": None, "cnnlab": stats.median(seconds), "ratio": None,
+                 "unit": "s", "target": "<= 2.0 s, mean >= 90.5%", "seconds": seconds,
+                 "accuracy": accuracies,
+                 "note": "airbench94 on the same data and GPU: 2.00-2.12 s, 90.53%"})
+            known = [u for u in utils if u is not None]
+            add({"name": "  fastnet: mean GPU utilisation during training (%)",
+                 "reference": None, "cnnlab": stats.fmean(known) if known else None,
+                 "ratio": None, "unit": "%", "target": ">= 90%"})
 
         say("next: a first ResNet-18 run, as a whole process (its data decoded anew)")
         out = Path(tmp) / "resnet18"
@@ -358,27 +363,32 @@ def gpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None] | 
              "reference": None, "cnnlab": wall - s["train_seconds"], "ratio": None,
              "unit": "s", "target": "<= 15 s"})
 
-        say("next: LeNet-5's fast preset, as a whole process")
-        out = Path(tmp) / "lenet5"
-        wall, _ = _process([sys.executable, "-m", "cnnlab", "train", "lenet5", "mnist",
-                            "--data-dir", data_dir, "--quiet", "--out", str(out)])
-        s = json.loads((out / "summary.json").read_text())
-        add({"name": f"lenet5 fast preset: training (s; {s['final_test_acc']:.2f}%)",
-             "reference": None, "cnnlab": s["train_seconds"], "ratio": None, "unit": "s",
-             "target": "<= 1.0 s, >= 99.0%"})
-        add({"name": "  lenet5: whole process (s)", "reference": None, "cnnlab": wall,
-             "ratio": None, "unit": "s", "target": "<= 6 s"})
+        for flag in ([], ["--cuda-graph"]):
+            say(f"next: LeNet-5's fast preset{' '.join(['', *flag])}, as a whole process")
+            out = Path(tmp) / f"lenet5{''.join(flag)}"
+            wall, _ = _process([sys.executable, "-m", "cnnlab", "train", "lenet5", "mnist",
+                                "--data-dir", data_dir, "--quiet", "--out", str(out), *flag])
+            s = json.loads((out / "summary.json").read_text())
+            add({"name": f"lenet5 fast preset{' '.join(['', *flag])}: training (s; "
+                         f"{s['final_test_acc']:.2f}%)",
+                 "reference": None, "cnnlab": s["train_seconds"], "ratio": None, "unit": "s",
+                 "target": "<= 1.0 s, >= 99.0%"})
+            add({"name": "  lenet5: whole process (s)", "reference": None, "cnnlab": wall,
+                 "ratio": None, "unit": "s", "target": "<= 6 s"})
 
-    say("next: the training step, eager and with --compile (a minute: compiling)")
+    say("next: the training step: eager, --compile (a minute: compiling), --cuda-graph")
     for model, source, batch in (("lenet5", "mnist", 64), ("fastnet", dataset, 1024)):
         times = {}
-        for compiled in (False, True):
+        for mode in ("eager", "compile", "cuda_graph"):
             r = cnnlab_epoch(model, source, data_dir, max_steps=40, warmup=5,
-                             batch_size=batch, compile=compiled, **augment(model))
-            times[compiled] = 1000 * r["seconds"] / 40
-        add({"name": f"  {model} step, eager vs --compile (ms)", "reference": times[False],
-             "cnnlab": times[True], "ratio": times[False] / times[True], "unit": "ms",
-             "target": "(compile pays: > 1)"})
+                             batch_size=batch, compile=mode == "compile",
+                             cuda_graph=mode == "cuda_graph", **augment(model))
+            times[mode] = 1000 * r["seconds"] / 40
+        for mode in ("compile", "cuda_graph"):
+            flag = f"--{mode.replace('_', '-')}"
+            add({"name": f"  {model} step, eager vs {flag} (ms)", "reference": times["eager"],
+                 "cnnlab": times[mode], "ratio": times["eager"] / times[mode], "unit": "ms",
+                 "target": f"({flag} pays: > 1)"})
     return rows
 
 

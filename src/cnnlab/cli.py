@@ -6,6 +6,8 @@ import argparse
 import os
 import signal
 import sys
+import threading
+import time
 
 from . import __version__
 from .errors import (
@@ -135,8 +137,11 @@ def _launch(args: argparse.Namespace) -> int:
         raise CnnlabError(f"--nproc must be positive, got {args.nproc}")
     device = default_device(args.device)
     if args.resume is None:
-        device = resolve(args.model, args.dataset, overrides=train_options(args),
-                         file_values=load_toml(args.config) if args.config else {}).device
+        cfg = resolve(args.model, args.dataset, overrides=train_options(args),
+                      file_values=load_toml(args.config) if args.config else {})
+        if cfg.cuda_graph and args.nproc > 1:
+            raise CnnlabError("--cuda-graph trains in one process; leave it out with --nproc")
+        device = cfg.device
     if device != "cpu":  # one GPU a process: say so before any process starts
         import torch
 
@@ -369,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     """The `cnnlab` command; `argv` given: the same, called from Python (then the process's
     signal handlers are left as they are, but while training)."""
     command = argv is None  # the process is this command: its signals are ours
-    if command:
-        signal.signal(signal.SIGTERM, _stop_at_once)  # until training takes the signals over
+    if command:  # until training takes the signals over
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _stop_at_once)
     try:
         argv = sys.argv[1:] if argv is None else argv
         parser = build_parser()
@@ -421,9 +427,26 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _stop_at_once(signum, frame) -> None:
-    """SIGTERM outside training (start-up, loading data, writing results) stops the command
-    as Ctrl-C does: cleanly, with a message and exit status 143."""
+    """Ctrl-C or SIGTERM outside training (start-up, loading data, writing results) stops the
+    command cleanly, with a message and exit status 130 or 143. Not in the middle of an
+    import: an exception raised there can cross torch's C++ start-up code, which then aborts
+    the process ("terminate called ..."); the signal comes again once imports are done."""
+    if _importing():
+        threading.Thread(target=_signal_after_imports, args=(signum,), daemon=True).start()
+        return
     raise StoppedAtOnce(signum)
+
+
+def _importing() -> bool:
+    """Whether a module is being imported (importlib marks its spec while it runs)."""
+    return any(getattr(getattr(m, "__spec__", None), "_initializing", False)
+               for m in list(sys.modules.values()))
+
+
+def _signal_after_imports(signum: int) -> None:
+    while _importing():
+        time.sleep(0.01)
+    os.kill(os.getpid(), signum)
 
 
 def _exit_at_once_on_signals(code: int) -> None:

@@ -120,6 +120,13 @@ class Config:
                                 "last partial batch of an epoch is left out; evaluation runs "
                                 "eagerly). Its compilation takes tens of seconds: it pays "
                                 "for long GPU runs, not on CPUs or for short runs")
+    cuda_graph: bool = option(False, role=MACHINE, kind=ON,
+                              help="GPU: record the training step once as a CUDA graph and "
+                                   "replay it for every batch - one launch per step, for "
+                                   "small models that leave a GPU idle between kernels. "
+                                   "Static shapes (the last partial batch of an epoch is "
+                                   "left out); sgd, adam or adamw with --fused; fp32 or bf16; "
+                                   "one process; not with --compile")
     fused: bool = option(True, help="one fused optimiser kernel for all parameters, with sgd, "
                                     "adam and adamw")
     ema: float = option(0.0, help="evaluate and save an exponential moving average of the "
@@ -315,6 +322,13 @@ def _fast_tta(augment: str) -> str:
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config with the options an earlier version did not write (it had no
+    such option) at their defaults, which is what that version did."""
+    return {**{name: o.default for name, o in OPTIONS.items()
+               if o.default is not dataclasses.MISSING}, **saved}
+
+
 def typed_value(key: str, value: Any, *, what: str | None = None) -> Any:
     """`value` (text from the command line, a TOML or Python value) as the type of
     Config.`key`: int, float, bool (also from true/false, yes/no, 1/0, on/off) or str; None
@@ -408,6 +422,24 @@ def validate(cfg: Config) -> None:
     if cfg.telemetry < 0:
         raise CnnlabError(f"--telemetry must be seconds >= 0 (0 = off), got {cfg.telemetry}")
     checkpoint_interval(cfg.checkpoint_every)
+    if cfg.cuda_graph:
+        _graphable(cfg)
+
+
+def _graphable(cfg: Config) -> None:
+    """What --cuda-graph cannot capture (the device and the process count are checked where
+    they are known: the trainer)."""
+    conflict = ("--compile" if cfg.compile else "--detect-anomaly" if cfg.detect_anomaly
+                else "--precision fp16" if cfg.precision == "fp16" else None)
+    if conflict:
+        why = {"--compile": "choose one of them",
+               "--detect-anomaly": "anomaly checks read values back to the host in every step",
+               "--precision fp16": "its loss scaling decides on the host; use bf16 or fp32"}
+        raise CnnlabError(f"--cuda-graph does not work with {conflict}: {why[conflict]}")
+    if cfg.optimizer not in ("sgd", "adam", "adamw") or not cfg.fused:
+        raise CnnlabError(f"--cuda-graph needs a fused optimiser step: sgd, adam or adamw with "
+                          f"--fused, not --optimizer {cfg.optimizer}"
+                          f"{'' if cfg.fused else ' --no-fused'}")
 
 
 def parse_image_size(text: str) -> tuple[int, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -93,10 +94,12 @@ class Precision:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
 
-    def autocast(self):
+    def autocast(self, cache: bool = True):
+        """The autocast context; `cache=False` inside a CUDA graph capture, where autocast's
+        cache of cast weights must not outlive the capture."""
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=cache)
 
 
 def _float_tensors(m: nn.Module) -> list[torch.Tensor]:
@@ -152,17 +155,18 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def make_train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision,
-                    held: Sequence[torch.Tensor] = ()) -> Callable[[Batch], torch.Tensor]:
+                    held: Sequence[torch.Tensor] = (), *, graph: bool = False
+                    ) -> Callable[[Batch], torch.Tensor]:
     """`train_step(batch) -> loss`: forward, loss, backward, optimiser and lr-schedule step on
     one batch. The device work of training and nothing else: it never reads a value back to
     the host, so the caller decides when to wait for the device (log steps). Parameters in
     `held` (a list the caller may change between steps) keep their values: no gradient
-    reaches the optimiser, which then leaves them as they are."""
+    reaches the optimiser, which then leaves them as they are. `graph`: all but the schedule
+    (host arithmetic) runs as a CUDA graph (see CapturedStep)."""
     scaler = precision.scaler
 
-    def train_step(batch: Batch) -> torch.Tensor:
-        x, y = batch
-        with precision.autocast():
+    def update(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with precision.autocast(cache=not graph):
             loss = criterion(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
@@ -176,10 +180,104 @@ def make_train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim
                 p.grad = None
             scaler.step(optimizer)
             scaler.update()
-        scheduler.step()
         return loss.detach()
 
+    step = CapturedStep(update, optimizer, held) if graph else update
+
+    def train_step(batch: Batch) -> torch.Tensor:
+        loss = step(*batch)
+        scheduler.step()
+        return loss
+
     return train_step
+
+
+Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+
+
+def cuda_graph(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    """Record `fn`'s kernels as a CUDA graph (nothing runs yet): (replay, fn's output)."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the telemetry thread may call the CUDA driver during the capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = fn()
+    return graph.replay, out
+
+
+class CapturedStep:
+    """`update(x, y) -> loss` (forward, backward, optimiser step) recorded once as a CUDA
+    graph and replayed for every batch after: one launch per step instead of one per kernel,
+    so a small model on a fast GPU no longer waits for Python (--cuda-graph).
+
+    A replay reads its batch from fixed input tensors (each batch is copied in: every batch
+    must have the shape of the first) and the learning rates from one device tensor per
+    parameter group, which the host refills from the scheduler's values before each replay;
+    everything else the step touches (weights, gradients, the optimiser's state, batch-norm
+    statistics) stays where the capture found it. The first WARMUP steps, and the first
+    after the held parameters change (a different set to update: a new graph), run eagerly
+    on a side stream: lazy initialisation, cuDNN's algorithm search and the optimiser's
+    state happen outside the graph. The optimiser must take a tensor lr in a capturable
+    step (fused SGD, fused and capturable Adam/AdamW); its other hyperparameters are fixed
+    at capture. `capture` records a function (cuda_graph; tests pass an eager stand-in)."""
+
+    WARMUP = 3
+
+    def __init__(self, update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 optimizer: torch.optim.Optimizer, held: Sequence[torch.Tensor],
+                 capture: Capture | None = None) -> None:
+        self.update, self.optimizer, self.held = update, optimizer, held
+        self.capture = capture or cuda_graph
+        self.key: tuple[int, ...] | None = None  # the held parameters the graph was made for
+        self.replay: Callable[[], None] | None = None
+        self.warmup = 0  # eager steps left before the next capture
+        self.inputs: tuple[torch.Tensor, ...] = ()  # the batch a replay reads
+        self.lrs: list[torch.Tensor] = []  # the learning rates a replay reads
+        self.loss: torch.Tensor | None = None  # where a replay writes the loss
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        key = tuple(id(p) for p in self.held)
+        if key != self.key:
+            self.key, self.replay, self.warmup = key, None, self.WARMUP
+        if self.warmup:
+            self.warmup -= 1
+            return self._eager(x, y)
+        if self.replay is None:
+            self.inputs = (x.clone(), y.clone())  # same strides as every batch
+            # float32: what the fused CUDA kernels read (elsewhere the step reads it back)
+            dtype = torch.float32 if x.is_cuda else torch.float64
+            self.lrs = [torch.tensor(float(g["lr"]), device=x.device, dtype=dtype)
+                        for g in self.optimizer.param_groups]
+            self.replay, self.loss = self.capture(self._captured)
+        for tensor, batch in zip(self.inputs, (x, y)):
+            tensor.copy_(batch)
+        for lr, group in zip(self.lrs, self.optimizer.param_groups):
+            lr.fill_(group["lr"])
+        self.replay()
+        return self.loss.clone()  # the next replay overwrites self.loss
+
+    def _captured(self) -> torch.Tensor:
+        """The step as the graph records it: the optimiser reads its lr from self.lrs."""
+        groups = self.optimizer.param_groups
+        floats = [g["lr"] for g in groups]
+        for group, lr in zip(groups, self.lrs):
+            group["lr"] = lr
+        try:
+            return self.update(*self.inputs)
+        finally:  # the scheduler and checkpoints go on with plain numbers
+            for group, lr in zip(groups, floats):
+                group["lr"] = lr
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            return self.update(x, y)
+        side, main = torch.cuda.Stream(x.device), torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # a capturable optimiser warns once when it steps outside a graph, as here
+            warnings.filterwarnings("ignore", message=".*capturable")
+            loss = self.update(x, y)
+        main.wait_stream(side)
+        return loss
 
 
 def logits(model: nn.Module, x: torch.Tensor, tta: str | None = None) -> torch.Tensor:

@@ -55,6 +55,7 @@ from .config import (
     option_name,
     resolve,
     typed_value,
+    with_defaults,
 )
 from .errors import (
     CnnlabError,
@@ -234,8 +235,8 @@ def default_sweep_dir(plan: Plan, config_file: str | Path | None = None,
 def _config_difference(run_dir: Path, cfg: Config) -> str | None:
     """What differs between the config a finished run used and the one the sweep asks for."""
     try:
-        done = read_json(run_dir / "config.json")
-    except (OSError, ValueError):
+        done = with_defaults(read_json(run_dir / "config.json"))
+    except (OSError, ValueError, TypeError):
         return "its config.json is missing or damaged"
     for key, value in cfg.to_dict().items():
         if key in COMPARED and done.get(key) != value:

@@ -30,6 +30,7 @@ from .config import (
     parse_image_size,
     typed_value,
     validate,
+    with_defaults,
 )
 from .data import Dataset, hold_out, load_dataset
 from .data.loader import DeviceLoader
@@ -90,6 +91,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         return optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                          nesterov=cfg.nesterov and cfg.momentum > 0,
                          weight_decay=cfg.weight_decay, **fused)
+    if cfg.cuda_graph:  # Adam's step counts stay on the device, as a graph needs
+        fused["capturable"] = True
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "adamax": optim.Adamax}[cfg.optimizer]
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
@@ -108,9 +111,10 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     sched = torch.optim.lr_scheduler
     if cfg.schedule == "onecycle" and total_steps >= 2:
         # a quarter of the run warms up; at least 1.5 steps, as OneCycleLR needs for very
-        # short runs (fewer than 6 steps)
+        # short runs (fewer than 6 steps). The momentum stays --momentum: cycling it would
+        # override the option, and a captured step (--cuda-graph) holds it fixed
         return sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                total_steps=total_steps,
+                                total_steps=total_steps, cycle_momentum=False,
                                 pct_start=max(0.25, 1.5 / total_steps))
     if cfg.schedule == "triangle":
         return sched.LambdaLR(optimizer, lambda step: triangle(step, total_steps))
@@ -250,7 +254,7 @@ def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = N
 def _saved_config(path: Path) -> dict:
     """The Config fields of a run directory's config.json."""
     try:
-        saved = read_json(path / "config.json")
+        saved = with_defaults(read_json(path / "config.json"))
         return {k: saved[k] for k in OPTIONS}
     except (OSError, ValueError, KeyError, TypeError):
         raise CnnlabError(f"{path / 'config.json'} is damaged; this run cannot be resumed - "
@@ -334,8 +338,15 @@ def load_data(cfg: Config) -> Dataset:
 def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None) -> Training:
     """Load the data and build the model, loaders, optimiser and schedule (seeded by cfg)."""
     dist = dist or distributed.Dist()
+    if cfg.cuda_graph and (device.type != "cuda" or dist.enabled):
+        raise CnnlabError("--cuda-graph needs a GPU and one process: " + (
+            f"this run trains on {device.type}; use --device cuda or leave --cuda-graph out"
+            if device.type != "cuda" else "leave it out with torchrun or --nproc"))
     torch.manual_seed(cfg.seed)
     precision = Precision(resolve_precision(cfg.precision, device, cfg.model), device)
+    if cfg.cuda_graph and precision.scaler:
+        raise CnnlabError("--cuda-graph: this GPU has no bf16, and fp16's loss scaling decides "
+                          "on the host; use --precision fp32")
     # channels-last is faster for these convnets on GPUs and on CPUs (oneDNN) alike
     channels_last = cfg.channels_last if cfg.channels_last is not None else True
     if not dist.main:
@@ -353,10 +364,12 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     augment = frozenset() if cfg.augment == "none" else frozenset(cfg.augment.split(","))
     common = dict(mean=data.mean, std=data.std, device=device, normalize=cfg.normalize,
                   channels_last=channels_last, rank=dist.rank, world_size=dist.world_size)
-    # --compile: every training batch the same shape, or the last one would recompile
+    # --compile, --cuda-graph: every training batch the same shape, or the last one would
+    # recompile or not fit the graph
     train_batches = DeviceLoader(torch.from_numpy(data.train_x), torch.from_numpy(data.train_y),
                                  batch_size=cfg.batch_size, shuffle=True, augment=augment,
-                                 generator=generator, drop_last=cfg.compile, **common)
+                                 generator=generator, drop_last=cfg.compile or cfg.cuda_graph,
+                                 **common)
     test_batches = DeviceLoader(torch.from_numpy(data.test_x), torch.from_numpy(data.test_y),
                                 batch_size=cfg.eval_batch_size, **common)
     val_batches = None if data.val_x is None else DeviceLoader(
@@ -473,7 +486,7 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
     every, unit = checkpoint_interval(cfg.checkpoint_every)
     held: list[nn.Parameter] = []  # this epoch's
     train_step = make_train_step(t.net, t.criterion, t.optimizer, t.scheduler, t.precision,
-                                 held)
+                                 held, graph=cfg.cuda_graph)
     compiled = not cfg.compile  # with --compile: the first step's time is kept apart
     with _anomalies_as_divergence(cfg.detect_anomaly, state):
         while state.epoch <= t.epoch_count:
