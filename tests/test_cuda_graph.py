@@ -81,6 +81,18 @@ def test_a_captured_step_trains_as_the_eager_step(optimizer, monkeypatch):
     assert all(torch.equal(state[name], tensor) for name, tensor in eager_state.items())
 
 
+def test_a_captured_step_refuses_a_batch_of_another_shape(monkeypatch):
+    monkeypatch.setattr(engine, "cuda_graph", Recorder())
+    model, opt, sched = _training("sgd")
+    step = make_train_step(model, nn.CrossEntropyLoss(), opt, sched,
+                           Precision("fp32", torch.device("cpu")), graph=True)
+    batch = (torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,)))
+    for _ in range(engine.CapturedStep.WARMUP + 1):
+        step(batch)
+    with pytest.raises(RuntimeError, match=r"batches of \(8, 1, 8, 8\), not \(1, 1, 8, 8\)"):
+        step((batch[0][:1], batch[1][:1]))  # copy_ would have broadcast it
+
+
 @pytest.mark.parametrize("options,message", [
     ({"compile": True}, "does not work with --compile"),
     ({"precision": "fp16"}, "does not work with --precision fp16"),
@@ -108,7 +120,7 @@ def test_cuda_graph_refuses_several_processes_before_launching(tiny_mnist, capsy
     assert "--cuda-graph trains in one process" in capsys.readouterr().err
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_onecycle_keeps_the_momentum_it_is_given(tiny_mnist):
     from cnnlab.config import resolve
     from cnnlab.trainer import build, resolve_device

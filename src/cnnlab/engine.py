@@ -233,6 +233,7 @@ class CapturedStep:
         self.inputs: tuple[torch.Tensor, ...] = ()  # the batch a replay reads
         self.lrs: list[torch.Tensor] = []  # the learning rates a replay reads
         self.loss: torch.Tensor | None = None  # where a replay writes the loss
+        self.side: torch.cuda.Stream | None = None  # the warm-up steps' stream
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         key = tuple(id(p) for p in self.held)
@@ -247,8 +248,13 @@ class CapturedStep:
             dtype = torch.float32 if x.is_cuda else torch.float64
             self.lrs = [torch.tensor(float(g["lr"]), device=x.device, dtype=dtype)
                         for g in self.optimizer.param_groups]
-            self.replay, self.loss = self.capture(self._captured)
+            # on the batch's GPU: a capture records the current device's work only
+            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+                self.replay, self.loss = self.capture(self._captured)
         for tensor, batch in zip(self.inputs, (x, y)):
+            if tensor.shape != batch.shape:  # copy_ would broadcast a smaller batch
+                raise RuntimeError(f"a captured step takes batches of {tuple(tensor.shape)}, "
+                                   f"not {tuple(batch.shape)}")
             tensor.copy_(batch)
         for lr, group in zip(self.lrs, self.optimizer.param_groups):
             lr.fill_(group["lr"])
@@ -270,7 +276,9 @@ class CapturedStep:
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda":
             return self.update(x, y)
-        side, main = torch.cuda.Stream(x.device), torch.cuda.current_stream(x.device)
+        if self.side is None:
+            self.side = torch.cuda.Stream(x.device)
+        side, main = self.side, torch.cuda.current_stream(x.device)
         side.wait_stream(main)
         with torch.cuda.stream(side), warnings.catch_warnings():
             # a capturable optimiser warns once when it steps outside a graph, as here
