@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The tests compare with results computed on the CPU (bitwise resumes, one process against
 # two): on a machine with a GPU they still train on the CPU, in this process and in the
-# commands they start. Tests of CUDA behaviour ask for --device cuda and skip without one.
-os.environ.setdefault("CNNLAB_DEVICE", "cpu")
+# commands they start (whatever the shell's CNNLAB_DEVICE says). Tests of CUDA behaviour ask
+# for --device cuda and skip without one.
+os.environ["CNNLAB_DEVICE"] = "cpu"
 
 
 @pytest.fixture(autouse=True, scope="session")

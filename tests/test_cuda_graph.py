@@ -170,4 +170,5 @@ def test_cuda_graph_training_matches_eager_training_on_a_gpu(tiny_mnist, tmp_pat
     assert len(captures) == (2 if model == "fastnet" else 1)
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-3, atol=1e-5, msg=name)
-    assert abs(summaries[0]["final_test_acc"] - summaries[1]["final_test_acc"]) <= 5
+    one_image = 100 / (12 if model == "fastnet" else 128)  # at most one test image differs
+    assert abs(summaries[0]["final_test_acc"] - summaries[1]["final_test_acc"]) <= one_image + 1e-9
