@@ -192,13 +192,10 @@ def make_train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim
     return train_step
 
 
-Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
-
-
 def cuda_graph(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
     """Record `fn`'s kernels as a CUDA graph (nothing runs yet): (replay, fn's output)."""
     graph = torch.cuda.CUDAGraph()
-    # thread_local: the telemetry thread may call the CUDA driver during the capture
+    # thread_local: only this thread's CUDA calls must keep off the device while capturing
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph.replay, out
@@ -218,15 +215,13 @@ class CapturedStep:
     on a side stream: lazy initialisation, cuDNN's algorithm search and the optimiser's
     state happen outside the graph. The optimiser must take a tensor lr in a capturable
     step (fused SGD, fused and capturable Adam/AdamW); its other hyperparameters are fixed
-    at capture. `capture` records a function (cuda_graph; tests pass an eager stand-in)."""
+    at capture."""
 
     WARMUP = 3
 
     def __init__(self, update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 optimizer: torch.optim.Optimizer, held: Sequence[torch.Tensor],
-                 capture: Capture | None = None) -> None:
+                 optimizer: torch.optim.Optimizer, held: Sequence[torch.Tensor]) -> None:
         self.update, self.optimizer, self.held = update, optimizer, held
-        self.capture = capture or cuda_graph
         self.key: tuple[int, ...] | None = None  # the held parameters the graph was made for
         self.replay: Callable[[], None] | None = None
         self.warmup = 0  # eager steps left before the next capture
@@ -250,7 +245,7 @@ class CapturedStep:
                         for g in self.optimizer.param_groups]
             # on the batch's GPU: a capture records the current device's work only
             with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-                self.replay, self.loss = self.capture(self._captured)
+                self.replay, self.loss = cuda_graph(self._captured)
         for tensor, batch in zip(self.inputs, (x, y)):
             if tensor.shape != batch.shape:  # copy_ would broadcast a smaller batch
                 raise RuntimeError(f"a captured step takes batches of {tuple(tensor.shape)}, "
