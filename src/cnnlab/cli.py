@@ -217,14 +217,13 @@ def _eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .config import default_device
     from .inference import evaluate_checkpoint, format_eval, save_eval
     from .trainer import resolve_device
 
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split,
                                  data_dir=args.data_dir, download=args.download,
                                  tta=args.tta, batch_size=args.batch_size,
-                                 device=resolve_device(default_device(args.device)))
+                                 device=resolve_device(args.device))
     files = save_eval(result, args.out_dir or Path(result["checkpoint"]).parent)
     if args.json:
         print(json.dumps(result | {"files": files}))
@@ -237,13 +236,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
-    from .config import default_device
     from .predict import format_prediction, predict
     from .trainer import resolve_device
 
-    device = resolve_device(default_device(args.device))
     results = predict(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert,
-                      batch_size=args.batch_size, device=device)
+                      batch_size=args.batch_size, device=resolve_device(args.device))
     for r in results:
         if "error" in r:
             print(f"cnnlab: error: {r['error']}", file=sys.stderr)
@@ -339,11 +336,10 @@ def _report_parser(sub) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .config import default_device
     from .report import write_report
 
     written = write_report(args.dirs, args.out, evaluate=not args.no_eval,
-                           data_dir=args.data_dir, device=default_device(args.device))
+                           data_dir=args.data_dir, device=args.device)
     print(written["md"])
     print(written["html"])
     return Exit.OK

@@ -579,9 +579,10 @@ def default_report_dir(paths: list[str | Path], root: str | Path = "reports") ->
 
 def write_report(paths: list[str | Path], out: str | Path | None = None, *,
                  evaluate: bool = True, data_dir: str | Path | None = None,
-                 device: str = "auto") -> dict[str, Path]:
+                 device: str | None = "auto") -> dict[str, Path]:
     """Write report.html and report.md for run and sweep directories into `out` (default: the
-    one directory given, else reports/<time>). Returns {"html": path, "md": path}."""
+    one directory given, else reports/<time>), evaluating on `device` (None: the default
+    device, see trainer.resolve_device). Returns {"html": path, "md": path}."""
     if not paths:
         raise CnnlabError("report needs at least one run or sweep directory")
     runs, sweeps = find_runs(paths)

@@ -26,6 +26,7 @@ from .config import (
     Config,
     checkpoint_interval,
     default_data_dir,
+    default_device,
     option_name,
     parse_image_size,
     typed_value,
@@ -46,8 +47,10 @@ from .runs import RunDir, default_run_dir
 from .telemetry import Sampler
 
 
-def resolve_device(spec: str) -> torch.device:
-    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+def resolve_device(spec: str | None = None) -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`; None: the default
+    device ($CNNLAB_DEVICE, else auto)."""
+    spec = default_device(spec)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":

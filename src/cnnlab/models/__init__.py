@@ -22,19 +22,22 @@ _REGISTRY = {"lenet5": ("lenet", "LeNet5", ("pool",)), "resnet18": ("resnet", "r
 MODELS = tuple(_REGISTRY)  # the model names
 
 
-def builder(name: str) -> Callable[..., nn.Module]:
-    """The function (or class) that builds model `name`."""
+def _entry(name: str) -> tuple[str, str, tuple[str, ...]]:
+    """Model `name`'s registry entry, or an error naming the models there are."""
     if name not in _REGISTRY:
         raise CnnlabError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
-    module, attribute, _ = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def builder(name: str) -> Callable[..., nn.Module]:
+    """The function (or class) that builds model `name`."""
+    module, attribute, _ = _entry(name)
     return getattr(importlib.import_module(f".{module}", __name__), attribute)
 
 
 def options_of(name: str) -> tuple[str, ...]:
     """The options model `name` takes besides the data's shape (e.g. ("pool",))."""
-    if name not in _REGISTRY:
-        raise CnnlabError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
-    return _REGISTRY[name][2]
+    return _entry(name)[2]
 
 
 def create_model(name: str, *, in_channels: int, num_classes: int,
