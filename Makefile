@@ -1,8 +1,11 @@
 # Set-up is part of every target: a fresh machine needs only Python 3.10+ and make.
 PYTHON ?= python3
 VENV ?= .venv
-# The PyTorch build to install first (any torch>=2.4 with its torchvision works).
+# The PyTorch build to install first (any torch>=2.4 with its torchvision works). Without an
+# NVIDIA GPU (no nvidia-smi) it comes from PyTorch's CPU-only index, a fraction of the CUDA
+# build's size, where that index answers within seconds; else the default (CUDA) build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cnnlab-installed
 
@@ -12,7 +15,11 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
+	@if command -v nvidia-smi >/dev/null 2>&1 || ! $(BIN)/pip install -q --timeout 5 \
+	    --retries 0 --index-url $(TORCH_CPU_INDEX) $(TORCH); then \
+	    echo "installing PyTorch's default build"; $(BIN)/pip install -q $(TORCH); fi
+	@$(BIN)/python -c "import torch; print('installed PyTorch', torch.__version__, \
+	    '(CUDA build)' if torch.version.cuda else '(CPU-only build)')"
 	$(BIN)/pip install -q -e '.[dev,export]'
 	touch $(STAMP)
 

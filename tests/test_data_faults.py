@@ -170,7 +170,7 @@ def test_cache_files_have_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     files = list((root / ".cnnlab-cache").iterdir())
-    assert len(files) == 6  # x, y, json for train and test
+    assert len(files) == 8  # x, y, json and the reference to them, for train and test
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in files)
 
 

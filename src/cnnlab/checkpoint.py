@@ -19,14 +19,22 @@ export and report (`load_model`) all go through here.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import pickle
+import re
+import types
+import typing
+import warnings
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .config import OPTIONS, with_defaults
 from .errors import CnnlabError, one_line
 from .files import atomic_write
 
@@ -127,14 +135,23 @@ def save(ckpt: dict[str, Any], *paths: str | Path) -> None:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint file's dict, loaded without running code from it (weights_only)."""
+    """A checkpoint file's dict, loaded without running code from it (weights_only). torch's
+    refusal advises loading the file again with weights_only off, which would run whatever
+    code it holds: the message says instead what the file asks for, and that it is refused."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. about the pickle protocol: the error says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CnnlabError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # unpickling errors come in many types
-        raise CnnlabError(f"cannot load checkpoint {path}: it is damaged or holds more than "
-                          f"tensors and plain data ({one_line(e, 200)})") from None
+    except pickle.UnpicklingError as e:  # what the weights-only unpickler refuses
+        asks = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise CnnlabError(f"{path} holds more than tensors and plain data"
+                          f"{f' (it asks for {asks[1]})' if asks else ''}, so it is refused "
+                          "unread; cnnlab loads only checkpoints written by cnnlab train") from None
+    except Exception as e:  # a cut or overwritten file fails in many types
+        raise CnnlabError(f"cannot load checkpoint {path}: it is damaged or not a checkpoint "
+                          f"({one_line(e, 200)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CnnlabError(f"{path} is not a cnnlab checkpoint (no model weights and "
                           "model_meta); give a checkpoint or run directory written by "
@@ -210,29 +227,42 @@ def state(training: Training, loop: LoopState, metrics_offset: int) -> dict[str,
         "epoch": loop.epoch - 1, "step": loop.step, "batch": loop.batch,  # epochs finished
         "test_acc": loop.history[-1] if loop.history else None,
         "val_acc": loop.last_val["accuracy"] if loop.last_val else None,
-        "loop": {k: v for k, v in vars(loop).items() if k not in ("epoch", "step", "batch")},
-        "rng": {"torch": torch.get_rng_state(), "loader": training.generator.get_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "loop": {k: v for k, v in vars(loop).items() if k not in _POSITION},
+        "rng": _rng_state(training),
         "device_type": device.type,
         "scaler": scaler.state_dict() if scaler else None,
         "metrics_offset": metrics_offset,
     }
 
 
+def _rng_state(training: Training) -> dict[str, torch.Tensor | None]:
+    return {"torch": torch.get_rng_state(), "loader": training.generator.get_state(),
+            "cuda": (torch.cuda.get_rng_state(training.device)
+                     if training.device.type == "cuda" else None)}
+
+
 def load_for_resume(run_dir: str | Path) -> tuple[dict[str, Any], int, dict[str, Any]]:
-    """(the run's config as a dict, epochs it finished, the checkpoint) of the run directory's
-    checkpoint.pt."""
+    """(the run's config as Config fields, epochs it finished, the checkpoint) of the run
+    directory's checkpoint.pt, every field checked (`check_resumable`)."""
     path = Path(run_dir) / "checkpoint.pt"
     ckpt = load(path)
-    if not isinstance(ckpt.get("config"), dict) or "loop" not in ckpt:
+    if "config" not in ckpt and "loop" not in ckpt:
         raise CnnlabError(f"{path} holds a model but not the state of a training run; "
                           "it cannot be resumed")
-    return ckpt["config"], int(ckpt["epoch"]), ckpt
+    check_resumable(ckpt, path)
+    try:
+        config = config_fields(ckpt["config"], "config.")
+    except Damaged as e:
+        raise damaged(path, str(e)) from None
+    return config, ckpt["epoch"], ckpt
 
 
-def restore(ckpt: dict[str, Any], training: Training, loop: LoopState) -> int:
-    """Put every piece of training state back as it was when `ckpt` was written; returns
-    the byte offset metrics.jsonl had then."""
+def restore(ckpt: dict[str, Any], training: Training, loop: LoopState,
+            path: str | Path = "checkpoint.pt") -> int:
+    """Put every piece of training state back as it was when `ckpt` (the file `path`) was
+    written; returns the byte offset metrics.jsonl had then. Each piece is first checked to
+    fit this run as built, so that a damaged one is refused before anything changes rather
+    than failing in the middle of training, after the run's files were written again."""
     device = training.device
     digest = ckpt.get("data_digest")
     if digest is not None and digest != training.data.digest:
@@ -243,15 +273,19 @@ def restore(ckpt: dict[str, Any], training: Training, loop: LoopState) -> int:
     if saved != device.type:
         raise CnnlabError(f"this run was trained on {saved} and can only resume there "
                           f"(its random state is {saved}'s); pass --device {saved}")
-    training.evaluated.load_state_dict(ckpt["model"])
-    if training.ema:
-        training.model.load_state_dict(ckpt["train_model"])
-    if training.lookahead:
-        training.lookahead.module.load_state_dict(ckpt["lookahead"])
-    training.optimizer.load_state_dict(ckpt["optimizer"])
-    training.scheduler.load_state_dict(ckpt["scheduler"])
-    if training.precision.scaler and ckpt.get("scaler"):
-        training.precision.scaler.load_state_dict(ckpt["scaler"])
+    models = _models(training)
+    if problem := _misfit(ckpt, training, models):
+        raise damaged(path, problem)
+    try:  # what the checks above do not see, torch's loading does
+        for key, model in models.items():
+            model.load_state_dict(ckpt[key])
+        training.optimizer.load_state_dict(ckpt["optimizer"])
+        training.scheduler.load_state_dict(ckpt["scheduler"])
+        if training.precision.scaler and ckpt["scaler"]:
+            training.precision.scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise damaged(path, f"its state does not load into this run: {one_line(e, 200)}"
+                      ) from None
     for key, value in ckpt["loop"].items():
         setattr(loop, key, value.to(device) if isinstance(value, torch.Tensor) else value)
     loop.epoch, loop.step, loop.batch = ckpt["epoch"] + 1, ckpt["step"], ckpt["batch"]
@@ -259,6 +293,228 @@ def restore(ckpt: dict[str, Any], training: Training, loop: LoopState) -> int:
         loop.best_epoch = loop.history.index(loop.best_acc) + 1
     torch.set_rng_state(ckpt["rng"]["torch"])
     training.generator.set_state(ckpt["rng"]["loader"])
-    if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return int(ckpt["metrics_offset"])
+    return ckpt["metrics_offset"]
+
+
+# ---- checking a checkpoint before resuming from it -------------------------------------------
+
+class Damaged(ValueError):
+    """What is wrong with a field of a saved run (missing, of the wrong type or out of range);
+    the caller names the file and what to do about it."""
+
+
+def damaged(path: str | Path, what: str) -> CnnlabError:
+    """The refusal of a checkpoint that --resume cannot use: without it the run starts again
+    from config.json."""
+    return CnnlabError(f"{path} is damaged ({what}); remove it to train the run again from "
+                       "the start")
+
+
+_POSITION = ("epoch", "step", "batch")  # LoopState's fields kept at a checkpoint's top level
+# Fields that versions before the one that added them did not write: absent, their default
+# (LoopState's, or the check's: no digest, the CPU) stands in. Every other field must be there.
+_LATER = frozenset({"data_digest", "device_type", "loop.best_epoch", "loop.last_eval",
+                    "loop.last_val", "loop.best_test", "loop.compile_seconds"})
+_COUNTS = ("epoch", "step", "batch", "metrics_offset", "loop.window_steps", "loop.images",
+           "loop.best_epoch")  # never below 0
+_EVALUATION = {"loss": float, "accuracy": float}  # engine.evaluate's result
+
+
+def _resumable_fields() -> dict[str, Any]:
+    """Every field a checkpoint holds for --resume, by dotted name, with its type: a dict
+    before its fields, which are checked only where it is a dict. The loop's fields have
+    LoopState's own types."""
+    from .engine import LoopState
+
+    hints = typing.get_type_hints(LoopState)
+    return {
+        "config": dict, "epoch": int, "step": int, "batch": int, "metrics_offset": int,
+        "model": dict[str, torch.Tensor], "data_digest": str | None, "device_type": str,
+        "optimizer": dict, "optimizer.state": dict, "optimizer.param_groups": list[dict],
+        "scheduler": dict, "scaler": dict | None,
+        "rng": dict, "rng.torch": torch.Tensor, "rng.loader": torch.Tensor,
+        "rng.cuda": torch.Tensor | None,
+        "loop": dict, **{f"loop.{f.name}": hints[f.name] for f in dataclasses.fields(LoopState)
+                         if f.name not in _POSITION},
+        **{f"loop.{split}.{key}": kind for split in ("last_eval", "last_val")
+           for key, kind in _EVALUATION.items()},
+    }
+
+
+def check_resumable(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Refuse, naming the field, a checkpoint that --resume would otherwise trip over with a
+    traceback: a field missing, of the wrong type, or a count below 0. Before any is used."""
+    fields = _resumable_fields()
+    for name, kind in fields.items():
+        holder, key = _holder(ckpt, name)
+        if not isinstance(holder, dict):  # the dict it is in is None where that may be
+            continue
+        if key not in holder:
+            if name in _LATER:
+                continue
+            raise damaged(path, f"{name} is missing")
+        if problem := _wrong(holder[key], kind, name):
+            raise damaged(path, problem)
+    if extra := sorted({f"loop.{k}" for k in ckpt["loop"]} - fields.keys()):
+        raise damaged(path, f"{extra[0]} is no part of the training loop's state")
+    for name in _COUNTS:
+        holder, key = _holder(ckpt, name)
+        if holder.get(key, 0) < 0:
+            raise damaged(path, f"{name} is {holder[key]}, below 0")
+
+
+def _holder(ckpt: dict[str, Any], name: str) -> tuple[Any, str]:
+    """(the dict that holds dotted field `name`, or None where a dict on the way is absent or
+    None; the field's key)."""
+    *parents, key = name.split(".")
+    holder: Any = ckpt
+    for parent in parents:
+        holder = holder.get(parent) if isinstance(holder, dict) else None
+    return holder, key
+
+
+def config_fields(saved: object, prefix: str = "") -> dict[str, Any]:
+    """The Config fields of a run's saved configuration (a checkpoint's, or config.json's,
+    which also holds what the run found: the device, the precision used), those an earlier
+    version did not write at their defaults. Raises Damaged naming a field (`prefix` + its
+    name) that is missing or of the wrong type."""
+    if not isinstance(saved, dict):
+        raise Damaged(_wrong(saved, dict, prefix.rstrip(".") or "it"))
+    values = with_defaults(saved)
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    for name, o in OPTIONS.items():
+        if name not in values:
+            raise Damaged(f"{prefix}{name} is missing")
+        kind = kinds[o.type] | None if o.nullable else kinds[o.type]
+        if problem := _wrong(values[name], kind, prefix + name):
+            raise Damaged(problem)
+    return {name: values[name] for name in OPTIONS}
+
+
+def _wrong(value: Any, kind: Any, name: str) -> str | None:
+    """Why `value` is not of type `kind` (a class, X | Y, list[X] or dict[K, V]), with its
+    name; None if it is. An int is a float here; a bool is not an int."""
+    if isinstance(kind, types.UnionType):
+        options = typing.get_args(kind)
+        if any(_wrong(value, option, name) is None for option in options):
+            return None
+        return f"{name} is {_a(value)}, not {' or '.join(map(_a_kind, options))}"
+    origin, args = typing.get_origin(kind) or kind, typing.get_args(kind)
+    if (not isinstance(value, (int, float) if kind is float else origin)
+            or (isinstance(value, bool) and kind is not bool)):
+        return f"{name} is {_a(value)}, not {_a_kind(kind)}"
+    if not args:
+        return None
+    items = enumerate(value) if origin is list else value.items()  # list[X], dict[K, X]
+    return next((problem for i, item in items
+                 if (problem := _wrong(item, args[-1], f"{name}[{i!r}]"))), None)
+
+
+def _a(value: Any) -> str:
+    return "None" if value is None else _a_kind(type(value))
+
+
+def _a_kind(kind: Any) -> str:
+    """A type as a message names it: an int, a tensor, a list, None."""
+    if kind is type(None):
+        return "None"
+    name = "tensor" if kind is torch.Tensor else (typing.get_origin(kind) or kind).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _models(training: Training) -> dict[str, nn.Module]:
+    """The checkpoint key of each model whose weights the run keeps, and the model."""
+    return {"model": training.evaluated,
+            **({"train_model": training.model} if training.ema else {}),
+            **({"lookahead": training.lookahead.module} if training.lookahead else {})}
+
+
+def _misfit(ckpt: dict[str, Any], training: Training, models: dict[str, nn.Module]
+            ) -> str | None:
+    """What of a checkpoint (its fields' types checked) does not fit the run as built: a
+    model's weights, the optimiser's, schedule's or loss scaler's state, the random state, or
+    where the loop was. None if all fits."""
+    for key, model in models.items():
+        if key not in ckpt:
+            return f"{key} is missing, and this run trains with --{key.split('_')[0]}"
+        if problem := (_wrong(ckpt[key], dict[str, torch.Tensor], key)
+                       or _unlike(ckpt[key], model.state_dict(), key, same_keys=True)):
+            return problem
+    scaler, loop = training.precision.scaler, ckpt["loop"]
+    n, batches = len(training.train_batches.labels), len(training.train_batches)
+    # (saved, as this run builds it, name); a scaler only where both have one: another GPU
+    # may choose another precision for --precision auto
+    pieces = [(ckpt["scheduler"], training.scheduler.state_dict(), "scheduler"),
+              *((ckpt["rng"][key], fresh, f"rng.{key}")
+                for key, fresh in _rng_state(training).items()),
+              (loop["window"], torch.zeros(2, dtype=torch.float64), "loop.window"),
+              (loop["order"], torch.arange(n), "loop.order"),
+              (ckpt["scaler"], scaler.state_dict() if scaler else None, "scaler")]
+    problem = _optimizer_misfit(ckpt["optimizer"], training.optimizer) or next(
+        (problem for saved, fresh, name in pieces if saved is not None and fresh is not None
+         and (problem := _unlike(saved, fresh, name))), None)
+    if problem:
+        return problem
+    if loop["order"] is not None and not torch.equal(loop["order"].sort().values,
+                                                     torch.arange(n)):
+        return f"loop.order is not an order of the {n} training images"
+    if ckpt["batch"] > batches:
+        return f"batch is {ckpt['batch']}, past the {batches} batches of an epoch"
+    if ckpt["step"] > training.total_steps:
+        return f"step is {ckpt['step']}, past the run's {training.total_steps} steps"
+    return None
+
+
+def _optimizer_misfit(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> str | None:
+    """How an optimiser state does not fit `optimizer`: its parameter groups (their sizes and
+    settings), or a parameter's state (of no parameter, or of another shape)."""
+    if problem := _unlike(saved["param_groups"], optimizer.state_dict()["param_groups"],
+                          "optimizer.param_groups"):
+        return problem
+    params = dict(zip(chain.from_iterable(g["params"] for g in saved["param_groups"]),
+                      chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+    for index, state in saved["state"].items():
+        name = f"optimizer.state[{index!r}]"
+        if index not in params:
+            return f"{name} is the state of no parameter"
+        if problem := _wrong(state, dict[str, torch.Tensor | float | None], name):
+            return problem
+        shape = params[index].shape
+        for key, value in state.items():  # per parameter, or a scalar (Adam's step)
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != shape:
+                return f"{name}.{key} has shape {list(value.shape)}, not {list(shape)}"
+    return None
+
+
+def _unlike(saved: Any, fresh: Any, name: str, same_keys: bool = False) -> str | None:
+    """How `saved` differs from `fresh`, the same piece of state as this run builds it: a
+    tensor's shape or dtype, a list's length, a value's type (numbers are alike); None if it
+    does not. Of dicts, the keys both have are compared - torch adds and drops keys of its
+    schedulers' and optimisers' states between versions - unless `same_keys`."""
+    if isinstance(fresh, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            return f"{name} is {_a(saved)}, not a tensor"
+        differ = [*([f"shape {list(saved.shape)}, not {list(fresh.shape)}"]
+                    if saved.shape != fresh.shape else []),
+                  *([f"dtype {saved.dtype}, not {fresh.dtype}"]
+                    if saved.dtype != fresh.dtype else [])]
+        return f"{name} has {' and '.join(differ)}" if differ else None
+    if isinstance(fresh, (int, float)) and not isinstance(fresh, bool):
+        return None if _wrong(saved, float, name) is None else \
+            f"{name} is {_a(saved)}, not a number"
+    if type(saved) is not type(fresh):
+        return f"{name} is {_a(saved)}, not {_a(fresh)}"
+    if isinstance(fresh, dict):
+        if same_keys and saved.keys() != fresh.keys():
+            key = next(iter((fresh.keys() - saved.keys()) or (saved.keys() - fresh.keys())))
+            return f"{name}[{key!r}] is {'missing' if key in fresh else 'not in this run'}"
+        pairs = ((f"{name}[{k!r}]", saved[k], fresh[k]) for k in fresh.keys() & saved.keys())
+    elif isinstance(fresh, (list, tuple)):
+        if len(saved) != len(fresh):
+            return f"{name} holds {len(saved)} items, not {len(fresh)}"
+        pairs = ((f"{name}[{i}]", s, f) for i, (s, f) in enumerate(zip(saved, fresh)))
+    else:
+        return None
+    return next((problem for key, s, f in pairs if (problem := _unlike(s, f, key))), None)

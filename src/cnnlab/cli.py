@@ -36,9 +36,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     which beats the preset."""
     from dataclasses import MISSING
 
-    from .config import ARGUMENT, OFF, ON, OPTIONS, SWITCH, format_value, option_name
+    from .config import ARGUMENT, OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
 
-    types = {"int": int, "float": float, "str": str}
+    types = {"int": int, "float": number, "str": str}
     for o in OPTIONS.values():
         if o.kind == ARGUMENT:
             continue
@@ -75,7 +75,9 @@ def _train_parser(sub) -> None:
     p.add_argument("dataset", nargs="?", help=datasets)
     p.add_argument("--config", help="TOML file with option values (keys as the option names)")
     add_train_options(p)
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (and "
+                   "warnings) on stderr and the run directory on stdout: "
+                   "run=$(cnnlab train ... --quiet)")
     p.add_argument("--out", help="run directory (default runs/<time>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
                    "last checkpoint (only safe options, e.g. --epochs, may change)")
@@ -92,7 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _use_parsers(sub)
     _bench_parser(sub)
+    parser.commands = sub.choices  # command name -> its parser
     return parser
+
+
+def unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """What parse_known_args left over, as an error: with the nearest option of `command`
+    for each mistyped one (--epoch: did you mean --epochs?)."""
+    from difflib import get_close_matches
+
+    known = [s for a in parser.commands[command]._actions for s in a.option_strings]
+    hints = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and (near := get_close_matches(name, known, n=1)):
+            hints.append(f"{name}: did you mean {near[0]}?")
+    return f"unrecognized arguments: {' '.join(unknown)}" + "".join(f"; {h}" for h in hints)
 
 
 def train_options(args: argparse.Namespace) -> dict:
@@ -120,18 +137,21 @@ def _train(args: argparse.Namespace) -> int:
     else:
         best = (f"best on test {summary['best_test_acc']:.2f}% (epoch "
                 f"{summary['best_epoch']})")
-    print(f"{summary['model']} on {summary['dataset']}: final test accuracy "
-          f"{summary['final_test_acc']:.2f}%, {best}, {summary['train_seconds']:.1f} s "
-          f"training, {summary['images_per_second']:,.0f} img/s on {summary['device']}",
-          file=sys.stderr)
+    if not args.quiet:
+        print(f"{summary['model']} on {summary['dataset']}: final test accuracy "
+              f"{summary['final_test_acc']:.2f}%, {best}, {summary['train_seconds']:.1f} s "
+              f"training, {summary['images_per_second']:,.0f} img/s on {summary['device']}",
+              file=sys.stderr)
     print(summary["run_dir"])
     return Exit.OK
 
 
 def _launch(args: argparse.Namespace) -> int:
-    """`--nproc N`: check the options here (one line, not one per rank), then torchrun."""
+    """`--nproc N`: check the options here (one line, not one per rank), then torchrun,
+    with the run directory named (the launcher says where to resume should a rank die)."""
     from .config import default_device, load_toml, resolve
     from .launch import launch
+    from .runs import default_run_dir
 
     if args.nproc < 1:
         raise CnnlabError(f"--nproc must be positive, got {args.nproc}")
@@ -158,7 +178,11 @@ def _launch(args: argparse.Namespace) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
-    return launch(args.nproc, rest)
+    run_dir = args.resume or args.out
+    if run_dir is None:
+        run_dir = default_run_dir(cfg.model, cfg.dataset)
+        rest += ["--out", str(run_dir)]
+    return launch(args.nproc, rest, run_dir)
 
 
 # ---------------------------------------------------------------- use a trained model
@@ -213,6 +237,19 @@ def _use_parsers(sub) -> None:
                    "<name>.onnx or <name>.torchscript.pt")
 
 
+def _counts(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a count option (--batch-size, --top-k) that is not positive or absurdly large
+    (as the training options' ranges do), before anything is loaded."""
+    from .config import short
+
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not 0 < value <= 1 << 20:
+            raise CnnlabError(f"--{name.replace('_', '-')} must be "
+                              f"{'positive' if value <= 0 else 'at most 1,048,576'}, got "
+                              f"{short(value)}")
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -220,6 +257,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .inference import evaluate_checkpoint, format_eval, save_eval
     from .trainer import resolve_device
 
+    _counts(args, "batch_size")
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split,
                                  data_dir=args.data_dir, download=args.download,
                                  tta=args.tta, batch_size=args.batch_size,
@@ -239,6 +277,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .predict import format_prediction, predict
     from .trainer import resolve_device
 
+    _counts(args, "batch_size")
     results = predict(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert,
                       batch_size=args.batch_size, device=resolve_device(args.device))
     for r in results:
@@ -288,7 +327,9 @@ def _sweep_parser(sub) -> None:
                    "share the cores; on one GPU they share it (runs with small batches leave "
                    "most of a GPU idle); on several GPUs each job has one, round-robin "
                    "(default 1: one run after another, with a progress bar)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or training lines; "
+                   "a line per run, the summary and errors still go to stderr, the sweep "
+                   "directory to stdout")
     p.add_argument("--out", help="sweep directory (default sweeps/<sweep file name>, else "
                    "sweeps/<model>-<dataset>-<grid keys>)")
 
@@ -349,7 +390,14 @@ def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time-to-accuracy and throughput against the reference",
                        description="Benchmark cnnlab against the lab report's pipeline "
                        "(benchmarks/reference.py) and print a table; --out writes JSON.")
-    p.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu")
+    p.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu",
+                   help="cpu (default): LeNet-5's seed recipe, loop and whole process, "
+                   "against the reference; the fast preset's time to 99%%; the first decode "
+                   "and a cached read of the CIFAR-10 folder; ResNet-18 training img/s "
+                   "(with the folder). gpu: fastnet's time to 90.5%% over 5 seeds, "
+                   "ResNet-18 to 91%%, LeNet-5 training and whole process, utilisation, "
+                   "eager vs --compile vs --cuda-graph step times (needs a CUDA GPU). "
+                   "all: both")
     p.add_argument("--data-dir", help="data root holding MNIST/ (default $CNNLAB_DATA, "
                    "else ./data)")
     p.add_argument("--cifar-folder", help="CIFAR-10 as an image folder with train/ and test/ "
@@ -378,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)
         if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}", f"cnnlab {args.command}")
+            parser.error(unknown_arguments(parser, args.command, unknown),
+                         f"cnnlab {args.command}")
         args.argv = argv
         if command:
             from .launch import rank_started
@@ -389,8 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         code = Exit.for_signal(e.signum) if isinstance(e, StoppedAtOnce) else INTERRUPTED
         if command:
             _exit_at_once_on_signals(code)
-        print("cnnlab: stopped at once; files already written are intact (a run continues "
-              "with --resume RUN_DIR)", file=sys.stderr)
+        from .launch import env_rank
+
+        if env_rank() == 0:  # under torchrun, every rank stops: one says so
+            print("cnnlab: stopped at once; files already written are intact (a run "
+                  "continues with --resume RUN_DIR)", file=sys.stderr)
     if not command:
         return code
     _exit_at_once_on_signals(code)  # from here a signal could only interrupt the exit
@@ -419,6 +471,11 @@ def _run(args: argparse.Namespace) -> int:
         message = failure_message(e)
         if message is None:
             raise
+        from .errors import lost_contact
+        from .launch import leave_to_launcher
+
+        if lost_contact(e) and leave_to_launcher(message):
+            return Exit.BAD_INPUT
         return _fail(message, getattr(e, "exit_code", Exit.BAD_INPUT))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CnnlabError
+from .errors import CnnlabError, did_you_mean, unknown_choice
 
 try:  # Python 3.11+
     import tomllib
@@ -54,13 +54,45 @@ ON = "on"              # --name alone
 OFF = "off"            # --no-name alone
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The values a numeric option may take: from `low` (above 0 where `positive`) to
+    `high`; `off`: 0 is allowed too (it switches the option off). Ranges keep a typo's huge
+    or tiny number from running for ever, filling memory or sampling thousands of times a
+    second."""
+
+    low: float = 0
+    high: float = math.inf
+    positive: bool = False
+    off: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value` ("positive", "at most 10,000", ...), or None."""
+        if self.off and value == 0:
+            return None
+        if self.positive and value <= 0:
+            return "positive"
+        if value < self.low:
+            return f"at least {format_value(self.low)}" + (" (or 0: off)" if self.off else "")
+        if value > self.high:
+            return f"at most {self.high:,}"
+        return None
+
+
 def option(default: Any = dataclasses.MISSING, *, help: str, role: str = RECIPE,
-           choices: tuple[str, ...] = (), kind: str | None = None) -> Any:
+           choices: tuple[str, ...] = (), kind: str | None = None,
+           limits: Limits | None = None) -> Any:
     """A Config field with its metadata. No default: the preset (or `resolve`) gives the
-    value. kind: how the command line spells it (default: SWITCH for bools, else VALUE)."""
+    value. kind: how the command line spells it (default: SWITCH for bools, else VALUE).
+    limits: a number's range (every number must be finite)."""
     return dataclasses.field(default=default,
                              metadata={"help": help, "role": role, "choices": choices,
-                                       "kind": kind})
+                                       "kind": kind, "limits": limits})
+
+
+_MANY = 1 << 20  # 1,048,576: the most images in a batch
+_EPOCHS = 10_000  # the most epochs (or evaluations apart) a run may have
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds alike take 0 .. 2^32 - 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,18 +106,21 @@ class Config:
                          help="fast = the shortest way to a good model, seed = the lab "
                               "report's exact recipe; it gives the options not set otherwise")
     epochs: float = option(help="passes over the training split; a fraction ends the last "
-                                "one part-way (e.g. 1.5)")
-    batch_size: int = option(help="images per optimiser step (over all processes)")
+                                "one part-way (e.g. 1.5)",
+                           limits=Limits(high=_EPOCHS, positive=True))
+    batch_size: int = option(help="images per optimiser step (over all processes)",
+                             limits=Limits(high=_MANY, positive=True))
     optimizer: str = option(choices=OPTIMIZERS, help="the optimiser")
-    lr: float = option(help="(peak) learning rate")
-    momentum: float = option(help="SGD momentum")
+    lr: float = option(help="(peak) learning rate", limits=Limits(positive=True))
+    momentum: float = option(help="SGD momentum", limits=Limits(high=1))
     nesterov: bool = option(help="Nesterov momentum (sgd)")
-    weight_decay: float = option(help="L2 penalty on the weights")
+    weight_decay: float = option(help="L2 penalty on the weights", limits=Limits())
     schedule: str = option(choices=SCHEDULES, help="learning-rate schedule (triangle: from 0.2 x "
                                                    "lr up to lr over the first 23 percent of "
                                                    "steps, then down to 0.07 x lr)")
     norm_lr_scale: float = option(help="batch-norm parameters learn this many times "
-                                            "faster, with the same weight decay per step")
+                                            "faster, with the same weight decay per step",
+                                  limits=Limits(high=_EPOCHS, positive=True))
     lookahead: bool = option(help="every 5 steps pull the weights towards a slow "
                                          "average of them, more strongly as training ends; "
                                          "the run ends on the average")
@@ -105,12 +140,15 @@ class Config:
                                         "val/ is used when it has one, else best.pt is the "
                                         "best on test (optimistic)")
     pool: str | None = option(None, choices=POOLS, help="LeNet-5's pooling (default: the model's)")
-    seed: int = option(0, role=IDENTITY, help="random seed")
+    seed: int = option(0, role=IDENTITY, help="random seed (0 to 2^32 - 1)",
+                       limits=Limits(high=SEED_MAX))
     device: str = option("auto", role=RUNTIME, help="auto | cpu | cuda | cuda:N; "
                          "$CNNLAB_DEVICE, where set, replaces the default")
     log_every: int = option(100, role=RUNTIME,
-                            help="log the mean training loss every N steps")
-    eval_batch_size: int = option(1000, role=MACHINE, help="images per evaluation batch")
+                            help="log the mean training loss every N steps",
+                            limits=Limits(high=10**9, positive=True))
+    eval_batch_size: int = option(1000, role=MACHINE, help="images per evaluation batch",
+                                  limits=Limits(high=_MANY, positive=True))
     precision: str = option("auto", choices=PRECISIONS,
                             help="auto: bf16 or fp16 on GPUs; on CPUs with AVX512-BF16 or "
                                  "AMX bf16 for resnet18 and fastnet; else fp32")
@@ -136,7 +174,8 @@ class Config:
                                          "(default: flip where the fast preset trains with "
                                          "flips)")
     eval_every: int = option(1, role=RUNTIME, help="evaluate every N epochs (and after the "
-                                                   "last); best.pt is chosen among those")
+                                                   "last); best.pt is chosen among those",
+                             limits=Limits(high=_EPOCHS, positive=True))
     checkpoint_every: str = option("1epoch", role=RUNTIME,
                                    help="N steps or N epochs, e.g. 500 or 1epoch")
     deterministic: bool = option(False, kind=ON, help="deterministic algorithms (identical "
@@ -149,7 +188,8 @@ class Config:
     sync_bn: bool = option(False, role=MACHINE, kind=ON,
                            help="under torchrun: batch-norm statistics over all ranks")
     telemetry: float = option(1.0, role=RUNTIME,
-                              help="seconds between utilisation samples (0 = off)")
+                              help="seconds between utilisation samples, 0.1 to 3600 (0 = off)",
+                              limits=Limits(low=0.1, high=3600, off=True))
     tensorboard: bool = option(False, role=RUNTIME, kind=ON,
                                help="also write TensorBoard event files")
     data_dir: str = option(role=RUNTIME, help="data root in torchvision's layout (default "
@@ -173,13 +213,14 @@ class Option:
     role: str
     choices: tuple[str, ...]
     kind: str                 # ARGUMENT, VALUE, SWITCH, ON or OFF
+    limits: Limits | None     # a number's range
 
 
 def _option(f: dataclasses.Field) -> Option:
     type_ = str(f.type).split(" ")[0]  # "str | None" -> "str"
     kind = f.metadata["kind"] or (SWITCH if type_ == "bool" else VALUE)
     return Option(f.name, type_, "None" in str(f.type), f.default, f.metadata["help"],
-                  f.metadata["role"], f.metadata["choices"], kind)
+                  f.metadata["role"], f.metadata["choices"], kind, f.metadata["limits"])
 
 
 OPTIONS: dict[str, Option] = {f.name: _option(f) for f in dataclasses.fields(Config)}
@@ -208,6 +249,12 @@ def format_value(value: Any) -> str:
         short = f"{value:g}"
         return short if float(short) == value else repr(value)
     return "none" if value is None else str(value)
+
+
+def number(text: str) -> int | float:
+    """Command-line text of a number: an int where it is one, however large (so that a
+    range check can quote it), else a float."""
+    return int(text) if re.fullmatch(r"\s*[+-]?\d+\s*", text) else float(text)
 
 
 def option_name(name: str) -> str:
@@ -255,7 +302,7 @@ def preset_values(preset: str, model: str, dataset: str) -> dict[str, Any]:
     """The values a preset gives for this model and dataset: every field without a default
     but the model, the dataset, tta and data_dir (which `resolve` derives)."""
     if preset not in PRESETS:
-        raise CnnlabError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        raise CnnlabError(unknown_choice("preset", preset, PRESETS))
     if preset == "seed":
         lr, epochs = _LAB_LR_EPOCHS.get(dataset, (0.01, 30))
         return dict(_LAB_RECIPE, lr=lr, epochs=epochs)
@@ -275,8 +322,46 @@ def default_data_dir(value: str | os.PathLike | None = None) -> str:
     return os.path.abspath(value or os.environ.get("CNNLAB_DATA") or "data")
 
 
+# Other names users give options, for "did you mean" (difflib finds the mistypings)
+_SYNONYMS = {"learning_rate": "lr", "learningrate": "lr", "max_lr": "lr", "epoch": "epochs",
+             "num_epochs": "epochs", "max_epochs": "epochs", "bs": "batch_size",
+             "batch": "batch_size", "wd": "weight_decay", "optim": "optimizer",
+             "scheduler": "schedule", "lr_schedule": "schedule", "smoothing": "label_smoothing",
+             "pooling": "pool", "augmentation": "augment", "augmentations": "augment",
+             "amp": "precision", "dtype": "precision", "validation_split": "val_split"}
+
+
+def nearest_option(key: str, names: list[str] | None = None) -> str:
+    """'; did you mean lr?' for a key that is no option (among `names`, default all train
+    options): a common other name for one, or the nearest spelling; else ''."""
+    name = field_name(key)
+    names = names or [option_name(k) for k, o in OPTIONS.items() if o.kind != ARGUMENT]
+    if name in _SYNONYMS and option_name(_SYNONYMS[name]) in names:
+        return f"; did you mean {option_name(_SYNONYMS[name])}?"
+    return did_you_mean(option_name(name), names)
+
+
+def unknown_option(key: str, where: str) -> CnnlabError:
+    """The error for an option name that is none, spelled as the user wrote it."""
+    return CnnlabError(f"unknown {where} '{key}'{nearest_option(key)} (see 'cnnlab train "
+                       "--help')")
+
+
+def option_values(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """`raw` (a config file's or [train] table's keys and values) with field names as keys;
+    a key that is no option is refused as the file spells it."""
+    values = {}
+    for key, value in raw.items():
+        name = field_name(key)
+        if name not in OPTIONS or OPTIONS[name].kind == ARGUMENT:
+            raise unknown_option(key, where)
+        values[name] = value
+    return values
+
+
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a TOML file into a dict whose top-level keys are field names ('-' -> '_')."""
+    """Read a TOML file, its keys as the file spells them (option_values makes them field
+    names, so that a message can quote a wrong key as it is written)."""
     p = Path(path)
     try:
         with p.open("rb") as f:
@@ -287,21 +372,20 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise CnnlabError(f"cannot read config file {p}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CnnlabError(f"config file {p} is not valid TOML: {e}") from None
-    return {field_name(k): v for k, v in raw.items()}
+    return raw
 
 
 def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = None,
             overrides: dict[str, Any] | None = None) -> Config:
     """Build a validated Config for a new run: preset < file < overrides (None values are
-    ignored). Keys are field names."""
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    file_values = file_values or {}
+    ignored). Keys are field names, or option names ('-' for '_')."""
+    overrides = option_values({k: v for k, v in (overrides or {}).items() if v is not None},
+                              "option")
+    file_values = option_values(file_values or {}, "config file key")
     preset = overrides.get("preset") or file_values.get("preset") or OPTIONS["preset"].default
     values: dict[str, Any] = preset_values(preset, model, dataset)
-    for source, name in ((file_values, "config file"), (overrides, "option")):
+    for source in (file_values, overrides):
         for key, value in source.items():
-            if key not in OPTIONS or OPTIONS[key].kind == ARGUMENT:
-                raise CnnlabError(f"unknown {name} key '{key}'; see 'cnnlab train --help'")
             values[key] = typed_value(key, value)
     if "tta" not in values:  # the fast preset scores flip-trained models on both mirror images
         values["tta"] = _fast_tta(values["augment"]) if preset == "fast" else "none"
@@ -329,51 +413,73 @@ def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
                if o.default is not dataclasses.MISSING}, **saved}
 
 
-def typed_value(key: str, value: Any, *, what: str | None = None) -> Any:
-    """`value` (text from the command line, a TOML or Python value) as the type of
-    Config.`key`: int, float, bool (also from true/false, yes/no, 1/0, on/off) or str; None
-    where the field allows it. Raises CnnlabError `<what>: <value> is not a <type>` (what:
-    e.g. "grid lr"), or without `what`, `<option> must be <type>, got <value>`."""
+def typed_value(key: str, value: Any, *, what: str | None = None, text: bool = False) -> Any:
+    """`value` (a TOML or Python value; with `text`, also command-line text) as the type of
+    Config.`key`: int, float, bool (from text also true/false, yes/no, 1/0, on/off) or str;
+    None where the field allows it. A string where a number or a bool is expected is refused
+    unless `text`: `lr = "0.05"` in a file is a mistake, not a number. Raises CnnlabError
+    `<what>: <value> is not a <type>` (what: e.g. "grid lr"), or without `what`, `<option>
+    must be <type>, got <value>`."""
     kind = OPTIONS[key].type
     if what:
-        bad = CnnlabError(f"{what}: {value!r} is not {'an' if kind == 'int' else 'a'} {kind}")
+        bad = CnnlabError(f"{what}: {short(value)} is not {'an' if kind == 'int' else 'a'} "
+                          f"{kind}")
     else:
-        bad = CnnlabError(f"{option_name(key)} must be {kind}, got {value!r}")
+        bad = CnnlabError(f"{option_name(key)} must be {kind}, got {short(value)}")
     if value is None:
         if OPTIONS[key].nullable:
             return None
         raise bad
-    text = value.strip() if isinstance(value, str) else None
+    if isinstance(value, str) and kind != "str" and not text:
+        raise CnnlabError(f"{what or option_name(key)}: {value!r} is text, not "
+                          f"{'an' if kind == 'int' else 'a'} {kind}; write it without quotes")
+    text_value = value.strip() if isinstance(value, str) else None
     if kind == "bool":
         if isinstance(value, bool):
             return value
-        if text is not None and text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
+        if text_value is not None and text_value.lower() in _TRUE + _FALSE:
+            return text_value.lower() in _TRUE
         raise bad
     if kind == "str":
         if isinstance(value, bool):
             raise bad
-        return text if text is not None else str(value)
+        return text_value if text_value is not None else str(value)
     if isinstance(value, bool):
         raise bad
+    if text_value is not None and re.fullmatch(r"[+-]?\d+", text_value):
+        value = int(text_value)
+    if isinstance(value, int):  # exact, however large: the range check says what is wrong
+        return value if kind == "int" or key == "epochs" else _float(key, value)
     try:
-        number = float(text) if text is not None else float(value)
-    except (TypeError, ValueError):
+        number = float(text_value) if text_value is not None else float(value)
+    except (TypeError, ValueError, OverflowError):
         raise bad from None
     if kind == "int":
         if not number.is_integer():
             raise bad
         return int(number)
-    if key == "epochs" and number.is_integer():
+    if key == "epochs" and number.is_integer() and abs(number) < 2**53:
         return int(number)  # whole epochs are written as they are given: 2, not 2.0
     return number
 
 
-def _positive(cfg: Config, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise CnnlabError(f"--{option_name(name)} must be positive, "
-                              f"got {getattr(cfg, name)}")
+def _float(key: str, number: int) -> float:
+    try:
+        return float(number)
+    except OverflowError:
+        raise CnnlabError(f"--{option_name(key)} must be a finite number, got "
+                          f"{short(number)}") from None
+
+
+def short(value: Any) -> str:
+    """A value for a message (text quoted): a number of hundreds of digits as its first ones
+    and its length, other long text cut."""
+    text = value.strip() if isinstance(value, str) else format_value(value)
+    if len(text) > 24 and text.lstrip("+-").isdigit():
+        text = f"{text[:6]}...({len(text.lstrip('+-'))} digits)"
+    elif len(text) > 60:
+        text = text[:57] + "..."
+    return repr(text) if isinstance(value, str) else text
 
 
 def validate(cfg: Config) -> None:
@@ -384,25 +490,19 @@ def validate(cfg: Config) -> None:
     from .specs import SPECS
 
     if cfg.model not in MODELS:
-        raise CnnlabError(f"unknown model '{cfg.model}'; choose one of {', '.join(MODELS)}")
+        raise CnnlabError(unknown_choice("model", cfg.model, MODELS))
     if cfg.dataset not in SPECS and not cfg.dataset.startswith("folder:"):
-        raise CnnlabError(f"unknown dataset '{cfg.dataset}'; choose one of "
-                          f"{', '.join(SPECS)}, folder:PATH")
+        raise CnnlabError(unknown_choice("dataset", cfg.dataset, [*SPECS, "folder:PATH"]))
     if cfg.pool is not None and "pool" not in options_of(cfg.model):
         raise CnnlabError(f"model {cfg.model} has no option 'pool'")
     for o in OPTIONS.values():
         value = getattr(cfg, o.name)
-        if o.type == "float" and value is not None and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise CnnlabError(f"--{option_name(o.name)} must be a finite number, got {value}")
-    _positive(cfg, "epochs", "batch_size", "lr", "log_every", "eval_batch_size",
-              "norm_lr_scale", "eval_every")
-    for o in OPTIONS.values():
-        value = getattr(cfg, o.name)
+        if o.limits and value is not None and (problem := o.limits.problem(value)):
+            raise CnnlabError(f"--{option_name(o.name)} must be {problem}, got {short(value)}")
         if o.choices and value not in o.choices and not (o.nullable and value is None):
-            raise CnnlabError(f"unknown {option_name(o.name)} '{value}'; "
-                              f"choose one of {', '.join(o.choices)}")
-    if cfg.momentum < 0 or cfg.weight_decay < 0:
-        raise CnnlabError("--momentum and --weight-decay must not be negative")
+            raise CnnlabError(unknown_choice(option_name(o.name), value, o.choices))
     if cfg.image_size is not None:
         parse_image_size(cfg.image_size)
         if not cfg.dataset.startswith("folder:"):
@@ -419,8 +519,6 @@ def validate(cfg: Config) -> None:
                           "images would be new to it")
     if not 0 <= cfg.ema < 1:
         raise CnnlabError(f"--ema must be a decay in [0, 1) (0 = off, e.g. 0.999), got {cfg.ema}")
-    if cfg.telemetry < 0:
-        raise CnnlabError(f"--telemetry must be seconds >= 0 (0 = off), got {cfg.telemetry}")
     checkpoint_interval(cfg.checkpoint_every)
     if cfg.cuda_graph:
         _graphable(cfg)
@@ -445,18 +543,21 @@ def _graphable(cfg: Config) -> None:
 def parse_image_size(text: str) -> tuple[int, int]:
     """'64' -> (64, 64); '64x48' -> (64, 48): (height, width) in pixels."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
-    if not m or int(m.group(1)) <= 0 or (m.group(2) is not None and int(m.group(2)) <= 0):
-        raise CnnlabError(f"--image-size must be N or HxW in pixels (e.g. 64 or 64x48), got "
-                          f"'{text}'")
+    if not m or not all(0 < int(n) <= IMAGE_SIZE_MAX for n in m.groups() if n is not None):
+        raise CnnlabError(f"--image-size must be N or HxW in pixels, each 1 to "
+                          f"{IMAGE_SIZE_MAX:,} (e.g. 64 or 64x48), got {short(text)}")
     height = int(m.group(1))
     return height, int(m.group(2) or height)
+
+
+IMAGE_SIZE_MAX = 8192  # pixels a side
 
 
 def checkpoint_interval(text: str) -> tuple[int, str]:
     """'500' or '500steps' -> (500, 'step'); '2epochs', '2e' -> (2, 'epoch')."""
     m = re.fullmatch(r"\s*(\d+)\s*(steps?|s|epochs?|e)?\s*", str(text))
-    if not m or int(m.group(1)) <= 0:
-        raise CnnlabError(f"--checkpoint-every must be N steps or N epochs (e.g. 500 or 1epoch), "
-                          f"got '{text}'")
+    if not m or not 0 < int(m.group(1)) <= 10**9:
+        raise CnnlabError(f"--checkpoint-every must be N steps or N epochs, N from 1 to 10^9 "
+                          f"(e.g. 500 or 1epoch), got {short(text)}")
     unit = "epoch" if (m.group(2) or "s").startswith("e") else "step"
     return int(m.group(1)), unit

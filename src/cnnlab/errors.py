@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 from enum import IntEnum
 
@@ -69,8 +71,8 @@ def one_line(error: BaseException, limit: int = 300) -> str:
 
 def failure_message(error: BaseException) -> str | None:
     """The one line a user sees for an error that is bad input or environment rather than a
-    bug: cnnlab's own, an OSError (a full disk, a folder we may not write to), or memory
-    running out. None for anything else."""
+    bug: cnnlab's own, an OSError (a full disk, a folder we may not write to), memory
+    running out, or another rank gone under torchrun. None for anything else."""
     if isinstance(error, CnnlabError):
         return str(error)
     if isinstance(error, OSError):
@@ -78,7 +80,29 @@ def failure_message(error: BaseException) -> str | None:
                 else str(error.strerror or error))
     if isinstance(error, (MemoryError, RuntimeError)) and _out_of_memory(error):
         return f"out of memory ({one_line(error, 120)}); lower --batch-size"
+    if lost_contact(error):
+        from .launch import env_rank
+
+        detail = re.sub(r"^\[[^]]*\]\s*", "", one_line(error)).split(". ")[0][:120]
+        return (f"rank {env_rank()} lost contact with the other ranks ({detail}); another "
+                "rank ended or hangs")
     return None
+
+
+# What gloo says when the process at the other end of a connection is gone
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether `error` is a collective failing under torchrun because another rank ended or
+    hangs: one of torch's distributed errors (a timeout, a lost store), or gloo's plain
+    RuntimeError about a closed connection. Not a bug here: the cause is elsewhere."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    return (dist.is_available() and isinstance(error, dist.DistError)) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_GONE))
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -88,3 +112,21 @@ def _out_of_memory(error: BaseException) -> bool:
 
     return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or (
         "DefaultCPUAllocator" in str(error) and "memory" in str(error))
+
+
+def did_you_mean(word: str, choices) -> str:
+    """'; did you mean X?' for the choice nearest to a mistyped `word` (difflib's ratio), or
+    '' when none is near: for the end of an "unknown ..." message."""
+    from difflib import get_close_matches
+
+    near = get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {near[0]}?" if near else ""
+
+
+def unknown_choice(what: str, word: str, choices) -> str:
+    """"unknown WHAT 'word'; choose one of ...", led by the nearest choice where there is one
+    ("unknown model 'lenet'; did you mean lenet5? (choose one of lenet5, ...)")."""
+    listed = ", ".join(map(str, choices))
+    hint = did_you_mean(word, choices)
+    return f"unknown {what} '{word}'" + (f"{hint} (choose one of {listed})" if hint
+                                         else f"; choose one of {listed}")

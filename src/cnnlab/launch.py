@@ -1,16 +1,29 @@
 """`cnnlab train --nproc N`: torchrun on this machine, and what the ranks tell the launcher.
 
+The output has the shape of a one-process run's, wherever it goes. The ranks write their
+stderr to the launcher's terminal, or else to a FIFO that a thread of the launcher copies to
+its stderr: two processes writing to one file through their own file descriptions would
+overwrite each other's lines. What they print on stdout (rank 0's run directory) the
+launcher prints once all have ended, so it comes last. torchrun's own messages go to a log,
+shown only when a rank ended before it could say anything itself.
+
 Nothing here imports torch: the command calls it at start and at exit, and a stop during
 start-up may have interrupted torch's own import."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+
+from .errors import Exit
 
 
 def env_rank() -> int:
@@ -18,8 +31,8 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-LAUNCH_DIR = "CNNLAB_LAUNCH_DIR"  # where each rank leaves its pid and exit status
-LAUNCHER_STDERR = "CNNLAB_LAUNCHER_STDERR"  # the launcher's stderr, for the ranks to write to
+LAUNCH_DIR = "CNNLAB_LAUNCH_DIR"  # where each rank leaves its pid, exit status, last words
+RANK_STDERR = "CNNLAB_RANK_STDERR"  # what the ranks write stderr to: a terminal or a FIFO
 
 
 def cores_per_process(count: int) -> int:
@@ -27,64 +40,164 @@ def cores_per_process(count: int) -> int:
     return max(1, (os.cpu_count() or 1) // count)
 
 
-def launch(nproc: int, args: list[str]) -> int:
-    """Run `cnnlab ARGS` as `nproc` processes under torchrun and return the ranks' own exit
-    status: rank 0's, else the first failing rank's (torchrun itself reports any failure as
-    1). SIGINT and SIGTERM go to the ranks, which checkpoint and stop; torchrun's report of
-    a failing rank stays out of the output unless a rank died without a status."""
-    with tempfile.TemporaryDirectory(prefix="cnnlab-launch-") as folder:
+def launch(nproc: int, args: list[str], run_dir: str | Path) -> int:
+    """Run `cnnlab ARGS` as `nproc` processes under torchrun, training into `run_dir`, and
+    return the ranks' own exit status: rank 0's, else the first failing rank's (torchrun
+    itself reports any failure as 1). SIGINT and SIGTERM go to the ranks, which checkpoint
+    and stop. A rank that dies (no exit status: SIGKILL, the kernel's out-of-memory killer)
+    is reported in one line, with 128 + the signal that killed it."""
+    with tempfile.TemporaryDirectory(prefix="cnnlab-launch-") as name:
+        folder = Path(name)
         # each rank its share of the cores (torchrun would give each one thread, and say so)
         env = {"OMP_NUM_THREADS": str(cores_per_process(nproc)), **os.environ,
-               LAUNCH_DIR: folder}
-        own_stderr = Path(f"/proc/{os.getpid()}/fd/2")
-        log = None
-        if own_stderr.exists():  # Linux: the ranks write to ours, torchrun to a log
-            env[LAUNCHER_STDERR] = str(own_stderr)
-            log = open(Path(folder) / "torchrun.log", "w+")  # noqa: SIM115 - closed below
+               LAUNCH_DIR: name}
+        if os.isatty(2):  # no file offset to clash over, and rank 0 draws its bar there
+            env[RANK_STDERR], drain = os.ttyname(2), None
+        else:
+            env[RANK_STDERR] = str(folder / "stderr")
+            drain = _relay(folder / "stderr")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "cnnlab", *args]
-        # its own session: a Ctrl-C in the terminal reaches the launcher alone, which passes
-        # it on to the ranks once (torchrun would pass it again: a second Ctrl-C)
-        proc = subprocess.Popen(cmd, env=env, stderr=log, start_new_session=True)
+        with open(folder / "torchrun.log", "w+") as log, open(folder / "stdout", "w+b") as out:
+            # its own session: a Ctrl-C in the terminal reaches the launcher alone, which
+            # passes it on to the ranks once (torchrun would pass it again: a second Ctrl-C)
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=log,
+                                    start_new_session=True)
+            code = _wait(proc, folder)
+            if drain:
+                drain()
+            log.seek(0)
+            code = _outcome(folder, nproc, code, log.read(), Path(run_dir))
+            out.seek(0)
+            printed = out.read()
+    sys.stderr.flush()
+    sys.stdout.buffer.write(printed)
+    sys.stdout.flush()
+    return code
 
-        def forward(signum, frame) -> None:
-            pids = [f.read_text() for f in Path(folder).glob("pid-*")]
-            if not pids:  # still starting: stop all of it
-                os.killpg(proc.pid, signum)
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signum)
-                except (ProcessLookupError, ValueError):
-                    pass
 
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            code = proc.wait()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        statuses = {int(f.name.split("-")[1]): int(f.read_text() or 1)
-                    for f in Path(folder).glob("status-*")}
-        if log is not None:
-            if len(statuses) < nproc and code != 0:  # a rank died: torchrun says which
-                log.seek(0)
-                sys.stderr.write(log.read())
-            log.close()
-    if len(statuses) < nproc:
+def _outcome(folder: Path, nproc: int, code: int, report: str, run_dir: Path) -> int:
+    """The exit status, from what the ranks left in `folder` and torchrun's exit status
+    `code` and `report`; a rank that died, or lost the others with nothing else to explain
+    it, is reported here."""
+    statuses = {_rank(f): int(f.read_text() or 1) for f in folder.glob("status-*")}
+    died = [r for r in range(nproc) if r not in statuses] if code else []
+    if died and not set(died) <= {_rank(f) for f in folder.glob("pid-*")}:
+        sys.stderr.write(report)  # it ended before it wrote to us: torchrun's log has its words
         return code
-    return next((statuses[r] for r in sorted(statuses) if statuses[r]), 0)  # rank 0 first
+    if died:
+        return _report_deaths(died, report, run_dir) or code
+    lost = sorted(folder.glob("lost-*"))
+    if {r for r, s in statuses.items() if s} <= {_rank(f) for f in lost}:
+        for f in lost:  # no other failure explains it
+            print(f"cnnlab: error: {f.read_text()}", file=sys.stderr)
+    return next((statuses[r] for r in sorted(statuses) if statuses[r]), 0)
+
+
+def _rank(file: Path) -> int:
+    return int(file.name.split("-")[1])
+
+
+def _relay(fifo: Path) -> Callable[[], None]:
+    """Copy what the ranks write to the FIFO `fifo` to our stderr, from a thread; the
+    function returned waits until every rank has closed it and all is copied. Each line a
+    rank writes is one write, which a FIFO never splits (up to 4 KiB)."""
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # no writer yet: would block
+    ours = os.open(fifo, os.O_WRONLY)  # held: no end of file before the ranks open theirs
+    os.set_blocking(reader, True)
+
+    def copy() -> None:
+        while chunk := os.read(reader, 1 << 16):
+            with contextlib.suppress(OSError):  # our stderr closed: the ranks go on
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+        os.close(reader)
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+
+    def drain() -> None:
+        os.close(ours)
+        thread.join()
+
+    return drain
+
+
+def _wait(proc: subprocess.Popen, folder: Path) -> int:
+    """torchrun's exit status, passing SIGINT and SIGTERM on to the ranks meanwhile."""
+
+    def forward(signum, frame) -> None:
+        pids = [f.read_text() for f in folder.glob("pid-*")]
+        if not pids:  # still starting: stop all of it
+            os.killpg(proc.pid, signum)
+        for pid in pids:
+            try:
+                os.kill(int(pid), signum)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _report_deaths(died: list[int], report: str, run_dir: Path) -> int | None:
+    """Say in one line which ranks died, how (torchrun's report gives each failed rank's exit
+    code, negative for a signal) and how to go on; return 128 + the first one's signal, or
+    its exit status (None if torchrun's report does not say)."""
+    codes = {int(r): int(c) for r, c in re.findall(
+        r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s+exitcode\s*:\s*(-?\d+)", report)}
+
+    def how(rank: int) -> str:
+        code = codes.get(rank)
+        if code is None:
+            return ""
+        return f" (killed by {_signal_name(-code)})" if code < 0 else f" (exit status {code})"
+
+    if (run_dir / "checkpoint.pt").is_file():
+        then = f"its last checkpoint is intact - resume with: cnnlab train --resume {run_dir}"
+    elif (run_dir / "config.json").is_file():
+        then = f"no checkpoint yet - start it over with: cnnlab train --resume {run_dir}"
+    else:
+        then = "nothing was written - run the same command again"
+    deaths = ", ".join(f"rank {r} died{how(r)}" for r in died)
+    print(f"cnnlab: error: {deaths}; {then}", file=sys.stderr)
+    first = codes.get(died[0])
+    return None if first is None else Exit.for_signal(-first) if first < 0 else first
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal
+        return f"signal {signum}"
 
 
 def rank_started() -> None:
-    """Under `--nproc`: write to the launcher's stderr and tell it this rank's pid."""
+    """Under `--nproc`: write stderr where the launcher says (its terminal, or the FIFO it
+    copies from) and tell it this rank's pid."""
     folder = os.environ.get(LAUNCH_DIR)
     if not folder:
         return
-    if os.environ.get(LAUNCHER_STDERR):
-        fd = os.open(os.environ[LAUNCHER_STDERR], os.O_WRONLY | os.O_APPEND)
-        os.dup2(fd, 2)
-        os.close(fd)
+    sys.stderr.flush()
+    fd = os.open(os.environ[RANK_STDERR], os.O_WRONLY | os.O_NOCTTY)
+    os.dup2(fd, 2)
+    os.close(fd)
     (Path(folder) / f"pid-{env_rank()}").write_text(str(os.getpid()))
+
+
+def leave_to_launcher(message: str) -> bool:
+    """Under `--nproc`: leave `message`, that this rank lost the others, for the launcher to
+    print unless a rank died (the cause, which it reports instead), and return True; False
+    without the launcher."""
+    folder = os.environ.get(LAUNCH_DIR)
+    if folder:
+        (Path(folder) / f"lost-{env_rank()}").write_text(message)
+    return folder is not None
 
 
 def rank_finished(code: int) -> None:

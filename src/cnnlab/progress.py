@@ -1,35 +1,97 @@
 """Progress for people: a tqdm bar that moves every step on a terminal; plain lines with the
 epoch, the step and the time left otherwise (logs, CI, notebooks), and one summary line an
-epoch.
+epoch. `Phase` does the same for the long phases outside the loop (decoding a folder of
+images, evaluating a checkpoint).
 
 Steps are counted on the host, so showing progress never waits for the device."""
 
 from __future__ import annotations
 
-import shutil
+import os
 import sys
 import time
 
 from tqdm import tqdm
 
+QUIET_SECONDS = 10.0  # the longest a plain-line output stays silent while work goes on
+
+
+def on_terminal() -> bool:
+    """Whether stderr is a terminal that reports its size, so a bar can be drawn there; a
+    terminal that reports none (some IDE consoles: 0 columns) gets the plain lines."""
+    try:
+        return sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a notebook's stream)
+        return False
+
+
+class Phase:
+    """Progress of one long phase: `what` (e.g. "decoding cifar10-jpeg/train") over `total`
+    `unit`s. On a terminal a bar, shown once the phase has taken a second; elsewhere a line
+    `cnnlab: what: done of total unit (n%)` once it has taken QUIET_SECONDS and every
+    QUIET_SECONDS after, and a last line saying how long it took - a short phase prints
+    nothing."""
+
+    def __init__(self, what: str, total: int, unit: str = "images", *,
+                 enabled: bool = True) -> None:
+        self.what, self.total, self.unit, self.done = what, total, unit, 0
+        self.tty = enabled and on_terminal()
+        self.enabled = enabled
+        self.bar = tqdm(total=total, desc=what, unit=f" {unit}", unit_scale=False, delay=1.0,
+                        leave=False, dynamic_ncols=True, disable=not self.tty)
+        self.start = self.last = time.perf_counter()
+        self.printed = False
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.tty:
+            self.bar.update(n)
+        elif self.enabled and time.perf_counter() - self.last >= QUIET_SECONDS:
+            self.last = time.perf_counter()
+            self.printed = True
+            share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+            print(f"cnnlab: {self.what}: {self.done:,} of {self.total:,} {self.unit}{share}, "
+                  f"{self.last - self.start:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.printed:
+            print(f"cnnlab: {self.what}: done, {self.done:,} {self.unit} in "
+                  f"{time.perf_counter() - self.start:.0f} s", file=sys.stderr, flush=True)
+            self.printed = False
+
+    def __enter__(self) -> Phase:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class Progress:
     def __init__(self, total_steps: int, *, epochs: int, enabled: bool = True,
                  initial: int = 0) -> None:
-        # a terminal that reports no width (some IDE consoles) gets the plain lines
-        self.tty = enabled and sys.stderr.isatty() and shutil.get_terminal_size().columns > 0
+        self.tty = enabled and on_terminal()
         self.enabled, self.total, self.epochs = enabled, total_steps, epochs
         self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True,
                         leave=True, disable=not self.tty)
         self.step, self.start_step, self.start = initial, initial, time.perf_counter()
         self.epoch_start, self.losses, self.acc = self.start, [], ""
+        self.last_line = self.start  # plain lines: when the last one was printed
 
-    def advance(self) -> None:
-        """One step done (every step: a counter and, on a terminal, tqdm's rate-limited
-        redraw)."""
+    def advance(self, epoch: int) -> None:
+        """One step of `epoch` done (every step: a counter and, on a terminal, tqdm's
+        rate-limited redraw; elsewhere a line when none came for QUIET_SECONDS, as between
+        the log steps of a slow model)."""
         self.step += 1
         if self.tty:
             self.bar.update(1)
+        elif self.enabled and time.perf_counter() - self.last_line >= QUIET_SECONDS:
+            self._print(f"epoch {epoch}/{self.epochs} step {self.step}/{self.total}, "
+                        f"ETA {self.eta()}")
+
+    def _print(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+        self.last_line = time.perf_counter()
 
     def eta(self) -> str:
         """The time left at this process's pace so far."""
@@ -46,9 +108,9 @@ class Progress:
             self.bar.set_postfix_str(f"{epoch} loss {record['loss']:.4f} {self.acc}"
                                      f"{record['images_per_second']:,.0f} img/s", refresh=False)
         elif self.enabled:
-            print(f"{epoch} step {record['step']}/{self.total}: loss {record['loss']:.4f} "
-                  f"lr {record['lr']:.3g} {record['images_per_second']:,.0f} img/s, "
-                  f"ETA {self.eta()}", file=sys.stderr, flush=True)
+            self._print(f"{epoch} step {record['step']}/{self.total}: loss {record['loss']:.4f} "
+                        f"lr {record['lr']:.3g} {record['images_per_second']:,.0f} img/s, "
+                        f"ETA {self.eta()}")
 
     def eval(self, record: dict) -> None:
         """The epoch's summary line: time, train loss, test loss and accuracy, time left."""
@@ -66,7 +128,7 @@ class Progress:
         if self.tty:
             self.bar.write(line, file=sys.stderr)
         elif self.enabled:
-            print(line, file=sys.stderr, flush=True)
+            self._print(line)
 
     def close(self) -> None:
         self.bar.close()

@@ -3,12 +3,16 @@ spread over seeds, which configuration won, and the numbers and tables that show
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 from .config import LISTED, format_value, option_name
+from .errors import CnnlabError
 from .files import read_json
 
 METRICS = (  # summary key, column title, digits
@@ -16,12 +20,87 @@ METRICS = (  # summary key, column title, digits
     ("test_acc_at_best", "test acc of best.pt (%)", 2),  # chosen on validation
     ("best_val_acc", "best val acc (%)", 2),
     ("best_test_acc", "best on test (%)", 2),  # chosen on test: optimistic
-    ("best_epoch", "epochs to best", 1),
+    ("best_epochs_done", "epochs to best", 2),
     ("train_seconds", "train time (s)", 1),
     ("images_per_second", "images/s", 0),
 )
+# The column titles where some row chose best.pt on validation: beside it, the best-on-test
+# figures must say which choice they are.
+_VALIDATED_TITLES = {"test_acc_at_best": "test acc of best.pt, chosen on validation (%)",
+                     "best_test_acc": "best on test, optimistic (%)",
+                     "best_epochs_done": "epochs to best.pt"}
+# Summary keys that runs written before them lack -> the key that stood for them: a finished
+# run trained all its epochs; best_epoch counts whole epochs.
+_FALLBACKS = {"epochs_done": "epochs", "best_epochs_done": "best_epoch"}
 
 DIVERGED = "diverged.json"  # written into the directory of a run whose loss became NaN
+
+
+def metric(summary: dict, key: str) -> Any:
+    """summary[key], or for a run written before summaries had it, what stood for it."""
+    value = summary.get(key)
+    return summary.get(_FALLBACKS[key]) if value is None and key in _FALLBACKS else value
+
+
+def eval_epochs(record: dict) -> float:
+    """Where an eval record lies on the epoch axis: the fraction of the training split seen
+    (epochs_done: 1.5 for the last evaluation of a 1.5-epoch run); the epoch number for runs
+    written before records had it."""
+    return record.get("epochs_done", record["epoch"])
+
+
+def format_epochs(value: float | None) -> str:
+    """Epochs trained, as read: 2, 1.5, 0.31; `-` for none."""
+    return "-" if value is None else f"{round(float(value), 2):g}"
+
+
+def confidence_interval(values: list[float]) -> tuple[float, float] | None:
+    """The 95% confidence interval of the mean of `values` (Student t over them: mean ±
+    t(0.975, n-1)·s/√n); None for fewer than two."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+
+    mean, half = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+    half *= float(stats.t.ppf(0.975, len(values) - 1))
+    return mean - half, mean + half
+
+
+def model_default(config: dict, key: str) -> str | None:
+    """`max (default)` where option `key` was left to the model (None) and the model's builder
+    gives it a default (LeNet-5's pool), else None. The default is read from the builder's
+    source, so that a report that evaluates nothing imports no torch."""
+    from .models import _entry
+
+    if config.get(key) is not None:
+        return None
+    try:
+        module, builder, options = _entry(str(config.get("model")))
+    except CnnlabError:
+        return None
+    if key not in options:
+        return None
+    default = _builder_defaults(module, builder).get(key)
+    return None if default is None else f"{format_value(default)} (default)"
+
+
+@functools.cache
+def _builder_defaults(module: str, builder: str) -> dict[str, Any]:
+    """The literal keyword defaults of function or class `builder` in cnnlab.models.`module`."""
+    def named(body: list[ast.stmt], name: str) -> ast.AST | None:
+        return next((n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                     and n.name == name), None)
+
+    spec = importlib.util.find_spec(f"{__package__}.models.{module}")
+    node = named(ast.parse(Path(spec.origin).read_text()).body, builder)
+    if isinstance(node, ast.ClassDef):
+        node = named(node.body, "__init__")
+    if node is None:
+        return {}
+    args = node.args
+    pairs = [*zip(args.args[len(args.args) - len(args.defaults):], args.defaults),
+             *zip(args.kwonlyargs, args.kw_defaults)]
+    return {a.arg: ast.literal_eval(d) for a, d in pairs if isinstance(d, ast.Constant)}
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -64,7 +143,7 @@ def aggregate(entries: list[tuple[str, dict, dict]],
                                "seeds": [c.get("seed") for c, _ in done],
                                "diverged": len(members) - len(done)}
         for key, _, _ in METRICS:
-            values = [float(s[key]) for _, s in done if s.get(key) is not None]
+            values = [float(v) for _, s in done if (v := metric(s, key)) is not None]
             row[f"{key}_mean"] = statistics.fmean(values) if values else None
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         rows.append(row)
@@ -73,8 +152,33 @@ def aggregate(entries: list[tuple[str, dict, dict]],
 
 def shown_metrics(rows: list[dict]) -> tuple[tuple[str, str, int], ...]:
     """The METRICS that some row has a value of (the validation columns only where a run
-    had a validation split)."""
-    return tuple(m for m in METRICS if any(r.get(f"{m[0]}_mean") is not None for r in rows))
+    had a validation split, and then titles that say which figure was chosen on what)."""
+    titles = _VALIDATED_TITLES if _validated(rows) else {}
+    return tuple((key, titles.get(key, title), digits) for key, title, digits in METRICS
+                 if any(r.get(f"{key}_mean") is not None for r in rows))
+
+
+def _validated(rows: list[dict]) -> list[dict]:
+    """The rows whose runs chose best.pt on a validation split."""
+    return [r for r in rows if r.get("test_acc_at_best_mean") is not None]
+
+
+def selection_note(rows: list[dict]) -> str | None:
+    """What a table with validation columns puts side by side: best.pt chosen on validation
+    (an honest test figure) beside the best evaluation on test (an optimistic one), and in a
+    table that mixes them which rows chose on what. None without a validation split."""
+    validated = _validated(rows)
+    if not validated:
+        return None
+    others = [r["label"] for r in rows if r not in validated]
+    where = (f" for {', '.join(r['label'] for r in validated)}, on the test split for "
+             f"{', '.join(others)} (no validation split)" if others else "")
+    return (f"best.pt was chosen on the validation split{where}. \"test acc of best.pt\" is "
+            "the test accuracy of that choice, an honest figure; \"best on test\" is each "
+            "run's highest test accuracy over its evaluations, chosen on the test split itself "
+            "and so optimistic - the figure the verdict compares"
+            + (", the only one every row has; \"epochs to best.pt\" counts to each row's own "
+               "choice." if others else "."))
 
 
 def mean_std(row: dict, key: str, digits: int) -> str:
@@ -88,9 +192,9 @@ def mean_std(row: dict, key: str, digits: int) -> str:
 
 def _row_name(row: dict, keys: list[str]) -> str:
     if len(keys) == 1:
-        value = format_value(row["config"].get(keys[0]))
+        value = _shown(row["config"], keys[0])
         return f"{value} pooling" if keys[0] == "pool" else f"{option_name(keys[0])}={value}"
-    return ", ".join(f"{option_name(k)}={format_value(row['config'].get(k))}" for k in keys) \
+    return ", ".join(f"{option_name(k)}={_shown(row['config'], k)}" for k in keys) \
         or row["label"]
 
 
@@ -148,7 +252,12 @@ def fixed_settings(configs: list[dict], skip: tuple[str, ...] = ()) -> str:
         return ""
     shared = [k for k in LISTED if k in configs[0] and k not in skip
               and all(c.get(k) == configs[0][k] for c in configs)]
-    return ", ".join(f"{option_name(k)}={format_value(configs[0][k])}" for k in shared)
+    return ", ".join(f"{option_name(k)}={_shown(configs[0], k)}" for k in shared)
+
+
+def _shown(config: dict, key: str) -> str:
+    """An option's value as a table or sentence names it: the value that ran."""
+    return model_default(config, key) or format_value(config.get(key))
 
 
 def _md_cell(text: Any) -> str:

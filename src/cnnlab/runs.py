@@ -58,8 +58,27 @@ def unique_dir(root: str | Path, stem: str) -> Path:
 
 
 def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path:
+    """runs/<time>-<model>-<dataset>: the name a new run's directory starts from (new_dir
+    makes it the first free one)."""
     name = safe_name(dataset.removeprefix("folder:"), "folder")
-    return unique_dir(root, f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{name}")
+    return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{name}"
+
+
+def new_dir(path: Path) -> Path:
+    """Create and return `path`, or path-2, path-3, ...: the first this process creates
+    itself. mkdir either creates a directory or fails, so two processes asking at once
+    never get the same one (checking first and creating after would race)."""
+    candidate, n = path, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+        except OSError as e:
+            raise CnnlabError(f"cannot create run directory {candidate}: "
+                              f"{e.strerror or e}") from None
 
 
 class RunDir:
@@ -135,10 +154,26 @@ class RunDir:
             return self._metrics.tell()
 
     def truncate_metrics(self, offset: int) -> None:
-        """Drop the records written after a checkpoint, before resuming from it."""
+        """Drop the records written after a checkpoint, before resuming from it (never
+        padding the file: see check_metrics)."""
         with self._lock:
+            self.check_metrics(self.path, offset)
             self._metrics.truncate(offset)
             self._metrics.seek(offset)
+
+    @staticmethod
+    def check_metrics(path: Path, offset: int) -> None:
+        """Refuse to resume run `path` from a checkpoint written when metrics.jsonl held
+        `offset` bytes if it holds fewer now: the records it lost are gone, and cutting it
+        back to the checkpoint would pad it with NUL bytes, which no JSON Lines reader takes."""
+        file = path / "metrics.jsonl"
+        size = file.stat().st_size if file.is_file() else None
+        if (size or 0) < offset:
+            what = (f"is missing (it held {offset:,} bytes when checkpoint.pt was written)"
+                    if size is None else f"holds {size:,} bytes, fewer than the {offset:,} "
+                    "it had when checkpoint.pt was written: it was cut")
+            raise CnnlabError(f"{file} {what}; restore it, or remove checkpoint.pt to train "
+                              "the run again from the start")
 
     def save_checkpoint(self, state: dict, *names: str) -> None:
         from . import checkpoint  # torch: not for those that only read runs

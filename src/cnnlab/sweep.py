@@ -52,9 +52,12 @@ from .config import (
     field_name,
     format_value,
     load_toml,
+    nearest_option,
     option_name,
     resolve,
+    short,
     typed_value,
+    validate,
     with_defaults,
 )
 from .errors import (
@@ -62,6 +65,7 @@ from .errors import (
     Interrupted,
     StoppedAtOnce,
     TrainingDiverged,
+    did_you_mean,
     failure_message,
     one_line,
 )
@@ -80,6 +84,8 @@ from .results import (
 )
 
 SWEEP_FILE_KEYS = ("model", "dataset", "seeds", "train", "grid", "points")
+MAX_SEEDS = 1000  # runs per point
+MAX_JOBS = 256    # runs at once
 
 
 def _grid_key(key: str) -> str:
@@ -89,16 +95,18 @@ def _grid_key(key: str) -> str:
         raise CnnlabError("seed cannot be a grid key: use --seeds N (seeds seed, seed+1, ...) "
                           "and --seed for the first one")
     if name not in OPTIONS:
-        known = ", ".join(option_name(k) for k in OPTIONS if k != "seed")
-        raise CnnlabError(f"unknown grid key '{key}'; grid keys are train options: {known}")
+        known = [option_name(k) for k in OPTIONS if k != "seed"]
+        raise CnnlabError(f"unknown grid key '{key}'{nearest_option(key, known)} (grid keys "
+                          f"are train options: {', '.join(known)})")
     return name
 
 
-def grid_value(key: str, value: Any) -> Any:
-    """A grid value (command-line text or a TOML value) as the type of Config.`key`."""
+def grid_value(key: str, value: Any, *, text: bool = False) -> Any:
+    """A grid value (a TOML value; with `text`, command-line text) as the type of
+    Config.`key`."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise CnnlabError(f"grid {option_name(key)}: empty value")
-    return typed_value(key, value, what=f"grid {option_name(key)}")
+    return typed_value(key, value, what=f"grid {option_name(key)}", text=text)
 
 
 def parse_grid_arg(text: str) -> tuple[str, list[Any]]:
@@ -109,7 +117,7 @@ def parse_grid_arg(text: str) -> tuple[str, list[Any]]:
         raise CnnlabError(f"--grid '{text}': write KEY=VALUE1,VALUE2,...")
     name = _grid_key(key)
     parts = values.split(";" if ";" in values else ",")
-    return name, [grid_value(name, v) for v in parts]
+    return name, [grid_value(name, v, text=True) for v in parts]
 
 
 def point_label(values: dict[str, Any]) -> str:
@@ -143,11 +151,12 @@ class Plan:
 def load_sweep_file(path: str | Path) -> dict[str, Any]:
     """Read a sweep TOML file into plan_sweep's arguments (model, dataset, seeds, train,
     grid, points), checking its shape."""
-    raw = load_toml(path)  # top-level keys with '_'
+    raw = {field_name(k): v for k, v in load_toml(path).items()}
     unknown = [k for k in raw if k not in SWEEP_FILE_KEYS]
     if unknown:
-        raise CnnlabError(f"sweep file {path}: unknown key '{unknown[0]}'; a sweep file has "
-                          f"{', '.join(SWEEP_FILE_KEYS)} (fixed train options go in [train])")
+        raise CnnlabError(f"sweep file {path}: unknown key '{unknown[0]}'"
+                          f"{did_you_mean(unknown[0], SWEEP_FILE_KEYS)} (a sweep file has "
+                          f"{', '.join(SWEEP_FILE_KEYS)}; fixed train options go in [train])")
     for key, kind in (("train", dict), ("grid", dict), ("points", list)):
         if key in raw and not isinstance(raw[key], kind):
             raise CnnlabError(f"sweep file {path}: '{key}' must be a "
@@ -155,8 +164,6 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
     if not all(isinstance(p, dict) for p in raw.get("points", [])):
         raise CnnlabError(f"sweep file {path}: 'points' must be a list of tables, "
                           "e.g. points = [{optimizer = \"sgd\", lr = 0.01}]")
-    if "train" in raw:
-        raw["train"] = {field_name(k): v for k, v in raw["train"].items()}
     return raw
 
 
@@ -190,8 +197,9 @@ def plan_sweep(model: str | None, dataset: str | None, *,
             raise CnnlabError(f"grid {option_name(key)}: a value is given twice")
     points = [{_grid_key(k): grid_value(_grid_key(k), v) for k, v in p.items()}
               for p in (points or [])]
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise CnnlabError(f"seeds must be a positive integer, got {seeds!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise CnnlabError(f"seeds must be a positive integer, at most {MAX_SEEDS}, got "
+                          f"{short(seeds)}")
     options = {k: v for k, v in (options or {}).items() if v is not None}
     keys = list(dict.fromkeys([k for p in points for k in p] + list(grid)))
     for key in keys:
@@ -210,6 +218,7 @@ def plan_sweep(model: str | None, dataset: str | None, *,
                                    if k not in ("model", "dataset")}
             cfg = resolve(point_model, point_dataset, file_values=train, overrides=overrides)
             cfg = dataclasses.replace(cfg, seed=cfg.seed + seed_index)
+            validate(cfg)  # the seeds after the first stay in range too
             label = point_label(values)
             name = f"{label}-seed={cfg.seed}" if label else f"seed={cfg.seed}"
             runs.append(Run(name=name, point=label or "all", values=values, config=cfg))
@@ -253,8 +262,9 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
     """Train every unfinished run of `plan` under `out`, then write the results; `jobs` > 1
     trains that many at once, each in a process of its own (see train_concurrently).
     Returns what write_results returns."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise CnnlabError(f"--jobs must be a positive integer, got {jobs!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise CnnlabError(f"--jobs must be a positive integer, at most {MAX_JOBS}, got "
+                          f"{short(jobs)}")
     out = Path(out)
     for run in plan.runs:  # before training anything: refuse a directory of another sweep
         if is_finished(out / run.name):

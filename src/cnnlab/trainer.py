@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import math
 import os
 import signal
@@ -21,7 +22,6 @@ from torch import nn
 from . import checkpoint, distributed, optim
 from .checkpoint import ModelMeta
 from .config import (
-    OPTIONS,
     RESUME_SAFE,
     Config,
     checkpoint_interval,
@@ -31,7 +31,6 @@ from .config import (
     parse_image_size,
     typed_value,
     validate,
-    with_defaults,
 )
 from .data import Dataset, hold_out, load_dataset
 from .data.loader import DeviceLoader
@@ -43,7 +42,7 @@ from .models import count_parameters
 from .plots import plot_run, plot_utilization
 from .progress import Progress
 from .results import DIVERGED
-from .runs import RunDir, default_run_dir
+from .runs import RunDir, default_run_dir, new_dir
 from .telemetry import Sampler
 
 
@@ -219,8 +218,14 @@ def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = N
     if out is not None and Path(out).resolve() != path.resolve():
         raise CnnlabError(f"--out {out} differs from the run being resumed ({run_dir}); a "
                           "resumed run stays in its directory (drop --out)")
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is a file, not a run directory"
+        within = (f" (the run directory is {path.parent})"
+                  if path.exists() and (path.parent / "config.json").is_file() else "")
+        raise CnnlabError(f"nothing to resume at {run_dir}: it {what}{within}")
     if (path / "checkpoint.pt").is_file():
         saved, epochs_done, ckpt = checkpoint.load_for_resume(path)
+        RunDir.check_metrics(path, ckpt["metrics_offset"])  # before anything is written
     elif (path / "config.json").is_file():  # stopped before its first checkpoint
         saved, epochs_done, ckpt = _saved_config(path), 0, None
     else:
@@ -256,12 +261,13 @@ def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = N
 
 def _saved_config(path: Path) -> dict:
     """The Config fields of a run directory's config.json."""
+    file = path / "config.json"
     try:
-        saved = with_defaults(read_json(path / "config.json"))
-        return {k: saved[k] for k in OPTIONS}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CnnlabError(f"{path / 'config.json'} is damaged; this run cannot be resumed - "
-                          "start a new one") from None
+        return checkpoint.config_fields(read_json(file))
+    except (OSError, ValueError) as e:  # unreadable, not JSON, or a field missing or mistyped
+        why = f" ({e})" if isinstance(e, checkpoint.Damaged) else ""
+        raise CnnlabError(f"{file} is damaged{why}; this run cannot be resumed - start a new "
+                          "one") from None
 
 
 @dataclass
@@ -416,6 +422,8 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
             run = None
             if path is not None:  # a new run's config.json is its claim on the directory
                 claim = None if resume else _config_json(cfg, training)
+                if out is None:  # runs started in the same second get a directory each
+                    path = new_dir(path)
                 run = stack.enter_context(RunDir(path, config=claim))
             try:
                 return _run(training, state=LoopState(), run=run, resume=resume,
@@ -430,8 +438,9 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
             raise
         then = (f"continue with: cnnlab train --resume {path}"
                 if (path / "config.json").is_file() else "run the same command again")
-        raise CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; free some "
-                          f"space, then {then}") from None
+        fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        raise CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; {fix}, "
+                          f"then {then}") from None
     finally:
         distributed.cleanup()
 
@@ -446,8 +455,9 @@ def _run(t: Training, *, state: LoopState, run: RunDir | None, resume: Resume | 
     """Continue or start the training, then finish: plots and summary.json."""
     cfg, dist = t.cfg, t.dist
     resumed_from = None
-    if resume is not None and resume.checkpoint is not None:
-        offset = checkpoint.restore(resume.checkpoint, t, state)
+    if resume is not None and resume.checkpoint is not None:  # rank 0 alone has the path
+        where = run.path / "checkpoint.pt" if run is not None else "checkpoint.pt"
+        offset = checkpoint.restore(resume.checkpoint, t, state, where)
         resumed_from = state.step
         if run is not None:
             run.truncate_metrics(offset)
@@ -505,7 +515,7 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                 loss = train_step(batch)
                 state.count(loss, len(batch[1]))
                 window_images += len(batch[1])
-                bar.advance()
+                bar.advance(state.epoch)
                 if t.ema:
                     t.ema.update(state.step)
                 if t.lookahead:
@@ -520,6 +530,7 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                 if log_step:
                     now = time.perf_counter()
                     _log(run, {"type": "train", "step": state.step, "epoch": state.epoch,
+                               "epochs_done": round(state.step / len(t.train_batches), 4),
                                "loss": state.take_window(dist.reduce_mean),
                                "lr": t.optimizer.param_groups[0]["lr"],
                                "images_per_second": window_images / (now - window_start)},
@@ -527,10 +538,12 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                     window_start, window_images = now, 0
                 stop = signals.requested(dist, collective=log_step)
                 if stop or (unit == "step" and state.step % every == 0):
+                    _bank_time(state, started, t.device)  # the checkpoint keeps it
                     save_checkpoint(t, state, run)
+                    started = time.perf_counter()
                 if stop:
                     raise _interrupted(signals.signum, state, run)
-            state.train_seconds += time.perf_counter() - started
+            _bank_time(state, started, t.device)
             result = val = None
             if state.epoch % cfg.eval_every == 0 or state.epoch == t.epoch_count:
                 # evaluated eagerly (torch.compile's module keeps the one it compiled as
@@ -551,6 +564,7 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
             best = state.end_epoch(result, val)
             if result is not None:
                 _log(run, {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
+                           "epochs_done": round(state.step / len(t.train_batches), 4),
                            "test_loss": result["loss"], "test_acc": result["accuracy"],
                            **({"val_loss": val["loss"], "val_acc": val["accuracy"]} if val
                               else {}),
@@ -595,6 +609,13 @@ def _synced_seconds_since(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _bank_time(state: LoopState, start: float, device: torch.device) -> None:
+    """Add the training time since `start` (once the device has done the work queued in it)
+    to state.train_seconds: at the end of an epoch, and before a checkpoint within one, so
+    that a run resumed mid-epoch still counts the time its first part of that epoch took."""
+    state.train_seconds += _synced_seconds_since(start, device)
+
+
 def _interrupted(signum: int | None, state: LoopState, run: RunDir | None,
                  finishing: bool = False) -> Interrupted:
     signum = signum or signal.SIGTERM  # under torchrun: another rank received it
@@ -619,10 +640,13 @@ def save_checkpoint(t: Training, state: LoopState, run: RunDir | None,
 
 def _summary(t: Training, state: LoopState, wall_start: float,
              run_dir: str | Path | None) -> dict:
-    cfg, world = t.cfg, t.dist.world_size
+    cfg, world, steps_per_epoch = t.cfg, t.dist.world_size, len(t.train_batches)
     summary = {
         "model": cfg.model, "dataset": cfg.dataset, "preset": cfg.preset,
-        "epochs": cfg.epochs, "final_test_acc": state.history[-1],
+        "epochs": cfg.epochs, "epochs_done": round(state.step / steps_per_epoch, 4),
+        # the evaluation that chose best.pt ended its epoch, or the run (a fractional last one)
+        "best_epochs_done": round(min(state.best_epoch, state.step / steps_per_epoch), 4),
+        "final_test_acc": state.history[-1],
         "best_test_acc": max(state.history),  # best on test: an optimistic figure
         "best_epoch": state.best_epoch,       # best.pt's: chosen on validation if there is one
         "selected_on": "validation" if t.val_batches else "test",
@@ -650,7 +674,8 @@ def _run_path(cfg: Config, out, resume: Resume | None, dist: distributed.Dist) -
     if dist.main:
         path = Path(out or default_run_dir(cfg.model, cfg.dataset))
         try:
-            RunDir.check(path, resume=resume is not None)
+            if out is not None:  # else the first free name is taken when it is created
+                RunDir.check(path, resume=resume is not None)
             if cfg.tensorboard:
                 tensorboard_sink.check()
         except CnnlabError as e:

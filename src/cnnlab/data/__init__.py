@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 from ..errors import CnnlabError, one_line
 from ..specs import SPECS, DatasetSpec
 from . import readers
-from .cache import Split, cached, fingerprint
+from .cache import Split, cached
 from .readers import show_path
 
 FOLDER_PREFIX = "folder:"
@@ -65,14 +66,16 @@ class Dataset:
 
 
 def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
-                 skip_bad_files: bool = False, image_size: tuple[int, int] | None = None
-                 ) -> Dataset:
+                 skip_bad_files: bool = False, image_size: tuple[int, int] | None = None,
+                 progress: bool = True) -> Dataset:
     """Load `mnist`, `fashion-mnist`, `cifar10` (under data_dir, torchvision's layout) or
     `folder:PATH` (PATH/train/<class>/*, PATH/test/<class>/*, optionally PATH/val/<class>/*),
-    a folder's images resized and centre-cropped to `image_size` (height, width) if given."""
+    a folder's images resized and centre-cropped to `image_size` (height, width) if given.
+    With `progress`, the long phases of a first load (decoding a folder of images, reading
+    a moved dataset to find its cache) show their progress on stderr."""
     if name.startswith(FOLDER_PREFIX):
         return _load_folder(name, Path(name[len(FOLDER_PREFIX):]).expanduser(), skip_bad_files,
-                            image_size)
+                            image_size, progress)
     spec = SPECS.get(name)
     if spec is None:
         raise CnnlabError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
@@ -94,14 +97,16 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
         else:
             sources = [folder / f for f in files]
             decode = lambda fs=files: readers.read_cifar_split(folder, fs, n)  # noqa: E731
-        key = f"{spec.name}-{split}-{fingerprint(folder, sources)}"
-        splits[split] = cached(folder / ".cnnlab-cache", key, n, decode)
+        splits[split] = cached(folder, f"{spec.name}-{split}", sources, "", n, decode,
+                               phase=f"hashing {name}/{split}" if progress else None)
     return Dataset.of(name, list(spec.classes), spec.mean, spec.std,
                       splits["train"], splits["test"])
 
 
 def _expected(spec: DatasetSpec) -> str:
-    return ", ".join(f for files in spec.files.values() for f in files)
+    """The official files' names; an IDX file may as well be gzipped, as it is downloaded."""
+    gz = " (or .gz)" if spec.kind == "idx" else ""
+    return ", ".join(f"{f}{gz}" for files in spec.files.values() for f in files)
 
 
 def _present(spec: DatasetSpec, folder: Path) -> bool:
@@ -142,7 +147,7 @@ def _download(spec: DatasetSpec, root: Path, folder: Path) -> None:
 
 
 def _load_folder(name: str, root: Path, skip_bad_files: bool,
-                 image_size: tuple[int, int] | None = None) -> Dataset:
+                 image_size: tuple[int, int] | None = None, progress: bool = True) -> Dataset:
     if not root.is_dir():
         what = "is not a folder" if os.path.lexists(root) else "does not exist"
         raise CnnlabError(f"dataset folder {show_path(root)} {what}")
@@ -150,15 +155,23 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
     n = len(classes)
     train_files = readers.folder_files(root / "train", classes, require_all=True)
     test_files = readers.folder_files(root / "test", classes, require_all=False)
-    extra = f"{','.join(classes)}:skip={skip_bad_files}"
+    # the class names in order: which label each class folder's images get
+    extra = f"{json.dumps(classes)}:skip={skip_bad_files}"
     fit = None if image_size is None else (image_size[1], image_size[0])  # Pillow's (w, h)
     if fit:
         extra += f":crop={fit}"
         _say_memory(len(train_files), image_size)
-    train = cached(root / ".cnnlab-cache",
-                   f"folder-train-{fingerprint(root, [p for p, _ in train_files], extra)}", n,
-                   lambda: readers.read_folder_split(train_files, size=fit, crop=bool(fit),
-                                                     skip_bad=skip_bad_files))
+    shown = show_path(os.path.basename(os.path.realpath(root)))
+
+    def split_of(split: str, files: list, options: str, **how) -> Split:
+        """The split cached, or decoded as `how` says (read_folder_split's options)."""
+        return cached(root, f"folder-{split}", [p for p, _ in files], options, n,
+                      lambda: readers.read_folder_split(
+                          files, crop=bool(fit), skip_bad=skip_bad_files,
+                          progress=f"decoding {shown}/{split}" if progress else None, **how),
+                      phase=f"hashing {shown}/{split}" if progress else None)
+
+    train = split_of("train", train_files, extra, size=fit)
     empty = [c for c, count in zip(classes, np.bincount(train.labels, minlength=n)) if not count]
     if empty:
         raise CnnlabError(f"class folder {show_path(root / 'train' / empty[0])} has no readable "
@@ -167,16 +180,11 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
     mode = "L" if train.images.shape[1] == 1 else "RGB"
     size = (train.images.shape[3], train.images.shape[2])
 
-    def like_train(split: str, files: list) -> Split:
-        key = fingerprint(root, [p for p, _ in files], f"{extra}{mode}{size}")
-        return cached(root / ".cnnlab-cache", f"folder-{split}-{key}", n,
-                      lambda: readers.read_folder_split(files, mode=mode, size=size,
-                                                        crop=bool(fit), skip_bad=skip_bad_files))
-
-    test = like_train("test", test_files)
+    test = split_of("test", test_files, f"{extra}:{mode}{size}", mode=mode, size=size)
     val = None
     if (root / "val").is_dir():  # a validation split of its own
-        val = like_train("val", readers.folder_files(root / "val", classes, require_all=False))
+        val = split_of("val", readers.folder_files(root / "val", classes, require_all=False),
+                       f"{extra}:{mode}{size}", mode=mode, size=size)
     return Dataset.of(name, classes, train.mean, train.std, train, test, val)
 
 
@@ -192,23 +200,34 @@ def _say_memory(count: int, image_size: tuple[int, int]) -> None:
 def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:
     """`data` with `fraction` of each class's training images moved to a validation split,
     drawn with `seed` (stratified: every class keeps its share); `data` itself when
-    fraction is 0. The digest stays the dataset's: the split follows from it and the config."""
+    fraction is 0. A fraction that leaves some class without a validation image (rounded to
+    none: 0.5 of one image) or without a training image is refused, as a model chosen on a
+    validation split that lacks a class is not chosen on the task. The digest stays the
+    dataset's: the split follows from it and the config."""
     if not fraction:
         return data
     if data.val_x is not None:
         raise CnnlabError(f"--val-split {fraction:g}: {data.name} has a val/ folder of its own, "
                           "which is the validation split; drop --val-split (or remove val/)")
+    counts = np.bincount(data.train_y, minlength=len(data.classes)).tolist()
+    takes = [int(round(fraction * count)) for count in counts]
+    bad = [c for c, (take, count) in enumerate(zip(takes, counts)) if not 0 < take < count]
+    if bad:
+        c = min(bad, key=counts.__getitem__)  # one of under 2 images: no fraction helps it
+        if counts[c] < 2:
+            fix = ("a class needs 2 training images or more for a validation split: add images "
+                   "to it, or drop --val-split")
+        else:  # the fractions that give every class both (never none: 0.5 is one of them)
+            low = max(math.ceil(100 / count) for count in counts) / 100
+            high = min(math.floor(100 * (count - 1) / count) for count in counts) / 100
+            fix = f"choose a --val-split from {low:g} to {high:g}, or drop it"
+        raise CnnlabError(f"--val-split {fraction:g} leaves class '{data.classes[c]}' "
+                          f"({counts[c]} training images) with no "
+                          f"{'training' if takes[c] else 'validation'} images; {fix}")
     rng = np.random.default_rng(seed)
     val = np.zeros(len(data.train_y), dtype=bool)
-    for c in range(len(data.classes)):
-        members = np.flatnonzero(data.train_y == c)
-        take = int(round(fraction * len(members)))
-        if take >= len(members) or (take == 0 and len(members) > 1):
-            raise CnnlabError(f"--val-split {fraction:g} leaves class '{data.classes[c]}' "
-                              f"({len(members)} training images) with "
-                              f"{'no training' if take else 'no validation'} images; choose "
-                              "a fraction between 0 and 1 that leaves both")
-        val[rng.permutation(members)[:take]] = True
+    for c, take in enumerate(takes):
+        val[rng.permutation(np.flatnonzero(data.train_y == c))[:take]] = True
     return dataclasses.replace(data, train_x=data.train_x[~val], train_y=data.train_y[~val],
                                val_x=data.train_x[val], val_y=data.train_y[val],
                                val_source="held out")

@@ -20,6 +20,7 @@ import stat
 import sys
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -365,7 +366,8 @@ def _decode(path: str | os.PathLike[str], mode: str, size: tuple[int, int]) -> n
 
 def read_folder_split(files: list[tuple[str | os.PathLike[str], int]], *, mode: str | None = None,
                       size: tuple[int, int] | None = None, skip_bad: bool = False,
-                      crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                      crop: bool = False, progress: str | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image to uint8 (N, C, H, W), on all cores (worker processes: Python's
     share of decoding small images holds the GIL), opening each small image once.
 
@@ -373,13 +375,20 @@ def read_folder_split(files: list[tuple[str | os.PathLike[str], int]], *, mode: 
     show: "L" if every image is grayscale, and the most common size. An unreadable image or
     one of another size stops with an error naming them, or with `skip_bad` is reported on
     stderr and left out. With `crop` (and `size`) every image is resized and centre-cropped
-    to `size` (decode_image)."""
+    to `size` (decode_image). `progress` names the progress phase shown (counting images
+    decoded, a chunk of them at a time), e.g. "decoding cifar10-jpeg/train"; None: none."""
+    from ..progress import Phase  # here: tqdm's import would slow down every cached read
+
     paths = [p for p, _ in files]
-    with _pool(len(paths)) as pool:
+    with _pool(len(paths)) as pool, Phase(progress or "", len(paths), "images",
+                                          enabled=progress is not None) as phase:
         # small images come back decoded (grayscale ones as "L" when `mode` is open), larger
-        # ones as (mode, size) from their headers, unreadable ones as an error
+        # ones as (mode, size) from their headers, unreadable ones as an error; an image
+        # counts as done when it is decoded or known to be left out
         looks = _in_chunks(pool, functools.partial(_first_look_all, mode=mode,
-                                                   crop=size if crop else None), paths)
+                                                   crop=size if crop else None), paths,
+                           lambda part: phase.update(sum(not isinstance(look, tuple)
+                                                         for look in part)))
         shapes = {path: ((look.shape[2], look.shape[1]), len(look) == 1)
                   if isinstance(look, np.ndarray) else (look[1], look[0] in _GRAYSCALE)
                   for path, look in zip(paths, looks) if not isinstance(look, str)}
@@ -402,8 +411,9 @@ def read_folder_split(files: list[tuple[str | os.PathLike[str], int]], *, mode: 
                               f"dataset's images are {size[0]}x{size[1]}")
         later = [p for p, look in zip(paths, looks) if isinstance(look, tuple)
                  and p not in problems]  # large images of the right size: decoded now
+        phase.update(sum(isinstance(look, tuple) for look in looks) - len(later))
         decoded = dict(zip(later, _in_chunks(pool, functools.partial(
-            _decode_all, mode=mode, size=size), later)))
+            _decode_all, mode=mode, size=size), later, lambda part: phase.update(len(part)))))
     kept = []
     for (path, label), look in zip(files, looks):
         arr = decoded.get(path, look)
@@ -437,6 +447,7 @@ def _decode_all(paths: list[Path], mode: str, size: tuple[int, int]) -> list:
 
 
 _SMALL = 2000  # fewer files than this are read in this process: workers would cost more
+_CHUNK_FILES = 500  # files a chunk of work at most (_in_chunks)
 
 
 @contextlib.contextmanager
@@ -455,12 +466,15 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def _in_chunks(pool, work, items: list) -> list:
-    """`work(items)`, split into chunks over the pool's workers, results in order."""
-    if pool is None:
-        return work(items)
-    step = max(1, -(-len(items) // (4 * _cores())))
+def _in_chunks(pool, work, items: list, done: Callable[[list], None]) -> list:
+    """`work(items)`, split into chunks (over the pool's workers, or here one after another),
+    results in order; `done(results)` for each chunk's as they come in (progress, which a
+    worker cannot show). Chunks of at most _CHUNK_FILES: a progress bar that moves, while a
+    chunk's overhead stays small next to decoding its images."""
+    step = max(1, min(_CHUNK_FILES, -(-len(items) // (4 * _cores())) if pool else len(items)))
     chunks = [items[i:i + step] for i in range(0, len(items), step)]
-    return [r for part in pool.map(work, chunks) for r in part]
-
-
+    results = []
+    for part in pool.map(work, chunks) if pool else map(work, chunks):
+        done(part)
+        results.extend(part)
+    return results

@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, unknown_choice
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,7 +25,7 @@ MODELS = tuple(_REGISTRY)  # the model names
 def _entry(name: str) -> tuple[str, str, tuple[str, ...]]:
     """Model `name`'s registry entry, or an error naming the models there are."""
     if name not in _REGISTRY:
-        raise CnnlabError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+        raise CnnlabError(unknown_choice("model", name, MODELS))
     return _REGISTRY[name]
 
 

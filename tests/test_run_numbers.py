@@ -1,0 +1,71 @@
+"""The numbers a run records are the ones a stopwatch and a count of images would give: the
+fraction of the training split each record has seen, and the training time of a run
+interrupted mid-epoch and resumed."""
+
+import signal
+import time
+
+import pytest
+
+import cnnlab
+from cnnlab import trainer
+from cnnlab.errors import Interrupted
+from cnnlab.runs import read_metrics
+
+
+def _records(run_dir, kind):
+    return [r for r in read_metrics(run_dir) if r["type"] == kind]
+
+
+# 512 training images, batch 16: 32 steps an epoch; 0.3 epochs are 10 steps, 0.3125 of it
+@pytest.mark.parametrize("epochs, evals", [(0.3, [0.3125]), (1.5, [1.0, 1.5])])
+def test_records_place_each_point_at_the_fraction_of_the_split_seen(
+        tiny_mnist, tmp_path, epochs, evals):
+    summary = cnnlab.train("lenet5", "mnist", data_dir=tiny_mnist, out=tmp_path / "run",
+                           epochs=epochs, batch_size=16, log_every=3, telemetry=0,
+                           progress=False)
+    assert [r["epochs_done"] for r in _records(tmp_path / "run", "eval")] == evals
+    assert [r["epoch"] for r in _records(tmp_path / "run", "eval")] == list(
+        range(1, len(evals) + 1))
+    train = _records(tmp_path / "run", "train")
+    assert [r["epochs_done"] for r in train] == [round(r["step"] / 32, 4) for r in train]
+    assert train[-1]["epochs_done"] <= evals[-1]
+    assert summary["epochs_done"] == evals[-1]
+    assert summary["best_epochs_done"] == evals[summary["best_epoch"] - 1]
+
+
+def _slow_steps(monkeypatch, seconds, interrupt_at=None):
+    """Every training step takes at least `seconds`; SIGINT arrives at step `interrupt_at`."""
+    make = trainer.make_train_step
+    calls = []
+
+    def slow_make(*args, **kwargs):
+        step = make(*args, **kwargs)
+
+        def slow(batch):
+            calls.append(1)
+            time.sleep(seconds)
+            if len(calls) == interrupt_at:
+                signal.raise_signal(signal.SIGINT)
+            return step(batch)
+        return slow
+
+    monkeypatch.setattr(trainer, "make_train_step", slow_make)
+
+
+def test_a_run_resumed_mid_epoch_counts_the_time_before_the_interruption(
+        tiny_mnist, tmp_path, monkeypatch):
+    options = dict(data_dir=tiny_mnist, epochs=1, batch_size=16, log_every=4, telemetry=0,
+                   progress=False)
+    _slow_steps(monkeypatch, 0.02)
+    whole = cnnlab.train("lenet5", "mnist", out=tmp_path / "whole", **options)
+    _slow_steps(monkeypatch, 0.02, interrupt_at=26)  # 26 of the epoch's 32 steps
+    with pytest.raises(Interrupted):
+        cnnlab.train("lenet5", "mnist", out=tmp_path / "cut", **options)
+    _slow_steps(monkeypatch, 0.02)
+    resumed = cnnlab.train(resume=tmp_path / "cut", progress=False)
+    assert resumed["resumed_from_step"] == 26
+    # before: the resumed part alone (6 of 32 steps), 5x too short and its images/s 5x high
+    assert 0.5 < resumed["train_seconds"] / whole["train_seconds"] < 2
+    assert 0.5 < resumed["images_per_second"] / whole["images_per_second"] < 2
+    assert resumed["train_seconds"] >= 32 * 0.02
