@@ -115,7 +115,7 @@ DAMAGE = {
     "param groups empty": (_put("optimizer.param_groups", []),
                            "optimizer.param_groups holds 0 items, not 1"),
     "param group lr str": (lambda c: c["optimizer"]["param_groups"][0].update(lr="x"),
-                           "optimizer.param_groups[0]['lr'] is a str, not a number"),
+                           "optimizer.param_groups[0]['lr'] is a str, not an int or a float"),
     "optimizer state shape": (lambda c: c["optimizer"]["state"][0].update(
         momentum_buffer=torch.zeros(3)),
         "optimizer.state[0].momentum_buffer has shape [3], not [6, 1, 5, 5]"),
@@ -124,7 +124,7 @@ DAMAGE = {
     "no scheduler": (_drop("scheduler"), "scheduler is missing"),
     "scheduler list": (_put("scheduler", []), "scheduler is a list, not a dict"),
     "scheduler step str": (_put("scheduler.last_epoch", "8"),
-                           "scheduler['last_epoch'] is a str, not a number"),
+                           "scheduler['last_epoch'] is a str, not an int or a float"),
     "weights shape": (lambda c: c["model"].update({W: torch.zeros(6, 1, 3, 3)}),
                       f"model['{W}'] has shape [6, 1, 3, 3], not [6, 1, 5, 5]"),
     "weights missing": (lambda c: c["model"].pop(W), f"model['{W}'] is missing"),

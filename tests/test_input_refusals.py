@@ -78,8 +78,9 @@ def test_config_file_values(capsys, tmp_path, toml, message):
 
 def test_text_is_still_read_where_text_is_all_there_is():
     assert resolve("lenet5", "mnist", overrides={"lr": 0.05, "epochs": 3}).lr == 0.05
-    with pytest.raises(CnnlabError, match="'0.05' is text"):  # from Python as from a file
-        resolve("lenet5", "mnist", overrides={"lr": "0.05"})
+    assert resolve("lenet5", "mnist", overrides={"lr": "0.05"}).lr == 0.05  # as the command line
+    with pytest.raises(CnnlabError, match="'0.05' is text"):  # not from a file
+        resolve("lenet5", "mnist", file_values={"lr": "0.05"})
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -75,8 +75,9 @@ def test_plot_utilization_and_overlay(tmp_path, sweep):
     assert other == tmp_path / "x-utilization.png" and other.is_file()
     # the process's CPU as a share of the machine's cores, as env.json counts them
     (run_dir / "env.json").write_text(json.dumps({"cpu_cores_logical": 4}))
-    (label, lines), *_ = utilization_panels(run_dir)
-    assert label == "utilisation (%)" and lines[0][0] == "CPU (process, % of 4 cores)"
+    (label, unit, lines), *_ = utilization_panels(run_dir)
+    assert (label, unit) == ("utilisation (%)", "%")
+    assert lines[0][0] == "CPU (process, % of 4 cores)"
     cpu = [r["cpu_percent"] / 4 for r in _telemetry()]
     assert [v for _, v in lines[0][1]] == cpu
 
@@ -88,6 +89,8 @@ def test_plot_utilization_and_overlay(tmp_path, sweep):
 
 def test_report_on_one_run(run):
     summary = json.loads((run / "summary.json").read_text())
+    env = json.loads((run / "env.json").read_text())
+    (run / "env.json").write_text(json.dumps(env | {"cpu_cores_logical": 4}))
     written = write_report([run], device="cpu")
     assert written == {"html": run / "report.html", "md": run / "report.md"}
     md = written["md"].read_text()
@@ -101,7 +104,8 @@ def test_report_on_one_run(run):
     assert "| class | accuracy (recall) | precision | test images | most often mistaken for |" \
         in md
     assert len(re.findall(r"^\| [0-9] \| [0-9.]+% \|", md, re.M)) == 10
-    assert "| CPU (process; 100% = one core) | mean 152%, peak 155% |" in md
+    # the process's CPU as a share of all 4 cores, as utilization.png draws it
+    assert "| CPU (process, % of 4 cores) | mean 38%, peak 39% |" in md
     assert f"| best on test (optimistic: no validation split) | {acc:.2f}% (epoch "\
            f"{summary['best_epoch']}) |" in md
     assert "| pool | max |" in md and "| torch |" in md
@@ -154,9 +158,10 @@ def test_report_on_a_sweep_and_on_several_runs(sweep, tmp_path, capsys):
     assert "![Loss of pool=max-seed=0](pool=max-seed=0/loss.png)" in md  # used in place
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (work / name).is_file(), name
-    assert len(_html_images(html)) == 2 + 2 * 4
-    # no figure twice: the comparison is the sweep's own accuracy.png and loss.png, and each
-    # run's confusion matrix lies in its directory
+    assert len(_html_images(html)) == 3 + 2 * 4
+    # no figure twice: the comparison is the sweep's own accuracy.png, loss.png and
+    # comparison.png, and each run's confusion matrix lies in its directory
+    assert "](comparison.png)" in md
     assert not list(work.glob("comparison-*.png")) and not list(work.glob("*confusion*.png"))
     assert (work / "pool=max-seed=0" / "confusion.png").is_file()
 
@@ -166,7 +171,7 @@ def test_report_on_a_sweep_and_on_several_runs(sweep, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "# cnnlab report: 2 runs" in md and "## Comparison" in md
     assert "Not computed (--no-eval)." in md and "confusion.png" not in md
-    assert (out / "comparison-accuracy.png").is_file()
+    assert (out / "comparison-accuracy.png").is_file() and (out / "comparison.png").is_file()
     assert (out / "pool=avg-seed=0-loss.png").is_file()
 
 
@@ -221,7 +226,7 @@ def test_report_html_loads_every_image_in_headless_chromium(sweep, tmp_path):
     found = re.search(r'id="cnnlab-image-check">(\d+)/(\d+)<', res.stdout)
     assert found, f"no image count in the page (exit {res.returncode}): {res.stderr[-2000:]}"
     loaded, total = map(int, found.groups())
-    assert total == 10 and loaded == total
+    assert total == 11 and loaded == total
 
 
 def test_figures_leave_pyplot_and_its_backend_alone(tmp_path):

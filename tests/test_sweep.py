@@ -133,7 +133,8 @@ def test_sweep_runs_every_point_resumes_and_summarises(tiny_mnist, tmp_path, cap
     for name in names:
         assert (out / name / "summary.json").is_file(), name
         assert json.loads((out / name / "config.json").read_text())["pool"] == name[5:8]
-    for name in ("results.csv", "results.md", "accuracy.png", "loss.png", "sweep.json"):
+    for name in ("results.csv", "results.md", "accuracy.png", "loss.png", "comparison.png",
+                 "sweep.json"):
         assert (out / name).is_file(), name
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
 

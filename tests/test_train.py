@@ -119,7 +119,7 @@ def test_cli_trains_and_prints_the_run_directory_last(tiny_mnist, tmp_path):
     (["train", "lenet5", "mnist", "--batch-size", "-5"], "--batch-size must be positive"),
     (["train", "lenet5", "mnist", "--device", "cuda:7"], "cuda:7"),
     (["train", "lenet5", "mnist", "--device", "tpu"], "unknown device 'tpu'"),
-    (["train", "lenet5", "mnist", "--epochs", "three"], "invalid float value"),
+    (["train", "lenet5", "mnist", "--epochs", "three"], "invalid number value: 'three'"),
     (["train", "lenet5", "mnist", "--config", "missing.toml"], "config file not found"),
     (["train", "lenet5", "fashion-mnist", "--no-download"], "fashion-mnist not found"),
     (["train", "lenet5", "folder:nowhere"], "dataset folder nowhere does not exist"),

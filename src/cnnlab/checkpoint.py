@@ -313,8 +313,8 @@ def damaged(path: str | Path, what: str) -> CnnlabError:
 
 
 _POSITION = ("epoch", "step", "batch")  # LoopState's fields kept at a checkpoint's top level
-# Fields that versions before the one that added them did not write: absent, their default
-# (LoopState's, or the check's: no digest, the CPU) stands in. Every other field must be there.
+# Fields that cnnlab wrote only from some version on: where one is absent, its default stands
+# in (LoopState's; for the digest, no check; for the device, the CPU). The others must be there.
 _LATER = frozenset({"data_digest", "device_type", "loop.best_epoch", "loop.last_eval",
                     "loop.last_val", "loop.best_test", "loop.compile_seconds"})
 _COUNTS = ("epoch", "step", "batch", "metrics_offset", "loop.window_steps", "loop.images",
@@ -437,8 +437,8 @@ def _misfit(ckpt: dict[str, Any], training: Training, models: dict[str, nn.Modul
     model's weights, the optimiser's, schedule's or loss scaler's state, the random state, or
     where the loop was. None if all fits."""
     for key, model in models.items():
-        if key not in ckpt:
-            return f"{key} is missing, and this run trains with --{key.split('_')[0]}"
+        if key not in ckpt:  # train_model (--ema) or lookahead
+            return f"{key} is missing, though the run's config asks for it"
         if problem := (_wrong(ckpt[key], dict[str, torch.Tensor], key)
                        or _unlike(ckpt[key], model.state_dict(), key, same_keys=True)):
             return problem
@@ -488,6 +488,10 @@ def _optimizer_misfit(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -
     return None
 
 
+# What a value of this run's own state may be matched by (bool first: a bool is an int)
+_ALIKE = ((bool, bool), ((int, float), int | float), (dict, dict), ((list, tuple), list | tuple))
+
+
 def _unlike(saved: Any, fresh: Any, name: str, same_keys: bool = False) -> str | None:
     """How `saved` differs from `fresh`, the same piece of state as this run builds it: a
     tensor's shape or dtype, a list's length, a value's type (numbers are alike); None if it
@@ -501,20 +505,18 @@ def _unlike(saved: Any, fresh: Any, name: str, same_keys: bool = False) -> str |
                   *([f"dtype {saved.dtype}, not {fresh.dtype}"]
                     if saved.dtype != fresh.dtype else [])]
         return f"{name} has {' and '.join(differ)}" if differ else None
-    if isinstance(fresh, (int, float)) and not isinstance(fresh, bool):
-        return None if _wrong(saved, float, name) is None else \
-            f"{name} is {_a(saved)}, not a number"
-    if type(saved) is not type(fresh):
-        return f"{name} is {_a(saved)}, not {_a(fresh)}"
+    kind = next((kind for types_, kind in _ALIKE if isinstance(fresh, types_)), type(fresh))
+    if problem := _wrong(saved, kind, name):
+        return problem
     if isinstance(fresh, dict):
         if same_keys and saved.keys() != fresh.keys():
-            key = next(iter((fresh.keys() - saved.keys()) or (saved.keys() - fresh.keys())))
+            key = next(k for k in (*fresh, *saved) if k not in saved or k not in fresh)
             return f"{name}[{key!r}] is {'missing' if key in fresh else 'not in this run'}"
-        pairs = ((f"{name}[{k!r}]", saved[k], fresh[k]) for k in fresh.keys() & saved.keys())
+        pairs = [(f"{name}[{k!r}]", saved[k], fresh[k]) for k in fresh if k in saved]
     elif isinstance(fresh, (list, tuple)):
         if len(saved) != len(fresh):
             return f"{name} holds {len(saved)} items, not {len(fresh)}"
-        pairs = ((f"{name}[{i}]", s, f) for i, (s, f) in enumerate(zip(saved, fresh)))
+        pairs = [(f"{name}[{i}]", s, f) for i, (s, f) in enumerate(zip(saved, fresh))]
     else:
         return None
     return next((problem for key, s, f in pairs if (problem := _unlike(s, f, key))), None)

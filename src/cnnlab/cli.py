@@ -76,7 +76,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", help="TOML file with option values (keys as the option names)")
     add_train_options(p)
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (and "
-                   "warnings) on stderr and the run directory on stdout: "
+                   "notes) on stderr and the run directory on stdout: "
                    "run=$(cnnlab train ... --quiet)")
     p.add_argument("--out", help="run directory (default runs/<time>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
@@ -149,12 +149,15 @@ def _train(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     """`--nproc N`: check the options here (one line, not one per rank), then torchrun,
     with the run directory named (the launcher says where to resume should a rank die)."""
+    import contextlib
+
     from .config import default_device, load_toml, resolve
     from .launch import launch
-    from .runs import default_run_dir
+    from .runs import default_run_dir, new_dir
 
-    if args.nproc < 1:
-        raise CnnlabError(f"--nproc must be positive, got {args.nproc}")
+    if not 1 <= args.nproc <= 1024:
+        raise CnnlabError(f"--nproc must be {'positive' if args.nproc < 1 else 'at most 1024'}"
+                          f", got {args.nproc}")
     device = default_device(args.device)
     if args.resume is None:
         cfg = resolve(args.model, args.dataset, overrides=train_options(args),
@@ -178,11 +181,14 @@ def _launch(args: argparse.Namespace) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
-    run_dir = args.resume or args.out
-    if run_dir is None:
-        run_dir = default_run_dir(cfg.model, cfg.dataset)
-        rest += ["--out", str(run_dir)]
-    return launch(args.nproc, rest, run_dir)
+    if args.resume or args.out:
+        return launch(args.nproc, rest, args.resume or args.out)
+    run_dir = new_dir(default_run_dir(cfg.model, cfg.dataset))  # claimed, as one process does
+    try:
+        return launch(args.nproc, [*rest, "--out", str(run_dir)], run_dir)
+    finally:
+        with contextlib.suppress(OSError):  # still empty: no run started, none is left
+            run_dir.rmdir()
 
 
 # ---------------------------------------------------------------- use a trained model
@@ -217,11 +223,12 @@ def _use_parsers(sub) -> None:
                     f"training. Exit status {Exit.SOME_FILES_UNREADABLE.value} if some files "
                     "could not be read.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help=ckpt_help)
-    p.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+")
+    p.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+",
+                   help="image files, and folders whose images (also in subfolders) to classify")
     p.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
     p.add_argument("--invert", default="auto", help="auto (default: invert light-background "
                    "images for MNIST-style models) | yes | no")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images a batch (default 256)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default $CNNLAB_DEVICE, "
                    "else auto)")
     p.add_argument("--json", action="store_true", help="print one JSON array")
@@ -327,9 +334,9 @@ def _sweep_parser(sub) -> None:
                    "share the cores; on one GPU they share it (runs with small batches leave "
                    "most of a GPU idle); on several GPUs each job has one, round-robin "
                    "(default 1: one run after another, with a progress bar)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or training lines; "
-                   "a line per run, the summary and errors still go to stderr, the sweep "
-                   "directory to stdout")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (and "
+                   "notes) on stderr and the sweep directory on stdout: no progress, no line "
+                   "per run, no summary")
     p.add_argument("--out", help="sweep directory (default sweeps/<sweep file name>, else "
                    "sweeps/<model>-<dataset>-<grid keys>)")
 
@@ -350,10 +357,11 @@ def _sweep(args: argparse.Namespace) -> int:
                       train=spec.get("train"), options=train_options(args))
     out = args.out or default_sweep_dir(plan, args.config)
     result = run_sweep(plan, out, progress=not args.quiet, jobs=args.jobs)
-    print(f"{result['finished']} of {result['total']} runs finished; results.md and "
-          f"results.csv in {out}", file=sys.stderr)
-    if result["verdict"]:
-        print(result["verdict"], file=sys.stderr)
+    if not args.quiet:
+        print(f"{result['finished']} of {result['total']} runs finished; results.md and "
+              f"results.csv in {out}", file=sys.stderr)
+        if result["verdict"]:
+            print(result["verdict"], file=sys.stderr)
     print(out)
     return Exit.OK
 
@@ -365,7 +373,9 @@ def _report_parser(sub) -> None:
                     "directories: configuration, environment, accuracy, curves, utilisation, "
                     "per-class accuracy and confusion matrix of the best checkpoint on the test "
                     "split, and a comparison of several runs.")
-    p.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    p.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR",
+                   help="run directories (cnnlab train's) and sweep directories (cnnlab "
+                   "sweep's); several are compared")
     p.add_argument("--out", help="report directory (default: the directory given, if one; "
                    "else reports/<time>)")
     p.add_argument("--data-dir", help="where the test data is, when not where the runs "
@@ -421,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if command:  # until training takes the signals over
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _stop_at_once)
+        _library_warnings_off()
     try:
         argv = sys.argv[1:] if argv is None else argv
         parser = build_parser()
@@ -454,6 +465,20 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _library_warnings_off() -> None:
+    """The command says what it has to say in its own lines: warnings of torch, torchvision
+    or Pillow (a deprecation, Pillow's decompression-bomb size warning) would add lines of
+    their own, mid-bar or after an error's one line. Off in this process and the ones it
+    starts (decoding workers, ranks, sweep jobs); -W or PYTHONWARNINGS set by the user
+    rule instead."""
+    import warnings
+
+    if sys.warnoptions or os.environ.get("PYTHONWARNINGS"):
+        return
+    warnings.simplefilter("ignore")
+    os.environ["PYTHONWARNINGS"] = "ignore"
 
 
 def _run(args: argparse.Namespace) -> int:

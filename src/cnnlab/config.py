@@ -378,15 +378,16 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
 def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = None,
             overrides: dict[str, Any] | None = None) -> Config:
     """Build a validated Config for a new run: preset < file < overrides (None values are
-    ignored). Keys are field names, or option names ('-' for '_')."""
+    ignored). Keys are field names, or option names ('-' for '_'). Overrides may be text
+    (as from a command line); a file's numbers must be numbers."""
     overrides = option_values({k: v for k, v in (overrides or {}).items() if v is not None},
                               "option")
     file_values = option_values(file_values or {}, "config file key")
     preset = overrides.get("preset") or file_values.get("preset") or OPTIONS["preset"].default
     values: dict[str, Any] = preset_values(preset, model, dataset)
-    for source in (file_values, overrides):
+    for source in (file_values, overrides):  # a file's values are typed; options may be text
         for key, value in source.items():
-            values[key] = typed_value(key, value)
+            values[key] = typed_value(key, value, text=source is overrides)
     if "tta" not in values:  # the fast preset scores flip-trained models on both mirror images
         values["tta"] = _fast_tta(values["augment"]) if preset == "fast" else "none"
     values["data_dir"] = default_data_dir(values.get("data_dir"))
@@ -431,6 +432,7 @@ def typed_value(key: str, value: Any, *, what: str | None = None, text: bool = F
             return None
         raise bad
     if isinstance(value, str) and kind != "str" and not text:
+        typed_value(key, value, what=what, text=True)  # not even text of one: `bad`
         raise CnnlabError(f"{what or option_name(key)}: {value!r} is text, not "
                           f"{'an' if kind == 'int' else 'a'} {kind}; write it without quotes")
     text_value = value.strip() if isinstance(value, str) else None

@@ -4,6 +4,7 @@ alone (`checkpoint.load_model`): neither the training config nor the dataset is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from .config import OPTIONS, TTAS, default_data_dir, flips
 from .engine import logits
 from .errors import CnnlabError
 from .files import safe_name, write_json
+from .progress import Phase
 from .runs import RUN_FILES
 
 SPLITS = ("test", "train")
@@ -32,13 +34,17 @@ def preprocess(images: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, meta: ModelMeta, *,
-                   batch_size: int = 1000, tta: str | None = None) -> torch.Tensor:
-    """Logits for uint8 images, in batches, with test-time averaging `tta` (engine.logits)."""
+                   batch_size: int = 1000, tta: str | None = None,
+                   on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Logits for uint8 images, in batches, with test-time averaging `tta` (engine.logits);
+    `on_batch(images in it)` after each batch (progress)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size].to(device), meta)
-        out.append(logits(model, x, tta).cpu())
+        out.append(logits(model, x, tta).cpu())  # to the host: the batch is done
+        if on_batch is not None:
+            on_batch(len(x))
     return torch.cat(out) if out else torch.empty(0, meta.num_classes)
 
 
@@ -70,7 +76,8 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
                         split: str = "test", data_dir: str | Path | None = None,
                         download: bool = True, tta: str | None = None,
                         batch_size: int | None = None,
-                        device: str | torch.device = "cpu", data=None) -> dict:
+                        device: str | torch.device = "cpu", data=None,
+                        progress: bool | str = True) -> dict:
     """Score a checkpoint (or a run directory's best.pt) on a labelled split.
 
     `dataset` and `data_dir` default to those the model was trained on; `data`, the
@@ -78,6 +85,9 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     `tta` ("flip", "flip,translate", see engine.logits) averages the logits of each image
     and its mirrored (and shifted) copies (only for models trained with flips); by default
     as training scored the model; `tta="none"`: without.
+    `progress`: show it per batch (progress.Phase: a bar on a terminal, else a line every
+    QUIET_SECONDS - a ResNet-18 takes minutes on a CPU), named by the text given or after
+    the checkpoint; False: nothing.
     Returns accuracy (%), loss, per_class, confusion and what was evaluated. Raises
     CnnlabError (DataMismatch where the data does not fit the model)."""
     from .data import load_dataset
@@ -112,8 +122,11 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
         raise CnnlabError(f"{dataset} has no {split} images")
     batch_size = batch_size or int(config.get("eval_batch_size")
                                    or OPTIONS["eval_batch_size"].default)
-    scores = predict_logits(trained.model, torch.from_numpy(x), meta, batch_size=batch_size,
-                            tta=tta)
+    what = (progress if isinstance(progress, str)
+            else f"evaluating {file} on the {dataset} {split} split")
+    with Phase(what, len(y), "images", enabled=bool(progress)) as phase:
+        scores = predict_logits(trained.model, torch.from_numpy(x), meta,
+                                batch_size=batch_size, tta=tta, on_batch=phase.update)
     result = classification_metrics(scores, torch.from_numpy(y), meta.classes)
     return {"checkpoint": str(file), "model": meta.name, "epoch": trained.epoch,
             "dataset": dataset, "split": split, "tta": tta, "images": len(y),

@@ -146,9 +146,9 @@ def _wait(proc: subprocess.Popen, folder: Path) -> int:
 
 
 def _report_deaths(died: list[int], report: str, run_dir: Path) -> int | None:
-    """Say in one line which ranks died, how (torchrun's report gives each failed rank's exit
-    code, negative for a signal) and how to go on; return 128 + the first one's signal, or
-    its exit status (None if torchrun's report does not say)."""
+    """Say in one line which ranks died, how (torchrun's `report` gives each failed rank's
+    exit code, negative for a signal) and how to go on; return 128 + the first one's signal,
+    or its exit status (None if the report does not say)."""
     codes = {int(r): int(c) for r, c in re.findall(
         r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s+exitcode\s*:\s*(-?\d+)", report)}
 
@@ -167,7 +167,9 @@ def _report_deaths(died: list[int], report: str, run_dir: Path) -> int | None:
     deaths = ", ".join(f"rank {r} died{how(r)}" for r in died)
     print(f"cnnlab: error: {deaths}; {then}", file=sys.stderr)
     first = codes.get(died[0])
-    return None if first is None else Exit.for_signal(-first) if first < 0 else first
+    if first is None:
+        return None
+    return Exit.for_signal(-first) if first < 0 else first
 
 
 def _signal_name(signum: int) -> str:
@@ -191,9 +193,9 @@ def rank_started() -> None:
 
 
 def leave_to_launcher(message: str) -> bool:
-    """Under `--nproc`: leave `message`, that this rank lost the others, for the launcher to
-    print unless a rank died (the cause, which it reports instead), and return True; False
-    without the launcher."""
+    """Under `--nproc`: leave `message`, that this rank lost the others, to the launcher, and
+    return True (False without one). It prints it only when nothing else explains it: no
+    rank died or failed otherwise."""
     folder = os.environ.get(LAUNCH_DIR)
     if folder:
         (Path(folder) / f"lost-{env_rank()}").write_text(message)

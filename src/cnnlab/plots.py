@@ -1,13 +1,20 @@
 """Figures drawn from run directories alone: a run's loss and accuracy curves (plot_run), its
-utilisation over time (plot_utilization), several runs overlaid (plot_overlay) and a
-confusion matrix (plot_confusion)."""
+utilisation over time (plot_utilization), several runs overlaid (plot_overlay), each
+configuration's runs side by side (plot_comparison) and a confusion matrix (plot_confusion).
+
+Curves are drawn against the epochs trained - the fraction of the training split seen
+(`epochs_done`) - so that the points of a 1.5-epoch run lie at 1.0 and 1.5."""
 
 from __future__ import annotations
 
 import os
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
+from .config import format_value
 from .files import atomic_write, read_json
+from .results import confidence_interval, eval_epochs
 from .runs import read_metrics
 
 
@@ -21,57 +28,78 @@ def _figure(figsize: tuple[float, float], dpi: int = 110):
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
              prefix: str = "") -> list[Path]:
-    """Write loss.png (training loss per log window, test loss per epoch) and accuracy.png
-    (test accuracy per epoch) into the run directory (or `out_dir`, names after `prefix`).
-    Returns the paths written."""
+    """Write loss.png (training loss per log window, test loss per evaluation) and
+    accuracy.png (test accuracy per evaluation) into the run directory (or `out_dir`, names
+    after `prefix`). Returns the paths written."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
-    train, evals, steps_per_epoch = _curves(run_dir)
+    run = _curves(run_dir)
+    train_note, eval_note = _smoothing_notes(run.smoothing)
+    validated = [(x, r) for x, r in run.evals if r.get("val_acc") is not None]
     written = []
 
     fig = _figure((7, 4.2))
     ax = fig.subplots()
-    if train and steps_per_epoch:
-        ax.plot([r["step"] / steps_per_epoch for r in train], [r["loss"] for r in train],
-                label="training loss (mean over log window)", lw=1.2)
-    if evals:
-        ax.plot([r["epoch"] for r in evals], [r["test_loss"] for r in evals], "o-",
-                label="test loss", lw=1.5, ms=4)
-    validated = [r for r in evals if r.get("val_acc") is not None]
+    if run.train:
+        ax.plot(*_xy(run.train, "loss"), lw=1.2,
+                label=_named("training loss", train_note, "mean over log window"))
+    if run.evals:
+        ax.plot(*_xy(run.evals, "test_loss"), "o-", lw=1.5, ms=4,
+                label=_named("test loss", eval_note))
     if validated:
-        ax.plot([r["epoch"] for r in validated], [r["val_loss"] for r in validated], "s--",
-                label="validation loss", lw=1.2, ms=3)
-    written.append(_finish(fig, ax, out_dir / f"{prefix}loss.png", xlabel="epoch",
+        ax.plot(*_xy(validated, "val_loss"), "s--", lw=1.2, ms=3,
+                label=_named("validation loss", eval_note))
+    written.append(_finish(fig, ax, out_dir / f"{prefix}loss.png", xlabel="epochs trained",
                            ylabel="cross-entropy loss", title=f"Loss - {run_dir.name}"))
 
     fig = _figure((7, 4.2))
     ax = fig.subplots()
-    if evals:
-        ax.plot([r["epoch"] for r in evals], [r["test_acc"] for r in evals], "o-", lw=1.5, ms=4,
-                label="test accuracy")
+    if run.evals:
+        ax.plot(*_xy(run.evals, "test_acc"), "o-", lw=1.5, ms=4, label="test accuracy")
     if validated:  # best.pt: chosen on validation
-        ax.plot([r["epoch"] for r in validated], [r["val_acc"] for r in validated], "s--",
-                lw=1.2, ms=3, label="validation accuracy")
-        best = max(validated, key=lambda r: r["val_acc"])
+        ax.plot(*_xy(validated, "val_acc"), "s--", lw=1.2, ms=3, label="validation accuracy")
+        x, best = max(validated, key=lambda p: p[1]["val_acc"])
         ax.annotate(f"best.pt (validation {best['val_acc']:.2f}%): test {best['test_acc']:.2f}%",
-                    (best["epoch"], best["test_acc"]), textcoords="offset points",
-                    xytext=(0, -16), ha="center")
-    elif evals:
-        best = max(evals, key=lambda r: r["test_acc"])
-        ax.annotate(f"best on test {best['test_acc']:.2f}%", (best["epoch"], best["test_acc"]),
+                    (x, best["test_acc"]), textcoords="offset points", xytext=(0, -16),
+                    ha="center")
+    elif run.evals:
+        x, best = max(run.evals, key=lambda p: p[1]["test_acc"])
+        ax.annotate(f"best on test {best['test_acc']:.2f}%", (x, best["test_acc"]),
                     textcoords="offset points", xytext=(0, -16), ha="center")
     ax.set_ylim(top=min(100.0, ax.get_ylim()[1]))  # an accuracy axis stops at 100%
-    written.append(_finish(fig, ax, out_dir / f"{prefix}accuracy.png", xlabel="epoch",
+    written.append(_finish(fig, ax, out_dir / f"{prefix}accuracy.png", xlabel="epochs trained",
                            ylabel="accuracy (%)", title=f"Accuracy - {run_dir.name}"))
     return written
 
 
-def _finish(fig, ax, path: Path, *, legend_size: float | None = None, **labels) -> Path:
-    """Label, grid and legend the axes and save the figure atomically."""
+def _smoothing_notes(smoothing: float) -> tuple[str, str]:
+    """What a legend says of the training and of the evaluation losses: with label smoothing
+    the training loss includes the smoothing term while test and validation losses are plain
+    cross-entropy, so the two are not comparable (0.53 against 0.12 for the fast LeNet-5)."""
+    if not smoothing:
+        return "", ""
+    return f"label smoothing {format_value(smoothing)}", "plain cross-entropy"
+
+
+def _named(name: str, *notes: str) -> str:
+    """`name (note, note)`, without the empty notes."""
+    shown = [n for n in notes if n]
+    return f"{name} ({', '.join(shown)})" if shown else name
+
+
+def _xy(points: list[tuple[float, dict]], key: str) -> tuple[list[float], list[float]]:
+    return [x for x, _ in points], [r[key] for _, r in points]
+
+
+def _finish(fig, ax, path: Path, *, legend_size: float | None = None, legend_aside: bool = False,
+            **labels) -> Path:
+    """Label, grid and legend the axes (beside them where the points fill the whole plot) and
+    save the figure atomically."""
     ax.set(**labels)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # a run without records yet has no curves
-        ax.legend(fontsize=legend_size)
+        ax.legend(fontsize=legend_size,
+                  **(dict(loc="upper left", bbox_to_anchor=(1.02, 1)) if legend_aside else {}))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -81,19 +109,35 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _curves(run_dir: Path) -> tuple[list[dict], list[dict], float]:
-    """(train records, eval records, steps per epoch) of one run."""
+@dataclass
+class _Curves:
+    """One run's train and eval records, each at its place on the epoch axis."""
+
+    train: list[tuple[float, dict]]
+    evals: list[tuple[float, dict]]
+    smoothing: float  # the training loss's label smoothing (config.json)
+
+
+def _curves(run_dir: Path) -> _Curves:
     records = read_metrics(run_dir)
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
+    # runs written before records had epochs_done: steps per epoch from the eval records
     steps_per_epoch = max((r["steps"] / r["epoch"] for r in evals if r.get("steps")), default=0)
-    return train, evals, steps_per_epoch
+    placed = [(r["epochs_done"] if "epochs_done" in r
+               else r["step"] / steps_per_epoch if steps_per_epoch else None, r) for r in train]
+    try:
+        smoothing = float(read_json(run_dir / "config.json").get("label_smoothing") or 0)
+    except (OSError, ValueError, AttributeError, TypeError):
+        smoothing = 0.0
+    return _Curves([(x, r) for x, r in placed if x is not None],
+                   [(eval_epochs(r), r) for r in evals], smoothing)
 
 
 def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | Path, *,
                  prefix: str = "") -> list[Path]:
-    """Overlay several runs' curves: accuracy.png (test accuracy per epoch) and loss.png
-    (training loss per log window, solid; test loss per epoch, dashed) in `out_dir`.
+    """Overlay several runs' curves: accuracy.png (test accuracy per evaluation) and loss.png
+    (training loss per log window, solid; test loss per evaluation, dashed) in `out_dir`.
     Runs with the same label (the seeds of one grid point) share a colour; their mean test
     accuracy is the thick line. Returns the paths written."""
     from matplotlib import rcParams
@@ -110,42 +154,110 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
     ax = fig.subplots()
     for i, (label, runs) in enumerate(curves.items()):
         color = colors[i % len(colors)]
-        for _, evals, _ in runs:
+        for run in runs:
             if len(runs) > 1:
-                ax.plot([r["epoch"] for r in evals], [r["test_acc"] for r in evals], "o-",
-                        color=color, lw=0.8, ms=2.5, alpha=0.35)
-        epochs = min((len(e) for _, e, _ in runs), default=0)
-        if epochs:
-            mean = [sum(e[k]["test_acc"] for _, e, _ in runs) / len(runs) for k in range(epochs)]
+                ax.plot(*_xy(run.evals, "test_acc"), "o-", color=color, lw=0.8, ms=2.5,
+                        alpha=0.35)
+        evals = min((len(run.evals) for run in runs), default=0)
+        if evals:
+            mean = [statistics.fmean(run.evals[k][1]["test_acc"] for run in runs)
+                    for k in range(evals)]
             name = f"{label} (mean of {len(runs)})" if len(runs) > 1 else label
-            ax.plot([runs[0][1][k]["epoch"] for k in range(epochs)], mean, "o-", color=color,
-                    lw=2, ms=4, label=name)
+            ax.plot([x for x, _ in runs[0].evals[:evals]], mean, "o-", color=color, lw=2,
+                    ms=4, label=name)
     written = [_finish(fig, ax, out_dir / f"{prefix}accuracy.png", legend_size=8,
-                       xlabel="epoch", ylabel="test accuracy (%)",
+                       xlabel="epochs trained", ylabel="test accuracy (%)",
                        title=f"Test accuracy - {len(groups)} configurations, {n_runs} runs")]
 
     fig = _figure((7.5, 4.5))
     ax = fig.subplots()
     for i, (label, runs) in enumerate(curves.items()):
         color = colors[i % len(colors)]
-        for k, (train, evals, steps_per_epoch) in enumerate(runs):
-            if train and steps_per_epoch:
-                ax.plot([r["step"] / steps_per_epoch for r in train], [r["loss"] for r in train],
-                        color=color, lw=1, alpha=0.7, label=f"{label} train" if k == 0 else None)
-            if evals:
-                ax.plot([r["epoch"] for r in evals], [r["test_loss"] for r in evals], "o--",
-                        color=color, lw=1.2, ms=4, label=f"{label} test" if k == 0 else None)
+        train_note, eval_note = _smoothing_notes(runs[0].smoothing)
+        for k, run in enumerate(runs):
+            if run.train:
+                ax.plot(*_xy(run.train, "loss"), color=color, lw=1, alpha=0.7,
+                        label=_named(f"{label} train", train_note) if k == 0 else None)
+            if run.evals:
+                ax.plot(*_xy(run.evals, "test_loss"), "o--", color=color, lw=1.2, ms=4,
+                        label=_named(f"{label} test", eval_note) if k == 0 else None)
     written.append(_finish(fig, ax, out_dir / f"{prefix}loss.png", legend_size=8,
-                           xlabel="epoch", ylabel="cross-entropy loss",
+                           xlabel="epochs trained", ylabel="cross-entropy loss",
                            title=f"Loss - {len(groups)} configurations, {n_runs} runs"))
     return written
 
 
-_TELEMETRY_PANELS = (  # CPU: the process's share of all cores (psutil counts one core as 100)
-    ("utilisation (%)", (("cpu_percent", "CPU (process, % of {cores} cores)"),
-                         ("gpu_util", "GPU"))),
-    ("memory (MB)", (("rss_mb", "host RSS"), ("gpu_mem_mb", "GPU memory"))),
-    ("images/s", (("images_per_second", "training throughput"),)),
+_SEED_SERIES = (  # summary key, legend name, marker: what each run of a configuration scored
+    ("final_test_acc", "final test accuracy", "o"),
+    ("test_acc_at_best", "test accuracy of best.pt\n(chosen on validation)", "s"),
+    ("best_test_acc", "best on test\n(optimistic: chosen on test)", "^"),
+)
+
+
+def comparison_data(summaries: list[dict], labels: list[str]) -> list[dict]:
+    """What comparison.png shows: per configuration (label, in order of first appearance),
+    {"label", "series": {summary key: {"values", "mean", "interval"}}} for each series of
+    _SEED_SERIES its runs have, with the 95% confidence interval of the mean (None for one
+    run). A run's best is the test accuracy of best.pt where that was chosen on validation
+    (test_acc_at_best), else its best on test."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for summary, label in zip(summaries, labels, strict=True):
+        series = groups.setdefault(label, {key: [] for key, _, _ in _SEED_SERIES})
+        best = ("test_acc_at_best" if summary.get("test_acc_at_best") is not None
+                else "best_test_acc")
+        for key in ("final_test_acc", best):
+            if summary.get(key) is not None:
+                series[key].append(float(summary[key]))
+    return [{"label": label,
+             "series": {key: {"values": values, "mean": statistics.fmean(values),
+                              "interval": confidence_interval(values)}
+                        for key, values in series.items() if values}}
+            for label, series in groups.items()]
+
+
+def plot_comparison(summaries: list[dict], labels: list[str], path: str | Path) -> Path:
+    """Draw comparison.png: one column per configuration (`labels`: the runs' configurations),
+    each run's final and best test accuracy as points (see comparison_data), beside them the
+    configuration's mean and its 95% confidence interval over the runs (Student t). Unlike
+    accuracy against epoch, it shows a sweep of one evaluation per run as more than a column
+    of dots over one x value."""
+    from matplotlib import rcParams
+
+    columns = comparison_data(summaries, labels)
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = _figure((1.3 * len(columns) + 6, 4.5))
+    ax = fig.subplots()
+    named: set[str] = set()  # the legend names given so far: one entry each
+    mean_name = "mean, 95% confidence interval\n(Student t over the runs)"
+    for i, column in enumerate(columns):
+        shown = [(k, s) for k, s in enumerate(_SEED_SERIES) if s[0] in column["series"]]
+        for j, (k, (key, name, marker)) in enumerate(shown):
+            series = column["series"][key]
+            x = i + (j - (len(shown) - 1) / 2) * 0.3
+            mean, interval = series["mean"], series["interval"]
+            ax.plot([x - 0.05] * len(series["values"]), series["values"], marker,
+                    linestyle="none", color=colors[k], alpha=0.6, ms=5,
+                    label=None if name in named else name)
+            ax.errorbar([x + 0.05], [mean], fmt="_", color=colors[k], ms=14, mew=2, capsize=4,
+                        yerr=None if interval is None
+                        else [[mean - interval[0]], [interval[1] - mean]],
+                        label=None if mean_name in named else mean_name)
+            named |= {name, mean_name}
+    slanted = max((len(c["label"]) for c in columns), default=0) > 12
+    ax.set_xticks(range(len(columns)), [c["label"] for c in columns],
+                  rotation=20 if slanted else 0, ha="right" if slanted else "center")
+    ax.set_xlim(-0.6, len(columns) - 0.4)
+    ax.set_ylim(top=min(100.5, ax.get_ylim()[1]))
+    return _finish(fig, ax, Path(path), legend_size=8, legend_aside=True,
+                   ylabel="test accuracy (%)",
+                   title=f"Test accuracy per configuration - {len(summaries)} runs")
+
+
+_TELEMETRY_PANELS = (  # y label, unit, (record key, line name) per line
+    ("utilisation (%)", "%", (("cpu_percent", "CPU (process, % of {cores} cores)"),
+                              ("gpu_util", "GPU utilisation"))),
+    ("memory (MB)", " MB", (("rss_mb", "host memory (RSS)"), ("gpu_mem_mb", "GPU memory"))),
+    ("images/s", "", (("images_per_second", "training images/s"),)),
 )
 
 
@@ -160,7 +272,7 @@ def plot_utilization(run_dir: str | Path, out_dir: str | Path | None = None, *,
         return None
     fig = _figure((7.5, 2.2 * len(panels) + 0.6))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
-    for ax, (ylabel, lines) in zip(axes[:, 0], panels):
+    for ax, (ylabel, _, lines) in zip(axes[:, 0], panels):
         for name, points in lines:
             ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.3, label=name)
         ax.set_ylabel(ylabel)
@@ -175,16 +287,17 @@ def plot_utilization(run_dir: str | Path, out_dir: str | Path | None = None, *,
                  / f"{prefix}utilization.png")
 
 
-def utilization_panels(run_dir: Path) -> list[tuple[str, list[tuple[str, list]]]]:
-    """(y label, [(line name, [(seconds, value)])]) per panel of utilization.png, from the
-    telemetry records; the process's CPU as a share of all the machine's cores."""
+def utilization_panels(run_dir: Path) -> list[tuple[str, str, list[tuple[str, list]]]]:
+    """(y label, unit, [(line name, [(seconds, value)])]) per panel of utilization.png, from
+    the telemetry records; the process's CPU as a share of all the machine's cores (psutil
+    counts one core as 100%; the cores from env.json), as the report's table gives it too."""
     telemetry = [r for r in read_metrics(run_dir) if r.get("type") == "telemetry"]
     try:
         cores = int(read_json(run_dir / "env.json")["cpu_cores_logical"])
     except (OSError, ValueError, KeyError, TypeError):
         cores = os.cpu_count() or 1
     panels = []
-    for ylabel, series in _TELEMETRY_PANELS:
+    for ylabel, unit, series in _TELEMETRY_PANELS:
         lines = []
         for key, name in series:
             scale = 1 / cores if key == "cpu_percent" else 1
@@ -193,7 +306,7 @@ def utilization_panels(run_dir: Path) -> list[tuple[str, list[tuple[str, list]]]
             if points:
                 lines.append((name.format(cores=cores), points))
         if lines:
-            panels.append((ylabel, lines))
+            panels.append((ylabel, unit, lines))
     return panels
 
 

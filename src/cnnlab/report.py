@@ -25,8 +25,13 @@ from .files import atomic_write, read_json, safe_name
 from .results import (
     aggregate,
     diverged_error,
+    eval_epochs,
+    format_epochs,
     md_table,
     mean_std,
+    metric,
+    model_default,
+    selection_note,
     shown_metrics,
     verdict,
 )
@@ -241,7 +246,7 @@ def find_runs(paths: list[str | Path]) -> tuple[list[RunInfo], list[Path]]:
 
 def outcome(run: RunInfo) -> dict:
     """Final and best accuracy etc. from summary.json, or from the eval records of a run that
-    did not finish."""
+    did not finish (epochs_done: where its last evaluation was)."""
     if run.summary is not None:
         return run.summary
     evals = run.evals
@@ -251,7 +256,9 @@ def outcome(run: RunInfo) -> dict:
     best = max(evals, key=lambda r: r[key])
     out = {"final_test_acc": evals[-1]["test_acc"],
            "best_test_acc": max(r["test_acc"] for r in evals),
-           "best_epoch": best["epoch"], "final_test_loss": evals[-1].get("test_loss"),
+           "best_epoch": best["epoch"], "best_epochs_done": eval_epochs(best),
+           "epochs_done": eval_epochs(evals[-1]),
+           "final_test_loss": evals[-1].get("test_loss"),
            "train_seconds": evals[-1].get("train_seconds")}
     if key == "val_acc":
         out.update(best_val_acc=best["val_acc"], test_acc_at_best=best["test_acc"])
@@ -285,7 +292,9 @@ def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
     except Exception as e:  # a data reader's own failure must not sink the whole report
         return f"The test data could not be read ({type(e).__name__}: {e})."
     try:
-        result = evaluate_checkpoint(ckpt_file, dataset=dataset, data=data, device=device)
+        result = evaluate_checkpoint(
+            ckpt_file, dataset=dataset, data=data, device=device,
+            progress=f"report: evaluating {run.name} ({ckpt_file.name}) on the test split")
     except DataMismatch as e:
         return f"The test data under {root} does not fit the model ({e}); not evaluated."
     except CnnlabError as e:
@@ -306,18 +315,19 @@ def _seconds(value: Any) -> str:
 
 def _outcome_table(run: RunInfo) -> Table:
     o = outcome(run)
-    done = len(run.evals)
-    status = (f"finished ({done} of {run.config.get('epochs')} epochs)" if run.summary
+    done = f"{format_epochs(metric(o, 'epochs_done'))} of {format_value(run.config.get('epochs'))}"
+    status = (f"finished ({done} epochs)" if run.summary
               else run.diverged if run.diverged
-              else f"did not finish: {done} of {run.config.get('epochs')} epochs evaluated")
+              else f"did not finish: {done} epochs evaluated")
+    best_at = format_epochs(metric(o, "best_epochs_done"))
     rows = [["status", status],
             ["final test accuracy", _pct(o.get("final_test_acc"))],
-            *([["best.pt: chosen on validation", f"epoch {o.get('best_epoch', '-')}: "
+            *([["best.pt: chosen on validation", f"epoch {best_at}: "
                 f"validation {_pct(o['best_val_acc'])}, test {_pct(o.get('test_acc_at_best'))}"],
                ["best on test (optimistic)", _pct(o.get("best_test_acc"))]]
               if o.get("best_val_acc") is not None else
               [["best on test (optimistic: no validation split)",
-                f"{_pct(o.get('best_test_acc'))} (epoch {o.get('best_epoch', '-')})"]]),
+                f"{_pct(o.get('best_test_acc'))} (epoch {best_at})"]]),
             ["final test loss", "-" if o.get("final_test_loss") is None
              else f"{o['final_test_loss']:.4f}"],
             ["training time (no evaluation)", _seconds(o.get("train_seconds"))]]
@@ -331,6 +341,11 @@ def _outcome_table(run: RunInfo) -> Table:
     return Table(["", ""], rows)
 
 
+def _option_value(config: dict, key: str) -> str:
+    """The value of option `key` that ran: one left to the model as the model's default."""
+    return model_default(config, key) or _value(config.get(key))
+
+
 def _value(value: Any) -> str:
     if isinstance(value, list):
         return "; ".join(_value(v) for v in value) or "none"
@@ -340,19 +355,15 @@ def _value(value: Any) -> str:
 
 
 def _utilisation(run: RunInfo) -> list[list[str]]:
+    """Mean and peak of each line of utilization.png, in its units (the CPU as a share of all
+    the machine's cores, as the chart beside the table draws it)."""
+    from .plots import utilization_panels
+
     telemetry = [r for r in run.records if r.get("type") == "telemetry"]
-
-    def series(key: str) -> list[float]:
-        return [float(r[key]) for r in telemetry if r.get(key) is not None]
-
     rows = [["samples", f"{len(telemetry)} over {_seconds(telemetry[-1].get('elapsed'))}"]]
-    for key, name, unit in (("cpu_percent", "CPU (process; 100% = one core)", "%"),
-                            ("gpu_util", "GPU utilisation", "%"),
-                            ("rss_mb", "host memory (RSS)", " MB"),
-                            ("gpu_mem_mb", "GPU memory", " MB"),
-                            ("images_per_second", "training images/s", "")):
-        values = series(key)
-        if values:
+    for _, unit, lines in utilization_panels(run.path):
+        for name, points in lines:
+            values = [v for _, v in points]
             rows.append([name, f"mean {sum(values) / len(values):,.0f}{unit}, "
                                f"peak {max(values):,.0f}{unit}"])
     return rows
@@ -433,9 +444,9 @@ def _differing_keys(configs: list[dict]) -> list[str]:
 def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
                 evaluations: dict[str, dict | str], prefix: str) -> None:
     """The comparison table, verdict, overlaid curves (named after `prefix`: "" in a sweep's
-    own directory, where they are the sweep's accuracy.png and loss.png) and per-class
-    accuracy side by side."""
-    from .plots import plot_overlay
+    own directory, where they are the sweep's accuracy.png and loss.png), comparison.png (each
+    configuration's runs and their mean) and per-class accuracy side by side."""
+    from .plots import plot_comparison, plot_overlay
 
     finished = [r for r in runs if r.summary is not None]
     doc.add(Heading(2, "Comparison"))
@@ -457,18 +468,25 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
                    *(["diverged"] if diverged else []),
                    *(title for _, title, _ in columns),
                    *(["lab report"] if any(lab) else [])],
-                  [[row["label"], *(_value(row["config"].get(k)) for k in keys), str(row["n"]),
+                  [[row["label"], *(_option_value(row["config"], k) for k in keys), str(row["n"]),
                     *([str(row["diverged"])] if diverged else []),
                     *(mean_std(row, key, digits) for key, _, digits in columns),
                     *([figure or "-"] if any(lab) else [])]
                    for row, figure in zip(rows, lab)]))
+    note = selection_note(rows)
+    if note:
+        doc.add(Para(note))
     text = verdict(rows, keys)
     if text:
         doc.add(Para(text, strong=True))
-    written = plot_overlay([r.path for r in finished], [r.group for r in finished], figures.out,
-                           prefix=prefix)
+    groups = [r.group for r in finished]
+    written = plot_overlay([r.path for r in finished], groups, figures.out, prefix=prefix)
+    spread = plot_comparison([r.summary for r in finished], groups,
+                             figures.out / "comparison.png")
     doc.add(Figures([(written[0], "Test accuracy of every run"),
-                     (written[1], "Loss of every run")]))
+                     (written[1], "Loss of every run"),
+                     (spread, "Final and best test accuracy of each configuration's runs, "
+                              "their mean and 95% confidence interval")]))
     scored = [(r, evaluations.get(r.name)) for r in finished]
     scored = [(r, e) for r, e in scored if isinstance(e, dict)]
     groups = list(dict.fromkeys(r.group for r, _ in scored))
@@ -513,7 +531,10 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
     if isinstance(evaluation, dict):
         o = outcome(run)  # what the run recorded for best.pt (chosen on validation if any)
         recorded = o.get("test_acc_at_best", o.get("best_test_acc"))
-        doc.add(Para(f"The {evaluation['checkpoint']} checkpoint (epoch {evaluation['epoch']}) "
+        best_at = metric(o, "best_epochs_done")  # the checkpoint counts whole epochs
+        at = (format_epochs(best_at) if evaluation["checkpoint"] == "best.pt"
+              and best_at is not None else evaluation["epoch"])
+        doc.add(Para(f"The {evaluation['checkpoint']} checkpoint (epoch {at}) "
                      f"on the {evaluation['images']:,} test images: "
                      f"{evaluation['accuracy']:.2f}% accuracy"
                      + (f" (the run recorded {recorded:.2f}% for it)." if recorded is not None
@@ -528,16 +549,19 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
         doc.add(Figures([(path, f"Confusion matrix of {run.name}")]))
     else:
         doc.add(Para(evaluation or "Not computed (--no-eval)."))
-    own = {k: v for k, v in run.config.items() if k not in shared.get("config", {})}
+    own = [k for k in run.config if k not in shared.get("config", {})]
     doc.add(Heading(level, "Configuration" + (" (where it differs)" if shared else "")),
-            _config_table(own))
+            _config_table(run.config, own))
     if "env" not in shared:
         doc.add(Heading(level, "Environment"), _env_table(run.env))
     return doc.blocks
 
 
-def _config_table(config: dict) -> Table:
-    return Table(["option", "value"], [[option_name(k), _value(v)] for k, v in config.items()]
+def _config_table(config: dict, keys: list[str] | None = None) -> Table:
+    """The options `keys` (default: all) of `config`, whole: a value left to the model is
+    named by its model."""
+    return Table(["option", "value"], [[option_name(k), _option_value(config, k)]
+                                       for k in (config if keys is None else keys)]
                  or [["-", "-"]])
 
 

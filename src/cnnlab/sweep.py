@@ -254,14 +254,20 @@ def _config_difference(run_dir: Path, cfg: Config) -> str | None:
     return None
 
 
-def _say(message: str) -> None:
+def _say(message: str) -> None:  # a sweep's line about its runs, on stderr
     print(f"cnnlab sweep: {message}", file=sys.stderr, flush=True)
+
+
+def _silent(message: str) -> None:  # --quiet
+    pass
 
 
 def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int = 1) -> dict:
     """Train every unfinished run of `plan` under `out`, then write the results; `jobs` > 1
     trains that many at once, each in a process of its own (see train_concurrently).
-    Returns what write_results returns."""
+    Returns what write_results returns. `progress` off (--quiet): no bars and no lines
+    about the runs."""
+    say = _say if progress else _silent
     if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
         raise CnnlabError(f"--jobs must be a positive integer, at most {MAX_JOBS}, got "
                           f"{short(jobs)}")
@@ -281,15 +287,15 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
     for i, run in enumerate(plan.runs, 1):
         tag = f"[{i}/{len(plan.runs)}] {run.name}"
         if is_finished(out / run.name):
-            _say(f"{tag}: {'diverged' if diverged_error(out / run.name) else 'finished'} before, "
-                 "skipped")
+            say(f"{tag}: {'diverged' if diverged_error(out / run.name) else 'finished'} before, "
+                "skipped")
         else:
             todo.append((tag, run))
     try:
         if jobs > 1 and len(todo) > 1:
-            train_concurrently(todo, out, jobs)
+            train_concurrently(todo, out, jobs, say)
         else:
-            _train_one_by_one(todo, out, progress)
+            _train_one_by_one(todo, out, progress, say)
     except BaseException:
         with contextlib.suppress(Exception):  # keep what finished readable
             write_results(out, plan)
@@ -297,29 +303,30 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
     return write_results(out, plan)
 
 
-def _train_one_by_one(todo: list[tuple[str, Run]], out: Path, progress: bool) -> None:
+def _train_one_by_one(todo: list[tuple[str, Run]], out: Path, progress: bool,
+                      say=_say) -> None:
     from .trainer import fit
 
     for tag, run in todo:
-        _start(out / run.name, tag)
+        _start(out / run.name, tag, say=say)
         try:
             s = fit(run.config, out / run.name, progress=progress)
         except TrainingDiverged as e:  # the run wrote diverged.json
-            _say(f"{tag}: diverged ({e}); going on with the other runs")
+            say(f"{tag}: diverged ({e}); going on with the other runs")
             continue
         except Interrupted as e:
             raise Interrupted(f"sweep stopped during {run.name}; run the same command again to "
                               "continue (finished runs are kept, that one is redone)",
                               e.signum) from None
-        _say(_finished(tag, s))
+        say(_finished(tag, s))
 
 
-def _start(run_dir: Path, tag: str, where: str = "") -> None:
+def _start(run_dir: Path, tag: str, where: str = "", say=_say) -> None:
     if run_dir.exists():
-        _say(f"{tag}: unfinished, removing it and training it again{where}")
+        say(f"{tag}: unfinished, removing it and training it again{where}")
         shutil.rmtree(run_dir)
     else:
-        _say(f"{tag}: training{where}")
+        say(f"{tag}: training{where}")
 
 
 def _finished(tag: str, s: dict) -> str:
@@ -335,7 +342,8 @@ def job_device(device: str, slot: int, gpus: int) -> str:
     return f"cuda:{slot % gpus}" if gpus > 1 and device in ("auto", "cuda") else device
 
 
-def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int) -> None:
+def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int,
+                       say=_say) -> None:
     """Train the runs of `todo` (tag, run), `jobs` at a time, each in a process of its own.
 
     The data is downloaded and decoded here first, once. Each process gets 1/jobs of the CPU
@@ -367,8 +375,8 @@ def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int) -> Non
 
     def pass_on(signum, frame) -> None:
         if not stop:
-            _say(f"{signal.Signals(signum).name}: stopping the {len(running)} running runs "
-                 "after their current step (press Ctrl-C again to stop them at once)")
+            say(f"{signal.Signals(signum).name}: stopping the {len(running)} running runs "
+                "after their current step (press Ctrl-C again to stop them at once)")
         stop.append(signum)
         for process, *_ in running.values():
             with contextlib.suppress(ProcessLookupError):
@@ -383,7 +391,7 @@ def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int) -> Non
                 device = job_device(run.config.device, slot, gpus)
                 cfg = dataclasses.replace(run.config, device=device)
                 _start(out / run.name, tag, f" (job {slot + 1}"
-                       f"{', ' + device if device.startswith('cuda:') else ''})")
+                       f"{', ' + device if device.startswith('cuda:') else ''})", say)
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(target=_train_in_process,
                                           args=(cfg, out / run.name, threads, send))
@@ -400,17 +408,17 @@ def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int) -> Non
                 free.append(slot)
                 free.sort()
                 if outcome == "finished":
-                    _say(_finished(tag, detail))
+                    say(_finished(tag, detail))
                 elif outcome == "diverged":
-                    _say(f"{tag}: diverged ({detail}); going on with the other runs")
+                    say(f"{tag}: diverged ({detail}); going on with the other runs")
                 elif stop:
-                    _say(f"{tag}: stopped")
+                    say(f"{tag}: stopped")
                 else:
                     why = detail or f"its process ended with status {process.exitcode}"
                     failed.append(f"{run.name}: {why}")
                     if running:
-                        _say(f"{tag}: failed ({why}); letting the {len(running)} running runs "
-                             "finish, starting no more")
+                        say(f"{tag}: failed ({why}); letting the {len(running)} running runs "
+                            "finish, starting no more")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -454,10 +462,12 @@ def _csv_number(value: float | None, digits: int) -> str:
 
 
 def write_results(out: str | Path, plan: Plan) -> dict:
-    """results.csv, results.md, accuracy.png and loss.png of the finished runs of `plan`
-    (runs that diverged are listed and counted, but left out of the statistics and plots).
+    """results.csv, results.md, accuracy.png, loss.png and comparison.png (each point's runs,
+    their mean and its confidence interval) of the finished runs of `plan` (runs that diverged
+    are listed and counted, but left out of the statistics and plots).
     Returns {"out", "rows", "verdict", "finished", "diverged", "total"}."""
-    from .plots import plot_overlay
+    from .plots import plot_comparison, plot_overlay
+    from .results import format_epochs, metric, selection_note
 
     out = Path(out)
     finished = [r for r in plan.runs if (out / r.name / "summary.json").is_file()]
@@ -502,13 +512,21 @@ def write_results(out: str | Path, plan: Plan) -> dict:
                          str(row["n"]), *([str(row["diverged"])] if diverged else []),
                          *(mean_std(row, key, digits) for key, _, digits in columns)]
                         for row in rows]), ""]
+    note = selection_note(rows)
+    if note:
+        lines += [note, ""]
     if text:
         lines += [f"**{text}**", ""]
     if finished:
-        plot_overlay([out / r.name for r in finished], [r.point for r in finished], out)
+        points = [r.point for r in finished]
+        plot_overlay([out / r.name for r in finished], points, out)
+        plot_comparison([s for _, _, s in entries], points, out / "comparison.png")
         lines += ["![Test accuracy of every point](accuracy.png)", "",
-                  "![Loss of every point](loss.png)", ""]
+                  "![Loss of every point](loss.png)", "",
+                  "![Final and best test accuracy of each point's runs, their mean and 95% "
+                  "confidence interval](comparison.png)", ""]
     summaries = {r.name: s for r, (_, _, s) in zip(finished, entries)}
+    titles = {key: title for key, title, _ in columns}
 
     def run_row(r: Run) -> list[str]:
         if r.name in diverged:
@@ -516,12 +534,13 @@ def write_results(out: str | Path, plan: Plan) -> dict:
                     diverged[r.name], "-", "-", "-", "-"]
         s = summaries[r.name]
         return [f"[{r.name}]({r.name}/)", str(r.config.seed), f"{s['final_test_acc']:.2f}",
-                f"{s['best_test_acc']:.2f}", str(s["best_epoch"]), f"{s['train_seconds']:.1f}",
-                f"{s['images_per_second']:,.0f}"]
+                f"{s['best_test_acc']:.2f}", format_epochs(metric(s, "best_epochs_done")),
+                f"{s['train_seconds']:.1f}", f"{s['images_per_second']:,.0f}"]
 
     lines += ["## Runs", "", md_table(
-        ["run", "seed", "final test acc (%)", "best on test (%)", "best epoch", "train time (s)",
-         "images/s"], [run_row(r) for r in shown]), ""]
+        ["run", "seed", "final test acc (%)", titles.get("best_test_acc", "best on test (%)"),
+         titles.get("best_epochs_done", "epochs to best"), "train time (s)", "images/s"],
+        [run_row(r) for r in shown]), ""]
     atomic_write(out / "results.md", lambda f: f.write("\n".join(lines).encode()))
     return {"out": str(out), "rows": rows, "verdict": text, "finished": len(finished),
             "diverged": len(diverged), "total": len(plan.runs)}

@@ -438,9 +438,10 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
             raise
         then = (f"continue with: cnnlab train --resume {path}"
                 if (path / "config.json").is_file() else "run the same command again")
-        fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
-        raise CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; {fix}, "
-                          f"then {then}") from None
+        fix = ("free some space, then" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+               else "once it can be written,")
+        raise CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; {fix} "
+                          f"{then}") from None
     finally:
         distributed.cleanup()
 

@@ -7,12 +7,12 @@ options), so a dataset copied or moved elsewhere - its files' times changed, in 
 place, read-only or not - finds the entry it already has beside it, or in the user's cache
 folder (`user_cache_dir`, the same for every data folder), instead of being decoded again.
 Reading every file costs far less than decoding it (CIFAR-10's 60,000 JPEGs: about 0.6 s
-against 13 s), yet a run that finds its data as it left it reads none: a *reference*
-`NAME-STATE.ref` names the content fingerprint, keyed by what `os.stat` says of the files
+of CPU against 13 s), yet a run that finds its data as it left it reads none: a *reference*
+`NAME-STATE.ref` holds the content fingerprint, named by what `os.stat` says of the files
 (`state_key`: the data folder's real path, each file's path within it, size, modification
-and change times), and is written beside the entry the first time a folder is seen as it is.
-The change time cannot be set back by any tool that rewrites a file, so a reference found
-is the content of the files as they are; one missing or damaged only costs the reading.
+and change times), and is written (where an entry would be) the first time the files are
+seen as they are. No tool that rewrites a file can set its change time back, so a reference
+found names the content of the files as they are; one missing or damaged costs a reading.
 
 An entry is three files: `NAME-KEY.x.npy` (uint8 images, N x C x H x W), `NAME-KEY.y.npy`
 (int64 labels) and, written last, `NAME-KEY.json` with the content digest of both arrays
@@ -189,7 +189,8 @@ def cached(root: Path, name: str, files: Sources, options: str, num_classes: int
         found = _read_entry(folder, entry, num_classes)
         if isinstance(found, Split):
             if not known:  # the next run on these files finds the entry without reading them
-                _store(folders, [(ref, key.encode())], "cache reference")
+                _store(folders, [(ref, key.encode())], "reference to the cached data not "
+                       "written")
             return found
         if found:
             problems.append(f"cached data {show_path(folder / entry)} {found}")
@@ -201,15 +202,19 @@ def cached(root: Path, name: str, files: Sources, options: str, num_classes: int
     _store(folders, [(f"{entry}.y.npy", lambda f: np.save(f, y, allow_pickle=False)),
                      (f"{entry}.x.npy", lambda f: np.save(f, x, allow_pickle=False)),
                      (f"{entry}.json", manifest.encode()), (ref, key.encode())],
-           "decoded data")
+           "decoded data not cached")
     return split
 
 
 def _read_ref(path: Path) -> str | None:
-    """The content key a reference names; None when there is none or it holds no key."""
+    """The content key a reference names; None when there is none or it holds no key (what
+    is no regular file is not opened: a FIFO would block)."""
     try:
-        text = path.read_bytes()[:64].decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
+        if not path.is_file():
+            return None
+        with path.open("rb") as f:
+            text = f.read(33).decode("ascii", "replace")  # a key and one more: none longer
+    except OSError:
         return None
     return text if _KEY.fullmatch(text) else None
 
@@ -246,9 +251,10 @@ def _read_entry(folder: Path, key: str, num_classes: int) -> Split | str | None:
     return Split(x, y, digest, *map(tuple, stats))
 
 
-def _store(folders: Iterable[Path], files: list[tuple[str, Content]], what: str) -> None:
+def _store(folders: Iterable[Path], files: list[tuple[str, Content]], failed: str) -> None:
     """Write `files` (name, content), each atomically and in order, into the first folder
-    that takes them: beside the data if it is writable, else the user's cache folder."""
+    that takes them: beside the data if it is writable, else the user's cache folder; a
+    note saying `failed` and why when none does."""
     errors = []
     for folder in folders:
         try:
@@ -258,7 +264,7 @@ def _store(folders: Iterable[Path], files: list[tuple[str, Content]], what: str)
             return
         except OSError as e:
             errors.append(f"{show_path(folder)}: {e.strerror or one_line(e)}")
-    print(f"cnnlab: note: {what} not cached ({'; '.join(errors)})", file=sys.stderr)
+    print(f"cnnlab: note: {failed} ({'; '.join(errors)})", file=sys.stderr)
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
