@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	    echo "installing PyTorch's default build"; $(BIN)/pip install -q $(TORCH); fi
 	@$(BIN)/python -c "import torch; print('installed PyTorch', torch.__version__, \
 	    '(CUDA build)' if torch.version.cuda else '(CPU-only build)')"
-	$(BIN)/pip install -q -e '.[dev,export]'
+	$(BIN)/pip install -q -e '.[dev,export,postgres]'
 	touch $(STAMP)
 
 train: setup  ## train LeNet-5 on MNIST (extra options: make train ARGS="--epochs 1")

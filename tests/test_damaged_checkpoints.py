@@ -15,6 +15,8 @@ from conftest import write_mnist
 from PIL import Image
 
 from cnnlab.cli import main
+from cnnlab.errors import CnnlabError
+from cnnlab.runs import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -159,27 +161,35 @@ def test_an_undamaged_copy_resumes(trained, tmp_path):
     assert (run / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("offset,left", [(None, None), (None, 10), (10**12, "all")])
-def test_metrics_shorter_than_the_checkpoint_says_is_refused(trained, tmp_path, capsys,
-                                                            offset, left):
-    """metrics.jsonl removed, or cut, or a checkpoint that says it was longer (10**12: once a
-    sparse terabyte of NUL bytes): --resume never pads it, and writes nothing."""
-    def damage(ckpt):
-        if offset is not None:
-            ckpt["metrics_offset"] = offset
-    run = _damaged_copy(trained, tmp_path, damage)
+@pytest.mark.parametrize("how", ["removed", "cut", "shorter than the checkpoint says"])
+def test_metrics_shorter_than_the_checkpoint_says_is_refused(trained, tmp_path, capsys, how):
+    """metrics.jsonl removed or cut, or a checkpoint saying it was longer (10**12 bytes: once
+    padded to a sparse terabyte of NUL bytes): --resume never pads it, and writes nothing."""
+    run = _damaged_copy(trained, tmp_path, lambda ckpt: ckpt.update(
+        metrics_offset=10**12) if how == "shorter than the checkpoint says" else None)
     metrics = run / "metrics.jsonl"
     had = torch.load(run / "checkpoint.pt", weights_only=True)["metrics_offset"]
-    if left is None:
+    if how == "removed":
         metrics.unlink()
-    elif left != "all":
-        metrics.write_bytes(metrics.read_bytes()[:left])
+    elif how == "cut":
+        metrics.write_bytes(metrics.read_bytes()[:10])
     before = _files(run)
     err = _refused(["train", "--resume", str(run), "--quiet"], capsys)
-    now = ("is missing (it held" if left is None else
+    now = (f"is missing (it held {had:,} bytes" if how == "removed" else
            f"holds {metrics.stat().st_size:,} bytes, fewer than the {had:,} it had")
     assert f"{metrics} {now}" in err and "remove checkpoint.pt" in err, err
     assert _files(run) == before
+
+
+def test_metrics_are_never_padded(tmp_path):
+    run = RunDir(tmp_path / "run", config={"model": "x"})
+    run.log({"type": "train", "step": 1})
+    size = run.metrics_offset()
+    with pytest.raises(CnnlabError, match=f"holds {size} bytes, fewer than the 1,000"):
+        run.truncate_metrics(1000)
+    run.truncate_metrics(0)
+    run.close()
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == b""
 
 
 def test_a_checkpoint_crafted_to_run_code_is_refused_by_every_command(trained, tmp_path,
@@ -207,8 +217,8 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_by_every_command(trained, t
                          str(tmp_path / "m.onnx")], "best.pt")]:
         err = _refused(args, capsys)
         assert err == (f"cnnlab: error: {run / name} holds more than tensors and plain data "
-                       "(it asks for posix.system), so it is refused unread; cnnlab loads "
-                       "only checkpoints written by cnnlab train"), err
+                       f"(it asks for {os.system.__module__}.system), so it is refused "
+                       "unread; cnnlab loads only checkpoints written by cnnlab train"), err
         assert "weights_only" not in err
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     assert "so it is refused unread" in (tmp_path / "report" / "report.md").read_text()

@@ -44,7 +44,7 @@ def _in_tmp(tmp_path, monkeypatch):
                                          "18446744073709551616"),
     (["--seed", "-1"], "--seed must be at least 0, got -1"),
     (["--epochs", "1e308"], "--epochs must be at most 10,000, got 1e+308"),
-    (["--telemetry", "1e-300"], "--telemetry must be at least 0.1 (or 0: off), got 1e-300"),
+    (["--telemetry", "1e-300"], "--telemetry must be at least 0.01 (or 0: off), got 1e-300"),
     (["--log-every", HUGE], "--log-every must be at most 1,000,000,000"),
     (["--eval-every", "0"], "--eval-every must be positive, got 0"),
     (["--momentum", "1.5"], "--momentum must be at most 1, got 1.5"),

@@ -103,5 +103,5 @@ def test_quiet_prints_the_run_directory_alone(data, tmp_path, capsys):
     assert capsys.readouterr() == (f"{tmp_path / 'run'}\n", "")
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "errors (and warnings) on stderr and the run directory on stdout" in " ".join(
+    assert "errors (and notes) on stderr and the run directory on stdout" in " ".join(
         capsys.readouterr().out.split())

@@ -51,7 +51,7 @@ def test_without_a_gpu_the_cpu_build_comes_first(tmp_path):
     calls, out = _stand_ins(tmp_path, cpu_index_works=True, gpu=False)
     assert calls[0] == ("install -q --timeout 5 --retries 0 --index-url "
                         "https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1")
-    assert calls[1] == "install -q -e .[dev,export]" and len(calls) == 2
+    assert calls[1] == "install -q -e .[dev,export,postgres]" and len(calls) == 2
     assert "installed PyTorch 2.14.1+cpu (CPU-only build)" in out
 
 

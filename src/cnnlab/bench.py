@@ -329,7 +329,7 @@ def gpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None] | 
             for seed in range(5):
                 out = Path(tmp) / f"fastnet{seed}{flag.strip()}"
                 s = cnnlab.train("fastnet", dataset, data_dir=data_dir, out=out, seed=seed,
-                                 progress=False, eval_every=10 ** 6, telemetry=0.5,
+                                 progress=False, eval_every=10_000, telemetry=0.5,
                                  cuda_graph=graph, **augment("fastnet"))
                 seconds.append(s["train_seconds"] + _last_eval_seconds(out))
                 accuracies.append(s["final_test_acc"])

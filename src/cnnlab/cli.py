@@ -338,7 +338,13 @@ def _sweep_parser(sub) -> None:
                    "notes) on stderr and the sweep directory on stdout: no progress, no line "
                    "per run, no summary")
     p.add_argument("--out", help="sweep directory (default sweeps/<sweep file name>, else "
-                   "sweeps/<model>-<dataset>-<grid keys>)")
+                   "sweeps/<model>-<dataset>-<grid keys>); on a filesystem every worker "
+                   "reaches when workers run on several machines")
+    p.add_argument("--storage", metavar="URL", help="the Optuna study's storage: any URL "
+                   "Optuna takes, e.g. postgresql://USER@HOST/DB for workers on many machines "
+                   "(default: sqlite in the sweep directory)")
+    p.add_argument("--study", metavar="NAME", help="the study's name in the storage "
+                   "(default: the sweep directory's name)")
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -356,7 +362,8 @@ def _sweep(args: argparse.Namespace) -> int:
                       seeds=args.seeds if args.seeds is not None else spec.get("seeds", 1),
                       train=spec.get("train"), options=train_options(args))
     out = args.out or default_sweep_dir(plan, args.config)
-    result = run_sweep(plan, out, progress=not args.quiet, jobs=args.jobs)
+    result = run_sweep(plan, out, progress=not args.quiet, jobs=args.jobs,
+                       storage=args.storage, study_name=args.study)
     if not args.quiet:
         print(f"{result['finished']} of {result['total']} runs finished; results.md and "
               f"results.csv in {out}", file=sys.stderr)
@@ -475,6 +482,8 @@ def _library_warnings_off() -> None:
     rule instead."""
     import warnings
 
+    # torch's C++ logger (a rank losing the others logs stack frames) reads this at import
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     if sys.warnoptions or os.environ.get("PYTHONWARNINGS"):
         return
     warnings.simplefilter("ignore")

@@ -188,8 +188,9 @@ class Config:
     sync_bn: bool = option(False, role=MACHINE, kind=ON,
                            help="under torchrun: batch-norm statistics over all ranks")
     telemetry: float = option(1.0, role=RUNTIME,
-                              help="seconds between utilisation samples, 0.1 to 3600 (0 = off)",
-                              limits=Limits(low=0.1, high=3600, off=True))
+                              help="seconds between utilisation samples, 0.01 to 3600 (0 = "
+                                   "off)",
+                              limits=Limits(low=0.01, high=3600, off=True))
     tensorboard: bool = option(False, role=RUNTIME, kind=ON,
                                help="also write TensorBoard event files")
     data_dir: str = option(role=RUNTIME, help="data root in torchvision's layout (default "

@@ -70,9 +70,38 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=float(os.environ.get("CNNLAB_DIST_TIMEOUT", "300")))
+    if device.type != "cuda":
+        _gloo_interface(world)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return Dist(rank, world, local), device
+
+
+def _gloo_interface(world: int) -> None:
+    """Across machines, gloo binds to the address this machine's hostname resolves to, often
+    a loopback one that the others cannot reach (127.0.1.1 in Debian's /etc/hosts): bind it
+    to the interface that reaches rank 0 (MASTER_ADDR) instead, unless GLOO_SOCKET_IFNAME
+    names one. One machine's ranks are left as they are."""
+    if (os.environ.get("GLOO_SOCKET_IFNAME")
+            or int(os.environ.get("LOCAL_WORLD_SIZE", world)) >= world):
+        return
+    import socket
+
+    import psutil
+
+    try:
+        family, kind, _, _, where = socket.getaddrinfo(
+            os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500")),
+            type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind) as s:
+            s.connect(where)  # UDP: no packet is sent, the route is chosen
+            ours = s.getsockname()[0]
+    except (KeyError, ValueError, OSError):
+        return
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == ours for a in addresses):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
 
 
 def cleanup() -> None:

@@ -90,7 +90,8 @@ def failure_message(error: BaseException) -> str | None:
 
 
 # What gloo says when the process at the other end of a connection is gone
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "connectFullMesh failed")
 
 
 def lost_contact(error: BaseException) -> bool:

@@ -53,9 +53,9 @@ class Phase:
             print(f"cnnlab: {self.what}: {self.done:,} of {self.total:,} {self.unit}{share}, "
                   f"{self.last - self.start:.0f} s", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.bar.close()
-        if self.printed:
+        if self.printed and not failed:
             print(f"cnnlab: {self.what}: done, {self.done:,} {self.unit} in "
                   f"{time.perf_counter() - self.start:.0f} s", file=sys.stderr, flush=True)
             self.printed = False
@@ -63,8 +63,8 @@ class Phase:
     def __enter__(self) -> Phase:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        self.close(failed=kind is not None)  # an error says what happened instead
 
 
 class Progress:

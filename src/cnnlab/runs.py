@@ -197,6 +197,23 @@ class RunDir:
 
 
 
+def wait_unlocked(run_dir: Path, waiting: Callable[[], None], poll: float = 1.0) -> None:
+    """Return once no process holds `run_dir`'s lock (at once if it has none), calling
+    `waiting` once if one does: a sweep never writes or removes a run that another live
+    process writes."""
+    path = run_dir / LOCK_FILE
+    said = False
+    while path.is_file():
+        try:
+            _lock(path).close()
+            return
+        except RunLocked:
+            if not said:
+                waiting()
+                said = True
+            time.sleep(poll)
+
+
 def _lock(path: Path) -> IO[bytes]:
     """Hold an exclusive lock on `path` until the returned file is closed (or the process
     ends); refuse if another process holds it."""
@@ -205,6 +222,10 @@ def _lock(path: Path) -> IO[bytes]:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise CnnlabError(f"another cnnlab process is writing to {path.parent}; wait for it "
-                          "to end or choose another --out") from None
+        raise RunLocked(f"another cnnlab process is writing to {path.parent}; wait for it "
+                        "to end or choose another --out") from None
     return f
+
+
+class RunLocked(CnnlabError):
+    """Another live process holds the run directory's lock."""

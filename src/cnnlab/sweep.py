@@ -262,11 +262,18 @@ def _silent(message: str) -> None:  # --quiet
     pass
 
 
-def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int = 1) -> dict:
-    """Train every unfinished run of `plan` under `out`, then write the results; `jobs` > 1
-    trains that many at once, each in a process of its own (see train_concurrently).
-    Returns what write_results returns. `progress` off (--quiet): no bars and no lines
-    about the runs."""
+def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int = 1,
+              storage: str | None = None, study_name: str | None = None) -> dict:
+    """Train every point of `plan` not yet trained, as workers of the sweep's Optuna study
+    (see study.py), then write the results. The study lives in `storage` (default: a SQLite
+    file in `out`) under `study_name` (default: the name of `out` and a digest of the plan,
+    so that a sweep given more seeds or points is a study of its own, whose runs already
+    trained count as done); the same command on other machines, with the same storage and
+    `out` on a shared filesystem, adds workers.
+    `jobs` > 1: that many worker processes on this machine. `progress` off (--quiet): no
+    bars and no lines about the runs. Returns what write_results returns."""
+    from .study import RUN, Study, default_storage, digest
+
     say = _say if progress else _silent
     if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
         raise CnnlabError(f"--jobs must be a positive integer, at most {MAX_JOBS}, got "
@@ -283,19 +290,15 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
         write_json(out / "sweep.json", plan.to_json())
     except OSError as e:
         raise CnnlabError(f"cannot create sweep directory {out}: {e.strerror or e}") from None
-    todo: list[tuple[str, Run]] = []
-    for i, run in enumerate(plan.runs, 1):
-        tag = f"[{i}/{len(plan.runs)}] {run.name}"
-        if is_finished(out / run.name):
-            say(f"{tag}: {'diverged' if diverged_error(out / run.name) else 'finished'} before, "
-                "skipped")
-        else:
-            todo.append((tag, run))
+    url = storage or default_storage(out)
+    where = Where(url, study_name or f"{out.resolve().name}-{digest(_plan_digest(plan))[:8]}",
+                  out)
+    Study(url, where.name, _plan_digest(plan), points=[{RUN: r.name} for r in plan.runs])
     try:
-        if jobs > 1 and len(todo) > 1:
-            train_concurrently(todo, out, jobs, say)
+        if jobs > 1:
+            _workers(plan, where, jobs, say)
         else:
-            _train_one_by_one(todo, out, progress, say)
+            _work(plan, where, progress=progress, say=say)
     except BaseException:
         with contextlib.suppress(Exception):  # keep what finished readable
             write_results(out, plan)
@@ -303,30 +306,103 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
     return write_results(out, plan)
 
 
-def _train_one_by_one(todo: list[tuple[str, Run]], out: Path, progress: bool,
-                      say=_say) -> None:
-    from .trainer import fit
+@dataclass(frozen=True)
+class Where:
+    """A sweep's study (storage URL and study name) and its directory."""
 
-    for tag, run in todo:
-        _start(out / run.name, tag, say=say)
-        try:
-            s = fit(run.config, out / run.name, progress=progress)
-        except TrainingDiverged as e:  # the run wrote diverged.json
-            say(f"{tag}: diverged ({e}); going on with the other runs")
-            continue
-        except Interrupted as e:
-            raise Interrupted(f"sweep stopped during {run.name}; run the same command again to "
-                              "continue (finished runs are kept, that one is redone)",
-                              e.signum) from None
-        say(_finished(tag, s))
+    url: str
+    name: str
+    out: Path
 
 
-def _start(run_dir: Path, tag: str, where: str = "", say=_say) -> None:
-    if run_dir.exists():
-        say(f"{tag}: unfinished, removing it and training it again{where}")
+def _plan_digest(plan: Plan) -> dict:
+    """What makes two sweeps the same sweep: their runs, by name and configuration."""
+    return {"sweep": [[r.name, {k: v for k, v in r.config.to_dict().items() if k in COMPARED}]
+                      for r in plan.runs]}
+
+
+def _work(plan: Plan, where: Where, *, progress: bool, say,
+          slot: tuple[int, int] | None = None) -> None:
+    """Be a worker of the sweep's study: take points and train them until none is left."""
+    from .study import Study
+
+    study = Study(where.url, where.name, _plan_digest(plan))
+    study.reopen([r.name for r in plan.runs if not is_finished(where.out / r.name)])
+    index = {r.name: (i, r) for i, r in enumerate(plan.runs, 1)}
+    study.work(lambda trial: _train_point(trial, index, plan, where, study, progress=progress,
+                                          say=say, slot=slot), say)
+
+
+def _train_point(trial, index: dict, plan: Plan, where: Where, study, *, progress: bool, say,
+                 slot: tuple[int, int] | None) -> tuple[str, float | None]:
+    """Train (or continue, or recognise as done) the run a trial names; its outcome for the
+    study: ("complete", best accuracy) or ("failed", None) - a divergence, or a run that
+    cannot train (which stops every worker: a bad configuration is bad everywhere)."""
+    from .runs import RunLocked, wait_unlocked
+    from .study import RUN
+
+    i, run = index[trial.user_attrs[RUN]]
+    tag, run_dir = f"[{i}/{len(plan.runs)}] {run.name}", where.out / run.name
+    device, job = run.config.device, ""
+    if slot is not None:  # (job slot, GPUs) of a worker process of this machine
+        device = job_device(device, *slot)
+        job = f" (job {slot[0] + 1}{', ' + device if device.startswith('cuda:') else ''})"
+    cfg = dataclasses.replace(run.config, device=device)
+    try:
+        while True:
+            wait_unlocked(run_dir, lambda: say(f"{tag}: another process is still writing it; "
+                                               "waiting for it to end"))
+            if (error := diverged_error(run_dir)) is not None:
+                say(f"{tag}: {error} before, skipped")
+                return "failed", None
+            if (run_dir / "summary.json").is_file():
+                say(f"{tag}: finished before, skipped")
+                return "complete", _value(read_json(run_dir / "summary.json"))
+            try:
+                summary = _train_run(run_dir, cfg, tag, job, progress=progress, say=say)
+                break
+            except RunLocked:  # another worker took the run a moment before us: look again
+                continue
+    except TrainingDiverged as e:  # the run wrote diverged.json
+        say(f"{tag}: diverged ({e}); going on with the other runs")
+        return "failed", None
+    except Interrupted as e:
+        raise Interrupted(f"sweep stopped during {run.name}; run the same command again to "
+                          "continue (finished runs are kept, that one continues from its "
+                          "checkpoint)", e.signum) from None
+    except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
+        message = failure_message(e)
+        if message is None:
+            raise
+        study.stop_all(f"{run.name}: {message}")
+        return "failed", None
+    say(_finished(tag, summary))
+    return "complete", _value(summary)
+
+
+def _train_run(run_dir: Path, cfg: Config, tag: str, job: str, *, progress: bool,
+               say) -> dict:
+    """Train a sweep's run that no live process writes: continue it from its checkpoint,
+    or, begun with other settings (an earlier sweep's, stopped), start it again."""
+    from .trainer import fit, resume_config
+
+    if (run_dir / "config.json").is_file():
+        why = _config_difference(run_dir, cfg)
+        if why is None:
+            say(f"{tag}: continuing from its checkpoint{job}")
+            resumed, how = resume_config(run_dir, {"device": cfg.device})
+            return fit(resumed, run_dir, progress=progress, resume=how)
+        say(f"{tag}: unfinished, begun with other settings ({why}); removing it and training "
+            f"it again{job}")
         shutil.rmtree(run_dir)
     else:
-        say(f"{tag}: training{where}")
+        say(f"{tag}: training{job}")
+    return fit(cfg, run_dir, progress=progress)
+
+
+def _value(summary: dict) -> float:
+    """A run's score for the study: the accuracy best.pt was chosen by."""
+    return float(summary.get("best_val_acc") or summary["best_test_acc"])
 
 
 def _finished(tag: str, s: dict) -> str:
@@ -334,7 +410,7 @@ def _finished(tag: str, s: dict) -> str:
             f"(epoch {s['best_epoch']}), {s['train_seconds']:.1f} s")
 
 
-# ---- concurrent runs ------------------------------------------------------------------------
+# ---- worker processes -----------------------------------------------------------------------
 
 def job_device(device: str, slot: int, gpus: int) -> str:
     """The device of a run in job slot `slot` (0, 1, ...): with several GPUs and the device
@@ -342,16 +418,15 @@ def job_device(device: str, slot: int, gpus: int) -> str:
     return f"cuda:{slot % gpus}" if gpus > 1 and device in ("auto", "cuda") else device
 
 
-def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int,
-                       say=_say) -> None:
-    """Train the runs of `todo` (tag, run), `jobs` at a time, each in a process of its own.
+def _workers(plan: Plan, where: Where, jobs: int, say) -> None:
+    """`jobs` worker processes of the study on this machine, each with 1/jobs of the CPU
+    cores as torch threads and, with several GPUs, a GPU of its own (round-robin).
 
-    The data is downloaded and decoded here first, once. Each process gets 1/jobs of the CPU
-    cores as torch threads; with several GPUs each job slot has a GPU of its own (round-robin),
-    with one GPU the processes share it. A signal (Ctrl-C, SIGTERM) reaches this process alone
-    and is passed on to every running run once: each writes a checkpoint and stops, and the
-    sweep stops (a second one stops them at once). A run that fails stops the sweep from
-    starting more; the runs under way finish first."""
+    The data is downloaded and decoded here first, once. A signal (Ctrl-C, SIGTERM) reaches
+    this process alone and is passed on to the workers once: each checkpoints its run, puts
+    its point back in the queue and stops (a second signal stops them at once). Killed
+    itself, this process takes the workers with it: each asked the kernel for a SIGTERM
+    when its parent dies."""
     import multiprocessing
     from multiprocessing.connection import wait
 
@@ -360,97 +435,86 @@ def train_concurrently(todo: list[tuple[str, Run]], out: Path, jobs: int,
     from .trainer import load_data
 
     datasets = {(c.dataset, c.data_dir, c.download, c.skip_bad_files, c.image_size): c
-                for c in (run.config for _, run in todo)}
+                for c in (run.config for run in plan.runs)}
     for cfg in datasets.values():
         load_data(cfg)  # into the cache, before N processes would decode it at once
     gpus = torch.cuda.device_count()
-    threads = cores_per_process(jobs)
     context = multiprocessing.get_context("spawn")
-    waiting = list(todo)
-    # a running run's process sentinel -> its process, pipe end, tag, run and job slot
-    running: dict[Any, tuple[Any, Any, str, Run, int]] = {}
-    free = list(range(min(jobs, len(todo))))
-    stop: list[int] = []  # the signals received
+    running: dict[Any, tuple[Any, Any]] = {}  # sentinel -> (process, pipe end)
+    stop: list[int] = []
     failed: list[str] = []
 
     def pass_on(signum, frame) -> None:
-        if not stop:
-            say(f"{signal.Signals(signum).name}: stopping the {len(running)} running runs "
-                "after their current step (press Ctrl-C again to stop them at once)")
+        if not stop:  # said also with --quiet: it answers the user
+            _say(f"{signal.Signals(signum).name}: stopping the {len(running)} workers after "
+                "their current step (press Ctrl-C again to stop them at once)")
         stop.append(signum)
-        for process, *_ in running.values():
+        for process, _ in running.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signum)
 
     previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            while waiting and free and not stop and not failed:
-                tag, run = waiting.pop(0)
-                slot = free.pop(0)
-                device = job_device(run.config.device, slot, gpus)
-                cfg = dataclasses.replace(run.config, device=device)
-                _start(out / run.name, tag, f" (job {slot + 1}"
-                       f"{', ' + device if device.startswith('cuda:') else ''})", say)
-                receive, send = context.Pipe(duplex=False)
-                process = context.Process(target=_train_in_process,
-                                          args=(cfg, out / run.name, threads, send))
-                process.start()
-                send.close()
-                running[process.sentinel] = (process, receive, tag, run, slot)
-            if not running:
-                break
+        for slot in range(jobs):
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_worker, args=(
+                plan, where, cores_per_process(jobs), (slot, gpus), say is _silent, send))
+            process.start()
+            send.close()
+            running[process.sentinel] = (process, receive)
+        while running:
             for sentinel in wait(list(running)):
-                process, receive, tag, run, slot = running.pop(sentinel)
-                outcome, detail = receive.recv() if receive.poll() else (None, None)
+                process, receive = running.pop(sentinel)
+                outcome = receive.recv() if receive.poll() else None
                 receive.close()
                 process.join()
-                free.append(slot)
-                free.sort()
-                if outcome == "finished":
-                    say(_finished(tag, detail))
-                elif outcome == "diverged":
-                    say(f"{tag}: diverged ({detail}); going on with the other runs")
-                elif stop:
-                    say(f"{tag}: stopped")
-                else:
-                    why = detail or f"its process ended with status {process.exitcode}"
-                    failed.append(f"{run.name}: {why}")
-                    if running:
-                        say(f"{tag}: failed ({why}); letting the {len(running)} running runs "
-                            "finish, starting no more")
+                if outcome is not None and not stop:
+                    failed.append(outcome)
+                elif outcome is None and process.exitcode and not stop:
+                    failed.append(f"a worker ended with status {process.exitcode}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stop:
         raise Interrupted("sweep stopped; run the same command again to continue (finished "
-                          "runs are kept, the stopped ones are redone)", stop[0])
+                          "runs are kept, the stopped ones continue from their checkpoints)",
+                          stop[0])
     if failed:
         raise CnnlabError(failed[0])
 
 
-def _train_in_process(cfg: Config, run_dir: Path, threads: int, send) -> None:
-    """One run of a concurrent sweep, in a process of its own: it takes signals from the
-    sweep's process only (passed on once), trains with `threads` CPU threads, and sends
-    (outcome, detail) back: finished (the summary), diverged, stopped or failed (the error)."""
+def _die_with_parent() -> None:
+    """Ask Linux for a SIGTERM when the parent process dies (prctl PR_SET_PDEATHSIG), so that
+    no worker outlives its sweep; where there is no prctl, nothing."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _worker(plan: Plan, where: Where, threads: int, slot: tuple[int, int], quiet: bool,
+            send) -> None:
+    """One worker process of a concurrent sweep: signals come from the sweep's process only
+    (passed on once); sends None when done, else why it stopped (the error)."""
+    parent = os.getppid()
     os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the sweep alone
+    _die_with_parent()
+    if os.getppid() != parent:  # the sweep died before the request was in place
+        return
+    outcome = None
     try:
         import torch
 
         torch.set_num_threads(threads)
-        from .trainer import fit
-
-        outcome = ("finished", fit(cfg, run_dir, progress=False))
-    except TrainingDiverged as e:  # the run wrote diverged.json
-        outcome = ("diverged", str(e))
+        _work(plan, where, progress=False, say=_silent if quiet else _say, slot=slot)
     except (Interrupted, KeyboardInterrupt, StoppedAtOnce):
-        outcome = ("stopped", None)
+        pass
     except BaseException as e:
         message = failure_message(e)
         if message is None:  # a bug: its traceback, for the report
             traceback.print_exc()
             message = f"{type(e).__name__}: {one_line(e)}"
-        outcome = ("failed", message)
+        outcome = message
     send.send(outcome)
     send.close()
 

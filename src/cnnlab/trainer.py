@@ -335,16 +335,18 @@ def torch_settings(cfg: Config, device: torch.device) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
-def load_data(cfg: Config) -> Dataset:
+def load_data(cfg: Config, progress: bool = True) -> Dataset:
     """The dataset `cfg` trains on, its validation split held out (downloaded and decoded
-    on first use, cached after)."""
+    on first use, cached after; `progress`: say how a long decode goes)."""
     size = parse_image_size(cfg.image_size) if cfg.image_size else None
     return hold_out(load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
-                                 skip_bad_files=cfg.skip_bad_files, image_size=size),
+                                 skip_bad_files=cfg.skip_bad_files, image_size=size,
+                                 progress=progress),
                     cfg.val_split, cfg.seed)
 
 
-def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None) -> Training:
+def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None, *,
+          progress: bool = True) -> Training:
     """Load the data and build the model, loaders, optimiser and schedule (seeded by cfg)."""
     dist = dist or distributed.Dist()
     if cfg.cuda_graph and (device.type != "cuda" or dist.enabled):
@@ -360,7 +362,7 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     channels_last = cfg.channels_last if cfg.channels_last is not None else True
     if not dist.main:
         dist.barrier()  # rank 0 downloads and decodes first; the others then read its cache
-    data = load_data(cfg)
+    data = load_data(cfg, progress and dist.main)
     if dist.main:
         dist.barrier()
     meta = ModelMeta.of(cfg, data)
@@ -418,7 +420,7 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
         path = _run_path(cfg, out, resume, dist)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch_settings(cfg, device))
-            training = build(cfg, device, dist)
+            training = build(cfg, device, dist, progress=progress)
             run = None
             if path is not None:  # a new run's config.json is its claim on the directory
                 claim = None if resume else _config_json(cfg, training)

@@ -1,0 +1,285 @@
+"""Sweeps and searches as Optuna studies: one storage that any number of workers - processes
+of one machine or of many - share, each taking points until none is left.
+
+A sweep's points (grid points times seeds) are queued as Optuna's waiting trials when its
+study is created; a worker takes one by moving it from waiting to running, which the storage
+does for one worker only (a locked row: SQLite and PostgreSQL alike), so every point is
+trained once however many workers start at the same moment. Only the worker whose
+`create_study` made the study queues the points (creating a study of a name that exists
+fails), so two workers creating it at once cannot queue them twice.
+
+While a worker trains a point, a thread records a heartbeat in the storage every
+HEARTBEAT seconds. A worker that dies (SIGKILL, power cut, a lost node) stops beating; once
+its trial has been silent for GRACE seconds, the next worker to look fails it (Optuna's
+`fail_stale_trials`) and queues it again (Optuna's RetryHeartbeatStaleTrialCallback), and
+whoever takes it continues the run from its checkpoint, as `cnnlab train --resume` would.
+
+Optuna and SQLAlchemy are imported here only: commands that do not use a study start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import CnnlabError, one_line
+
+# Seconds between heartbeats, and of silence after which a running trial's worker counts as
+# dead. Tests shorten them with CNNLAB_HEARTBEAT (the grace period is three heartbeats).
+HEARTBEAT = int(os.environ.get("CNNLAB_HEARTBEAT", "10"))
+GRACE = 3 * HEARTBEAT
+READY = "cnnlab_ready"      # study user attribute: all points are queued
+PLAN = "cnnlab_plan"        # study user attribute: digest of what the study trains
+STOP = "cnnlab_stop"        # study user attribute: why workers must take no more points
+RUN = "run"                 # trial user attribute: the run directory's name
+
+
+def default_storage(folder: str | Path) -> str:
+    """A SQLite file inside the sweep (or tune) directory: nothing to set up."""
+    return f"sqlite:///{Path(folder).resolve() / 'study.db'}"
+
+
+def digest(plan: Any) -> str:
+    """A short digest of a JSON-able description of what a study trains."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial: ours say it
+
+
+def storage(url: str, attempts: int = 5):
+    """The RDBStorage at `url` with heartbeats and retries of dead workers' trials; an
+    unreachable or malformed URL is one line. Workers that open a new storage at the same
+    moment race to create its tables (one of them fails: "already exists"); the losers
+    try again, then find the tables made."""
+    import warnings
+
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    _quiet_optuna()
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
+        "pool_pre_ping": True}
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+                warnings.simplefilter("ignore")
+                opened = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT,
+                                    grace_period=GRACE, heartbeat_stale_trial_callback=(
+                                        RetryHeartbeatStaleTrialCallback()))
+            if url.startswith("sqlite"):
+                _write_locked(opened.engine)
+            return opened
+        except Exception as e:  # SQLAlchemy's and Optuna's errors come in many types
+            cause = e.__cause__ or e
+            racing = any(text in str(cause) for text in ("already exists", "UNIQUE constraint",
+                                                         "duplicate key"))
+            if racing and attempt < attempts - 1:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise CnnlabError(f"cannot open the study storage {_safe_url(url)}: "
+                              f"{one_line(cause, 200)}") from None
+    raise AssertionError("unreachable")
+
+
+def _write_locked(engine) -> None:
+    """Make every SQLite transaction take the database's write lock when it begins (BEGIN
+    IMMEDIATE). Optuna takes a waiting trial by reading its row "for update" and then
+    setting it running; PostgreSQL locks the row for that, SQLite ignores "for update" and
+    Python's sqlite3 starts no transaction before the read, so two workers could both read
+    "waiting" and both take the trial. Locked from the first statement, the second worker
+    waits for the first to commit and then reads "running". (SQLAlchemy's recipe for
+    pysqlite's transactions.)"""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_transactions(connection, record) -> None:
+        connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners: none is reused
+
+
+def _safe_url(url: str) -> str:
+    """A storage URL with any password left out, for messages."""
+    import re
+
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+class Study:
+    """The Optuna study of a sweep or a search, opened (created, with `points` queued, by
+    the first worker) in the storage at `url` under `name`; `plan`: what it trains, which
+    a worker of another sweep under the same name is refused by."""
+
+    def __init__(self, url: str, name: str, plan: dict, *, points: list[dict] | None = None,
+                 direction: str = "maximize", sampler=None, pruner=None) -> None:
+        import optuna
+
+        self.storage = storage(url)
+        self.name, self.url = name, url
+        wanted = digest(plan)
+        try:
+            self.study = optuna.create_study(storage=self.storage, study_name=name,
+                                             direction=direction, sampler=sampler,
+                                             pruner=pruner)
+            self.study.set_user_attr(PLAN, wanted)
+            for point in points or []:  # the creator alone: no point is queued twice
+                self.study.enqueue_trial({}, user_attrs=point)
+            self.study.set_user_attr(READY, True)
+        except optuna.exceptions.DuplicatedStudyError:
+            self.study = optuna.load_study(storage=self.storage, study_name=name,
+                                           sampler=sampler, pruner=pruner)
+            self._wait_ready()
+        found = self.study.user_attrs.get(PLAN)
+        if found != wanted:
+            raise CnnlabError(f"the storage {_safe_url(url)} holds a study named '{name}' of "
+                              "another sweep (other model, dataset, points or space); choose "
+                              "another --out (or --study), or remove that study")
+        self.id = self.storage.get_study_id_from_name(name)
+
+    def _wait_ready(self, seconds: float = 60.0) -> None:
+        """Another worker created the study a moment ago: wait until it queued the points."""
+        deadline = time.monotonic() + seconds
+        while READY not in self.storage.get_study_user_attrs(
+                self.storage.get_study_id_from_name(self.name)):
+            if time.monotonic() > deadline:
+                raise CnnlabError(f"study '{self.name}' in {_safe_url(self.url)} was created but "
+                                  "its points were never all queued (its first worker "
+                                  "stopped at once?); remove the study and start again")
+            time.sleep(0.2)
+
+    # ---- taking points ------------------------------------------------------------------
+
+    def fail_stale(self) -> None:
+        """Fail the trials of workers that stopped beating and queue them again."""
+        import warnings
+
+        from optuna.storages import fail_stale_trials
+
+        with warnings.catch_warnings():  # "experimental"
+            warnings.simplefilter("ignore")
+            fail_stale_trials(self.study)
+
+    def take(self):
+        """A waiting trial, now running for this worker alone (a FrozenTrial), or None when
+        none waits."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        self.fail_stale()
+        for trial in self.storage.get_all_trials(self.id, deepcopy=False,
+                                                 states=(TrialState.WAITING,)):
+            try:
+                if self.storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
+                    return self.storage.get_trial(trial._trial_id)
+            except UpdateFinishedTrialError:  # another worker finished it meanwhile
+                continue
+        return None
+
+    def running(self) -> int:
+        from optuna.trial import TrialState
+
+        return len(self.storage.get_all_trials(self.id, deepcopy=False,
+                                               states=(TrialState.RUNNING,)))
+
+    def reopen(self, unfinished: list[str]) -> None:
+        """A command starting over: the runs named, which no trial waits for or runs, are
+        queued again (their trial completed or failed, but their directory says the run is
+        not done: removed or cut since, or a run that failed before), and a stop that an
+        earlier worker asked for is lifted. Two workers doing this at once may queue a run
+        twice; the run's lock and its summary.json make the second taker skip it."""
+        from optuna.trial import TrialState
+
+        active = {t.user_attrs.get(RUN) for t in self.storage.get_all_trials(
+            self.id, deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
+        for name in unfinished:
+            if name not in active:
+                self.study.enqueue_trial({}, user_attrs={RUN: name})
+        if self.stop_reason() is not None:
+            self.storage.set_study_user_attr(self.id, STOP, None)
+
+    def stop_reason(self) -> str | None:
+        return self.storage.get_study_user_attrs(self.id).get(STOP)
+
+    def stop_all(self, reason: str) -> None:
+        """Tell every worker (on every machine) to take no more points."""
+        self.storage.set_study_user_attr(self.id, STOP, reason)
+
+    @contextlib.contextmanager
+    def heartbeat(self, trial_id: int) -> Iterator[None]:
+        """Record that this worker is alive every HEARTBEAT seconds while the block runs."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while True:
+                with contextlib.suppress(Exception):  # a storage hiccup: the next beat
+                    self.storage.record_heartbeat(trial_id)
+                if done.wait(HEARTBEAT):
+                    return
+
+        thread = threading.Thread(target=beat, daemon=True, name="cnnlab-heartbeat")
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def finish(self, trial, value: float | None, state: str = "complete") -> None:
+        """End `trial`: complete with `value`, failed (not to be retried: a bad run, a
+        divergence), or "again": stopped by a signal, queued again for any worker."""
+        import warnings
+
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+        from optuna.trial import TrialState
+
+        if state == "complete":
+            self.storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE,
+                                                [value if value is not None else float("nan")])
+            return
+        self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if state == "again":
+            with warnings.catch_warnings():  # "experimental"
+                warnings.simplefilter("ignore")
+                RetryHeartbeatStaleTrialCallback()(self.study, self.storage.get_trial(
+                    trial._trial_id))
+
+    def work(self, run: Callable[[Any], tuple[str, float | None]],
+             say: Callable[[str], None], poll: float = 1.0) -> None:
+        """Take waiting points and `run` each (the trial -> ("complete", value) or
+        ("failed" / "again", None)) until none waits and no other worker runs one (whose
+        worker might still die and leave it to us), or until a worker stops the study."""
+        waiting_said = False
+        while (reason := self.stop_reason()) is None:
+            trial = self.take()
+            if trial is None:
+                if not self.running():
+                    return
+                if not waiting_said:
+                    say("no point left to take; waiting for the running ones (a point whose "
+                        "worker dies is taken over)")
+                    waiting_said = True
+                time.sleep(poll)
+                continue
+            waiting_said = False
+            with self.heartbeat(trial._trial_id):
+                try:
+                    state, value = run(trial)
+                except BaseException:
+                    self.finish(trial, None, "again")
+                    raise
+            self.finish(trial, value, state)
+        raise CnnlabError(reason)

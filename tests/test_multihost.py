@@ -1,0 +1,138 @@
+"""Many machines for real, as network namespaces (hosts.py): the README's two-machine torchrun
+command, run on two hosts, trains to the same weights as one process; a host that cannot
+reach the first gives up within the timeouts; a PostgreSQL server on one host serves the
+others."""
+
+import json
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, write_mnist
+from hosts import PYTHON, libpq, network, postgres_server
+from test_distributed import ARGS
+
+import cnnlab
+from cnnlab import checkpoint
+from cnnlab.runs import read_metrics
+
+TORCHRUN = str(Path(PYTHON).with_name("torchrun"))
+ENV = {"OMP_NUM_THREADS": "1", "CNNLAB_DIST_TIMEOUT": "60"}
+# torch's C++ log (c10d's connection retries, with their C++ stacks): torch writes it itself,
+# unless TORCH_CPP_LOG_LEVEL=FATAL was set before it was imported
+TORCH_LOG = re.compile(r"\[[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ |Exception raised from |frame #\d+: "
+                       r"|<omitting python frames>$|$")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_mnist(tmp_path_factory.mktemp("multihost") / "data", 1024, 256)
+
+
+def readme_command(host: str, node_rank: int, *args: str) -> list[str]:
+    """The README's two-machine command as node `node_rank` runs it, one process a machine,
+    HOST the first machine's address, `args` for its `resnet18 cifar10`."""
+    section = (REPO / "README.md").read_text().split("## Many GPUs", 1)[1].split("\n## ")[0]
+    found = re.search(r"^torchrun --nnodes=2 (?:.*\\\n)*.*$", section, re.M)
+    assert found, "the README's Many GPUs section shows no `torchrun --nnodes=2` command"
+    words = shlex.split(found[0].replace("\\\n", " "), comments=True)
+    for old, new in (("--nproc_per_node=8", "--nproc_per_node=1"),
+                     ("--node-rank=0", f"--node-rank={node_rank}"),
+                     ("--master-addr=HOST", f"--master-addr={host}")):
+        assert old in words, f"the README's command has no {old}: {found[0]}"
+        words[words.index(old)] = new
+    assert words[0] == "torchrun" and words[-2:] == ["resnet18", "cifar10"], found[0]
+    return [TORCHRUN, *words[1:-2], *args]
+
+
+def test_two_hosts_match_one_process(data, tmp_path):
+    """As test_distributed's two ranks on one machine: one run directory, written once, and
+    the weights of one process."""
+    out = tmp_path / "ddp"
+    train = ["lenet5", "mnist", "--data-dir", str(data), "--out", str(out), *ARGS]
+    with network(2) as (a, b):
+        nodes = [h.popen(readme_command(a.addr, rank, *train), env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for rank, h in enumerate((a, b))]
+        ends = [node.communicate(timeout=150) for node in nodes]
+    for node, (_, stderr) in zip(nodes, ends):
+        assert node.returncode == 0, stderr
+    assert ends[0][0].strip().splitlines() == [str(out)]  # rank 0 alone prints it
+    assert ends[1][0] == ""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    evals = [r for r in read_metrics(out) if r["type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["best.pt",
+                                                                          "checkpoint.pt"]
+
+    single = tmp_path / "single"
+    options = dict(zip([a.lstrip("-").replace("-", "_") for a in ARGS[::2]], ARGS[1::2]))
+    cnnlab.train("lenet5", "mnist", data_dir=str(data), out=single, progress=False,
+                 **{k: (float(v) if k == "lr" else int(v) if v.isdigit() else v)
+                    for k, v in options.items()})
+    ours = checkpoint.load(out / "checkpoint.pt")["model"]
+    theirs = checkpoint.load(single / "checkpoint.pt")["model"]
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+
+
+def test_a_host_that_cannot_reach_the_first_gives_up_in_time(data, tmp_path):
+    """Node 0 never starts. Node 1's torchrun gives up after its rendezvous timeout; a rank
+    that torchrun started and that cannot reach rank 0 gives up after CNNLAB_DIST_TIMEOUT,
+    in one line."""
+    wait = 3
+    train = ["lenet5", "mnist", "--data-dir", str(data), "--out", str(tmp_path / "run"),
+             "--device", "cpu", "--telemetry", "0"]
+    with network(2) as (a, b):
+        agent_cmd = readme_command(a.addr, 1, *train)
+        agent_cmd[1:1] = ["--rdzv-conf", f"timeout={wait}"]
+        agent = b.popen(agent_cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # what torchrun gives its rank once the machines have met
+        rank_env = {**ENV, "CNNLAB_DIST_TIMEOUT": str(wait), "RANK": "1", "WORLD_SIZE": "2",
+                    "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "1",
+                    "MASTER_ADDR": a.addr, "MASTER_PORT": "29500"}
+        rank = b.popen([PYTHON, "-m", "cnnlab", "train", *train], env=rank_env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started = time.monotonic()
+        stdout, stderr = rank.communicate(timeout=90)
+        rank_took = time.monotonic() - started
+        _, agent_err = agent.communicate(timeout=90)
+        agent_took = time.monotonic() - started
+    assert rank.returncode == 2 and stdout == ""
+    ours = [line for line in stderr.splitlines() if not TORCH_LOG.match(line)]
+    assert len(ours) == 1 and "Traceback" not in stderr, stderr  # one line, no traceback
+    assert ours[0].startswith("cnnlab: error: rank 1 lost contact with the other ranks (")
+    assert f"{a.addr}, 29500" in ours[0]
+    assert agent.returncode == 1
+    assert f"timed out after {wait * 1000}ms while trying to connect to ({a.addr}, 29500)" \
+        in agent_err.strip().splitlines()[-1]
+    # torch's store client tries twice, a timeout each and a pause between (about 3 times
+    # the timeout); the rest is starting Python and torch
+    assert wait <= rank_took < 3 * wait + 30 and wait <= agent_took < 3 * wait + 30
+
+
+@pytest.mark.parametrize("on_a_host", [True, False], ids=["host", "local"])
+def test_postgres_serves_other_hosts(on_a_host):
+    """The server on one host; a client on another connects and queries it (psql, and
+    SQLAlchemy's psycopg2 where it is installed, as Optuna's storage would)."""
+    if not on_a_host:
+        with postgres_server() as url:
+            assert url.startswith("postgresql+psycopg2://cnnlab@127.0.0.1:")
+            done = subprocess.run(["psql", libpq(url), "-Atc", "SELECT 1"],
+                                  capture_output=True, text=True, timeout=30)
+            assert (done.returncode, done.stdout) == (0, "1\n"), done.stderr
+        return
+    with network(2) as (a, b), postgres_server(a) as url:
+        assert re.fullmatch(rf"postgresql\+psycopg2://cnnlab@{a.addr}:\d+/cnnlab", url)
+        done = b.run(["psql", libpq(url), "-Atc", "SELECT 1"])
+        assert done.stdout == "1\n"
+        check = ("import sys, sqlalchemy; e = sqlalchemy.create_engine(sys.argv[1]); "
+                 "print(e.connect().execute(sqlalchemy.text('SELECT 1')).scalar())")
+        if subprocess.run([PYTHON, "-c", "import psycopg2"], capture_output=True,
+                          timeout=30).returncode == 0:
+            assert b.run([PYTHON, "-c", check, url]).stdout == "1\n"
