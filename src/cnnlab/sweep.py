@@ -483,6 +483,10 @@ def _workers(plan: Plan, where: Where, jobs: int, say) -> None:
         raise CnnlabError(failed[0])
 
 
+def _stop_now(signum, frame) -> None:
+    raise StoppedAtOnce(signum)
+
+
 def _die_with_parent() -> None:
     """Ask Linux for a SIGTERM when the parent process dies (prctl PR_SET_PDEATHSIG), so that
     no worker outlives its sweep; where there is no prctl, nothing."""
@@ -498,6 +502,8 @@ def _worker(plan: Plan, where: Where, threads: int, slot: tuple[int, int], quiet
     (passed on once); sends None when done, else why it stopped (the error)."""
     parent = os.getppid()
     os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the sweep alone
+    for sig in (signal.SIGINT, signal.SIGTERM):  # outside training (which checkpoints first):
+        signal.signal(sig, _stop_now)            # stop, the point back in the queue
     _die_with_parent()
     if os.getppid() != parent:  # the sweep died before the request was in place
         return

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -407,10 +407,13 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
 
 
 def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
+        on_eval: Callable[[dict], None] | None = None,
         resume: Resume | None = None) -> dict:
     """Train as `cfg` says, write the run directory, return the summary. `resume` (from
     resume_config) continues the run in the directory `out`; a run whose training is done
-    but whose plots or summary are missing is only finished."""
+    but whose plots or summary are missing is only finished. `on_eval(record)` is called
+    with each evaluation's metrics record once its checkpoints are written (a search's
+    pruner may stop the run there by raising)."""
     wall_start = time.perf_counter()
     dist, device = distributed.setup(resolve_device(cfg.device))
     if device.type == "cpu":
@@ -428,7 +431,7 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
                     path = new_dir(path)
                 run = stack.enter_context(RunDir(path, config=claim))
             try:
-                return _run(training, state=LoopState(), run=run, resume=resume,
+                return _run(training, state=LoopState(), run=run, resume=resume, on_eval=on_eval,
                             progress=progress, wall_start=wall_start)
             except TrainingDiverged as e:  # reports show the run as diverged at its step
                 if run is not None:
@@ -454,6 +457,7 @@ def _config_json(cfg: Config, t: Training) -> dict:
 
 
 def _run(t: Training, *, state: LoopState, run: RunDir | None, resume: Resume | None,
+         on_eval: Callable[[dict], None] | None,
          progress: bool, wall_start: float) -> dict:
     """Continue or start the training, then finish: plots and summary.json."""
     cfg, dist = t.cfg, t.dist
@@ -479,7 +483,7 @@ def _run(t: Training, *, state: LoopState, run: RunDir | None, resume: Resume | 
                           enabled=progress and dist.main, initial=state.step) as bar, \
                     Sampler(run.log if run else None, t.device, cfg.telemetry if run else 0,
                             lambda: state.images * dist.world_size):
-                train_epochs(t, state, run, bar, signals)
+                train_epochs(t, state, run, bar, signals, on_eval)
         # Trained: the checkpoint holds the end. What follows, --resume redoes if it is cut.
         summary = _summary(t, state, wall_start, run.path if run else None)
         if resumed_from is not None:
@@ -494,7 +498,7 @@ def _run(t: Training, *, state: LoopState, run: RunDir | None, resume: Resume | 
 
 
 def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progress,
-                 signals: StopSignals) -> None:
+                 signals: StopSignals, on_eval: Callable[[dict], None] | None = None) -> None:
     """The loop: train each epoch step by step, evaluate it, log, checkpoint, and stop cleanly
     on a signal - within a step or an evaluation batch. Host-side decisions sit between calls
     of `train_step`, which only computes."""
@@ -565,21 +569,24 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                 save_checkpoint(t, state, run)
                 raise _interrupted(signals.signum, state, run)
             best = state.end_epoch(result, val)
+            record = None
             if result is not None:
-                _log(run, {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
-                           "epochs_done": round(state.step / len(t.train_batches), 4),
-                           "test_loss": result["loss"], "test_acc": result["accuracy"],
-                           **({"val_loss": val["loss"], "val_acc": val["accuracy"]} if val
-                              else {}),
-                           "train_seconds": state.train_seconds,
-                           "eval_seconds": round(time.perf_counter() - eval_started, 4)},
-                     bar.eval)
+                record = {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
+                          "epochs_done": round(state.step / len(t.train_batches), 4),
+                          "test_loss": result["loss"], "test_acc": result["accuracy"],
+                          **({"val_loss": val["loss"], "val_acc": val["accuracy"]} if val
+                             else {}),
+                          "train_seconds": state.train_seconds,
+                          "eval_seconds": round(time.perf_counter() - eval_started, 4)}
+                _log(run, record, bar.eval)
             due = (unit == "step" or state.epoch > t.epoch_count
                    or (state.epoch - 1) % every == 0)
             # best.pt first: a resume from an older checkpoint.pt writes it again
             names = ("best.pt",) * best + ("checkpoint.pt",) * due
             if names:
                 save_checkpoint(t, state, run, *names)
+            if on_eval is not None and record is not None:  # e.g. a search's pruner
+                on_eval(record)
 
 
 def _log(run: RunDir | None, record: dict, show=None) -> None:
