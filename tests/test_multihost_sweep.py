@@ -1,7 +1,7 @@
 """One sweep, workers on two hosts, its study in PostgreSQL on a third (hosts.py): 8 points x
 2 seeds give 16 run directories, each trained once, and the results of one worker alone;
-SIGKILL one worker mid-point and the other finishes that point from its checkpoint, with the
-same results again."""
+SIGKILL one worker mid-point and the other finishes that point from its checkpoint (once the
+dead worker's heartbeat is stale), with the same results again."""
 
 import csv
 import os
@@ -57,14 +57,20 @@ def test_workers_on_two_hosts_share_one_postgresql_study(data, alone, tmp_path, 
     out = tmp_path / "sweep"
     with network(3) as (db, b, c), postgres_server(db) as url:
         cmd = _sweep(data, out, "--storage", url)
-        workers = [h.popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                   for h in (b, c)]
-        if kill:  # once some run of the first worker is half done
+
+        def start(host):
+            return host.popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        if not kill:  # both at the same moment
+            workers = [start(b), start(c)]
+        else:  # the first alone until a run of its own is half done; killed once the second
+            workers = [start(b)]  # has started
             deadline = time.monotonic() + 120
             while not any((out / r / "checkpoint.pt").is_file()
                           and not (out / r / "summary.json").exists() for r in RUNS):
                 assert time.monotonic() < deadline and workers[0].poll() is None
-                time.sleep(0.05)
+                time.sleep(0.02)
+            workers.append(start(c))
             workers[0].send_signal(signal.SIGKILL)
         ends = [w.communicate(timeout=300) for w in workers]
     survivor = ends[1][1]

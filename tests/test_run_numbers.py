@@ -34,9 +34,12 @@ def test_records_place_each_point_at_the_fraction_of_the_split_seen(
     assert summary["best_epochs_done"] == evals[summary["best_epoch"] - 1]
 
 
+MAKE_TRAIN_STEP = trainer.make_train_step
+
+
 def _slow_steps(monkeypatch, seconds, interrupt_at=None):
     """Every training step takes at least `seconds`; SIGINT arrives at step `interrupt_at`."""
-    make = trainer.make_train_step
+    make = MAKE_TRAIN_STEP  # not one patched before
     calls = []
 
     def slow_make(*args, **kwargs):

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     _sweep_parser(sub)
+    _tune_parser(sub)
     _report_parser(sub)
     _use_parsers(sub)
     _bench_parser(sub)
@@ -316,9 +317,11 @@ def _sweep_parser(sub) -> None:
         description="Train every point of a grid - the cross product of the --grid values, or "
                     "a sweep file's [grid] and points - for --seeds seeds, each run an ordinary "
                     "run directory under the sweep directory, then write results.csv, "
-                    "results.md, accuracy.png and loss.png there. Running the same sweep again "
-                    "skips finished runs and redoes an unfinished one. Options beat the sweep "
-                    "file's [train] table, which beats --preset.")
+                    "results.md, accuracy.png, loss.png and comparison.png there. The sweep is "
+                    "an Optuna study: the same command run again, or on other machines (with "
+                    "--storage and a shared --out), adds workers that take the points not yet "
+                    "trained; an unfinished run continues from its checkpoint. Options beat "
+                    "the sweep file's [train] table, which beats --preset.")
     p.add_argument("model", nargs="?", help=f"{models} (or the sweep file's)")
     p.add_argument("dataset", nargs="?", help=f"{datasets} (or the sweep file's)")
     p.add_argument("--config", metavar="SWEEP_TOML", help="sweep file: model, dataset, seeds, "
@@ -369,6 +372,67 @@ def _sweep(args: argparse.Namespace) -> int:
               f"results.csv in {out}", file=sys.stderr)
         if result["verdict"]:
             print(result["verdict"], file=sys.stderr)
+    print(out)
+    return Exit.OK
+
+
+def _tune_parser(sub) -> None:
+    models, datasets = _names()
+    p = sub.add_parser(
+        "tune", help="search options over ranges, stopping hopeless trials early",
+        description="Search train options over ranges with Optuna: each trial an ordinary run "
+                    "directory trial-NNNN under the tune directory, scored by its best "
+                    "validation accuracy (--val-split, or a folder's val/, is required: "
+                    "choosing on test is optimistic), a hopeless one stopped by the pruner "
+                    "after an epoch; then best.toml (train it with 'cnnlab train MODEL DATASET "
+                    "--config DIR/best.toml'), results.md, history.png and importance.png. "
+                    "The other options fix the rest of the recipe. Running the same command "
+                    "again continues the search.")
+    p.add_argument("model", help=models)
+    p.add_argument("dataset", help=datasets)
+    p.add_argument("--space", action="append", required=True, metavar="KEY=SPEC",
+                   help="a train option and where to search it: LOW:HIGH (uniform; whole "
+                   "numbers for integer options), LOW:HIGH:log, or A,B,C (one of these values; "
+                   "';' between values that hold commas); repeat for each option")
+    add_train_options(p)
+    p.add_argument("--trials", type=int, default=20, metavar="N",
+                   help="trials in all, over every worker (default 20)")
+    p.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe",
+                   help="tpe (default): Optuna's Tree-structured Parzen Estimator; random; "
+                   "grid: every combination of the listed values once (A,B,C spaces only). "
+                   "Seeded by --seed unless --storage is given")
+    p.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median",
+                   help="median (default): stop a trial whose validation accuracy after an "
+                   "epoch is below the median of the complete trials' at that epoch (once 5 "
+                   "are complete); hyperband; none")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N trials at once, each in a process of its own (as cnnlab sweep "
+                   "--jobs)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (and "
+                   "notes) on stderr and the tune directory on stdout")
+    p.add_argument("--out", help="tune directory (default tunes/<model>-<dataset>-<searched "
+                   "options>)")
+    p.add_argument("--storage", metavar="URL", help="the Optuna study's storage, e.g. "
+                   "postgresql://USER@HOST/DB for workers on many machines (default: sqlite "
+                   "in the tune directory)")
+    p.add_argument("--study", metavar="NAME", help="the study's name in the storage "
+                   "(default: the tune directory's name)")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .tune import default_tune_dir, plan_tune, run_tune, summary_lines
+
+    search = plan_tune(args.model, args.dataset, args.space, options=train_options(args),
+                       trials=args.trials, sampler=args.sampler, pruner=args.pruner)
+    out = args.out or default_tune_dir(search)
+    result = run_tune(search, out, progress=not args.quiet, jobs=args.jobs,
+                      storage=args.storage, study_name=args.study)
+    if not args.quiet:
+        for line in summary_lines(result):
+            print(f"cnnlab tune: {line}", file=sys.stderr)
+        if result["best"]:
+            print(f"cnnlab tune: train it: cnnlab train {args.model} {args.dataset} --config "
+                  f"{out}/best.toml", file=sys.stderr)
     print(out)
     return Exit.OK
 
@@ -492,7 +556,7 @@ def _library_warnings_off() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        return {"train": _train, "sweep": _sweep, "report": _report,
+        return {"train": _train, "sweep": _sweep, "tune": _tune, "report": _report,
                 "eval": _eval, "predict": _predict,
                 "export": _export, "bench": _bench}[args.command](args)
     except Interrupted as e:

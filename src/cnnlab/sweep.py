@@ -17,15 +17,14 @@ Points that are no cross product are listed instead: `points = [{optimizer = "sg
 {optimizer = "adamax", lr = 0.002}]`; with both, every point meets every grid combination.
 
 The sweep directory holds one run directory per point and seed (`pool=max-seed=0`), sweep.json
-(the plan), results.csv and results.md (mean and std over seeds per point) and accuracy.png /
-loss.png (every point's curves overlaid). A point is finished when its summary.json exists, or
-when it diverged (its loss became NaN: diverged.json holds the error, the sweep goes on with the
-other runs, and the results count it apart from the mean and std): running the same sweep again
-skips finished points and trains unfinished ones from scratch.
-
-`--jobs N` trains N runs at once, each in a process of its own (small models leave most of a
-GPU, or of a many-core CPU, idle): the same run directories and results files as training
-them one by one (on the CPU a run with fewer threads may differ in the last digits).
+(the plan), results.csv and results.md (mean and std over seeds per point), accuracy.png /
+loss.png (every point's curves overlaid), comparison.png (each point's runs side by side) and,
+by default, study.db: the sweep's Optuna study (study.py), whose workers - the processes of
+`--jobs N`, the same command run again or on other machines with `--storage` - take the points
+one each. A point is finished when its summary.json exists, or when it diverged (its loss
+became NaN: diverged.json holds the error, the sweep goes on with the other runs, and the
+results count it apart from the mean and std); an unfinished one continues from its
+checkpoint.
 """
 
 from __future__ import annotations

@@ -1,0 +1,73 @@
+"""The sweep engine's figures (issue: sweeps and searches on a real engine), on real MNIST:
+
+1. one worker against two (one thread each) on the same 16-run sweep: wall time ratio;
+2. the engine's own time per point (taking a point, ending it, its heartbeats) against the
+   training it schedules.
+
+    python benchmarks/sweep_engine.py --data-dir ../shared/data [--out engine.json]
+
+Every figure is measured in this run, one after another, so compare them only as ratios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SWEEP = ["lenet5", "mnist", "--grid", "lr=0.02,0.04,0.06,0.08,0.1,0.12,0.14,0.16",
+         "--seeds", "2", "--epochs", "0.25", "--telemetry", "0", "--quiet"]
+
+
+def sweep_seconds(data_dir: str, out: Path, jobs: int) -> float:
+    """A whole `cnnlab sweep` process of the 16 runs with `jobs` workers of one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cnnlab", "sweep", *SWEEP, "--data-dir", data_dir,
+                    "--out", str(out), "--jobs", str(jobs)], env=env, check=True,
+                   capture_output=True)
+    return time.perf_counter() - start
+
+
+def engine_seconds_per_point(folder: Path, points: int = 200) -> float:
+    """Creating a study of `points` points, then taking and ending each in SQLite, with a
+    heartbeat recorded for each: seconds per point."""
+    from cnnlab.study import Study
+
+    start = time.perf_counter()
+    study = Study(f"sqlite:///{folder / 'bench.db'}", "bench", {"bench": points},
+                  points=[{"run": f"r{i}"} for i in range(points)])
+    while (trial := study.take()) is not None:
+        with study.heartbeat(trial._trial_id):
+            pass
+        study.finish(trial, 1.0)
+    return (time.perf_counter() - start) / points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep_seconds(args.data_dir, Path(tmp) / "warm", 1)  # the data cache, and page cache
+        one = sweep_seconds(args.data_dir, Path(tmp) / "one", 1)
+        two = sweep_seconds(args.data_dir, Path(tmp) / "two", 2)
+        runs = [json.loads(p.read_text()) for p in (Path(tmp) / "one").glob("*/summary.json")]
+        per_point = engine_seconds_per_point(Path(tmp))
+    training = sum(r["wall_seconds"] for r in runs) / len(runs)
+    figures = {"one_worker_s": round(one, 2), "two_workers_s": round(two, 2),
+               "ratio": round(two / one, 3), "engine_s_per_point": round(per_point, 4),
+               "run_wall_s_mean": round(training, 2),
+               "engine_share": round(per_point / training, 5)}
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
