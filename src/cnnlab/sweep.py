@@ -292,7 +292,8 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
     url = storage or default_storage(out)
     where = Where(url, study_name or f"{out.resolve().name}-{digest(_plan_digest(plan))[:8]}",
                   out)
-    Study(url, where.name, _plan_digest(plan), points=[{RUN: r.name} for r in plan.runs])
+    study = Study(url, where.name, _plan_digest(plan), points=[{RUN: r.name} for r in plan.runs])
+    study.reopen([r.name for r in plan.runs if not is_finished(out / r.name)])
     try:
         if jobs > 1:
             _workers(plan, where, jobs, say)
@@ -326,7 +327,6 @@ def _work(plan: Plan, where: Where, *, progress: bool, say,
     from .study import Study
 
     study = Study(where.url, where.name, _plan_digest(plan))
-    study.reopen([r.name for r in plan.runs if not is_finished(where.out / r.name)])
     index = {r.name: (i, r) for i, r in enumerate(plan.runs, 1)}
     study.work(lambda trial: _train_point(trial, index, plan, where, study, progress=progress,
                                           say=say, slot=slot), say)
