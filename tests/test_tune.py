@@ -102,7 +102,7 @@ def test_a_search_without_a_validation_split_is_refused(tmp_path, capsys):
     assert main(["tune", "lenet5", "mnist", "--space", "lr=0.01:0.1", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cnnlab: error: tune chooses trials on validation accuracy and this "
-                          "run has no validation split: choosing on the test split would make "
+                          "search has no validation split: choosing on the test split would make "
                           "the best trial's test accuracy optimistic")
     assert err.endswith("pass --val-split 0.1") and "\n" not in err
     assert not out.exists()
@@ -177,7 +177,7 @@ def test_the_pruner_stops_hopeless_trials(data, tmp_path, capfd, monkeypatch):
     monkeypatch.setattr("cnnlab.tune.PRUNER_STARTUP", 1)
     out = tmp_path / "tune"
     assert main(["tune", "lenet5", "mnist", "--data-dir", str(data), "--space",
-                 "lr=0.000001,0.05", "--sampler", "random", "--trials", "5", "--epochs", "3",
+                 "lr=0.000001,0.05", "--sampler", "random", "--trials", "3", "--epochs", "3",
                  "--batch-size", "32", "--out", str(out), *QUICK[:-1]]) == 0
     err = capfd.readouterr().err
     pruned = [t for t in _study(out).trials if t.state.name == "PRUNED"]
@@ -199,13 +199,34 @@ def test_the_pruner_stops_hopeless_trials(data, tmp_path, capfd, monkeypatch):
     assert "Unfinished runs" not in report
 
 
+def test_diverged_trials_fail_and_the_search_goes_on(data, tmp_path, capfd):
+    """Every trial diverges: each is a failed trial with its diverged.json, the search runs
+    them all, and with none complete there is nothing to choose: exit 2, results kept."""
+    out = tmp_path / "tune"
+    code = main(["tune", "lenet5", "mnist", "--data-dir", str(data), "--space", "lr=1e12,1e13",
+                 "--sampler", "grid", "--trials", "9", "--schedule", "constant", "--log-every",
+                 "1", "--epochs", "1", "--out", str(out), *QUICK])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err.count(": diverged (the training loss became NaN or infinite") == 0  # --quiet
+    assert err.strip().splitlines()[-1] == (
+        f"cnnlab: error: no trial of the search completed (2 diverged); nothing to choose "
+        f"from: see {out / 'results.md'}")
+    trials = _study(out).trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]  # the grid, once: 2, not 9
+    for t in trials:
+        assert (out / t.user_attrs["run"] / "diverged.json").is_file()
+    assert "| diverged | 1e+12 |" in (out / "results.md").read_text()
+    assert not (out / "best.toml").exists()
+
+
 def test_a_dead_workers_trial_is_continued_from_its_checkpoint(data, tmp_path):
     """SIGKILL a worker once its trial has a checkpoint; another worker fails the silent
     trial, queues it again and continues its run: metrics.jsonl goes on from the checkpoint,
     and the search counts it as one trial."""
     out = tmp_path / "tune"
     cmd = [sys.executable, "-m", "cnnlab", "tune", "lenet5", "mnist", "--data-dir", str(data),
-           "--space", "lr=0.02,0.05", "--trials", "1", "--epochs", "8", "--batch-size", "16",
+           "--space", "lr=0.02,0.05", "--trials", "1", "--epochs", "5", "--batch-size", "16",
            "--schedule", "constant", "--out", str(out), *QUICK[:-1]]
     env = {**os.environ, "CNNLAB_HEARTBEAT": "1"}  # dead after 3 s of silence
     run = out / "trial-0000"
@@ -225,7 +246,7 @@ def test_a_dead_workers_trial_is_continued_from_its_checkpoint(data, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from_step"] > 0
     evals = [r for r in read_metrics(run) if r["type"] == "eval"]
-    assert [r["epoch"] for r in evals] == list(range(1, 9))
+    assert [r["epoch"] for r in evals] == list(range(1, 6))
     assert evals[0] == before[0]  # the records up to the checkpoint, kept
     trials = _study(out).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]

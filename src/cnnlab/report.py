@@ -417,10 +417,13 @@ class _Figures:
         return target
 
 
-def _header_rows(runs: list[RunInfo], sweeps: list[Path], paths: list[str | Path]) -> list:
+def _header_rows(runs: list[RunInfo], sweeps: list[Path], paths: list[str | Path],
+                 pruned: frozenset[Path] = frozenset()) -> list:
     when = time.strftime("%Y-%m-%d %H:%M")
     what = ", ".join(str(p) for p in paths)
-    unfinished = [r.name for r in runs if r.summary is None and not r.diverged]
+    stopped = [r.name for r in runs if r.summary is None and r.path.resolve() in pruned]
+    unfinished = [r.name for r in runs if r.summary is None and not r.diverged
+                  and r.path.resolve() not in pruned]
     diverged = [r.name for r in runs if r.summary is None and r.diverged]
     blocks = [Para(f"Written {when} by cnnlab {__version__} from {what}: {len(runs)} run"
                    f"{'s' if len(runs) != 1 else ''}"
@@ -432,7 +435,46 @@ def _header_rows(runs: list[RunInfo], sweeps: list[Path], paths: list[str | Path
     if diverged:
         blocks.append(Para(f"Diverged runs (the loss became NaN; left out of the comparison's "
                            f"mean and std): {', '.join(diverged)}."))
+    if stopped:
+        blocks.append(Para(f"Pruned trials (their search stopped them early, so they have no "
+                           f"summary.json; shown from their metrics): {', '.join(stopped)}."))
     return blocks
+
+
+def _search(path: Path, heading: Heading) -> tuple[list, frozenset[Path]]:
+    """A search's section (cnnlab tune's tune.json) - what it searched and found, its best
+    trial's options, every trial, the optimisation history and the parameter importances -
+    and the trial runs its pruner stopped."""
+    from .tune import TUNE_FILE, summary_lines, trials_table
+
+    try:
+        info = read_json(path / TUNE_FILE)
+        if "rows" not in info:  # written when the search began
+            return [heading, Para("The search has written no results yet; its command, run "
+                                  "again, continues it and writes them.")], frozenset()
+        header, rows = trials_table(info)
+        lines = summary_lines(info)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [heading, Para(f"{path / TUNE_FILE} is damaged: the search is not shown.")], \
+            frozenset()
+    blocks = [heading, Para(f"Searched: {'; '.join(info.get('searched', []))}."),
+              *(Para(line) for line in lines)]
+    best = info.get("best")
+    if best:
+        searched = {d["option"] for d in info["plan"]["tune"]["space"]}
+        blocks += [Para(f"The best trial's options, in best.toml (cnnlab train "
+                        f"{info['model']} {info['dataset']} --config {path / 'best.toml'}):"),
+                   Table(["option", "value"],
+                         [[option_name(k), format_value(v) + (" (searched)" if option_name(k)
+                                                              in searched else "")]
+                          for k, v in best["options"].items()])]
+    blocks.append(Table(header, rows))
+    shown = [(path / name, alt) for name, alt in info.get("figures", {}).items()
+             if (path / name).is_file()]
+    if shown:
+        blocks.append(Figures(shown))
+    return blocks, frozenset((path / r["run"]).resolve() for r in info["rows"]
+                             if r["state"] == "pruned")
 
 
 def _differing_keys(configs: list[dict]) -> list[str]:
@@ -610,6 +652,12 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, *,
     if not paths:
         raise CnnlabError("report needs at least one run or sweep directory")
     runs, sweeps = find_runs(paths)
+    from .tune import TUNE_FILE
+
+    tunes = [s for s in sweeps if (s / TUNE_FILE).is_file()]
+    searches = [_search(s, Heading(2, f"Search {s.name}" if len(tunes) > 1 else "Search"))
+                for s in tunes]
+    pruned = frozenset().union(*(stopped for _, stopped in searches))
     out = Path(out) if out is not None else default_report_dir(paths)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -630,12 +678,15 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, *,
         title = (f"cnnlab report: {run.config.get('model')} on {run.config.get('dataset')} "
                  f"({run.name})")
     elif len(sweeps) == 1 and len(paths) == 1:
-        title = f"cnnlab report: sweep {sweeps[0].name} ({len(runs)} runs)"
+        title = (f"cnnlab report: {'search' if tunes else 'sweep'} {sweeps[0].name} "
+                 f"({len(runs)} runs)")
     else:
         title = f"cnnlab report: {len(runs)} runs"
     doc = Document(title)
-    doc.add(*_header_rows(runs, sweeps, paths))
+    doc.add(*_header_rows(runs, sweeps, paths, pruned))
     if len(runs) == 1:
+        for blocks, _ in searches:
+            doc.add(*blocks)
         doc.add(*_run_blocks(runs[0], figures, evaluations.get(runs[0].name), level=2))
     else:  # the comparison first; what all runs share once; each run folded away
         config = {k: v for k, v in runs[0].config.items()
@@ -645,7 +696,9 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, *,
         sections = [Heading(2, "Comparison"), Heading(2, "Configuration of all runs"),
                     *([Heading(2, "Environment")] if "env" in shared else []),
                     Heading(2, "Runs")]
-        doc.add(Contents(sections))
+        doc.add(Contents([blocks[0] for blocks, _ in searches] + sections))
+        for blocks, _ in searches:
+            doc.add(*blocks)
         _comparison(doc, runs, figures, evaluations, prefix="" if sweeps and out.resolve()
                     in {s.resolve() for s in sweeps} else "comparison-")
         doc.add(sections[1], Para("The options every run shares (each run lists the rest)."),

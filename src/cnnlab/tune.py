@@ -1,0 +1,878 @@
+"""Searches: train options over ranges, trials chosen on validation accuracy, hopeless ones
+stopped early.
+
+    cnnlab tune lenet5 mnist --space lr=0.01:0.5:log --space batch-size=32,64,128 \\
+        --trials 30 --val-split 0.1
+
+A search is an Optuna study in the storage sweeps use (study.py), run by Optuna's own loop
+(`Study.optimize`): each worker asks the sampler for a trial's values, trains it as an
+ordinary run directory `trial-NNNN` under the tune directory, and feeds every evaluated
+epoch's validation accuracy to the pruner, which may stop the run there (its directory
+stays, with the epochs it trained and no summary.json). The objective is the run's best
+validation accuracy - the one best.pt was chosen on - never the test accuracy: choosing on
+test is optimistic (README: "Choosing the best checkpoint honestly").
+
+Optuna's loop records heartbeats; a worker that dies leaves its trial silent, the next worker
+to look fails it and the storage queues it again with the same values and the same run
+directory (a `run` user attribute), and whoever takes it continues that run from its
+checkpoint. Ctrl-C queues the stopped trial again the same way. `--trials` counts trials
+over all workers, a trial queued again once.
+
+The tune directory holds the trial runs, study.db (the default storage), tune.json (the plan
+and, once written, every trial's outcome, which reports read), results.md, best.toml (the
+best trial's options: `cnnlab train MODEL DATASET --config best.toml`), history.png and
+importance.png.
+
+Optuna is imported by the functions that run or read a search only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import (
+    ARGUMENT,
+    COMPARED,
+    MACHINE,
+    OPTIONS,
+    RUNTIME,
+    Config,
+    field_name,
+    format_value,
+    nearest_option,
+    option_name,
+    resolve,
+    short,
+    typed_value,
+)
+from .errors import (
+    CnnlabError,
+    Interrupted,
+    StoppedAtOnce,
+    TrainingDiverged,
+    failure_message,
+    one_line,
+    unknown_choice,
+)
+from .files import atomic_write, read_json, safe_name, write_json
+from .results import diverged_error, fixed_settings, format_epochs, md_table, metric
+from .runs import read_metrics
+
+TUNE_FILE = "tune.json"   # in the tune directory: the plan, then every trial's outcome
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+MAX_TRIALS = 100_000
+# Complete trials before the median pruner judges: fewer give it no median worth the name.
+PRUNER_STARTUP = 5
+# Complete trials before parameter importances (over fewer they say nothing).
+IMPORTANCE_TRIALS = 4
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One searched option: a range (`low` to `high`, on a log scale with `log`) or a list
+    of `values`."""
+
+    key: str                      # the Config field
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    values: tuple = ()
+
+    @property
+    def name(self) -> str:
+        """Its name as Optuna's parameter, in tables and figures: the option's."""
+        return option_name(self.key)
+
+    def suggest(self, trial) -> Any:
+        if self.values:
+            return trial.suggest_categorical(self.name, list(self.values))
+        if OPTIONS[self.key].type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+    def describe(self) -> str:
+        if self.values:
+            return f"{self.name} one of {', '.join(map(format_value, self.values))}"
+        return (f"{self.name} from {format_value(self.low)} to {format_value(self.high)}"
+                + (" (log scale)" if self.log else ""))
+
+    def to_json(self) -> dict:
+        return {"option": self.name, "low": self.low, "high": self.high, "log": self.log,
+                "values": list(self.values)}
+
+
+def _space_key(text: str, key: str) -> str:
+    """A --space key -> the Config field it searches, or the one line why it cannot be."""
+    name = field_name(key)
+    searchable = [option_name(k) for k, o in OPTIONS.items() if _searchable(o)]
+    if name == "seed":
+        raise CnnlabError("--space seed: a search over seeds finds the luckiest seed, not a "
+                          "better recipe; fix it with --seed")
+    if name not in OPTIONS:
+        raise CnnlabError(f"--space '{text}': unknown option '{key.strip()}'"
+                          f"{nearest_option(key, searchable)} (searchable: "
+                          f"{', '.join(searchable)})")
+    o = OPTIONS[name]
+    if o.kind == ARGUMENT:
+        raise CnnlabError(f"--space {name}: a search compares recipes of one MODEL on one "
+                          "DATASET; run a search for each")
+    if name == "val_split":
+        raise CnnlabError("--space val-split: trials are compared on their validation "
+                          "accuracy, so they must share one validation split; fix it with "
+                          "--val-split")
+    if o.role in (RUNTIME, MACHINE):
+        raise CnnlabError(f"--space {option_name(name)}: it fits a run to the machine or "
+                          "says what it records, not what it learns; search recipe options")
+    if not _searchable(o):
+        raise CnnlabError(f"--space {option_name(name)}: it is neither a number nor one of "
+                          "a list of choices; it cannot be searched")
+    return name
+
+
+def _searchable(o) -> bool:
+    return (o.kind != ARGUMENT and o.role not in (RUNTIME, MACHINE) and o.name not in
+            ("seed", "val_split") and (o.type in ("int", "float", "bool") or bool(o.choices)))
+
+
+def parse_space(text: str) -> Dim:
+    """`KEY=LOW:HIGH`, `KEY=LOW:HIGH:log` or `KEY=A,B,C` (';' between values that hold
+    commas: `augment=none;crop,flip`) -> a Dim, its values typed as the option's and inside
+    its limits; anything else is one line."""
+    key, sep, spec = text.partition("=")
+    if not sep or not key.strip() or not spec.strip():
+        raise CnnlabError(f"--space '{text}': write KEY=LOW:HIGH, KEY=LOW:HIGH:log or "
+                          "KEY=A,B,C")
+    name = _space_key(text, key)
+    o, what = OPTIONS[name], f"--space {option_name(name)}={spec.strip()}"
+    if ":" not in spec:
+        parts = [p.strip() for p in spec.split(";" if ";" in spec else ",")]
+        if "" in parts:
+            raise CnnlabError(f"{what}: an empty value")
+        values = tuple(typed_value(name, p, what=what, text=True) for p in parts)
+        for value in values:
+            _check(name, value, what)
+        if len(values) < 2:
+            raise CnnlabError(f"{what}: give two values or more, or fix it with "
+                              f"--{option_name(name)} {parts[0]}")
+        if len(set(map(format_value, values))) < len(values):
+            raise CnnlabError(f"{what}: a value is given twice")
+        return Dim(name, values=values)
+    if o.type not in ("int", "float"):
+        raise CnnlabError(f"{what}: {option_name(name)} takes one of its values, not a range; "
+                          f"write {option_name(name)}=A,B,...")
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2].strip() != "log"):
+        raise CnnlabError(f"{what}: write LOW:HIGH or LOW:HIGH:log")
+    low, high = (typed_value(name, p, what=what, text=True) for p in parts[:2])
+    for value in (low, high):
+        _check(name, value, what)
+    if low >= high:
+        raise CnnlabError(f"{what}: LOW must be below HIGH")
+    log = len(parts) == 3
+    if log and low <= 0:
+        raise CnnlabError(f"{what}: a log scale needs LOW above 0")
+    return Dim(name, low=low, high=high, log=log)
+
+
+def _check(name: str, value: Any, what: str) -> None:
+    """Refuse a value the option cannot take (its limits, its choices, a finite number)."""
+    o = OPTIONS[name]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CnnlabError(f"{what}: --{option_name(name)} must be a finite number, got {value}")
+    if o.limits and (problem := o.limits.problem(value)):
+        raise CnnlabError(f"{what}: --{option_name(name)} must be {problem}, got "
+                          f"{short(value)}")
+    if o.choices and value not in o.choices:
+        raise CnnlabError(f"{what}: {unknown_choice(option_name(name), value, o.choices)}")
+
+
+@dataclass(frozen=True)
+class Search:
+    """A search, checked and ready to run: every trial is `options` (the command line's)
+    with the space's values on top, resolved as `cnnlab train` would."""
+
+    base: Config                  # the recipe with no value searched (options alone)
+    options: dict[str, Any]
+    space: tuple[Dim, ...]
+    trials: int
+    sampler: str
+    pruner: str
+
+    def config(self, values: dict[str, Any]) -> Config:
+        return resolve(self.base.model, self.base.dataset, overrides=self.options | values)
+
+    def plan(self) -> dict:
+        """What makes two searches the same search: model, dataset, fixed recipe, space (not
+        the budget, the sampler or the pruner: a search may be continued with others)."""
+        keys = {d.key for d in self.space}
+        return {"tune": {"fixed": {k: v for k, v in self.base.to_dict().items()
+                                   if k in COMPARED and k not in keys},
+                         "space": [d.to_json() for d in self.space]}}
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs a trial trains in (the last maybe in part): Hyperband's budget."""
+        epochs = next((d for d in self.space if d.key == "epochs"), None)
+        most = self.base.epochs if epochs is None else max(epochs.values or (epochs.high,))
+        return math.ceil(most)
+
+
+def plan_tune(model: str, dataset: str, space: list[str], *,
+              options: dict[str, Any] | None = None, trials: int = 20, sampler: str = "tpe",
+              pruner: str = "median") -> Search:
+    """Check a search (every --space value resolved with the fixed options, as a trial would
+    be) before anything is written; raises CnnlabError with one line."""
+    if not space:
+        raise CnnlabError("tune needs at least one --space KEY=SPEC")
+    dims = [parse_space(text) for text in space]
+    keys = [d.key for d in dims]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice:
+        raise CnnlabError(f"--space {option_name(twice)} is given twice; give it once")
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    for key in keys:
+        if key in options:
+            raise CnnlabError(f"--{option_name(key)} is searched (--space {option_name(key)}=...); "
+                              "leave the option out")
+    if isinstance(trials, bool) or not isinstance(trials, int) or not 1 <= trials <= MAX_TRIALS:
+        raise CnnlabError(f"--trials must be a positive integer, at most {MAX_TRIALS:,}, got "
+                          f"{short(trials)}")
+    if sampler not in SAMPLERS:
+        raise CnnlabError(unknown_choice("sampler", sampler, SAMPLERS))
+    if pruner not in PRUNERS:
+        raise CnnlabError(unknown_choice("pruner", pruner, PRUNERS))
+    base = resolve(model, dataset, overrides=options)
+    for d in dims:
+        for value in d.values or (d.low, d.high):
+            try:
+                resolve(model, dataset, overrides=options | {d.key: value})
+            except CnnlabError as e:
+                raise CnnlabError(f"--space {d.name}: {e}") from None
+    if sampler == "grid":
+        ranged = next((d for d in dims if not d.values), None)
+        if ranged:
+            raise CnnlabError(f"--sampler grid tries lists of values only; give {ranged.name} "
+                              "as A,B,C, or use --sampler tpe or random")
+        trials = min(trials, math.prod(len(d.values) for d in dims))  # the grid, once
+    folder = Path(base.dataset.removeprefix("folder:")).expanduser()
+    if base.val_split == 0 and not (base.dataset.startswith("folder:")
+                                    and (folder / "val").is_dir()):
+        raise CnnlabError("tune chooses trials on validation accuracy and this search has no "
+                          "validation split: choosing on the test split would make the best "
+                          "trial's test accuracy optimistic (README: Choosing the best "
+                          "checkpoint honestly); pass --val-split 0.1")
+    return Search(base, options, tuple(dims), trials, sampler, pruner)
+
+
+def default_tune_dir(search: Search, root: str | Path = "tunes") -> Path:
+    """tunes/<model>-<dataset>-<searched options>: the same search gets the same directory,
+    so running it again continues it."""
+    parts = [search.base.model, search.base.dataset.removeprefix("folder:"),
+             *(d.name for d in search.space)]
+    return Path(root) / safe_name("-".join(parts))
+
+
+def _say(message: str) -> None:  # a search's line about its trials, on stderr
+    print(f"cnnlab tune: {message}", file=sys.stderr, flush=True)
+
+
+def _silent(message: str) -> None:  # --quiet
+    pass
+
+
+def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: int = 1,
+             storage: str | None = None, study_name: str | None = None) -> dict:
+    """Run the search in `out` until --trials trials have run, as workers of its Optuna
+    study (in `storage`, default a SQLite file in `out`, under `study_name`, default the
+    directory's name and a digest of the plan), then write the results. `jobs` > 1: that
+    many worker processes here; the same command elsewhere, with a shared storage and `out`,
+    adds workers. Running it again continues the search (more --trials: more trials).
+    Returns what write_results returns."""
+    from .study import Study, default_storage, digest
+    from .sweep import MAX_JOBS, Where
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise CnnlabError(f"--jobs must be a positive integer, at most {MAX_JOBS}, got "
+                          f"{short(jobs)}")
+    say = _say if progress else _silent
+    out = Path(out)
+    info = {"model": search.base.model, "dataset": search.base.dataset,
+            "plan": search.plan()}
+    if (out / TUNE_FILE).is_file():
+        try:
+            same = read_json(out / TUNE_FILE).get("plan") == info["plan"]
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            raise CnnlabError(f"{out} holds another search (other model, dataset, fixed "
+                              "options or space, or a damaged tune.json); choose another "
+                              "--out or remove it")
+    elif out.is_dir() and any(out.iterdir()):
+        raise CnnlabError(f"{out} is not empty and holds no search; choose another --out or "
+                          "empty it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / TUNE_FILE).is_file():
+            write_json(out / TUNE_FILE, info)
+    except OSError as e:
+        raise CnnlabError(f"cannot create tune directory {out}: {e.strerror or e}") from None
+    url = storage or default_storage(out)
+    where = Where(url, study_name or f"{out.resolve().name}-{digest(search.plan())[:8]}", out)
+    # created here once (the workers open it); a stop an earlier worker asked for is lifted
+    Study(url, where.name, search.plan()).reopen([])
+    try:
+        if jobs > 1:
+            _workers(search, where, jobs, say)
+        else:
+            _work(search, where, progress=progress, say=say)
+    except BaseException:
+        with contextlib.suppress(Exception):  # keep what the trials did readable
+            write_results(out, search, where)
+        raise
+    info = write_results(out, search, where)
+    if info["best"] is None:
+        raise CnnlabError(f"no trial of the search completed ({_states(info['rows'])}); "
+                          f"nothing to choose from: see {out / 'results.md'}")
+    return info
+
+
+def _spent(trials: list) -> int:
+    """Trials begun, a trial queued again (its worker died or was stopped) counted once."""
+    again = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return len(trials) - len(again)
+
+
+def _sampler(search: Search, seed: int | None):
+    import optuna
+
+    if search.sampler == "grid":
+        return optuna.samplers.GridSampler({d.name: list(d.values) for d in search.space},
+                                           seed=seed)
+    if search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _sampler_seed(seed: int, trials_before: int, slot: int, shared: bool) -> int | None:
+    """A worker's sampler seed, from --seed, the trials the study held when the worker began
+    and its --jobs slot: one worker suggests the same trials again, and neither the other
+    --jobs workers nor a search continued later repeat its suggestions. With --storage
+    (workers on other machines, which start alike) none: seeded alike, they would suggest
+    the same trials."""
+    if shared:
+        return None
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, trials_before, slot]).generate_state(1)[0])
+
+
+def _shared(where) -> bool:
+    """Whether the study lives in a storage given with --storage: one other machines may
+    share."""
+    from .study import default_storage
+
+    return where.url != default_storage(where.out)
+
+
+def _pruner(search: Search):
+    import optuna
+
+    if search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP)
+    if search.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=search.max_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def _work(search: Search, where, *, progress: bool, say,
+          slot: tuple[int, int] | None = None) -> None:
+    """Be a worker of the search's study: run trials in Optuna's loop until the budget is
+    spent and no other worker runs a trial (whose worker might still die and leave it to
+    us), or until a worker stops the search."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from .study import Study
+
+    study = Study(where.url, where.name, search.plan(), direction="maximize",
+                  pruner=_pruner(search))
+    study.study.sampler = _sampler(search, _sampler_seed(
+        search.base.seed, len(study.study.get_trials(deepcopy=False)),
+        slot[0] if slot else 0, _shared(where)))
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our lines say how each trial ends
+
+    def budget(optuna_study, trial) -> None:
+        if (study.stop_reason() is not None
+                or _spent(optuna_study.get_trials(deepcopy=False)) >= search.trials):
+            optuna_study.stop()
+
+    def objective(trial) -> float:
+        return _trial(trial, search, where, study, progress=progress, say=say, slot=slot)
+
+    waiting_said = False
+    while (reason := study.stop_reason()) is None:
+        study.fail_stale()
+        trials = study.study.get_trials(deepcopy=False)
+        states = {t.state for t in trials}
+        if TrialState.WAITING in states or _spent(trials) < search.trials:
+            study.study.optimize(objective, catch=(TrainingDiverged,), callbacks=[budget])
+            waiting_said = False
+        elif TrialState.RUNNING not in states:
+            return
+        else:
+            if not waiting_said:
+                say("no trial left to start; waiting for the running ones (a trial whose "
+                    "worker dies is taken over)")
+                waiting_said = True
+            time.sleep(1.0)
+    raise CnnlabError(reason)
+
+
+def _trial(trial, search: Search, where, study, *, progress: bool, say,
+           slot: tuple[int, int] | None) -> float:
+    """Optuna's objective: train the trial's run - or continue it, when the trial was queued
+    again - and return its best validation accuracy; optuna.TrialPruned when the pruner
+    stops it, TrainingDiverged (a failed trial, the search goes on) when its loss became
+    NaN. A run that cannot train stops every worker: a bad configuration is bad everywhere."""
+    import optuna
+
+    from .study import RUN
+    from .sweep import job_device
+
+    values = {d.key: d.suggest(trial) for d in search.space}
+    name = trial.user_attrs.get(RUN)
+    again = name is not None
+    if name is None:
+        name = f"trial-{trial.number:04d}"
+        trial.set_user_attr(RUN, name)
+    cfg = search.config(values)
+    device, job = cfg.device, ""
+    if slot is not None:  # (job slot, GPUs) of a worker process of this machine
+        device = job_device(device, *slot)
+        job = f" (job {slot[0] + 1}{', ' + device if device.startswith('cuda:') else ''})"
+    last = math.ceil(cfg.epochs)
+
+    def on_eval(record: dict) -> None:
+        trial.report(record["val_acc"], record["epoch"])
+        if record["epoch"] < last and trial.should_prune():  # the last one ends it anyway
+            raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} (validation "
+                                     f"{record['val_acc']:.2f}%)")
+
+    shown = " ".join(f"{d.name}={_short_value(values[d.key])}" for d in search.space)
+    try:
+        summary = _train_trial(where.out / name, dataclasses.replace(cfg, device=device),
+                               again, f"{name} ({shown})", job, on_eval, progress=progress,
+                               say=say)
+    except optuna.TrialPruned as e:
+        say(f"{name}: {e}")
+        raise
+    except TrainingDiverged as e:
+        say(f"{name}: diverged ({e}); going on with the other trials")
+        raise
+    except (Interrupted, KeyboardInterrupt) as e:  # Optuna fails it: queue it again
+        _queue_again(study, trial)
+        raise Interrupted(f"search stopped during {name}; run the same command again to "
+                          "continue (finished trials are kept, that one continues from its "
+                          "checkpoint)", getattr(e, "signum", signal.SIGINT)) from None
+    except StoppedAtOnce:  # Optuna lets it pass: fail it and queue it again here
+        study.finish(trial, None, "again")
+        raise
+    except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
+        message = failure_message(e)
+        if message is not None:
+            study.stop_all(f"{name}: {message}")
+        raise
+    say(f"{name}: best validation {summary['best_val_acc']:.2f}% (test "
+        f"{summary['test_acc_at_best']:.2f}% of its best.pt), "
+        f"{_epochs(metric(summary, 'epochs_done'))}, {summary['train_seconds']:.1f} s")
+    return float(summary["best_val_acc"])
+
+
+def _epochs(value: float) -> str:
+    return f"{format_epochs(value)} epoch{'' if value == 1 else 's'}"
+
+
+def _short_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else format_value(value)
+
+
+def _queue_again(study, trial) -> None:
+    """Queue a running trial again for any worker, with its values and run (as the storage
+    does for a dead worker's trial); Optuna then fails this one."""
+    import warnings
+
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():  # "experimental"
+        warnings.simplefilter("ignore")
+        RetryHeartbeatStaleTrialCallback()(study.study, study.storage.get_trial(
+            trial._trial_id))
+
+
+def _train_trial(run_dir: Path, cfg: Config, again: bool, tag: str, job: str, on_eval, *,
+                 progress: bool, say) -> dict:
+    """Train a trial's run; a trial queued again continues its run from the checkpoint (or
+    recognises it as done) once no live process writes it."""
+    from .runs import RunLocked, wait_unlocked
+    from .trainer import fit, resume_config
+
+    if not again:
+        say(f"{tag}: training{job}")
+        return fit(cfg, run_dir, progress=progress, on_eval=on_eval)
+    while True:
+        wait_unlocked(run_dir, lambda: say(f"{tag}: another process is still writing it; "
+                                           "waiting for it to end"))
+        if (error := diverged_error(run_dir)) is not None:
+            raise TrainingDiverged(error)
+        if (run_dir / "summary.json").is_file():
+            say(f"{tag}: finished before its worker stopped")
+            return read_json(run_dir / "summary.json")
+        try:
+            if not (run_dir / "config.json").is_file():  # stopped before it began
+                say(f"{tag}: training{job}")
+                return fit(cfg, run_dir, progress=progress, on_eval=on_eval)
+            say(f"{tag}: continuing from its checkpoint{job}")
+            resumed, how = resume_config(run_dir, {"device": cfg.device})
+            return fit(resumed, run_dir, progress=progress, on_eval=on_eval, resume=how)
+        except RunLocked:  # another worker took the run a moment before us: look again
+            continue
+
+
+# ---- worker processes -----------------------------------------------------------------------
+
+def _workers(search: Search, where, jobs: int, say) -> None:
+    """`jobs` worker processes of the study on this machine, as a sweep's (sweep._workers):
+    each with 1/jobs of the CPU cores as torch threads and, with several GPUs, a GPU of its
+    own; the data decoded here first, once; a signal passed on to the workers once (each
+    checkpoints its trial, queues it again and stops); each worker ends with this process."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    import torch
+
+    from .launch import cores_per_process
+    from .trainer import load_data
+
+    load_data(search.base)  # into the cache, before N processes would decode it at once
+    gpus = torch.cuda.device_count()
+    context = multiprocessing.get_context("spawn")
+    running: dict[Any, tuple[Any, Any]] = {}  # sentinel -> (process, pipe end)
+    stop: list[int] = []
+    failed: list[str] = []
+
+    def pass_on(signum, frame) -> None:
+        if not stop:  # said also with --quiet: it answers the user
+            _say(f"{signal.Signals(signum).name}: stopping the {len(running)} workers after "
+                 "their current step (press Ctrl-C again to stop them at once)")
+        stop.append(signum)
+        for process, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for slot in range(jobs):
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_worker, args=(
+                search, where, cores_per_process(jobs), (slot, gpus), say is _silent, send))
+            process.start()
+            send.close()
+            running[process.sentinel] = (process, receive)
+        while running:
+            for sentinel in wait(list(running)):
+                process, receive = running.pop(sentinel)
+                outcome = receive.recv() if receive.poll() else None
+                receive.close()
+                process.join()
+                if outcome is not None and not stop:
+                    failed.append(outcome)
+                elif outcome is None and process.exitcode and not stop:
+                    failed.append(f"a worker ended with status {process.exitcode}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop:
+        raise Interrupted("search stopped; run the same command again to continue (finished "
+                          "trials are kept, the stopped ones continue from their checkpoints)",
+                          stop[0])
+    if failed:
+        raise CnnlabError(failed[0])
+
+
+def _worker(search: Search, where, threads: int, slot: tuple[int, int], quiet: bool,
+            send) -> None:
+    """One worker process of a concurrent search (see sweep._worker): sends None when done,
+    else why it stopped."""
+    from .sweep import _die_with_parent
+
+    parent = os.getppid()
+    os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the search alone
+    _die_with_parent()
+    if os.getppid() != parent:  # the search died before the request was in place
+        return
+    outcome = None
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        _work(search, where, progress=False, say=_silent if quiet else _say, slot=slot)
+    except (Interrupted, KeyboardInterrupt, StoppedAtOnce):
+        pass
+    except BaseException as e:
+        message = failure_message(e)
+        if message is None:  # a bug: its traceback, for the report
+            traceback.print_exc()
+            message = f"{type(e).__name__}: {one_line(e)}"
+        outcome = message
+    send.send(outcome)
+    send.close()
+
+
+# ---- results ----------------------------------------------------------------------------------
+
+def _outcome(run_dir: Path) -> dict:
+    """A trial run's best validation accuracy, the test accuracy of its best.pt and the
+    epochs it trained (and was to train): from summary.json, or from the records of a run
+    the pruner stopped (or one that diverged or still trains)."""
+    try:
+        epochs = read_json(run_dir / "config.json")["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        epochs = None
+    if (run_dir / "summary.json").is_file():
+        s = read_json(run_dir / "summary.json")
+        return {"best_val_acc": s.get("best_val_acc"), "test_acc_at_best":
+                s.get("test_acc_at_best"), "epochs_done": metric(s, "epochs_done"),
+                "epochs": epochs}
+    records = read_metrics(run_dir)
+    evals = [r for r in records if r.get("type") == "eval" and r.get("val_acc") is not None]
+    best = max(evals, key=lambda r: r["val_acc"], default={})
+    return {"best_val_acc": best.get("val_acc"), "test_acc_at_best": best.get("test_acc"),
+            "epochs_done": max((r.get("epochs_done", 0) for r in records), default=0),
+            "epochs": epochs}
+
+
+def _rows(out: Path, trials: list) -> list[dict]:
+    """One row per trial run, in run order: the latest trial of each (one queued again
+    stands for the one its worker left)."""
+    from optuna.trial import TrialState
+
+    from .study import RUN
+
+    again = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    rows = []
+    for t in trials:
+        if t.number in again or RUN not in t.user_attrs:
+            continue
+        run = t.user_attrs[RUN]
+        state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
+                 TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}.get(t.state)
+        if state is None:
+            state = "diverged" if diverged_error(out / run) else "failed"
+        rows.append({"run": run, "number": int(run.rsplit("-", 1)[1]), "state": state,
+                     "params": dict(t.params), **_outcome(out / run)})
+    return sorted(rows, key=lambda r: r["number"])
+
+
+def _best_options(run_dir: Path) -> dict[str, Any]:
+    """What a run trained with, as `cnnlab train --config` takes it: every option that can
+    change the result (no model or dataset, no runtime option, no None: the default)."""
+    config = read_json(run_dir / "config.json")
+    return {k: config[k] for k in COMPARED
+            if OPTIONS[k].kind != ARGUMENT and config.get(k) is not None}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _write_best(out: Path, search: Search, best: dict) -> None:
+    """best.toml: the best trial's options, for `cnnlab train MODEL DATASET --config`."""
+    searched = {d.key: d for d in search.space}
+    lines = [f"# cnnlab tune: the best trial of {out}: {best['run']}, best validation "
+             f"accuracy {best['best_val_acc']:.2f}% (test accuracy of its best.pt "
+             f"{best['test_acc_at_best']:.2f}%)",
+             f"# train it: cnnlab train {search.base.model} {search.base.dataset} --config "
+             f"{out / 'best.toml'}"]
+    for key, value in best["options"].items():
+        note = f"  # searched: {searched[key].describe()}" if key in searched else ""
+        lines.append(f"{option_name(key)} = {_toml_value(value)}{note}")
+    atomic_write(out / "best.toml", ("\n".join(lines) + "\n").encode())
+
+
+def _importances(study, search: Search, complete: int) -> dict[str, float]:
+    """Each searched option's importance over the complete trials, summing to 1: Optuna's
+    default, PED-ANOVA (how much the option's values tell the best tenth of the trials from
+    the rest; deterministic, and no scikit-learn as fANOVA needs). {} with fewer than two
+    options or IMPORTANCE_TRIALS complete trials, or where it cannot tell (values alike)."""
+    if len(search.space) < 2 or complete < IMPORTANCE_TRIALS:
+        return {}
+    import warnings
+
+    from optuna.importance import get_param_importances
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = get_param_importances(study)
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return {}
+    return {k: float(v) for k, v in found.items() if math.isfinite(v)}
+
+
+def _plot_history(rows: list[dict], path: Path) -> Path | None:
+    """history.png: each trial's best validation accuracy (a pruned one's where it
+    stopped) and the best so far, against the trial number."""
+    from matplotlib.ticker import MaxNLocator
+
+    from .plots import _figure, _finish
+
+    scored = [r for r in rows if r["best_val_acc"] is not None]
+    if not scored:
+        return None
+    fig = _figure((7, 4.2))
+    ax = fig.subplots()
+    for state, marker, label in (("complete", "o", "complete"),
+                                 ("pruned", "x", "pruned (its best before it was stopped)"),
+                                 ("diverged", "v", "diverged"), ("failed", "v", "failed"),
+                                 ("running", ".", "still running")):
+        points = [r for r in scored if r["state"] == state]
+        if points:
+            ax.plot([r["number"] for r in points], [r["best_val_acc"] for r in points],
+                    marker, ls="none", ms=6, label=label)
+    complete = [r for r in scored if r["state"] == "complete"]
+    if complete:
+        best, xs, ys = -math.inf, [], []
+        for r in complete:
+            best = max(best, r["best_val_acc"])
+            xs.append(r["number"])
+            ys.append(best)
+        ax.step(xs + [rows[-1]["number"]], ys + [best], where="post", lw=1.5,
+                label="best so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are counted
+    return _finish(fig, ax, path, xlabel="trial", ylabel="best validation accuracy (%)",
+                   title=f"Optimisation history - {path.parent.name}")
+
+
+def _plot_importance(importances: dict[str, float], complete: int, path: Path) -> Path:
+    from .plots import _figure, _finish
+
+    fig = _figure((7, 1.2 + 0.5 * len(importances)))
+    ax = fig.subplots()
+    names = list(importances)[::-1]  # the most important on top
+    ax.barh(names, [importances[n] for n in names])
+    return _finish(fig, ax, path, xlabel="importance (PED-ANOVA, summing to 1)",
+                   title=f"Parameter importances ({complete} complete trials)")
+
+
+def _states(rows: list[dict]) -> str:
+    """How the trials ended: "4 complete, 2 pruned"."""
+    counts = {s: sum(r["state"] == s for r in rows) for s in
+              ("complete", "pruned", "diverged", "failed", "running", "waiting")}
+    return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none run"
+
+
+def summary_lines(info: dict) -> list[str]:
+    """What a search found, in sentences (results.md, the report and the command's end)."""
+    rows = info["rows"]
+    lines = [f"{len(rows)} of {info['trials']} trials: {_states(rows)}."]
+    if info["epochs_unpruned"]:
+        saved = 1 - info["epochs_trained"] / info["epochs_unpruned"]
+        lines.append(f"Epochs trained: {format_epochs(info['epochs_trained'])} in all, against "
+                     f"{format_epochs(info['epochs_unpruned'])} had no trial been pruned "
+                     f"({saved:.0%} saved).")
+    best = info.get("best")
+    if best:
+        params = ", ".join(f"{k}={_short_value(v)}" for k, v in best["params"].items())
+        lines.append(f"Best: {best['run']}, validation {best['best_val_acc']:.2f}% (test "
+                     f"{best['test_acc_at_best']:.2f}% of its best.pt), with {params}.")
+    return lines
+
+
+def trials_table(info: dict) -> tuple[list[str], list[list[str]]]:
+    """The trials as a table: header and rows."""
+    names = [d["option"] for d in info["plan"]["tune"]["space"]]
+
+    def pct(value) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    return (["trial", "state", *names, "best val acc (%)", "test acc of best.pt (%)",
+             "epochs trained"],
+            [[r["run"], r["state"], *(_short_value(r["params"][n]) if n in r["params"] else "-"
+                                      for n in names),
+              pct(r["best_val_acc"]), pct(r["test_acc_at_best"]),
+              format_epochs(r["epochs_done"])] for r in info["rows"]])
+
+
+def write_results(out: str | Path, search: Search, where) -> dict:
+    """tune.json, results.md, best.toml, history.png and importance.png of the search's
+    trials so far. Returns tune.json's content, with "out"."""
+    from .study import Study
+
+    out = Path(out)
+    study = Study(where.url, where.name, search.plan())
+    trials = study.study.get_trials(deepcopy=False)
+    rows = _rows(out, trials)
+    complete = [r for r in rows if r["state"] == "complete" and r["best_val_acc"] is not None]
+    best = dict(max(complete, key=lambda r: r["best_val_acc"])) if complete else None
+    if best:
+        best["options"] = _best_options(out / best["run"])
+        _write_best(out, search, best)
+    importances = _importances(study.study, search, len(complete))
+    info = {"model": search.base.model, "dataset": search.base.dataset, "plan": search.plan(),
+            "searched": [d.describe() for d in search.space], "trials": search.trials,
+            "sampler": search.sampler, "pruner": search.pruner,
+            "rows": rows, "best": best, "importances": importances,
+            "epochs_trained": sum(r["epochs_done"] or 0 for r in rows),
+            "epochs_unpruned": sum((r["epochs"] if r["state"] == "pruned" else
+                                    r["epochs_done"]) or 0 for r in rows)}
+    figures = {}
+    if _plot_history(rows, out / "history.png"):
+        figures["history.png"] = "Each trial's best validation accuracy and the best so far"
+    if importances:
+        _plot_importance(importances, len(complete), out / "importance.png")
+        figures["importance.png"] = ("How much each searched option decides whether a "
+                                     "trial is among the best")
+    info["figures"] = figures
+    write_json(out / TUNE_FILE, info)
+
+    model, dataset = search.base.model, search.base.dataset
+    seeded = "unseeded: --storage" if _shared(where) else f"seeded by --seed {search.base.seed}"
+    fixed = fixed_settings([search.base.to_dict()], skip=tuple(d.key for d in search.space))
+    lines = [f"# Search: {model} on {dataset}", "",
+             f"Sampler: {search.sampler} ({seeded}); pruner: {search.pruner}. Each trial is "
+             "scored by its best validation accuracy - the epoch its best.pt was chosen on; "
+             "the test accuracy of that best.pt chose nothing, so it is an honest estimate "
+             "(choosing on test would make it optimistic).", "",
+             f"Searched: {'; '.join(info['searched'])}.", "",
+             f"Fixed settings: {fixed}.", ""]
+    for text in summary_lines(info):
+        lines += [text, ""]
+    if best:
+        lines += [f"The best trial's options are in best.toml: `cnnlab train {model} {dataset} "
+                  f"--config {out / 'best.toml'}`.", ""]
+    for name, alt in info["figures"].items():
+        lines += [f"![{alt}]({name})", ""]
+    header, table = trials_table(info)
+    lines += ["## Trials", "", md_table(
+        header, [[f"[{c[0]}]({c[0]}/)", *c[1:]] for c in table]), ""]
+    if best:
+        lines += [f"## The best trial: {best['run']}", "",
+                  f"![Loss of {best['run']}]({best['run']}/loss.png)", "",
+                  f"![Accuracy of {best['run']}]({best['run']}/accuracy.png)", ""]
+    atomic_write(out / "results.md", "\n".join(lines).encode())
+    return info | {"out": str(out)}
