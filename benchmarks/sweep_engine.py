@@ -2,9 +2,12 @@
 
 1. one worker against two (one thread each) on the same 16-run sweep: wall time ratio;
 2. the engine's own time per point (taking a point, ending it, its heartbeats) against the
-   training it schedules.
+   training it schedules;
+3. (--tune, instead) `cnnlab tune` with the median pruner against none, on the same 24 trials
+   (random sampler, one seed: the same suggestions) of LeNet-5 for 2 epochs each: the
+   epochs trained in all and the best validation accuracy.
 
-    python benchmarks/sweep_engine.py --data-dir ../shared/data [--out engine.json]
+    python benchmarks/sweep_engine.py --data-dir ../shared/data [--tune] [--out engine.json]
 
 Every figure is measured in this run, one after another, so compare them only as ratios."""
 
@@ -48,11 +51,38 @@ def engine_seconds_per_point(folder: Path, points: int = 200) -> float:
     return (time.perf_counter() - start) / points
 
 
+TUNE = ["lenet5", "mnist", "--space", "lr=0.002:2:log", "--space", "batch-size=32,64,128",
+        "--trials", "24", "--epochs", "2", "--val-split", "0.1", "--sampler", "random",
+        "--seed", "0", "--telemetry", "0", "--quiet"]
+
+
+def tune_figures(data_dir: str, out: Path, pruner: str) -> dict:
+    """Epochs trained in all, and the best validation accuracy, of the 24-trial search."""
+    from cnnlab.runs import read_metrics
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cnnlab", "tune", *TUNE, "--data-dir", data_dir,
+                    "--pruner", pruner, "--out", str(out)], check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    epochs, best = 0.0, 0.0
+    for trial in out.glob("trial-*"):
+        evals = [r for r in read_metrics(trial) if r.get("type") == "eval"]
+        epochs += max((r["epochs_done"] for r in evals), default=0.0)
+        best = max([best, *(r["val_acc"] for r in evals)])
+    return {"seconds": round(seconds, 1), "epochs": round(epochs, 2), "best_val_acc": best}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out")
+    parser.add_argument("--tune", action="store_true", help="the pruner's figures instead")
     args = parser.parse_args()
+    if args.tune:
+        with tempfile.TemporaryDirectory() as tmp:
+            figures = {p: tune_figures(args.data_dir, Path(tmp) / p, p) for p in ("median", "none")}
+        print(json.dumps(figures, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         sweep_seconds(args.data_dir, Path(tmp) / "warm", 1)  # the data cache, and page cache
         one = sweep_seconds(args.data_dir, Path(tmp) / "one", 1)

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -283,3 +284,120 @@ class Study:
                     raise
             self.finish(trial, value, state)
         raise CnnlabError(reason)
+
+
+# ---- worker processes on this machine --------------------------------------------------------
+
+def run_workers(work: Callable[..., None], args: tuple, jobs: int, say: Callable[[str], None],
+                stopped: str) -> None:
+    """`jobs` worker processes of a study on this machine (`--jobs`), each calling
+    `work(*args, progress=False, say=say, slot=(slot, gpus))` with 1/jobs of the CPU cores
+    as torch threads (`work` and `say` must be module-level functions: a spawned process
+    imports them). The caller decodes the data first, once.
+
+    A signal (Ctrl-C, SIGTERM) reaches this process alone and is passed on to the workers
+    once: each checkpoints its run, puts its point back in the queue and stops (a second
+    signal stops them at once); then Interrupted(`stopped`). Killed itself, this process
+    takes the workers with it: each asked the kernel for a SIGTERM when its parent dies.
+    A worker that fails ends the call with its error once the others end."""
+    import multiprocessing
+    import signal
+    from multiprocessing.connection import wait
+
+    import torch
+
+    from .errors import Interrupted
+    from .launch import cores_per_process
+
+    gpus = torch.cuda.device_count()
+    context = multiprocessing.get_context("spawn")
+    running: dict[Any, tuple[Any, Any]] = {}  # sentinel -> (process, pipe end)
+    stop: list[int] = []
+    failed: list[str] = []
+
+    def pass_on(signum, frame) -> None:
+        if not stop:  # said also with --quiet: it answers the user
+            print(f"cnnlab: {signal.Signals(signum).name}: stopping the {len(running)} "
+                  "workers after their current step (press Ctrl-C again to stop them at "
+                  "once)", file=sys.stderr, flush=True)
+        stop.append(signum)
+        for process, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for slot in range(jobs):
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_worker, args=(
+                work, args, say, cores_per_process(jobs), (slot, gpus), send))
+            process.start()
+            send.close()
+            running[process.sentinel] = (process, receive)
+        while running:
+            for sentinel in wait(list(running)):
+                process, receive = running.pop(sentinel)
+                outcome = receive.recv() if receive.poll() else None
+                receive.close()
+                process.join()
+                if outcome is not None and not stop:
+                    failed.append(outcome)
+                elif outcome is None and process.exitcode and not stop:
+                    failed.append(f"a worker ended with status {process.exitcode}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop:
+        raise Interrupted(stopped, stop[0])
+    if failed:
+        raise CnnlabError(failed[0])
+
+
+def _stop_now(signum, frame) -> None:
+    from .errors import StoppedAtOnce
+
+    raise StoppedAtOnce(signum)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for a SIGTERM when the parent process dies (prctl PR_SET_PDEATHSIG), so that
+    no worker outlives its sweep; where there is no prctl, nothing."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _worker(work: Callable[..., None], args: tuple, say: Callable[[str], None], threads: int,
+            slot: tuple[int, int], send) -> None:
+    """One worker process (see run_workers): signals come from the parent only (passed on
+    once); sends None when done, else why it stopped (the error)."""
+    import signal
+    import traceback
+
+    from .errors import Interrupted, StoppedAtOnce, failure_message
+
+    parent = os.getppid()
+    os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the parent alone
+    for sig in (signal.SIGINT, signal.SIGTERM):  # outside training (which checkpoints first):
+        signal.signal(sig, _stop_now)            # stop, the point back in the queue
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the request was in place
+        return
+    outcome = None
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        work(*args, progress=False, say=say, slot=slot)
+    except (Interrupted, KeyboardInterrupt, StoppedAtOnce):
+        pass
+    except BaseException as e:
+        message = failure_message(e)
+        if message is None:  # a bug: its traceback, for the report
+            traceback.print_exc()
+            message = f"{type(e).__name__}: {one_line(e)}"
+        outcome = message
+    send.send(outcome)
+    send.close()

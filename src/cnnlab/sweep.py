@@ -35,11 +35,8 @@ import dataclasses
 import io
 import itertools
 import math
-import os
 import shutil
-import signal
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,14 +59,11 @@ from .config import (
 from .errors import (
     CnnlabError,
     Interrupted,
-    StoppedAtOnce,
     TrainingDiverged,
     did_you_mean,
     failure_message,
-    one_line,
 )
 from .files import atomic_write, read_json, safe_name, write_json
-from .launch import cores_per_process
 from .results import (
     METRICS,
     aggregate,
@@ -418,110 +412,18 @@ def job_device(device: str, slot: int, gpus: int) -> str:
 
 
 def _workers(plan: Plan, where: Where, jobs: int, say) -> None:
-    """`jobs` worker processes of the study on this machine, each with 1/jobs of the CPU
-    cores as torch threads and, with several GPUs, a GPU of its own (round-robin).
-
-    The data is downloaded and decoded here first, once. A signal (Ctrl-C, SIGTERM) reaches
-    this process alone and is passed on to the workers once: each checkpoints its run, puts
-    its point back in the queue and stops (a second signal stops them at once). Killed
-    itself, this process takes the workers with it: each asked the kernel for a SIGTERM
-    when its parent dies."""
-    import multiprocessing
-    from multiprocessing.connection import wait
-
-    import torch
-
+    """`jobs` worker processes of the study on this machine (study.run_workers), with the
+    data decoded here first, once, rather than by N processes at once."""
+    from .study import run_workers
     from .trainer import load_data
 
     datasets = {(c.dataset, c.data_dir, c.download, c.skip_bad_files, c.image_size): c
                 for c in (run.config for run in plan.runs)}
     for cfg in datasets.values():
-        load_data(cfg)  # into the cache, before N processes would decode it at once
-    gpus = torch.cuda.device_count()
-    context = multiprocessing.get_context("spawn")
-    running: dict[Any, tuple[Any, Any]] = {}  # sentinel -> (process, pipe end)
-    stop: list[int] = []
-    failed: list[str] = []
-
-    def pass_on(signum, frame) -> None:
-        if not stop:  # said also with --quiet: it answers the user
-            _say(f"{signal.Signals(signum).name}: stopping the {len(running)} workers after "
-                "their current step (press Ctrl-C again to stop them at once)")
-        stop.append(signum)
-        for process, _ in running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signum)
-
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for slot in range(jobs):
-            receive, send = context.Pipe(duplex=False)
-            process = context.Process(target=_worker, args=(
-                plan, where, cores_per_process(jobs), (slot, gpus), say is _silent, send))
-            process.start()
-            send.close()
-            running[process.sentinel] = (process, receive)
-        while running:
-            for sentinel in wait(list(running)):
-                process, receive = running.pop(sentinel)
-                outcome = receive.recv() if receive.poll() else None
-                receive.close()
-                process.join()
-                if outcome is not None and not stop:
-                    failed.append(outcome)
-                elif outcome is None and process.exitcode and not stop:
-                    failed.append(f"a worker ended with status {process.exitcode}")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stop:
-        raise Interrupted("sweep stopped; run the same command again to continue (finished "
-                          "runs are kept, the stopped ones continue from their checkpoints)",
-                          stop[0])
-    if failed:
-        raise CnnlabError(failed[0])
-
-
-def _stop_now(signum, frame) -> None:
-    raise StoppedAtOnce(signum)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux for a SIGTERM when the parent process dies (prctl PR_SET_PDEATHSIG), so that
-    no worker outlives its sweep; where there is no prctl, nothing."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _worker(plan: Plan, where: Where, threads: int, slot: tuple[int, int], quiet: bool,
-            send) -> None:
-    """One worker process of a concurrent sweep: signals come from the sweep's process only
-    (passed on once); sends None when done, else why it stopped (the error)."""
-    parent = os.getppid()
-    os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the sweep alone
-    for sig in (signal.SIGINT, signal.SIGTERM):  # outside training (which checkpoints first):
-        signal.signal(sig, _stop_now)            # stop, the point back in the queue
-    _die_with_parent()
-    if os.getppid() != parent:  # the sweep died before the request was in place
-        return
-    outcome = None
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        _work(plan, where, progress=False, say=_silent if quiet else _say, slot=slot)
-    except (Interrupted, KeyboardInterrupt, StoppedAtOnce):
-        pass
-    except BaseException as e:
-        message = failure_message(e)
-        if message is None:  # a bug: its traceback, for the report
-            traceback.print_exc()
-            message = f"{type(e).__name__}: {one_line(e)}"
-        outcome = message
-    send.send(outcome)
-    send.close()
+        load_data(cfg)
+    run_workers(_work, (plan, where), jobs, say,
+                "sweep stopped; run the same command again to continue (finished runs are "
+                "kept, the stopped ones continue from their checkpoints)")
 
 
 # ---- results: mean and spread over seeds ----------------------------------------------------

@@ -31,11 +31,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +59,6 @@ from .errors import (
     StoppedAtOnce,
     TrainingDiverged,
     failure_message,
-    one_line,
     unknown_choice,
 )
 from .files import atomic_write, read_json, safe_name, write_json
@@ -552,91 +549,15 @@ def _train_trial(run_dir: Path, cfg: Config, again: bool, tag: str, job: str, on
 # ---- worker processes -----------------------------------------------------------------------
 
 def _workers(search: Search, where, jobs: int, say) -> None:
-    """`jobs` worker processes of the study on this machine, as a sweep's (sweep._workers):
-    each with 1/jobs of the CPU cores as torch threads and, with several GPUs, a GPU of its
-    own; the data decoded here first, once; a signal passed on to the workers once (each
-    checkpoints its trial, queues it again and stops); each worker ends with this process."""
-    import multiprocessing
-    from multiprocessing.connection import wait
-
-    import torch
-
-    from .launch import cores_per_process
+    """`jobs` worker processes of the study on this machine (study.run_workers), with the
+    data decoded here first, once."""
+    from .study import run_workers
     from .trainer import load_data
 
-    load_data(search.base)  # into the cache, before N processes would decode it at once
-    gpus = torch.cuda.device_count()
-    context = multiprocessing.get_context("spawn")
-    running: dict[Any, tuple[Any, Any]] = {}  # sentinel -> (process, pipe end)
-    stop: list[int] = []
-    failed: list[str] = []
-
-    def pass_on(signum, frame) -> None:
-        if not stop:  # said also with --quiet: it answers the user
-            _say(f"{signal.Signals(signum).name}: stopping the {len(running)} workers after "
-                 "their current step (press Ctrl-C again to stop them at once)")
-        stop.append(signum)
-        for process, _ in running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signum)
-
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for slot in range(jobs):
-            receive, send = context.Pipe(duplex=False)
-            process = context.Process(target=_worker, args=(
-                search, where, cores_per_process(jobs), (slot, gpus), say is _silent, send))
-            process.start()
-            send.close()
-            running[process.sentinel] = (process, receive)
-        while running:
-            for sentinel in wait(list(running)):
-                process, receive = running.pop(sentinel)
-                outcome = receive.recv() if receive.poll() else None
-                receive.close()
-                process.join()
-                if outcome is not None and not stop:
-                    failed.append(outcome)
-                elif outcome is None and process.exitcode and not stop:
-                    failed.append(f"a worker ended with status {process.exitcode}")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stop:
-        raise Interrupted("search stopped; run the same command again to continue (finished "
-                          "trials are kept, the stopped ones continue from their checkpoints)",
-                          stop[0])
-    if failed:
-        raise CnnlabError(failed[0])
-
-
-def _worker(search: Search, where, threads: int, slot: tuple[int, int], quiet: bool,
-            send) -> None:
-    """One worker process of a concurrent search (see sweep._worker): sends None when done,
-    else why it stopped."""
-    from .sweep import _die_with_parent
-
-    parent = os.getppid()
-    os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the search alone
-    _die_with_parent()
-    if os.getppid() != parent:  # the search died before the request was in place
-        return
-    outcome = None
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        _work(search, where, progress=False, say=_silent if quiet else _say, slot=slot)
-    except (Interrupted, KeyboardInterrupt, StoppedAtOnce):
-        pass
-    except BaseException as e:
-        message = failure_message(e)
-        if message is None:  # a bug: its traceback, for the report
-            traceback.print_exc()
-            message = f"{type(e).__name__}: {one_line(e)}"
-        outcome = message
-    send.send(outcome)
-    send.close()
+    load_data(search.base)
+    run_workers(_work, (search, where), jobs, say,
+                "search stopped; run the same command again to continue (finished trials are "
+                "kept, the stopped ones continue from their checkpoints)")
 
 
 # ---- results ----------------------------------------------------------------------------------
