@@ -38,6 +38,7 @@ from .engine import Lookahead, LoopState, Precision, WeightEMA, evaluate, make_t
 from .envinfo import collect_env
 from .errors import CnnlabError, Interrupted, StoppedAtOnce, TrainingDiverged, one_line
 from .files import read_json
+from .launch import env_rank
 from .models import count_parameters
 from .plots import plot_run, plot_utilization
 from .progress import Progress
@@ -176,8 +177,10 @@ class StopSignals:
         if self.signum is not None:
             raise StoppedAtOnce(signum)  # atomic writes in progress remove their temp files
         self.signum = signum
-        print(f"\ncnnlab: {signal.Signals(signum).name}: stopping after this step and writing a "
-              "checkpoint (press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        if env_rank() == 0:  # under torchrun every rank is told; one says so
+            print(f"\ncnnlab: {signal.Signals(signum).name}: stopping after this step and "
+                  "writing a checkpoint (press Ctrl-C again to quit at once)", file=sys.stderr,
+                  flush=True)
 
     def requested(self, dist: distributed.Dist, collective: bool) -> bool:
         """Whether to stop now. Under torchrun every rank stops at the same step: the ranks
