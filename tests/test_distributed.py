@@ -36,6 +36,23 @@ def data(tmp_path_factory):
     return write_mnist(tmp_path_factory.mktemp("ddp") / "data", 1024, 256)
 
 
+def assert_one_process_run(out, data, single) -> None:
+    """`out`, trained by two ranks with ARGS, is the run one process trains into `single`:
+    its records written once (not once per rank), its weights the same within 1e-5."""
+    evals = [r for r in read_metrics(out) if r["type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["best.pt",
+                                                                          "checkpoint.pt"]
+    options = dict(zip([a.lstrip("-").replace("-", "_") for a in ARGS[::2]], ARGS[1::2]))
+    cnnlab.train("lenet5", "mnist", data_dir=str(data), out=single, progress=False,
+                 **{k: (float(v) if k == "lr" else int(v) if v.isdigit() else v)
+                    for k, v in options.items()})
+    a = checkpoint.load(out / "checkpoint.pt")["model"]
+    b = checkpoint.load(single / "checkpoint.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
 def test_two_ranks_match_one_process(data, tmp_path):
     out = tmp_path / "ddp"
     proc = _torchrun("lenet5", "mnist", "--data-dir", str(data), "--out", str(out), *ARGS)
@@ -45,20 +62,7 @@ def test_two_ranks_match_one_process(data, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert "rank 1" not in stderr  # rank 0 alone reports
-    evals = [r for r in read_metrics(out) if r["type"] == "eval"]
-    assert [r["epoch"] for r in evals] == [1, 2]  # written once, not once per rank
-    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["best.pt",
-                                                                          "checkpoint.pt"]
-
-    single = tmp_path / "single"
-    options = dict(zip([a.lstrip("-").replace("-", "_") for a in ARGS[::2]], ARGS[1::2]))
-    cnnlab.train("lenet5", "mnist", data_dir=str(data), out=single, progress=False,
-                 **{k: (float(v) if k == "lr" else int(v) if v.isdigit() else v)
-                    for k, v in options.items()})
-    a = checkpoint.load(out / "checkpoint.pt")["model"]
-    b = checkpoint.load(single / "checkpoint.pt")["model"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    assert_one_process_run(out, data, tmp_path / "single")
 
     # a checkpoint written by 2 ranks resumes in one process
     resumed = cnnlab.train(resume=out, epochs=3, progress=False)

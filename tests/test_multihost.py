@@ -11,14 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO, write_mnist
 from hosts import PYTHON, libpq, network, postgres_server
-from test_distributed import ARGS
-
-import cnnlab
-from cnnlab import checkpoint
-from cnnlab.runs import read_metrics
+from test_distributed import ARGS, assert_one_process_run
 
 TORCHRUN = str(Path(PYTHON).with_name("torchrun"))
 ENV = {"OMP_NUM_THREADS": "1", "CNNLAB_DIST_TIMEOUT": "60"}
@@ -65,20 +60,7 @@ def test_two_hosts_match_one_process(data, tmp_path):
     assert ends[1][0] == ""
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
-    evals = [r for r in read_metrics(out) if r["type"] == "eval"]
-    assert [r["epoch"] for r in evals] == [1, 2]
-    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["best.pt",
-                                                                          "checkpoint.pt"]
-
-    single = tmp_path / "single"
-    options = dict(zip([a.lstrip("-").replace("-", "_") for a in ARGS[::2]], ARGS[1::2]))
-    cnnlab.train("lenet5", "mnist", data_dir=str(data), out=single, progress=False,
-                 **{k: (float(v) if k == "lr" else int(v) if v.isdigit() else v)
-                    for k, v in options.items()})
-    ours = checkpoint.load(out / "checkpoint.pt")["model"]
-    theirs = checkpoint.load(single / "checkpoint.pt")["model"]
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)
+    assert_one_process_run(out, data, tmp_path / "single")
 
 
 def test_a_host_that_cannot_reach_the_first_gives_up_in_time(data, tmp_path):
