@@ -538,10 +538,11 @@ def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progres
                     window_images = 0
                 log_step = state.step % cfg.log_every == 0
                 if log_step:
-                    now = time.perf_counter()
+                    mean = state.take_window(dist.reduce_mean)  # waits for the device: then
+                    now = time.perf_counter()                   # the window's time is real
                     _log(run, {"type": "train", "step": state.step, "epoch": state.epoch,
                                "epochs_done": round(state.step / len(t.train_batches), 4),
-                               "loss": state.take_window(dist.reduce_mean),
+                               "loss": mean,
                                "lr": t.optimizer.param_groups[0]["lr"],
                                "images_per_second": window_images / (now - window_start)},
                          bar.train)
