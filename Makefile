@@ -15,9 +15,13 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	@if command -v nvidia-smi >/dev/null 2>&1 || ! $(BIN)/pip install -q --timeout 5 \
-	    --retries 0 --index-url $(TORCH_CPU_INDEX) $(TORCH); then \
-	    echo "installing PyTorch's default build"; $(BIN)/pip install -q $(TORCH); fi
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	    echo "an NVIDIA GPU is here: installing PyTorch's default (CUDA) build"; \
+	    $(BIN)/pip install -q $(TORCH); \
+	elif ! $(BIN)/pip install -q --timeout 5 --retries 0 --index-url $(TORCH_CPU_INDEX) \
+	    $(TORCH) 2>/dev/null; then \
+	    echo "PyTorch's CPU-only build could not be installed from its index; installing" \
+	        "the default build"; $(BIN)/pip install -q $(TORCH); fi
 	@$(BIN)/python -c "import torch; print('installed PyTorch', torch.__version__, \
 	    '(CUDA build)' if torch.version.cuda else '(CPU-only build)')"
 	$(BIN)/pip install -q -e '.[dev,export,postgres]'
