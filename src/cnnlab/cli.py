@@ -343,11 +343,16 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--out", help="sweep directory (default sweeps/<sweep file name>, else "
                    "sweeps/<model>-<dataset>-<grid keys>); on a filesystem every worker "
                    "reaches when workers run on several machines")
+    _study_options(p, "sweep")
+
+
+def _study_options(p: argparse.ArgumentParser, what: str) -> None:
+    """--storage and --study: where the Optuna study of a sweep or a search lives."""
     p.add_argument("--storage", metavar="URL", help="the Optuna study's storage: any URL "
                    "Optuna takes, e.g. postgresql://USER@HOST/DB for workers on many machines "
-                   "(default: sqlite in the sweep directory)")
+                   f"(default: sqlite in the {what} directory)")
     p.add_argument("--study", metavar="NAME", help="the study's name in the storage "
-                   "(default: the sweep directory's name)")
+                   f"(default: the {what} directory's name and a digest of what it trains)")
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -412,11 +417,7 @@ def _tune_parser(sub) -> None:
                    "notes) on stderr and the tune directory on stdout")
     p.add_argument("--out", help="tune directory (default tunes/<model>-<dataset>-<searched "
                    "options>)")
-    p.add_argument("--storage", metavar="URL", help="the Optuna study's storage, e.g. "
-                   "postgresql://USER@HOST/DB for workers on many machines (default: sqlite "
-                   "in the tune directory)")
-    p.add_argument("--study", metavar="NAME", help="the study's name in the storage "
-                   "(default: the tune directory's name)")
+    _study_options(p, "tune")
 
 
 def _tune(args: argparse.Namespace) -> int:
