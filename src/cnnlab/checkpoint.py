@@ -6,15 +6,18 @@ and plain data only, so a crafted file cannot run code):
     format          FORMAT (absent in the first release's files, which have the same keys)
     model           the weights a run evaluates (with --ema, the averaged weights)
     train_model     with --ema: the trained weights
+    lookahead       with --lookahead: the slow weights
     model_meta      ModelMeta as a dict: what rebuilds the model and its preprocessing
     config          the run's Config as a dict
     data_digest     the content digest of the dataset trained on (Dataset.digest)
     epoch, step, batch, loop, rng, device_type, optimizer, scheduler, scaler,
-    metrics_offset  where training was, to resume it bitwise (see `restore`)
+    metrics_offset  where training was, to resume it bitwise (see `check_fits`)
     test_acc        the test accuracy of the last evaluation (None before the first)
+    val_acc         the same on the validation split, where there is one
 
-Training (`state`, `save`, `restore`), `--resume` (`load_for_resume`) and eval, predict,
-export and report (`load_model`) all go through here.
+The training state in it is engine.TrainState.state_dict() (plain data); the trainer adds
+the rest. Training (`save`), `--resume` (`load_for_resume`, `check_fits`) and eval, predict,
+export and report (`load_model`) all go through here; nothing here knows the trainer.
 """
 
 from __future__ import annotations
@@ -41,8 +44,6 @@ from .files import atomic_write
 if TYPE_CHECKING:
     from .config import Config
     from .data import Dataset
-    from .engine import LoopState
-    from .trainer import Training
 
 FORMAT = 1
 NAMES = ("best.pt", "checkpoint.pt")  # what a run directory holds, in the order eval prefers
@@ -212,90 +213,49 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Trained:
 
 # ---- training state --------------------------------------------------------------------------
 
-def state(training: Training, loop: LoopState, metrics_offset: int) -> dict[str, Any]:
-    """Everything `restore` needs to continue training bitwise as if never stopped."""
-    scaler, device = training.precision.scaler, training.device
-    return {
-        "format": FORMAT,
-        "model": training.evaluated.state_dict(),  # with --ema, the average; else the weights
-        **({"train_model": training.model.state_dict()} if training.ema else {}),
-        **({"lookahead": training.lookahead.module.state_dict()} if training.lookahead else {}),
-        "model_meta": training.meta.to_dict(), "config": training.cfg.to_dict(),
-        "data_digest": training.data.digest,
-        "optimizer": training.optimizer.state_dict(),
-        "scheduler": training.scheduler.state_dict(),
-        "epoch": loop.epoch - 1, "step": loop.step, "batch": loop.batch,  # epochs finished
-        "test_acc": loop.history[-1] if loop.history else None,
-        "val_acc": loop.last_val["accuracy"] if loop.last_val else None,
-        "loop": {k: v for k, v in vars(loop).items() if k not in _POSITION},
-        "rng": _rng_state(training),
-        "device_type": device.type,
-        "scaler": scaler.state_dict() if scaler else None,
-        "metrics_offset": metrics_offset,
-    }
-
-
-def _rng_state(training: Training) -> dict[str, torch.Tensor | None]:
-    return {"torch": torch.get_rng_state(), "loader": training.generator.get_state(),
-            "cuda": (torch.cuda.get_rng_state(training.device)
-                     if training.device.type == "cuda" else None)}
-
-
-def load_for_resume(run_dir: str | Path) -> tuple[dict[str, Any], int, dict[str, Any]]:
-    """(the run's config as Config fields, epochs it finished, the checkpoint) of the run
-    directory's checkpoint.pt, every field checked (`check_resumable`)."""
+def load_for_resume(run_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint.pt of a run directory, every field checked (`check_resumable`)."""
     path = Path(run_dir) / "checkpoint.pt"
     ckpt = load(path)
     if "config" not in ckpt and "loop" not in ckpt:
         raise CnnlabError(f"{path} holds a model but not the state of a training run; "
                           "it cannot be resumed")
     check_resumable(ckpt, path)
-    try:
-        config = config_fields(ckpt["config"], "config.")
-    except Damaged as e:
-        raise damaged(path, str(e)) from None
-    return config, ckpt["epoch"], ckpt
+    return ckpt
 
 
-def restore(ckpt: dict[str, Any], training: Training, loop: LoopState,
-            path: str | Path = "checkpoint.pt") -> int:
-    """Put every piece of training state back as it was when `ckpt` (the file `path`) was
-    written; returns the byte offset metrics.jsonl had then. Each piece is first checked to
-    fit this run as built, so that a damaged one is refused before anything changes rather
-    than failing in the middle of training, after the run's files were written again."""
-    device = training.device
+@dataclass(frozen=True)
+class Run:
+    """What a checkpoint to resume must fit, of the run as built again: its training state
+    (engine.TrainState.state_dict() before any step), the shapes of the optimiser's
+    parameters in its order, the data's digest and size, and the run's length."""
+
+    fresh: dict[str, Any]
+    parameter_shapes: list[torch.Size]
+    data_digest: str
+    dataset: str
+    images: int                    # training images (of this rank's loader)
+    batches: int                   # batches an epoch
+    total_steps: int
+    device_type: str
+
+
+def check_fits(ckpt: dict[str, Any], run: Run, path: str | Path = "checkpoint.pt") -> None:
+    """Refuse a checkpoint (the file `path`, its fields' types checked) that does not fit
+    `run`: another dataset or device, or a piece of state damaged - before anything is
+    loaded, rather than failing in the middle of training after the run's files were
+    written again."""
     digest = ckpt.get("data_digest")
-    if digest is not None and digest != training.data.digest:
-        raise CnnlabError(f"the dataset {training.cfg.dataset} is not the one this run was "
-                          "trained on (images, labels or classes changed since); resume with "
-                          "that data, or start a new run")
+    if digest is not None and digest != run.data_digest:
+        raise CnnlabError(f"the dataset {run.dataset} is not the one this run was trained on "
+                          "(images, labels or classes changed since); resume with that data, "
+                          "or start a new run")
     saved = ckpt.get("device_type", "cpu")
-    if saved != device.type:
+    if saved != run.device_type:
         raise CnnlabError(f"this run was trained on {saved} and can only resume there "
                           f"(its random state is {saved}'s); pass --device {saved}")
-    models = _models(training)
-    if problem := _misfit(ckpt, training, models):
+    if problem := _misfit(ckpt, run):
         raise damaged(path, problem)
-    try:  # what the checks above do not see, torch's loading does
-        for key, model in models.items():
-            model.load_state_dict(ckpt[key])
-        training.optimizer.load_state_dict(ckpt["optimizer"])
-        training.scheduler.load_state_dict(ckpt["scheduler"])
-        if training.precision.scaler and ckpt["scaler"]:
-            training.precision.scaler.load_state_dict(ckpt["scaler"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise damaged(path, f"its state does not load into this run: {one_line(e, 200)}"
-                      ) from None
-    for key, value in ckpt["loop"].items():
-        setattr(loop, key, value.to(device) if isinstance(value, torch.Tensor) else value)
-    loop.epoch, loop.step, loop.batch = ckpt["epoch"] + 1, ckpt["step"], ckpt["batch"]
-    if "best_epoch" not in ckpt["loop"] and loop.history:  # written before it was kept
-        loop.best_epoch = loop.history.index(loop.best_acc) + 1
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    training.generator.set_state(ckpt["rng"]["loader"])
-    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return ckpt["metrics_offset"]
 
 
 # ---- checking a checkpoint before resuming from it -------------------------------------------
@@ -312,7 +272,6 @@ def damaged(path: str | Path, what: str) -> CnnlabError:
                        "the start")
 
 
-_POSITION = ("epoch", "step", "batch")  # LoopState's fields kept at a checkpoint's top level
 # Fields that cnnlab wrote only from some version on: where one is absent, its default stands
 # in (LoopState's; for the digest, no check; for the device, the CPU). The others must be there.
 _LATER = frozenset({"data_digest", "device_type", "loop.best_epoch", "loop.last_eval",
@@ -326,7 +285,7 @@ def _resumable_fields() -> dict[str, Any]:
     """Every field a checkpoint holds for --resume, by dotted name, with its type: a dict
     before its fields, which are checked only where it is a dict. The loop's fields have
     LoopState's own types."""
-    from .engine import LoopState
+    from .engine import POSITION, LoopState
 
     hints = typing.get_type_hints(LoopState)
     return {
@@ -337,7 +296,7 @@ def _resumable_fields() -> dict[str, Any]:
         "rng": dict, "rng.torch": torch.Tensor, "rng.loader": torch.Tensor,
         "rng.cuda": torch.Tensor | None,
         "loop": dict, **{f"loop.{f.name}": hints[f.name] for f in dataclasses.fields(LoopState)
-                         if f.name not in _POSITION},
+                         if f.name not in POSITION},
         **{f"loop.{split}.{key}": kind for split in ("last_eval", "last_val")
            for key, kind in _EVALUATION.items()},
     }
@@ -424,64 +383,59 @@ def _a_kind(kind: Any) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _models(training: Training) -> dict[str, nn.Module]:
-    """The checkpoint key of each model whose weights the run keeps, and the model."""
-    return {"model": training.evaluated,
-            **({"train_model": training.model} if training.ema else {}),
-            **({"lookahead": training.lookahead.module} if training.lookahead else {})}
-
-
-def _misfit(ckpt: dict[str, Any], training: Training, models: dict[str, nn.Module]
-            ) -> str | None:
-    """What of a checkpoint (its fields' types checked) does not fit the run as built: a
-    model's weights, the optimiser's, schedule's or loss scaler's state, the random state, or
-    where the loop was. None if all fits."""
-    for key, model in models.items():
+def _misfit(ckpt: dict[str, Any], run: Run) -> str | None:
+    """What of a checkpoint does not fit the run as built: a model's weights, the optimiser's,
+    schedule's or loss scaler's state, the random state, or where the loop was. None if all
+    fits."""
+    fresh = run.fresh
+    for key in ("model", "train_model", "lookahead"):
+        if key not in fresh:
+            continue
         if key not in ckpt:  # train_model (--ema) or lookahead
             return f"{key} is missing, though the run's config asks for it"
         if problem := (_wrong(ckpt[key], dict[str, torch.Tensor], key)
-                       or _unlike(ckpt[key], model.state_dict(), key, same_keys=True)):
+                       or _unlike(ckpt[key], fresh[key], key, same_keys=True)):
             return problem
-    scaler, loop = training.precision.scaler, ckpt["loop"]
-    n, batches = len(training.train_batches.labels), len(training.train_batches)
+    loop, n = ckpt["loop"], run.images
     # (saved, as this run builds it, name); a scaler only where both have one: another GPU
     # may choose another precision for --precision auto
-    pieces = [(ckpt["scheduler"], training.scheduler.state_dict(), "scheduler"),
-              *((ckpt["rng"][key], fresh, f"rng.{key}")
-                for key, fresh in _rng_state(training).items()),
+    pieces = [(ckpt["scheduler"], fresh["scheduler"], "scheduler"),
+              *((ckpt["rng"][key], value, f"rng.{key}") for key, value in fresh["rng"].items()),
               (loop["window"], torch.zeros(2, dtype=torch.float64), "loop.window"),
               (loop["order"], torch.arange(n), "loop.order"),
-              (ckpt["scaler"], scaler.state_dict() if scaler else None, "scaler")]
-    problem = _optimizer_misfit(ckpt["optimizer"], training.optimizer) or next(
-        (problem for saved, fresh, name in pieces if saved is not None and fresh is not None
-         and (problem := _unlike(saved, fresh, name))), None)
+              (ckpt["scaler"], fresh["scaler"], "scaler")]
+    problem = _optimizer_misfit(ckpt["optimizer"], fresh["optimizer"], run.parameter_shapes
+                                ) or next(
+        (problem for saved, new, name in pieces if saved is not None and new is not None
+         and (problem := _unlike(saved, new, name))), None)
     if problem:
         return problem
     if loop["order"] is not None and not torch.equal(loop["order"].sort().values,
                                                      torch.arange(n)):
         return f"loop.order is not an order of the {n} training images"
-    if ckpt["batch"] > batches:
-        return f"batch is {ckpt['batch']}, past the {batches} batches of an epoch"
-    if ckpt["step"] > training.total_steps:
-        return f"step is {ckpt['step']}, past the run's {training.total_steps} steps"
+    if ckpt["batch"] > run.batches:
+        return f"batch is {ckpt['batch']}, past the {run.batches} batches of an epoch"
+    if ckpt["step"] > run.total_steps:
+        return f"step is {ckpt['step']}, past the run's {run.total_steps} steps"
     return None
 
 
-def _optimizer_misfit(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> str | None:
-    """How an optimiser state does not fit `optimizer`: its parameter groups (their sizes and
-    settings), or a parameter's state (of no parameter, or of another shape)."""
-    if problem := _unlike(saved["param_groups"], optimizer.state_dict()["param_groups"],
+def _optimizer_misfit(saved: dict[str, Any], fresh: dict[str, Any],
+                      shapes: list[torch.Size]) -> str | None:
+    """How an optimiser state does not fit `fresh` (the state of the optimiser as built, of
+    parameters of `shapes` in its order): its parameter groups (their sizes and settings), or
+    a parameter's state (of no parameter, or of another shape)."""
+    if problem := _unlike(saved["param_groups"], fresh["param_groups"],
                           "optimizer.param_groups"):
         return problem
-    params = dict(zip(chain.from_iterable(g["params"] for g in saved["param_groups"]),
-                      chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+    params = dict(zip(chain.from_iterable(g["params"] for g in saved["param_groups"]), shapes))
     for index, state in saved["state"].items():
         name = f"optimizer.state[{index!r}]"
         if index not in params:
             return f"{name} is the state of no parameter"
         if problem := _wrong(state, dict[str, torch.Tensor | float | None], name):
             return problem
-        shape = params[index].shape
+        shape = params[index]
         for key, value in state.items():  # per parameter, or a scalar (Adam's step)
             if isinstance(value, torch.Tensor) and value.dim() and value.shape != shape:
                 return f"{name}.{key} has shape {list(value.shape)}, not {list(shape)}"

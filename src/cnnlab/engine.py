@@ -1,16 +1,18 @@
-"""The pieces of the loop: the training step, the evaluation, and the state between steps
-(no file I/O; `trainer.train_epochs` is the loop that puts them together).
+"""The pieces of the loop: the training step, the evaluation, the training state and the
+clock (no file I/O; `trainer.train_epochs` is the loop that puts them together).
 
 The loss is read back to the host only at log steps, so the device never waits for Python
-inside the inner loop; everything needed to stop and resume mid-epoch lives in LoopState."""
+inside the inner loop; everything needed to stop and resume mid-epoch lives in TrainState."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,9 @@ class LoopState:
                 "(--detect-anomaly finds the operation)", self.step, self.epoch)
 
 
+POSITION = ("epoch", "step", "batch")  # LoopState's fields a state_dict keeps at its top level
+
+
 class Precision:
     """Autocast and gradient scaling for fp32, bf16 or fp16 (fp16 with a GradScaler)."""
 
@@ -148,6 +153,116 @@ class Lookahead:
             return
         torch._foreach_lerp_(self._slow, self._fast, 1.0 - decay)
         torch._foreach_copy_(self._fast, self._slow)
+
+
+@dataclass
+class TrainState:
+    """Everything that changes as a run trains: the weights, the optimiser's and schedule's
+    state, the weight averages, the loss scaler, where the loop is and the random state.
+    `state_dict()` gives it as plain data (tensors, numbers, lists and dicts: what a
+    checkpoint holds) and `load_state_dict()` puts it back, so that training goes on bitwise
+    as if it had never stopped."""
+
+    model: nn.Module               # the plain model (not DDP-wrapped or compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision           # with fp16, its loss scaler
+    generator: torch.Generator     # the training loader's: sample order and augmentation
+    ema: WeightEMA | None = None   # the averaged weights, when --ema is on
+    lookahead: Lookahead | None = None  # the slow weights, when --lookahead is on
+    loop: LoopState = field(default_factory=LoopState)
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model whose accuracy a run records and whose weights its checkpoints hold."""
+        return self.ema.module if self.ema else self.model
+
+    def update_averages(self) -> None:
+        """After an optimiser step: move the weight averages (--ema, --lookahead)."""
+        if self.ema:
+            self.ema.update(self.loop.step)
+        if self.lookahead:
+            self.lookahead.update(self.loop.step)
+
+    def models(self) -> dict[str, nn.Module]:
+        """Each model whose weights the state holds, by its state_dict key: `model` the
+        evaluated one (with --ema the average), `train_model` the trained one with --ema,
+        `lookahead` the slow weights."""
+        return {"model": self.evaluated, **({"train_model": self.model} if self.ema else {}),
+                **({"lookahead": self.lookahead.module} if self.lookahead else {})}
+
+    def rng_state(self) -> dict[str, torch.Tensor | None]:
+        device = self.device
+        return {"torch": torch.get_rng_state(), "loader": self.generator.get_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+    def state_dict(self) -> dict[str, Any]:
+        loop, scaler = self.loop, self.precision.scaler
+        return {
+            **{key: model.state_dict() for key, model in self.models().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "epoch": loop.epoch - 1, "step": loop.step, "batch": loop.batch,  # epochs finished
+            "loop": {k: v for k, v in vars(loop).items() if k not in POSITION},
+            "rng": self.rng_state(), "device_type": self.device.type,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a state_dict() of a state built the same way (checked to fit first:
+        checkpoint.check_fits)."""
+        for key, model in self.models().items():
+            model.load_state_dict(state[key])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision.scaler and state["scaler"]:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        loop, device = self.loop, self.device
+        for key, value in state["loop"].items():
+            setattr(loop, key, value.to(device) if isinstance(value, torch.Tensor) else value)
+        loop.epoch, loop.step, loop.batch = state["epoch"] + 1, state["step"], state["batch"]
+        if "best_epoch" not in state["loop"] and loop.history:  # written before it was kept
+            loop.best_epoch = loop.history.index(loop.best_acc) + 1
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["loader"])
+        if device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` has done the work queued on it (on the CPU, work is done when the
+    call that queued it returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Seconds of device work. A GPU runs behind the host, which only queues its work: the
+    device is synchronised at each edge of a timed span (`start`, `lap`) and never inside
+    one, so that a span's seconds are those of the work queued in it, as a stopwatch around
+    the device would show, rather than of the queueing (with the rest billed to whatever
+    waits for the device next, e.g. the evaluation)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.started = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.started = time.perf_counter()
+
+    def lap(self) -> float:
+        """The seconds since `start` or the last lap, once the device has done the work
+        queued in them; the next span starts now."""
+        synchronize(self.device)
+        now = time.perf_counter()
+        seconds, self.started = now - self.started, now
+        return seconds
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]

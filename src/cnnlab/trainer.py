@@ -34,7 +34,17 @@ from .config import (
 )
 from .data import Dataset, hold_out, load_dataset
 from .data.loader import DeviceLoader
-from .engine import Lookahead, LoopState, Precision, WeightEMA, evaluate, make_train_step
+from .engine import (
+    Batch,
+    Lookahead,
+    LoopState,
+    Precision,
+    Stopwatch,
+    TrainState,
+    WeightEMA,
+    evaluate,
+    make_train_step,
+)
 from .envinfo import collect_env
 from .errors import CnnlabError, Interrupted, StoppedAtOnce, TrainingDiverged, one_line
 from .files import read_json
@@ -227,7 +237,11 @@ def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = N
                   if path.exists() and (path.parent / "config.json").is_file() else "")
         raise CnnlabError(f"nothing to resume at {run_dir}: it {what}{within}")
     if (path / "checkpoint.pt").is_file():
-        saved, epochs_done, ckpt = checkpoint.load_for_resume(path)
+        ckpt = checkpoint.load_for_resume(path)
+        try:
+            saved, epochs_done = checkpoint.config_fields(ckpt["config"], "config."), ckpt["epoch"]
+        except checkpoint.Damaged as e:
+            raise checkpoint.damaged(path / "checkpoint.pt", str(e)) from None
         RunDir.check_metrics(path, ckpt["metrics_offset"])  # before anything is written
     elif (path / "config.json").is_file():  # stopped before its first checkpoint
         saved, epochs_done, ckpt = _saved_config(path), 0, None
@@ -275,42 +289,33 @@ def _saved_config(path: Path) -> dict:
 
 @dataclass
 class Training:
-    """Everything a run trains with, built from a Config (shared by fit and the benchmarks)."""
+    """A run as built from its Config: the data and its loaders, the network the loop
+    calls, the training step, and the TrainState that changes as it trains (shared by fit
+    and `cnnlab bench`)."""
 
     cfg: Config
     device: torch.device
     dist: distributed.Dist
     data: Dataset
     meta: ModelMeta            # what rebuilds the model without the dataset
-    model: nn.Module           # the plain model (what checkpoints hold)
     net: nn.Module             # what the loop calls: the model, DDP-wrapped and/or compiled
-    generator: torch.Generator
+    state: TrainState          # what changes as it trains, and what checkpoints hold
+    train_step: Callable[[Batch], torch.Tensor]  # engine.make_train_step's, on `held`
+    held: list[nn.Parameter]   # the parameters this epoch leaves as they are
+    early: list[tuple[nn.Parameter, int]]  # (parameter, epochs): trained in those only
     train_batches: DeviceLoader
     test_batches: DeviceLoader
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    criterion: nn.Module
-    precision: Precision
+    val_batches: DeviceLoader | None  # the validation split best.pt is chosen on
     channels_last: bool
-    ema: WeightEMA | None      # the averaged weights, when --ema is on
-    lookahead: Lookahead | None  # the slow weights, when --lookahead is on
-    early: list[tuple[nn.Parameter, int]]  # (parameter, epochs): trained in those only
     total_steps: int           # epochs x batches per epoch, rounded: the last epoch may be cut
-    val_batches: DeviceLoader | None = None  # the validation split best.pt is chosen on
 
     @property
     def epoch_count(self) -> int:
         """The epochs the run trains in, the last possibly in part."""
         return math.ceil(self.cfg.epochs)
 
-    def held(self, epoch: int) -> list[nn.Parameter]:
-        """The parameters that stay as they are in `epoch`."""
-        return [p for p, epochs in self.early if epoch > epochs]
-
-    @property
-    def evaluated(self) -> nn.Module:
-        """The model whose accuracy a run records and whose weights its checkpoints hold."""
-        return self.ema.module if self.ema else self.model
+    def epochs_done(self) -> float:
+        return round(self.state.loop.step / len(self.train_batches), 4)
 
 
 @contextlib.contextmanager
@@ -348,19 +353,47 @@ def load_data(cfg: Config, progress: bool = True) -> Dataset:
                     cfg.val_split, cfg.seed)
 
 
-def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None, *,
-          progress: bool = True) -> Training:
-    """Load the data and build the model, loaders, optimiser and schedule (seeded by cfg)."""
-    dist = dist or distributed.Dist()
+def _check_graphable(cfg: Config, device: torch.device, dist: distributed.Dist,
+                     precision: Precision) -> None:
+    """What --cuda-graph needs of the machine (config.validate checks the options)."""
     if cfg.cuda_graph and (device.type != "cuda" or dist.enabled):
         raise CnnlabError("--cuda-graph needs a GPU and one process: " + (
             f"this run trains on {device.type}; use --device cuda or leave --cuda-graph out"
             if device.type != "cuda" else "leave it out with torchrun or --nproc"))
-    torch.manual_seed(cfg.seed)
-    precision = Precision(resolve_precision(cfg.precision, device, cfg.model), device)
     if cfg.cuda_graph and precision.scaler:
         raise CnnlabError("--cuda-graph: this GPU has no bf16, and fp16's loss scaling decides "
                           "on the host; use --precision fp32")
+
+
+def _loaders(cfg: Config, data: Dataset, device: torch.device, dist: distributed.Dist,
+             generator: torch.Generator, channels_last: bool
+             ) -> tuple[DeviceLoader, DeviceLoader, DeviceLoader | None]:
+    """The training, test and (if there is one) validation batches, on the device."""
+    augment = frozenset() if cfg.augment == "none" else frozenset(cfg.augment.split(","))
+    common = dict(mean=data.mean, std=data.std, device=device, normalize=cfg.normalize,
+                  channels_last=channels_last, rank=dist.rank, world_size=dist.world_size)
+
+    def loader(x, y, **kwargs) -> DeviceLoader:
+        return DeviceLoader(torch.from_numpy(x), torch.from_numpy(y), **common, **kwargs)
+
+    # --compile, --cuda-graph: every training batch the same shape, or the last one would
+    # recompile or not fit the graph
+    train = loader(data.train_x, data.train_y, batch_size=cfg.batch_size, shuffle=True,
+                   augment=augment, generator=generator,
+                   drop_last=cfg.compile or cfg.cuda_graph)
+    test = loader(data.test_x, data.test_y, batch_size=cfg.eval_batch_size)
+    val = None if data.val_x is None else loader(data.val_x, data.val_y,
+                                                 batch_size=cfg.eval_batch_size)
+    return train, test, val
+
+
+def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None, *,
+          progress: bool = True) -> Training:
+    """Load the data and build the model, loaders, optimiser and schedule (seeded by cfg)."""
+    dist = dist or distributed.Dist()
+    torch.manual_seed(cfg.seed)
+    precision = Precision(resolve_precision(cfg.precision, device, cfg.model), device)
+    _check_graphable(cfg, device, dist, precision)
     # channels-last is faster for these convnets on GPUs and on CPUs (oneDNN) alike
     channels_last = cfg.channels_last if cfg.channels_last is not None else True
     if not dist.main:
@@ -375,38 +408,30 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     if cfg.sync_bn and dist.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    augment = frozenset() if cfg.augment == "none" else frozenset(cfg.augment.split(","))
-    common = dict(mean=data.mean, std=data.std, device=device, normalize=cfg.normalize,
-                  channels_last=channels_last, rank=dist.rank, world_size=dist.world_size)
-    # --compile, --cuda-graph: every training batch the same shape, or the last one would
-    # recompile or not fit the graph
-    train_batches = DeviceLoader(torch.from_numpy(data.train_x), torch.from_numpy(data.train_y),
-                                 batch_size=cfg.batch_size, shuffle=True, augment=augment,
-                                 generator=generator, drop_last=cfg.compile or cfg.cuda_graph,
-                                 **common)
-    test_batches = DeviceLoader(torch.from_numpy(data.test_x), torch.from_numpy(data.test_y),
-                                batch_size=cfg.eval_batch_size, **common)
-    val_batches = None if data.val_x is None else DeviceLoader(
-        torch.from_numpy(data.val_x), torch.from_numpy(data.val_y),
-        batch_size=cfg.eval_batch_size, **common)
+    train, test, val = _loaders(cfg, data, device, dist, generator, channels_last)
     if hasattr(model, "init_from_data"):  # e.g. fastnet's whitening stem (a resume reloads)
-        model.init_from_data(train_batches.normalize(train_batches.images[:10_000]))
+        model.init_from_data(train.normalize(train.images[:10_000]))
     optimizer = build_optimizer(cfg, model)
-    total_steps = max(1, round(cfg.epochs * len(train_batches)))
+    total_steps = max(1, round(cfg.epochs * len(train)))
     scheduler = build_scheduler(cfg, optimizer, total_steps)
+    state = TrainState(model, optimizer, scheduler, precision, generator,
+                       ema=WeightEMA(model, cfg.ema) if cfg.ema else None,
+                       lookahead=Lookahead(model, total_steps) if cfg.lookahead else None)
     net = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    return Training(cfg, device, dist, data, meta, model, net, generator, train_batches,
-                    test_batches, optimizer, scheduler,
-                    nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
-                    channels_last, WeightEMA(model, cfg.ema) if cfg.ema else None,
-                    Lookahead(model, total_steps) if cfg.lookahead else None,
-                    list(getattr(model, "early_parameters", list)()), total_steps,
-                    val_batches)
+    held: list[nn.Parameter] = []
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    train_step = make_train_step(net, criterion, optimizer, scheduler, precision, held,
+                                 graph=cfg.cuda_graph)
+    return Training(cfg=cfg, device=device, dist=dist, data=data, meta=meta, net=net,
+                    state=state, train_step=train_step, held=held,
+                    early=list(getattr(model, "early_parameters", list)()),
+                    train_batches=train, test_batches=test, val_batches=val,
+                    channels_last=channels_last, total_steps=total_steps)
 
 
 def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
@@ -419,8 +444,6 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
     pruner may stop the run there by raising)."""
     wall_start = time.perf_counter()
     dist, device = distributed.setup(resolve_device(cfg.device))
-    if device.type == "cpu":
-        keep_freed_memory()
     path = None
     try:
         path = _run_path(cfg, out, resume, dist)
@@ -429,12 +452,12 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
             training = build(cfg, device, dist, progress=progress)
             run = None
             if path is not None:  # a new run's config.json is its claim on the directory
-                claim = None if resume else _config_json(cfg, training)
+                claim = None if resume else _config_json(training)
                 if out is None:  # runs started in the same second get a directory each
                     path = new_dir(path)
                 run = stack.enter_context(RunDir(path, config=claim))
             try:
-                return _run(training, state=LoopState(), run=run, resume=resume, on_eval=on_eval,
+                return _run(training, run=run, resume=resume, on_eval=on_eval,
                             progress=progress, wall_start=wall_start)
             except TrainingDiverged as e:  # reports show the run as diverged at its step
                 if run is not None:
@@ -444,165 +467,238 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
     except OSError as e:  # a full disk: nothing written before is damaged
         if path is None:
             raise
-        then = (f"continue with: cnnlab train --resume {path}"
-                if (path / "config.json").is_file() else "run the same command again")
-        fix = ("free some space, then" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-               else "once it can be written,")
-        raise CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; {fix} "
-                          f"{then}") from None
+        raise _unwritable(e, path) from None
     finally:
         distributed.cleanup()
 
 
-def _config_json(cfg: Config, t: Training) -> dict:
-    return cfg.to_dict() | {"device": str(t.device), "precision_used": t.precision.name,
-                            "world_size": t.dist.world_size}
+def _unwritable(e: OSError, path: Path) -> CnnlabError:
+    then = (f"continue with: cnnlab train --resume {path}"
+            if (path / "config.json").is_file() else "run the same command again")
+    fix = ("free some space, then" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "once it can be written,")
+    return CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; {fix} {then}")
 
 
-def _run(t: Training, *, state: LoopState, run: RunDir | None, resume: Resume | None,
-         on_eval: Callable[[dict], None] | None,
-         progress: bool, wall_start: float) -> dict:
+def _config_json(t: Training) -> dict:
+    return t.cfg.to_dict() | {"device": str(t.device), "precision_used": t.state.precision.name,
+                              "world_size": t.dist.world_size}
+
+
+def _run(t: Training, *, run: RunDir | None, resume: Resume | None,
+         on_eval: Callable[[dict], None] | None, progress: bool, wall_start: float) -> dict:
     """Continue or start the training, then finish: plots and summary.json."""
-    cfg, dist = t.cfg, t.dist
+    cfg, dist, loop = t.cfg, t.dist, t.state.loop
     resumed_from = None
     if resume is not None and resume.checkpoint is not None:  # rank 0 alone has the path
         where = run.path / "checkpoint.pt" if run is not None else "checkpoint.pt"
-        offset = checkpoint.restore(resume.checkpoint, t, state, where)
-        resumed_from = state.step
+        offset = restore(t, resume.checkpoint, where)
+        resumed_from = loop.step
         if run is not None:
             run.truncate_metrics(offset)
     elif resume is not None and run is not None:  # stopped before its first checkpoint
         run.truncate_metrics(0)
     if run is not None:
         if resume is not None:  # with the changes --resume allowed
-            run.write_json("config.json", _config_json(cfg, t))
+            run.write_json("config.json", _config_json(t))
         if resume is None or resume.checkpoint is None:
             run.write_json("env.json", collect_env(t.device))
         if cfg.tensorboard:
             run.add_sink(tensorboard_sink(run.path))
     with StopSignals() as signals:
-        if state.epoch <= t.epoch_count:
+        if loop.epoch <= t.epoch_count:
             with Progress(t.total_steps, epochs=t.epoch_count,
-                          enabled=progress and dist.main, initial=state.step) as bar, \
+                          enabled=progress and dist.main, initial=loop.step) as bar, \
                     Sampler(run.log if run else None, t.device, cfg.telemetry if run else 0,
-                            lambda: state.images * dist.world_size):
-                train_epochs(t, state, run, bar, signals, on_eval)
+                            lambda: loop.images * dist.world_size):
+                train_epochs(t, run, bar, signals, on_eval)
         # Trained: the checkpoint holds the end. What follows, --resume redoes if it is cut.
-        summary = _summary(t, state, wall_start, run.path if run else None)
+        summary = _summary(t, wall_start, run.path if run else None)
         if resumed_from is not None:
             summary["resumed_from_step"] = resumed_from
         if run is not None:  # rank 0 alone writes
             for write in (plot_run, plot_utilization,
                           lambda path: run.write_json("summary.json", summary)):
                 if signals.signum is not None:
-                    raise _interrupted(signals.signum, state, run, finishing=True)
+                    raise _interrupted(signals.signum, loop, run, finishing=True)
                 write(run.path)
     return summary
 
 
-def train_epochs(t: Training, state: LoopState, run: RunDir | None, bar: Progress,
-                 signals: StopSignals, on_eval: Callable[[dict], None] | None = None) -> None:
-    """The loop: train each epoch step by step, evaluate it, log, checkpoint, and stop cleanly
-    on a signal - within a step or an evaluation batch. Host-side decisions sit between calls
-    of `train_step`, which only computes."""
-    cfg, dist = t.cfg, t.dist
-    every, unit = checkpoint_interval(cfg.checkpoint_every)
-    held: list[nn.Parameter] = []  # this epoch's
-    train_step = make_train_step(t.net, t.criterion, t.optimizer, t.scheduler, t.precision,
-                                 held, graph=cfg.cuda_graph)
-    compiled = not cfg.compile  # with --compile: the first step's time is kept apart
-    with _anomalies_as_divergence(cfg.detect_anomaly, state):
-        while state.epoch <= t.epoch_count:
-            if state.batch == 0:
-                state.order = t.train_batches.new_order()
-            held[:] = t.held(state.epoch)
-            t.net.train()
-            started = window_start = time.perf_counter()
-            window_images = 0
-            for batch in t.train_batches.batches(state.order, state.batch, state.epoch):
-                if state.step == t.total_steps:  # a fraction of an epoch: the run ends here
-                    break
-                loss = train_step(batch)
-                state.count(loss, len(batch[1]))
-                window_images += len(batch[1])
-                bar.advance(state.epoch)
-                if t.ema:
-                    t.ema.update(state.step)
-                if t.lookahead:
-                    t.lookahead.update(state.step)
-                if not compiled:  # the first step compiled the model
-                    compiled, seconds = True, _synced_seconds_since(started, t.device)
-                    state.compile_seconds = (state.compile_seconds or 0.0) + seconds
-                    _log(run, {"type": "compile", "step": state.step, "seconds": seconds})
-                    started = window_start = time.perf_counter()
-                    window_images = 0
-                log_step = state.step % cfg.log_every == 0
-                if log_step:
-                    mean = state.take_window(dist.reduce_mean)  # waits for the device: then
-                    now = time.perf_counter()                   # the window's time is real
-                    _log(run, {"type": "train", "step": state.step, "epoch": state.epoch,
-                               "epochs_done": round(state.step / len(t.train_batches), 4),
-                               "loss": mean,
-                               "lr": t.optimizer.param_groups[0]["lr"],
-                               "images_per_second": window_images / (now - window_start)},
-                         bar.train)
-                    window_start, window_images = now, 0
-                stop = signals.requested(dist, collective=log_step)
-                if stop or (unit == "step" and state.step % every == 0):
-                    _bank_time(state, started, t.device)  # the checkpoint keeps it
-                    save_checkpoint(t, state, run)
-                    started = time.perf_counter()
-                if stop:
-                    raise _interrupted(signals.signum, state, run)
-            _bank_time(state, started, t.device)
-            result = val = None
-            if state.epoch % cfg.eval_every == 0 or state.epoch == t.epoch_count:
-                # evaluated eagerly (torch.compile's module keeps the one it compiled as
-                # _orig_mod): the compiled one would recompile for eval mode and batch size
-                eager = t.evaluated if t.ema else getattr(t.net, "_orig_mod", t.net)
-                eval_started = time.perf_counter()
-                result, val = (evaluate(eager, batches, precision=t.precision, tta=cfg.tta,
-                                        reduce_sum=dist.reduce_sum,
-                                        stop=lambda: signals.requested(dist, collective=False))
-                               if batches else None
-                               for batches in (t.test_batches, t.val_batches))
-                if result is None or (t.val_batches and val is None):
-                    save_checkpoint(t, state, run)  # the epoch's steps; --resume evaluates
-                    raise _interrupted(signals.signum, state, run)
-            if signals.requested(dist, collective=True):
-                save_checkpoint(t, state, run)
-                raise _interrupted(signals.signum, state, run)
-            best = state.end_epoch(result, val)
-            record = None
-            if result is not None:
-                record = {"type": "eval", "epoch": state.epoch - 1, "steps": state.step,
-                          "epochs_done": round(state.step / len(t.train_batches), 4),
-                          "test_loss": result["loss"], "test_acc": result["accuracy"],
-                          **({"val_loss": val["loss"], "val_acc": val["accuracy"]} if val
-                             else {}),
-                          "train_seconds": state.train_seconds,
-                          "eval_seconds": round(time.perf_counter() - eval_started, 4)}
-                _log(run, record, bar.eval)
-            due = (unit == "step" or state.epoch > t.epoch_count
-                   or (state.epoch - 1) % every == 0)
-            # best.pt first: a resume from an older checkpoint.pt writes it again
-            names = ("best.pt",) * best + ("checkpoint.pt",) * due
-            if names:
-                save_checkpoint(t, state, run, *names)
+def restore(t: Training, ckpt: dict, path: str | Path = "checkpoint.pt") -> int:
+    """Put the training state back as `ckpt` (the file `path`) holds it, once checked to fit
+    this run as built; returns the byte offset metrics.jsonl had when it was written."""
+    shapes = [p.shape for group in t.state.optimizer.param_groups for p in group["params"]]
+    checkpoint.check_fits(ckpt, checkpoint.Run(
+        fresh=t.state.state_dict(), parameter_shapes=shapes, data_digest=t.data.digest,
+        dataset=t.cfg.dataset, images=len(t.train_batches.labels),
+        batches=len(t.train_batches), total_steps=t.total_steps,
+        device_type=t.device.type), path)
+    try:  # what the checks do not see, torch's loading does
+        t.state.load_state_dict(ckpt)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise checkpoint.damaged(path, f"its state does not load into this run: "
+                                 f"{one_line(e, 200)}") from None
+    return ckpt["metrics_offset"]
+
+
+def train_epoch(t: Training, after_step: Callable[[], None] = lambda: None,
+                until: int | None = None) -> None:
+    """Train the current epoch from its next batch to its end, or to step `until`, or to the
+    run's last step: each batch one `t.train_step` (device work only), the weight averages
+    moved, then `after_step()`, the host's part (log, checkpoint, stop), which may end the
+    epoch by raising. The one epoch runner: fit's loop and `cnnlab bench` both call it."""
+    loop = t.state.loop
+    last = t.total_steps if until is None else min(until, t.total_steps)
+    if loop.order is None:  # a new epoch
+        loop.order = t.train_batches.new_order()
+    t.held[:] = [p for p, epochs in t.early if loop.epoch > epochs]
+    t.net.train()
+    for batch in t.train_batches.batches(loop.order, loop.batch, loop.epoch):
+        if loop.step >= last:  # a fraction of an epoch: the run ends here
+            break
+        loop.count(t.train_step(batch), len(batch[1]))
+        t.state.update_averages()
+        after_step()
+
+
+def train_epochs(t: Training, run: RunDir | None, bar: Progress, signals: StopSignals,
+                 on_eval: Callable[[dict], None] | None = None) -> None:
+    """The loop: train each epoch step by step, evaluate it, record it, checkpoint it; on a
+    signal, checkpoint and stop - within a step or an evaluation batch. The host's part of
+    each piece is a method of `Host`; `train_step` only computes."""
+    loop, clock = t.state.loop, Stopwatch(t.device)
+    host = Host(t, run, bar, signals, clock)
+    with _anomalies_as_divergence(t.cfg.detect_anomaly, loop):
+        while loop.epoch <= t.epoch_count:
+            clock.start()  # the epoch's training time: synchronised at its edges only
+            host.new_window()
+            train_epoch(t, host.after_step)
+            loop.train_seconds += clock.lap()
+            result, val = host.evaluate() if host.evaluation_due() else (None, None)
+            host.stop_if_asked(collective=True)
+            best = loop.end_epoch(result, val)
+            record = host.log_eval(result, val) if result is not None else None
+            host.checkpoint_epoch(best)
             if on_eval is not None and record is not None:  # e.g. a search's pruner
                 on_eval(record)
 
 
-def _log(run: RunDir | None, record: dict, show=None) -> None:
-    """Append `record` to metrics.jsonl (rank 0 only) and `show` it on the progress output."""
-    if run is not None:
-        run.log(record)
-        if show is not None:
-            show(record)
+class Host:
+    """The host-side pieces of the loop, each small and named: log records, checkpoint
+    cadence, stop requests and the evaluation, between calls of the training step."""
+
+    def __init__(self, t: Training, run: RunDir | None, bar: Progress, signals: StopSignals,
+                 clock: Stopwatch) -> None:
+        self.t, self.run, self.bar, self.signals, self.clock = t, run, bar, signals, clock
+        self.loop = t.state.loop
+        self.every, self.unit = checkpoint_interval(t.cfg.checkpoint_every)
+        self.compiling = t.cfg.compile  # with --compile: the first step's time is kept apart
+        self.window_start, self.window_images = 0.0, 0
+        self.eval_seconds = 0.0
+
+    def new_window(self) -> None:
+        """The images/s of the next train record count from here."""
+        self.window_start, self.window_images = self.clock.started, self.loop.images
+
+    def after_step(self) -> None:
+        loop = self.loop
+        self.bar.advance(loop.epoch)
+        if self.compiling:  # the first step compiled the model
+            self.compiling, seconds = False, self.clock.lap()
+            loop.compile_seconds = (loop.compile_seconds or 0.0) + seconds
+            self._log({"type": "compile", "step": loop.step, "seconds": seconds})
+            self.new_window()
+        log_step = loop.step % self.t.cfg.log_every == 0
+        if log_step:
+            self.log_train()
+        stop = self.signals.requested(self.t.dist, collective=log_step)
+        if stop or (self.unit == "step" and loop.step % self.every == 0):
+            loop.train_seconds += self.clock.lap()  # the checkpoint keeps it
+            self.checkpoint()
+            self.clock.start()
+        if stop:
+            raise self.interrupted()
+
+    def log_train(self) -> None:
+        """The loss since the last record (the one host sync of a log step: after it, the
+        window's time is real) and the images per second."""
+        loop = self.loop
+        mean = loop.take_window(self.t.dist.reduce_mean)
+        now = time.perf_counter()
+        self._log({"type": "train", "step": loop.step, "epoch": loop.epoch,
+                   "epochs_done": self.t.epochs_done(), "loss": mean,
+                   "lr": self.t.state.optimizer.param_groups[0]["lr"],
+                   "images_per_second": (loop.images - self.window_images)
+                   / (now - self.window_start)}, self.bar.train)
+        self.window_start, self.window_images = now, loop.images
+
+    def evaluation_due(self) -> bool:
+        epoch = self.loop.epoch
+        return epoch % self.t.cfg.eval_every == 0 or epoch == self.t.epoch_count
+
+    def evaluate(self) -> tuple[dict, dict | None]:
+        """The epoch's test (and validation) loss and accuracy; on a signal mid-way, a
+        checkpoint of the epoch's steps (--resume evaluates) and Interrupted."""
+        t = self.t
+        # evaluated eagerly (torch.compile's module keeps the one it compiled as _orig_mod):
+        # the compiled one would recompile for eval mode and batch size
+        eager = t.state.evaluated if t.state.ema else getattr(t.net, "_orig_mod", t.net)
+        started = time.perf_counter()
+        result, val = (evaluate(eager, batches, precision=t.state.precision, tta=t.cfg.tta,
+                                reduce_sum=t.dist.reduce_sum,
+                                stop=lambda: self.signals.requested(t.dist, collective=False))
+                       if batches else None
+                       for batches in (t.test_batches, t.val_batches))
+        self.eval_seconds = time.perf_counter() - started  # its .tolist() waited for it
+        if result is None or (t.val_batches and val is None):
+            self.checkpoint()
+            raise self.interrupted()
+        return result, val
+
+    def stop_if_asked(self, collective: bool) -> None:
+        if self.signals.requested(self.t.dist, collective=collective):
+            self.checkpoint()
+            raise self.interrupted()
+
+    def log_eval(self, result: dict, val: dict | None) -> dict:
+        loop = self.loop
+        record = {"type": "eval", "epoch": loop.epoch - 1, "steps": loop.step,
+                  "epochs_done": self.t.epochs_done(),
+                  "test_loss": result["loss"], "test_acc": result["accuracy"],
+                  **({"val_loss": val["loss"], "val_acc": val["accuracy"]} if val else {}),
+                  "train_seconds": loop.train_seconds,
+                  "eval_seconds": round(self.eval_seconds, 4)}
+        self._log(record, self.bar.eval)
+        return record
+
+    def checkpoint_epoch(self, best: bool) -> None:
+        """best.pt if the epoch was the best so far, checkpoint.pt at the cadence asked."""
+        loop, t = self.loop, self.t
+        due = (self.unit == "step" or loop.epoch > t.epoch_count
+               or (loop.epoch - 1) % self.every == 0)
+        # best.pt first: a resume from an older checkpoint.pt writes it again
+        names = ("best.pt",) * best + ("checkpoint.pt",) * due
+        if names:
+            self.checkpoint(*names)
+
+    def checkpoint(self, *names: str) -> None:
+        save_checkpoint(self.t, self.run, *names)
+
+    def interrupted(self) -> Interrupted:
+        return _interrupted(self.signals.signum, self.loop, self.run)
+
+    def _log(self, record: dict, show: Callable[[dict], None] | None = None) -> None:
+        """Append `record` to metrics.jsonl (rank 0 only) and `show` it on the progress
+        output."""
+        if self.run is not None:
+            self.run.log(record)
+            if show is not None:
+                show(record)
 
 
 @contextlib.contextmanager
-def _anomalies_as_divergence(detect: bool, state: LoopState) -> Iterator[None]:
+def _anomalies_as_divergence(detect: bool, loop: LoopState) -> Iterator[None]:
     """--detect-anomaly: autograd names the operation that produced a NaN; report it as a
     divergence (exit status 3) rather than a crash."""
     with torch.autograd.set_detect_anomaly(detect):
@@ -612,72 +708,64 @@ def _anomalies_as_divergence(detect: bool, state: LoopState) -> Iterator[None]:
             if not (detect and "nan values" in str(e)):
                 raise
             raise TrainingDiverged(
-                f"anomaly detected at step {state.step + 1}: {one_line(e)}; the learning "
-                "rate is probably too high - try a smaller --lr", state.step + 1,
-                state.epoch) from None
+                f"anomaly detected at step {loop.step + 1}: {one_line(e)}; the learning "
+                "rate is probably too high - try a smaller --lr", loop.step + 1,
+                loop.epoch) from None
 
 
-def _synced_seconds_since(start: float, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def _bank_time(state: LoopState, start: float, device: torch.device) -> None:
-    """Add the training time since `start` (once the device has done the work queued in it)
-    to state.train_seconds: at the end of an epoch, and before a checkpoint within one, so
-    that a run resumed mid-epoch still counts the time its first part of that epoch took."""
-    state.train_seconds += _synced_seconds_since(start, device)
-
-
-def _interrupted(signum: int | None, state: LoopState, run: RunDir | None,
+def _interrupted(signum: int | None, loop: LoopState, run: RunDir | None,
                  finishing: bool = False) -> Interrupted:
     signum = signum or signal.SIGTERM  # under torchrun: another rank received it
     where = ("while writing the plots and summary; training is complete - finish"
-             if finishing else f"at step {state.step} (epoch {state.epoch}); checkpoint "
+             if finishing else f"at step {loop.step} (epoch {loop.epoch}); checkpoint "
              "written - resume")
     return Interrupted(f"{signal.Signals(signum).name} {where} with: cnnlab train --resume "
                        f"{run.path if run else ''}", signum)
 
 
-def save_checkpoint(t: Training, state: LoopState, run: RunDir | None,
-                    *names: str) -> None:
+def save_checkpoint(t: Training, run: RunDir | None, *names: str) -> None:
     """Write the training state as each of `names` (default checkpoint.pt) in the run
     directory (rank 0), serialised once, after checking that no loss since the last log step
     was NaN: never save weights after a non-finite loss."""
-    if state.window is not None:
-        state.check_finite(t.dist.reduce_sum(state.window)[1].item())
+    loop = t.state.loop
+    if loop.window is not None:
+        loop.check_finite(t.dist.reduce_sum(loop.window)[1].item())
     if run is not None:
-        run.save_checkpoint(checkpoint.state(t, state, run.metrics_offset()),
-                            *(names or ("checkpoint.pt",)))
+        run.save_checkpoint({
+            "format": checkpoint.FORMAT, **t.state.state_dict(),
+            "model_meta": t.meta.to_dict(), "config": t.cfg.to_dict(),
+            "data_digest": t.data.digest,
+            "test_acc": loop.history[-1] if loop.history else None,
+            "val_acc": loop.last_val["accuracy"] if loop.last_val else None,
+            "metrics_offset": run.metrics_offset(),
+        }, *(names or ("checkpoint.pt",)))
 
 
-def _summary(t: Training, state: LoopState, wall_start: float,
-             run_dir: str | Path | None) -> dict:
-    cfg, world, steps_per_epoch = t.cfg, t.dist.world_size, len(t.train_batches)
+def _summary(t: Training, wall_start: float, run_dir: str | Path | None) -> dict:
+    cfg, world, loop = t.cfg, t.dist.world_size, t.state.loop
     summary = {
         "model": cfg.model, "dataset": cfg.dataset, "preset": cfg.preset,
-        "epochs": cfg.epochs, "epochs_done": round(state.step / steps_per_epoch, 4),
+        "epochs": cfg.epochs, "epochs_done": t.epochs_done(),
         # the evaluation that chose best.pt ended its epoch, or the run (a fractional last one)
-        "best_epochs_done": round(min(state.best_epoch, state.step / steps_per_epoch), 4),
-        "final_test_acc": state.history[-1],
-        "best_test_acc": max(state.history),  # best on test: an optimistic figure
-        "best_epoch": state.best_epoch,       # best.pt's: chosen on validation if there is one
+        "best_epochs_done": round(min(loop.best_epoch, loop.step / len(t.train_batches)), 4),
+        "final_test_acc": loop.history[-1],
+        "best_test_acc": max(loop.history),  # best on test: an optimistic figure
+        "best_epoch": loop.best_epoch,       # best.pt's: chosen on validation if there is one
         "selected_on": "validation" if t.val_batches else "test",
-        "final_test_loss": state.last_eval["loss"],
-        "train_seconds": round(state.train_seconds, 3),
+        "final_test_loss": loop.last_eval["loss"],
+        "train_seconds": round(loop.train_seconds, 3),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
-        "images_per_second": round(state.images * world / state.train_seconds, 1),
-        "steps": state.step, "parameters": count_parameters(t.model), "device": str(t.device),
-        "precision": t.precision.name, "channels_last": t.channels_last,
-        "world_size": world, "run_dir": str(run_dir),
+        "images_per_second": round(loop.images * world / loop.train_seconds, 1),
+        "steps": loop.step, "parameters": count_parameters(t.state.model),
+        "device": str(t.device), "precision": t.state.precision.name,
+        "channels_last": t.channels_last, "world_size": world, "run_dir": str(run_dir),
     }
     if t.val_batches:  # the honest figure: test accuracy of the model chosen on validation
-        summary.update(final_val_acc=state.last_val["accuracy"], best_val_acc=state.best_acc,
-                       test_acc_at_best=state.best_test, val_images=len(t.data.val_y),
+        summary.update(final_val_acc=loop.last_val["accuracy"], best_val_acc=loop.best_acc,
+                       test_acc_at_best=loop.best_test, val_images=len(t.data.val_y),
                        val_source=t.data.val_source)
     if cfg.compile:  # compiling the model, not in train_seconds
-        summary["compile_seconds"] = round(state.compile_seconds or 0.0, 3)
+        summary["compile_seconds"] = round(loop.compile_seconds or 0.0, 3)
     return summary
 
 
