@@ -122,16 +122,16 @@ def test_cuda_graph_refuses_several_processes_before_launching(tiny_mnist, capsy
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_onecycle_keeps_the_momentum_it_is_given(tiny_mnist):
-    from cnnlab.config import resolve
-    from cnnlab.trainer import build, resolve_device
+    from cnnlab.config import resolve, resolve_device
+    from cnnlab.trainer import build
 
     cfg = resolve("lenet5", "mnist", overrides={"data_dir": str(tiny_mnist), "momentum": 0.8,
                                                  "device": "cpu"})
     t = build(cfg, resolve_device("cpu"))
     for _ in range(5):
-        t.scheduler.step()
+        t.state.scheduler.step()
     assert cfg.schedule == "onecycle"
-    assert all(group["momentum"] == 0.8 for group in t.optimizer.param_groups)
+    assert all(group["momentum"] == 0.8 for group in t.state.optimizer.param_groups)
 
 
 @needs_cuda

@@ -106,6 +106,19 @@ def test_names_and_counts(capsys, argv, message):
     assert _refused(capsys, argv).startswith(message)
 
 
+@pytest.mark.parametrize("command, args", [
+    (["eval"], ["--batch-size", "0"]),
+    (["predict", "digit.png"], ["--batch-size", "99999999999"]),
+    (["eval"], ["--tta", "bogus"]),
+    (["eval"], ["--precision", "fp8"]),
+    (["eval"], ["--device", "tpu"]),
+])
+def test_the_commands_that_use_a_model_refuse_a_value_as_train_does(capsys, command, args):
+    message = _refused(capsys, [command[0], "nowhere", *command[1:], *args])
+    assert message == _refused(capsys, ["train", "lenet5", "mnist", *args])
+    assert message.startswith((f"{args[0]} must be", f"unknown {args[0][2:]} '{args[1]}'"))
+
+
 def _claim(path, queue):
     queue.put(str(new_dir(Path(path))))
 

@@ -6,10 +6,13 @@ import signal
 import time
 
 import pytest
+import torch
 
 import cnnlab
 from cnnlab import trainer
+from cnnlab.config import OPTIONS, Config, config_fields, resume_config
 from cnnlab.errors import Interrupted
+from cnnlab.files import read_json
 from cnnlab.runs import read_metrics
 
 
@@ -32,6 +35,21 @@ def test_records_place_each_point_at_the_fraction_of_the_split_seen(
     assert train[-1]["epochs_done"] <= evals[-1]
     assert summary["epochs_done"] == evals[-1]
     assert summary["best_epochs_done"] == evals[summary["best_epoch"] - 1]
+
+
+def test_config_json_holds_the_options_as_asked_and_what_ran(tiny_mnist, tmp_path, monkeypatch):
+    monkeypatch.delenv("CNNLAB_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto: the CPU, anywhere
+    run = tmp_path / "run"
+    cnnlab.train("lenet5", "mnist", data_dir=tiny_mnist, out=run, epochs=0.3, batch_size=16,
+                 telemetry=0, progress=False)
+    saved = read_json(run / "config.json")
+    assert (saved["device"], saved["precision"]) == ("auto", "auto")
+    assert saved["resolved"] == {"device": "cpu", "precision": "fp32", "world_size": 1}
+    assert set(saved) == {*OPTIONS, "resolved"}  # the old precision_used, world_size: gone
+    assert Config(**config_fields(saved)).device == "auto"
+    (run / "checkpoint.pt").unlink()  # resumed from config.json alone: the device as asked
+    assert resume_config(run, {})[0].device == "auto"
 
 
 MAKE_TRAIN_STEP = trainer.make_train_step

@@ -114,6 +114,17 @@ def test_cli_eval_prints_and_saves_text_and_json(trained, capsys, tmp_path):
     assert Path(result["files"]["json"]).is_file()
 
 
+def test_eval_computes_in_the_precision_asked(trained, capsys, tmp_path):
+    fp32 = evaluate_checkpoint(trained.run, progress=False)
+    bf16 = evaluate_checkpoint(trained.run, precision="bf16", progress=False)
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["loss"] != fp32["loss"] and abs(bf16["accuracy"] - fp32["accuracy"]) < 2
+    code, out, err = _cli(capsys, "eval", trained.run, "--precision", "fp16", "--device", "cpu",
+                          "--out-dir", tmp_path)
+    assert code == 2 and err == ["cnnlab: error: --precision fp16 needs a GPU; on CPU use "
+                                 "bf16 or fp32"]
+
+
 def test_eval_with_tta_flip_on_a_model_trained_with_flips(tmp_path, capsys):
     folder = write_folder(tmp_path / "pets", size=16)
     cnnlab.train("lenet5", f"folder:{folder}", out=tmp_path / "f", epochs=1, batch_size=6,
@@ -193,7 +204,7 @@ def test_bad_checkpoints_one_line_exit_2(trained, tmp_path, capsys, command, cas
 
 @pytest.mark.parametrize("args,message", [
     (["--tta", "flip"], "was not trained with flips (augment 'none')"),
-    (["--tta", "mirror"], "unknown test-time augmentation 'mirror'"),
+    (["--tta", "mirror"], "unknown tta 'mirror'; choose one of none, flip, flip,translate"),
     (["--split", "valid"], "unknown split 'valid'; choose one of test, train"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--dataset", "cifar10"], "cifar10 has 3x32x32 (channels x height x width) images but "

@@ -23,11 +23,11 @@ def train(model: str | None = None, dataset: str | None = None, *,
     summary are missing (only options that cannot change the result may change).
     Raises CnnlabError on bad input.
     """
-    from .config import load_toml, option_values, resolve
+    from .config import load_toml, option_values, resolve, resume_config
 
     file_values = option_values(load_toml(config), "config file key") if config else {}
     if resume is not None:
-        from .trainer import fit, resume_config
+        from .trainer import fit
 
         cfg, how = resume_config(resume, options, model=model, dataset=dataset,
                                  file_values=file_values, out=out)

@@ -1,10 +1,12 @@
 """`cnnlab bench`: time-to-accuracy and throughput against the reference pipeline in
-benchmarks/reference.py (the lab report's way), measured in the same process where it can be."""
+cnnlab.reference (the lab report's way), measured in the same process where it can be.
+
+Each suite is a sequence of row groups, one function each (`CPU_ROWS`, `GPU_ROWS`: the keys
+`--rows` selects), sharing a `Bench`."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import statistics
@@ -12,75 +14,43 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .config import resolve
 from .errors import CnnlabError
 from .files import write_json
 from .runs import read_metrics
 
-if TYPE_CHECKING:
-    import torch
-
 # torch and the trainer are imported where a benchmark runs: a missing input is reported
 # before that, in well under a second.
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _reference():
-    path = REPO / "benchmarks" / "reference.py"
-    if not path.is_file():
-        raise CnnlabError("cnnlab bench needs the benchmarks/ folder of a source checkout")
-    spec = importlib.util.spec_from_file_location("cnnlab_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cnnlab_epoch(model: str, dataset: str, data_dir: str, max_steps: int | None = None,
                  warmup: int = 0, **options) -> dict:
-    """Time cnnlab's own training step (no evaluation, no process start) over one epoch or
-    `max_steps` steps after `warmup` untimed ones, counting losses as the loop does."""
-    from .engine import LoopState, make_train_step
-    from .trainer import build, resolve_device, torch_settings
+    """Time cnnlab's own training over one epoch or `max_steps` steps after `warmup` untimed
+    ones: the training loop's own epoch runner and step (held parameters, weight averages
+    and all), without its evaluation, records, checkpoints or the process's start."""
+    from .config import resolve_device
+    from .engine import Stopwatch
+    from .trainer import build, torch_settings, train_epoch
 
     cfg = resolve(model, dataset, overrides={"data_dir": data_dir, "epochs": 1,
                                               "telemetry": 0, **options})
     device = resolve_device(cfg.device)
     with torch_settings(cfg, device):
         t = build(cfg, device)
-        train_step = make_train_step(t.net, t.criterion, t.optimizer, t.scheduler, t.precision,
-                                     graph=cfg.cuda_graph)
-        batches = t.train_batches.batches(t.train_batches.new_order())
-        state = LoopState()
-        t.net.train()
-        start = None
-        for batch in batches:
-            if state.step == warmup:
-                _sync(device)
-                start, first = time.perf_counter(), state.images
-            if max_steps and state.step == warmup + max_steps:
-                break
-            state.count(train_step(batch), len(batch[1]))
-            if t.ema:
-                t.ema.update(state.step)
-        _sync(device)
-    if start is None:
-        raise CnnlabError(f"{dataset} has fewer than {warmup} warm-up steps of training")
-    seconds = time.perf_counter() - start
-    images = state.images - first
+        loop, clock = t.state.loop, Stopwatch(device)
+        train_epoch(t, until=warmup)
+        if loop.step < warmup:
+            raise CnnlabError(f"{dataset} has fewer than {warmup} warm-up steps of training")
+        first = loop.images
+        clock.start()
+        train_epoch(t, until=None if max_steps is None else warmup + max_steps)
+        seconds = clock.lap()
+    images = loop.images - first
     return {"seconds": seconds, "images": images, "images_per_second": images / seconds,
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in options}}
-
-
-def _sync(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _process(cmd: list[str]) -> tuple[float, str]:
@@ -105,85 +75,126 @@ def time_to_accuracy(run_dir: Path, target: float) -> float | None:
 # cnnlab for times ("unit": "s"), cnnlab / reference for rates ("img/s").
 
 
-def cpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None],
-              say: Callable[[str], None]) -> None:
-    """The CPU rows, each handed to `emit` as soon as it is measured. Without `folder` (CIFAR-10
-    as an image folder) the ResNet-18 rows are left out."""
-    ref = _reference()
-    # 1. the seed recipe's training loop, one epoch
-    say("next: the lab report's LeNet-5 recipe, one epoch of the loop, reference then cnnlab "
-        "(about 30 s)")
-    reference = ref.lenet_mnist_epoch(data_dir)
-    ours = cnnlab_epoch("lenet5", "mnist", data_dir, preset="seed", device="cpu")
-    emit({"name": "LeNet-5/MNIST seed recipe, one epoch of the loop (s)",
-          "reference": reference["seconds"], "cnnlab": ours["seconds"],
-          "ratio": reference["seconds"] / ours["seconds"], "unit": "s", "target": ">= 3.0"})
-    py = sys.executable
-    ref_cmd = [py, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import reference; "
-               "reference.lenet_mnist_epoch(sys.argv[2])", str(REPO / "benchmarks"), data_dir]
-    with tempfile.TemporaryDirectory() as tmp:
-        say("next: the same as whole processes (about 40 s)")
-        ref_s, _ = _process(ref_cmd)
-        our_s, _ = _process([py, "-m", "cnnlab", "train", "lenet5", "mnist", "--preset", "seed",
-                             "--epochs", "1", "--data-dir", data_dir, "--quiet",
-                             "--out", f"{tmp}/seed"])
-        emit({"name": "  same, whole process incl. start, data and evaluation (s)",
-              "reference": ref_s, "cnnlab": our_s, "ratio": ref_s / our_s, "unit": "s",
-              "target": "(reported)"})
-        # 2. time-to-accuracy of the fast preset, whole process, on 5 seeds; each run
-        # follows a whole-process epoch of the reference, which shows the machine's speed
-        say("next: `cnnlab train lenet5 mnist` on seeds 0-4, each after a reference epoch "
-            "(about 2.5 minutes)")
-        walls, accuracies, refs = [], [], []
-        for seed in range(5):
-            refs.append(_process(ref_cmd)[0])
-            walls.append(_process([py, "-m", "cnnlab", "train", "lenet5", "mnist", "--data-dir",
-                                   data_dir, "--quiet", "--seed", str(seed),
-                                   "--out", f"{tmp}/fast{seed}"])[0])
-            summary = json.loads(Path(f"{tmp}/fast{seed}/summary.json").read_text())
-            accuracies.append(summary["final_test_acc"])
-        wall = statistics.median(walls)
-        emit({"name": "LeNet-5/MNIST fast preset: whole process, median of seeds 0-4, lowest "
-                      f"accuracy {min(accuracies):.2f}% (s; reference recorded, not run)",
-              "reference": RECORDED_REFERENCE_SECONDS, "cnnlab": wall,
-              "ratio": RECORDED_REFERENCE_SECONDS / wall, "unit": "s",
-              "target": "<= 10 s and >= 99.0% each", "accuracy": accuracies,
-              "seconds": walls, "reference_epoch_process_seconds": refs,
-              "note": "reference: a recorded figure, not measured in this run - the report's "
-                      "recipe reached its best, 98.79%, after 20 epochs (SEED.md); the "
-                      "reference's one-epoch process ran before each seed (seconds kept)"})
-        say("next: `cnnlab --help`, 5 times")
-        helps = [_process([py, "-m", "cnnlab", "--help"])[0] for _ in range(5)]
-        emit({"name": "`cnnlab --help` (s, median of 5)", "reference": None,
-              "cnnlab": statistics.median(helps), "ratio": None, "unit": "s",
-              "target": "<= 0.3 s"})
-    if folder is None:
-        say("no CIFAR-10 image folder: the ResNet-18 rows are left out (give --cifar-folder)")
-    else:
-        say("next: decoding the CIFAR-10 image folder into a new cache, then reading it back "
-            "(about 30 s)")
-        first, cached = decode_seconds(folder)
-        emit({"name": "CIFAR-10 image folder (60,000 JPEGs): first decode (s)",
-              "reference": None, "cnnlab": first, "ratio": None, "unit": "s",
-              "target": "<= 15 s"})
-        emit({"name": "  same, read back from the cache (s)", "reference": None,
-              "cnnlab": cached, "ratio": None, "unit": "s", "target": "< 1 s"})
-        # 3. ResNet-18 training throughput
-        say("next: ResNet-18 training throughput, reference then cnnlab (about 60 s; the first run "
-            "also decodes the image folder)")
-        reference = ref.resnet18_throughput(str(Path(folder) / "train"), steps=3)
-        ours = cnnlab_epoch("resnet18", f"folder:{folder}", data_dir, max_steps=6, warmup=2,
-                            batch_size=128, precision="auto", channels_last=True,
-                            device="cpu", augment="crop,flip")
-        emit({"name": "ResNet-18/CIFAR-10 training, batch 128 (images/s)",
-              "reference": reference["images_per_second"],
-              "cnnlab": ours["images_per_second"],
-              "ratio": ours["images_per_second"] / reference["images_per_second"],
-              "unit": "img/s", "target": ">= 2.5 and >= 100 img/s",
-              "cnnlab_config": ours["config"]})
-    say("next: each speed option on and off (about 60 s, more with ResNet-18)")
-    for row in ablation(data_dir, folder):
-        emit(row)
+@dataclasses.dataclass
+class Bench:
+    """What a suite's row functions share. `folder`: CIFAR-10 as an image folder with train/
+    and test/, None where there is none; `tmp`: a folder for the runs' directories; `emit`
+    takes each row as soon as it is measured, `say` a note on what runs next."""
+
+    data_dir: str
+    folder: str | None
+    tmp: Path
+    emit: Callable[[dict], None]
+    say: Callable[[str], None]
+
+    def reference_cmd(self) -> list[str]:
+        """The reference's LeNet-5 epoch as a whole process."""
+        return [sys.executable, "-m", "cnnlab.reference", "lenet-epoch", self.data_dir]
+
+    def train_cmd(self, model: str, dataset: str, *options: str) -> list[str]:
+        """`cnnlab train` as a whole process, quiet, on the bench's data."""
+        return [sys.executable, "-m", "cnnlab", "train", model, dataset, "--data-dir",
+                self.data_dir, "--quiet", *options]
+
+    @property
+    def cifar(self) -> str:
+        """The CIFAR-10 the GPU rows train on: the image folder, else CIFAR-10's own files."""
+        return "cifar10" if self.folder is None else f"folder:{self.folder}"
+
+    def augment(self, model: str) -> dict:
+        """A folder's fast preset does not augment: on the folder, augment as on CIFAR-10's."""
+        if self.folder is None or model not in _FOLDER_AUGMENT:
+            return {}
+        return {"augment": _FOLDER_AUGMENT[model]}
+
+
+def _loop_row(b: Bench) -> None:
+    """The seed recipe's training loop, one epoch: the reference's, then cnnlab's."""
+    from . import reference
+
+    b.say("next: the lab report's LeNet-5 recipe, one epoch of the loop, reference then cnnlab "
+          "(about 30 s)")
+    ref = reference.lenet_mnist_epoch(b.data_dir)["seconds"]
+    ours = cnnlab_epoch("lenet5", "mnist", b.data_dir, preset="seed", device="cpu")["seconds"]
+    b.emit({"name": "LeNet-5/MNIST seed recipe, one epoch of the loop (s)",
+            "reference": ref, "cnnlab": ours, "ratio": ref / ours, "unit": "s",
+            "target": ">= 3.0"})
+
+
+def _process_row(b: Bench) -> None:
+    """The same epoch as whole processes: start, data and (cnnlab's) evaluation counted."""
+    b.say("next: the same as whole processes (about 40 s)")
+    ref, _ = _process(b.reference_cmd())
+    ours, _ = _process(b.train_cmd("lenet5", "mnist", "--preset", "seed", "--epochs", "1",
+                                   "--out", str(b.tmp / "seed")))
+    b.emit({"name": "  same, whole process incl. start, data and evaluation (s)",
+            "reference": ref, "cnnlab": ours, "ratio": ref / ours, "unit": "s",
+            "target": "(reported)"})
+
+
+def _fast_row(b: Bench) -> None:
+    """Time-to-accuracy of the fast preset, whole process, on 5 seeds; each run follows a
+    whole-process epoch of the reference, which shows the machine's speed."""
+    b.say("next: `cnnlab train lenet5 mnist` on seeds 0-4, each after a reference epoch "
+          "(about 2.5 minutes)")
+    walls, accuracies, refs = [], [], []
+    for seed in range(5):
+        refs.append(_process(b.reference_cmd())[0])
+        out = b.tmp / f"fast{seed}"
+        walls.append(_process(b.train_cmd("lenet5", "mnist", "--seed", str(seed),
+                                          "--out", str(out)))[0])
+        accuracies.append(json.loads((out / "summary.json").read_text())["final_test_acc"])
+    wall = statistics.median(walls)
+    b.emit({"name": "LeNet-5/MNIST fast preset: whole process, median of seeds 0-4, lowest "
+                    f"accuracy {min(accuracies):.2f}% (s; reference recorded, not run)",
+            "reference": RECORDED_REFERENCE_SECONDS, "cnnlab": wall,
+            "ratio": RECORDED_REFERENCE_SECONDS / wall, "unit": "s",
+            "target": "<= 10 s and >= 99.0% each", "accuracy": accuracies,
+            "seconds": walls, "reference_epoch_process_seconds": refs,
+            "note": "reference: a recorded figure, not measured in this run - the report's "
+                    "recipe reached its best, 98.79%, after 20 epochs (SEED.md); the "
+                    "reference's one-epoch process ran before each seed (seconds kept)"})
+
+
+def _help_row(b: Bench) -> None:
+    b.say("next: `cnnlab --help`, 5 times")
+    helps = [_process([sys.executable, "-m", "cnnlab", "--help"])[0] for _ in range(5)]
+    b.emit({"name": "`cnnlab --help` (s, median of 5)", "reference": None,
+            "cnnlab": statistics.median(helps), "ratio": None, "unit": "s",
+            "target": "<= 0.3 s"})
+
+
+def _decode_rows(b: Bench) -> None:
+    """The CIFAR-10 image folder's first decode and a read back from its cache."""
+    if b.folder is None:
+        return
+    b.say("next: decoding the CIFAR-10 image folder into a new cache, then reading it back "
+          "(about 30 s)")
+    first, cached = decode_seconds(b.folder)
+    b.emit({"name": "CIFAR-10 image folder (60,000 JPEGs): first decode (s)",
+            "reference": None, "cnnlab": first, "ratio": None, "unit": "s",
+            "target": "<= 15 s"})
+    b.emit({"name": "  same, read back from the cache (s)", "reference": None,
+            "cnnlab": cached, "ratio": None, "unit": "s", "target": "< 1 s"})
+
+
+def _resnet18_row(b: Bench) -> None:
+    """ResNet-18 training throughput on the image folder: the reference's, then cnnlab's."""
+    if b.folder is None:
+        return
+    from . import reference
+
+    b.say("next: ResNet-18 training throughput, reference then cnnlab (about 60 s; the first "
+          "run also decodes the image folder)")
+    ref = reference.resnet18_throughput(str(Path(b.folder) / "train"), steps=3)
+    ours = cnnlab_epoch("resnet18", f"folder:{b.folder}", b.data_dir, max_steps=6, warmup=2,
+                        batch_size=128, precision="auto", channels_last=True,
+                        device="cpu", augment="crop,flip")
+    b.emit({"name": "ResNet-18/CIFAR-10 training, batch 128 (images/s)",
+            "reference": ref["images_per_second"], "cnnlab": ours["images_per_second"],
+            "ratio": ours["images_per_second"] / ref["images_per_second"],
+            "unit": "img/s", "target": ">= 2.5 and >= 100 img/s",
+            "cnnlab_config": ours["config"]})
 
 
 def decode_seconds(folder: str) -> tuple[float, float]:
@@ -241,7 +252,7 @@ def ablation(data_dir: str, folder: str | None) -> list[dict]:
         on = cnnlab_epoch(model, dataset, data_dir, **timed, **best)["images_per_second"]
         for key, value in changes:
             if (key, value) == ("precision", "other"):
-                from .trainer import cpu_has_bf16
+                from .config import cpu_has_bf16
 
                 value = "fp32" if cpu_has_bf16() else "bf16"
             off = cnnlab_epoch(model, dataset, data_dir, **timed,
@@ -265,6 +276,32 @@ def ablation(data_dir: str, folder: str | None) -> list[dict]:
                  "reference": seconds[64], "cnnlab": seconds[1000],
                  "ratio": seconds[64] / seconds[1000], "unit": "s", "target": "(on/off)"})
     return rows
+
+
+def _ablation_rows(b: Bench) -> None:
+    b.say("next: each speed option on and off (about 60 s, more with ResNet-18)")
+    for row in ablation(b.data_dir, b.folder):
+        b.emit(row)
+
+
+# The row groups, in each suite's order: the keys `cnnlab bench --rows` selects.
+CPU_ROWS: dict[str, Callable[[Bench], None]] = {
+    "loop": _loop_row, "process": _process_row, "fast": _fast_row, "help": _help_row,
+    "decode": _decode_rows, "resnet18": _resnet18_row, "ablation": _ablation_rows}
+
+
+def cpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None],
+              say: Callable[[str], None], keys: Iterable[str] = tuple(CPU_ROWS)) -> None:
+    """The CPU rows of the groups `keys` (all by default), each handed to `emit` as soon as
+    it is measured. Without `folder` (CIFAR-10 as an image folder) the ResNet-18 rows are
+    left out."""
+    keys = list(keys)
+    if folder is None and {"decode", "resnet18", "ablation"} & set(keys):
+        say("no CIFAR-10 image folder: the ResNet-18 rows are left out (give --cifar-folder)")
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Bench(data_dir, folder, Path(tmp), emit, say)
+        for key in keys:
+            CPU_ROWS[key](b)
 
 
 # What the GPU rows aim at on one H200 with the CIFAR-10 JPEG copy (issue 14), where the public
@@ -293,20 +330,106 @@ def _folder_view(folder: str, into: Path) -> Path:
     return into
 
 
+def _fastnet_rows(b: Bench) -> None:
+    """fastnet's fast preset on seeds 0-4, eager then with --cuda-graph: training plus the
+    final evaluation (as airbench counts), and GPU utilisation."""
+    import cnnlab
+
+    for graph in (False, True):
+        flag = " --cuda-graph" if graph else ""
+        b.say(f"next: the fastnet fast preset{flag} on seeds 0-4 (a few seconds each)")
+        seconds, accuracies, utils = [], [], []
+        for seed in range(5):
+            out = b.tmp / f"fastnet{seed}{flag.strip()}"
+            s = cnnlab.train("fastnet", b.cifar, data_dir=b.data_dir, out=out, seed=seed,
+                             progress=False, eval_every=10_000, telemetry=0.5,
+                             cuda_graph=graph, **b.augment("fastnet"))
+            seconds.append(s["train_seconds"] + _last_eval_seconds(out))
+            accuracies.append(s["final_test_acc"])
+            utils.append(_util(out))
+        mean = statistics.fmean(accuracies)
+        b.emit({"name": f"fastnet fast preset{flag}, seeds 0-4: training + final evaluation "
+                        f"(s, median; mean accuracy {mean:.2f}%)",
+                "reference": None, "cnnlab": statistics.median(seconds), "ratio": None,
+                "unit": "s", "target": "<= 2.0 s, mean >= 90.5%", "seconds": seconds,
+                "accuracy": accuracies,
+                "note": "airbench94 on the same data and GPU: 2.00-2.12 s, 90.53%"})
+        known = [u for u in utils if u is not None]
+        b.emit({"name": "  fastnet: mean GPU utilisation during training (%)",
+                "reference": None, "cnnlab": statistics.fmean(known) if known else None,
+                "ratio": None, "unit": "%", "target": ">= 90%"})
+
+
+def _resnet18_gpu_rows(b: Bench) -> None:
+    """A first ResNet-18 run as a whole process, its data decoded anew: time to 91%, GPU
+    utilisation, and the time outside training."""
+    b.say("next: a first ResNet-18 run, as a whole process (its data decoded anew)")
+    out = b.tmp / "resnet18"
+    source = b.cifar if b.folder is None else f"folder:{_folder_view(b.folder, b.tmp / 'view')}"
+    wall, _ = _process(b.train_cmd("resnet18", source, "--telemetry", "0.5", "--out", str(out),
+                                   *(f"--{k}={v}" for k, v in b.augment("resnet18").items())))
+    s = json.loads((out / "summary.json").read_text())
+    b.emit({"name": "resnet18 fast preset: training time to 91% (s; best "
+                    f"{s['best_test_acc']:.2f}%)",
+            "reference": None, "cnnlab": time_to_accuracy(out, 91.0), "ratio": None,
+            "unit": "s", "target": "<= 10 s"})
+    b.emit({"name": "  resnet18: mean GPU utilisation during training (%)", "reference": None,
+            "cnnlab": _util(out), "ratio": None, "unit": "%", "target": ">= 90%"})
+    b.emit({"name": "  resnet18 first run: whole process minus training (s)",
+            "reference": None, "cnnlab": wall - s["train_seconds"], "ratio": None,
+            "unit": "s", "target": "<= 15 s"})
+
+
+def _lenet5_gpu_rows(b: Bench) -> None:
+    """LeNet-5's fast preset as a whole process, eager then with --cuda-graph: its training
+    time and the whole process's."""
+    for flag in ("", " --cuda-graph"):
+        b.say(f"next: LeNet-5's fast preset{flag}, as a whole process")
+        out = b.tmp / f"lenet5{flag.strip()}"
+        wall, _ = _process(b.train_cmd("lenet5", "mnist", "--out", str(out), *flag.split()))
+        s = json.loads((out / "summary.json").read_text())
+        b.emit({"name": f"lenet5 fast preset{flag}: training (s; {s['final_test_acc']:.2f}%)",
+                "reference": None, "cnnlab": s["train_seconds"], "ratio": None, "unit": "s",
+                "target": "<= 1.0 s, >= 99.0%"})
+        b.emit({"name": "  lenet5: whole process (s)", "reference": None, "cnnlab": wall,
+                "ratio": None, "unit": "s", "target": "<= 6 s"})
+
+
+def _step_rows(b: Bench) -> None:
+    """LeNet-5's and fastnet's training step time, eager against --compile and --cuda-graph."""
+    b.say("next: the training step: eager, --compile (a minute: compiling), --cuda-graph")
+    for model, source, batch in (("lenet5", "mnist", 64), ("fastnet", b.cifar, 1024)):
+        times = {}
+        for mode in ("eager", "compile", "cuda_graph"):
+            r = cnnlab_epoch(model, source, b.data_dir, max_steps=40, warmup=5,
+                             batch_size=batch, compile=mode == "compile",
+                             cuda_graph=mode == "cuda_graph", **b.augment(model))
+            times[mode] = 1000 * r["seconds"] / 40
+        for mode in ("compile", "cuda_graph"):
+            flag = f"--{mode.replace('_', '-')}"
+            b.emit({"name": f"  {model} step, eager vs {flag} (ms)",
+                    "reference": times["eager"], "cnnlab": times[mode],
+                    "ratio": times["eager"] / times[mode], "unit": "ms",
+                    "target": f"({flag} pays: > 1)"})
+
+
+GPU_ROWS: dict[str, Callable[[Bench], None]] = {
+    "fastnet": _fastnet_rows, "resnet18-gpu": _resnet18_gpu_rows,
+    "lenet5-gpu": _lenet5_gpu_rows, "steps": _step_rows}
+
+
 def gpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None] | None = None,
-              say: Callable[[str], None] = lambda text: None) -> list[dict]:
-    """The GPU rows: fastnet's time to 90.5% over 5 seeds (training steps plus the final
-    evaluation, as airbench counts), ResNet-18's time to 91%, LeNet-5's training and whole
-    process, GPU utilisation, a first run's time outside training, and the step time eager
-    against --compile and --cuda-graph; fastnet and LeNet-5 also with --cuda-graph."""
+              say: Callable[[str], None] = lambda text: None,
+              keys: Iterable[str] = tuple(GPU_ROWS)) -> list[dict]:
+    """The GPU rows of the groups `keys` (all by default), returned and each handed to `emit`
+    as it is measured: fastnet's time to 90.5% over 5 seeds, ResNet-18's time to 91%,
+    LeNet-5's training and whole process, GPU utilisation, a first run's time outside
+    training, and the step time eager against --compile and --cuda-graph; fastnet and
+    LeNet-5 also with --cuda-graph. On CIFAR-10's own files where `folder` has no train/."""
     import torch
 
     if not torch.cuda.is_available():
         raise CnnlabError("the gpu suite needs a CUDA GPU")
-    import statistics as stats
-
-    import cnnlab
-
     rows: list[dict] = []
 
     def add(row: dict) -> None:
@@ -314,102 +437,45 @@ def gpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None] | 
         if emit is not None:
             emit(row)
 
-    official = not (folder and (Path(folder) / "train").is_dir())  # else CIFAR-10's own files
-    dataset = "cifar10" if official else f"folder:{folder}"
-
-    def augment(model: str) -> dict:  # a folder's fast preset does not augment: as CIFAR-10's
-        return {} if official or model not in _FOLDER_AUGMENT else {
-            "augment": _FOLDER_AUGMENT[model]}
-
+    folder = folder if folder and (Path(folder) / "train").is_dir() else None
     with tempfile.TemporaryDirectory() as tmp:
-        for graph in (False, True):
-            flag = " --cuda-graph" if graph else ""
-            say(f"next: the fastnet fast preset{flag} on seeds 0-4 (a few seconds each)")
-            seconds, accuracies, utils = [], [], []
-            for seed in range(5):
-                out = Path(tmp) / f"fastnet{seed}{flag.strip()}"
-                s = cnnlab.train("fastnet", dataset, data_dir=data_dir, out=out, seed=seed,
-                                 progress=False, eval_every=10_000, telemetry=0.5,
-                                 cuda_graph=graph, **augment("fastnet"))
-                seconds.append(s["train_seconds"] + _last_eval_seconds(out))
-                accuracies.append(s["final_test_acc"])
-                utils.append(_util(out))
-            mean = stats.fmean(accuracies)
-            add({"name": f"fastnet fast preset{flag}, seeds 0-4: training + final evaluation "
-                         f"(s, median; mean accuracy {mean:.2f}%)",
-                 "reference": None, "cnnlab": stats.median(seconds), "ratio": None,
-                 "unit": "s", "target": "<= 2.0 s, mean >= 90.5%", "seconds": seconds,
-                 "accuracy": accuracies,
-                 "note": "airbench94 on the same data and GPU: 2.00-2.12 s, 90.53%"})
-            known = [u for u in utils if u is not None]
-            add({"name": "  fastnet: mean GPU utilisation during training (%)",
-                 "reference": None, "cnnlab": stats.fmean(known) if known else None,
-                 "ratio": None, "unit": "%", "target": ">= 90%"})
-
-        say("next: a first ResNet-18 run, as a whole process (its data decoded anew)")
-        out = Path(tmp) / "resnet18"
-        source = dataset if official else f"folder:{_folder_view(folder, Path(tmp) / 'view')}"
-        wall, _ = _process([sys.executable, "-m", "cnnlab", "train", "resnet18", source,
-                            "--data-dir", data_dir, "--telemetry", "0.5", "--quiet", "--out",
-                            str(out), *(f"--{k}={v}" for k, v in augment("resnet18").items())])
-        s = json.loads((out / "summary.json").read_text())
-        add({"name": "resnet18 fast preset: training time to 91% (s; best "
-                     f"{s['best_test_acc']:.2f}%)",
-             "reference": None, "cnnlab": time_to_accuracy(out, 91.0), "ratio": None,
-             "unit": "s", "target": "<= 10 s"})
-        add({"name": "  resnet18: mean GPU utilisation during training (%)", "reference": None,
-             "cnnlab": _util(out), "ratio": None, "unit": "%", "target": ">= 90%"})
-        add({"name": "  resnet18 first run: whole process minus training (s)",
-             "reference": None, "cnnlab": wall - s["train_seconds"], "ratio": None,
-             "unit": "s", "target": "<= 15 s"})
-
-        for flag in ("", " --cuda-graph"):
-            say(f"next: LeNet-5's fast preset{flag}, as a whole process")
-            out = Path(tmp) / f"lenet5{flag.strip()}"
-            wall, _ = _process([sys.executable, "-m", "cnnlab", "train", "lenet5", "mnist",
-                                "--data-dir", data_dir, "--quiet", "--out", str(out),
-                                *flag.split()])
-            s = json.loads((out / "summary.json").read_text())
-            add({"name": f"lenet5 fast preset{flag}: training (s; "
-                         f"{s['final_test_acc']:.2f}%)",
-                 "reference": None, "cnnlab": s["train_seconds"], "ratio": None, "unit": "s",
-                 "target": "<= 1.0 s, >= 99.0%"})
-            add({"name": "  lenet5: whole process (s)", "reference": None, "cnnlab": wall,
-                 "ratio": None, "unit": "s", "target": "<= 6 s"})
-
-    say("next: the training step: eager, --compile (a minute: compiling), --cuda-graph")
-    for model, source, batch in (("lenet5", "mnist", 64), ("fastnet", dataset, 1024)):
-        times = {}
-        for mode in ("eager", "compile", "cuda_graph"):
-            r = cnnlab_epoch(model, source, data_dir, max_steps=40, warmup=5,
-                             batch_size=batch, compile=mode == "compile",
-                             cuda_graph=mode == "cuda_graph", **augment(model))
-            times[mode] = 1000 * r["seconds"] / 40
-        for mode in ("compile", "cuda_graph"):
-            flag = f"--{mode.replace('_', '-')}"
-            add({"name": f"  {model} step, eager vs {flag} (ms)", "reference": times["eager"],
-                 "cnnlab": times[mode], "ratio": times["eager"] / times[mode], "unit": "ms",
-                 "target": f"({flag} pays: > 1)"})
+        b = Bench(data_dir, folder, Path(tmp), add, say)
+        for key in keys:
+            GPU_ROWS[key](b)
     return rows
 
 
-def check_inputs(suite: str, data_dir: str, folder: str) -> str | None:
-    """Before anything is timed: refuse (CnnlabError) what the suite cannot do without, and
-    return the CIFAR-10 image folder, or None where it is absent (the cpu suite leaves its
-    rows out)."""
-    from .data import readers
+def row_keys(suite: str, rows: str | None = None) -> list[str]:
+    """The keys of the row groups to run, in the suite's order: all of `suite`'s, or those
+    the comma-separated `rows` names; a key the suite lacks is refused with the valid ones."""
+    valid = [*(CPU_ROWS if suite in ("cpu", "all") else ()),
+             *(GPU_ROWS if suite in ("gpu", "all") else ())]
+    if rows is None:
+        return valid
+    asked = {key.strip() for key in rows.split(",")}
+    if unknown := sorted(asked - set(valid)):
+        raise CnnlabError(f"--rows: no row group {', '.join(map(repr, unknown))} in --suite "
+                          f"{suite}; its keys are {','.join(valid)}")
+    return [key for key in valid if key in asked]
+
+
+def check_inputs(suite: str, data_dir: str, folder: str,
+                 keys: Iterable[str] | None = None) -> str | None:
+    """Before anything is timed: refuse (CnnlabError) what the row groups `keys` (default:
+    all of the suite's) cannot do without, and return the CIFAR-10 image folder, or None
+    where it is absent (the cpu suite leaves its rows out)."""
     from .specs import SPECS
 
+    keys = set(row_keys(suite) if keys is None else keys)
     raw = Path(data_dir) / "MNIST" / "raw"
     has_folder = (Path(folder) / "train").is_dir() and (Path(folder) / "test").is_dir()
     missing = []
-    if suite in ("cpu", "all"):
-        if not (REPO / "benchmarks" / "reference.py").is_file():
-            missing.append("the benchmarks/ folder of a source checkout (reference.py)")
-        if not all(readers.find_idx(raw, f) for fs in SPECS["mnist"].files.values() for f in fs):
-            missing.append(f"MNIST's four official IDX files in {raw} (point --data-dir at the "
-                           "folder that holds MNIST/; bench does not download)")
-    if suite in ("gpu", "all"):
+    if keys & set(CPU_ROWS):  # the reference reads them with torchvision: not gzipped
+        if not all((raw / f).is_file() for fs in SPECS["mnist"].files.values() for f in fs):
+            missing.append(f"MNIST's four official IDX files in {raw}, uncompressed as "
+                           "torchvision reads them (point --data-dir at the folder that holds "
+                           "MNIST/; bench does not download)")
+    if keys & set(GPU_ROWS):
         import torch
 
         if not torch.cuda.is_available():
@@ -422,10 +488,13 @@ def check_inputs(suite: str, data_dir: str, folder: str) -> str | None:
     return folder if has_folder else None
 
 
-def run_bench(suite: str, data_dir: str, folder: str, out: str | None) -> dict:
-    """Check the inputs, then measure the suite's rows, printing each as it comes and
-    writing all so far to `out` (JSON) after each."""
-    cifar_folder = check_inputs(suite, data_dir, folder)
+def run_bench(suite: str, data_dir: str, folder: str, out: str | None,
+              rows: str | None = None) -> dict:
+    """Check the inputs, then measure the suite's rows (those of the comma-separated row
+    group keys `rows`, else all), printing each as it comes and writing all so far to `out`
+    (JSON) after each."""
+    keys = row_keys(suite, rows)
+    cifar_folder = check_inputs(suite, data_dir, folder, keys)
     from .envinfo import collect_env
 
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "env": collect_env(), "rows": []}
@@ -440,10 +509,10 @@ def run_bench(suite: str, data_dir: str, folder: str, out: str | None) -> dict:
     def say(text: str) -> None:  # what runs next and about how long, or what is left out
         print(f"cnnlab bench: {text}", file=sys.stderr, flush=True)
 
-    if suite in ("cpu", "all"):
-        cpu_suite(data_dir, cifar_folder, emit, say)
-    if suite in ("gpu", "all"):
-        gpu_suite(data_dir, cifar_folder or folder, emit, say)
+    if cpu := [key for key in keys if key in CPU_ROWS]:
+        cpu_suite(data_dir, cifar_folder, emit, say, cpu)
+    if gpu := [key for key in keys if key in GPU_ROWS]:
+        gpu_suite(data_dir, cifar_folder or folder, emit, say, gpu)
     return results
 
 

@@ -32,18 +32,13 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import OPTIONS, with_defaults
 from .errors import CnnlabError, one_line
 from .files import atomic_write
-
-if TYPE_CHECKING:
-    from .config import Config
-    from .data import Dataset
 
 FORMAT = 1
 NAMES = ("best.pt", "checkpoint.pt")  # what a run directory holds, in the order eval prefers
@@ -65,14 +60,6 @@ class ModelMeta:
     options: dict[str, Any] = field(default_factory=dict)  # e.g. {"pool": "avg"}
     fit: str = "resize"            # how an image of another size is made image_size: "resize"
     #                                (stretched), "crop" (shorter side, then centre crop)
-
-    @classmethod
-    def of(cls, cfg: Config, data: Dataset) -> ModelMeta:
-        return cls(name=cfg.model, in_channels=data.channels, num_classes=len(data.classes),
-                   image_size=data.image_size, classes=tuple(data.classes),
-                   mean=tuple(data.mean), std=tuple(data.std), normalize=cfg.normalize,
-                   options={"pool": cfg.pool} if cfg.pool else {},
-                   fit="crop" if cfg.image_size else "resize")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -260,11 +247,6 @@ def check_fits(ckpt: dict[str, Any], run: Run, path: str | Path = "checkpoint.pt
 
 # ---- checking a checkpoint before resuming from it -------------------------------------------
 
-class Damaged(ValueError):
-    """What is wrong with a field of a saved run (missing, of the wrong type or out of range);
-    the caller names the file and what to do about it."""
-
-
 def damaged(path: str | Path, what: str) -> CnnlabError:
     """The refusal of a checkpoint that --resume cannot use: without it the run starts again
     from config.json."""
@@ -314,7 +296,7 @@ def check_resumable(ckpt: dict[str, Any], path: str | Path) -> None:
             if name in _LATER:
                 continue
             raise damaged(path, f"{name} is missing")
-        if problem := _wrong(holder[key], kind, name):
+        if problem := type_problem(holder[key], kind, name):
             raise damaged(path, problem)
     if extra := sorted({f"loop.{k}" for k in ckpt["loop"]} - fields.keys()):
         raise damaged(path, f"{extra[0]} is no part of the training loop's state")
@@ -334,30 +316,12 @@ def _holder(ckpt: dict[str, Any], name: str) -> tuple[Any, str]:
     return holder, key
 
 
-def config_fields(saved: object, prefix: str = "") -> dict[str, Any]:
-    """The Config fields of a run's saved configuration (a checkpoint's, or config.json's,
-    which also holds what the run found: the device, the precision used), those an earlier
-    version did not write at their defaults. Raises Damaged naming a field (`prefix` + its
-    name) that is missing or of the wrong type."""
-    if not isinstance(saved, dict):
-        raise Damaged(_wrong(saved, dict, prefix.rstrip(".") or "it"))
-    values = with_defaults(saved)
-    kinds = {"int": int, "float": float, "bool": bool, "str": str}
-    for name, o in OPTIONS.items():
-        if name not in values:
-            raise Damaged(f"{prefix}{name} is missing")
-        kind = kinds[o.type] | None if o.nullable else kinds[o.type]
-        if problem := _wrong(values[name], kind, prefix + name):
-            raise Damaged(problem)
-    return {name: values[name] for name in OPTIONS}
-
-
-def _wrong(value: Any, kind: Any, name: str) -> str | None:
+def type_problem(value: Any, kind: Any, name: str) -> str | None:
     """Why `value` is not of type `kind` (a class, X | Y, list[X] or dict[K, V]), with its
     name; None if it is. An int is a float here; a bool is not an int."""
     if isinstance(kind, types.UnionType):
         options = typing.get_args(kind)
-        if any(_wrong(value, option, name) is None for option in options):
+        if any(type_problem(value, option, name) is None for option in options):
             return None
         return f"{name} is {_a(value)}, not {' or '.join(map(_a_kind, options))}"
     origin, args = typing.get_origin(kind) or kind, typing.get_args(kind)
@@ -368,7 +332,7 @@ def _wrong(value: Any, kind: Any, name: str) -> str | None:
         return None
     items = enumerate(value) if origin is list else value.items()  # list[X], dict[K, X]
     return next((problem for i, item in items
-                 if (problem := _wrong(item, args[-1], f"{name}[{i!r}]"))), None)
+                 if (problem := type_problem(item, args[-1], f"{name}[{i!r}]"))), None)
 
 
 def _a(value: Any) -> str:
@@ -393,7 +357,7 @@ def _misfit(ckpt: dict[str, Any], run: Run) -> str | None:
             continue
         if key not in ckpt:  # train_model (--ema) or lookahead
             return f"{key} is missing, though the run's config asks for it"
-        if problem := (_wrong(ckpt[key], dict[str, torch.Tensor], key)
+        if problem := (type_problem(ckpt[key], dict[str, torch.Tensor], key)
                        or _unlike(ckpt[key], fresh[key], key, same_keys=True)):
             return problem
     loop, n = ckpt["loop"], run.images
@@ -433,7 +397,7 @@ def _optimizer_misfit(saved: dict[str, Any], fresh: dict[str, Any],
         name = f"optimizer.state[{index!r}]"
         if index not in params:
             return f"{name} is the state of no parameter"
-        if problem := _wrong(state, dict[str, torch.Tensor | float | None], name):
+        if problem := type_problem(state, dict[str, torch.Tensor | float | None], name):
             return problem
         shape = params[index]
         for key, value in state.items():  # per parameter, or a scalar (Adam's step)
@@ -460,7 +424,7 @@ def _unlike(saved: Any, fresh: Any, name: str, same_keys: bool = False) -> str |
                     if saved.dtype != fresh.dtype else [])]
         return f"{name} has {' and '.join(differ)}" if differ else None
     kind = next((kind for types_, kind in _ALIKE if isinstance(fresh, types_)), type(fresh))
-    if problem := _wrong(saved, kind, name):
+    if problem := type_problem(saved, kind, name):
         return problem
     if isinstance(fresh, dict):
         if same_keys and saved.keys() != fresh.keys():

@@ -17,9 +17,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CnnlabError, did_you_mean, unknown_choice
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved: --help stays light
+    import torch
 
 try:  # Python 3.11+
     import tomllib
@@ -81,13 +84,15 @@ class Limits:
 
 def option(default: Any = dataclasses.MISSING, *, help: str, role: str = RECIPE,
            choices: tuple[str, ...] = (), kind: str | None = None,
-           limits: Limits | None = None) -> Any:
+           limits: Limits | None = None, default_text: str | None = None) -> Any:
     """A Config field with its metadata. No default: the preset (or `resolve`) gives the
     value. kind: how the command line spells it (default: SWITCH for bools, else VALUE).
-    limits: a number's range (every number must be finite)."""
+    limits: a number's range (every number must be finite). default_text: how --help states
+    a default that is not the field's own value (one `resolve` derives)."""
     return dataclasses.field(default=default,
                              metadata={"help": help, "role": role, "choices": choices,
-                                       "kind": kind, "limits": limits})
+                                       "kind": kind, "limits": limits,
+                                       "default_text": default_text})
 
 
 _MANY = 1 << 20  # 1,048,576: the most images in a batch
@@ -142,8 +147,8 @@ class Config:
     pool: str | None = option(None, choices=POOLS, help="LeNet-5's pooling (default: the model's)")
     seed: int = option(0, role=IDENTITY, help="random seed (0 to 2^32 - 1)",
                        limits=Limits(high=SEED_MAX))
-    device: str = option("auto", role=RUNTIME, help="auto | cpu | cuda | cuda:N; "
-                         "$CNNLAB_DEVICE, where set, replaces the default")
+    device: str = option("auto", role=RUNTIME, help="auto | cpu | cuda | cuda:N",
+                         default_text="$CNNLAB_DEVICE, else auto")
     log_every: int = option(100, role=RUNTIME,
                             help="log the mean training loss every N steps",
                             limits=Limits(high=10**9, positive=True))
@@ -170,9 +175,9 @@ class Config:
     ema: float = option(0.0, help="evaluate and save an exponential moving average of the "
                                   "weights with this decay per step (e.g. 0.999; 0 = off)")
     tta: str = option(choices=TTAS, help="flip: score each test image and its mirror image; "
-                                         "flip,translate: also both shifted by a pixel "
-                                         "(default: flip where the fast preset trains with "
-                                         "flips)")
+                                         "flip,translate: also both shifted by a pixel",
+                      default_text="flip where the fast preset trains with flips, "
+                                   "else none")
     eval_every: int = option(1, role=RUNTIME, help="evaluate every N epochs (and after the "
                                                    "last); best.pt is chosen among those",
                              limits=Limits(high=_EPOCHS, positive=True))
@@ -193,8 +198,8 @@ class Config:
                               limits=Limits(low=0.01, high=3600, off=True))
     tensorboard: bool = option(False, role=RUNTIME, kind=ON,
                                help="also write TensorBoard event files")
-    data_dir: str = option(role=RUNTIME, help="data root in torchvision's layout (default "
-                                              "$CNNLAB_DATA, else ./data)")
+    data_dir: str = option(role=RUNTIME, help="data root in torchvision's layout",
+                           default_text="$CNNLAB_DATA, else ./data")
     download: bool = option(True, role=RUNTIME, kind=OFF,
                             help="fail instead of downloading missing data")
 
@@ -215,13 +220,15 @@ class Option:
     choices: tuple[str, ...]
     kind: str                 # ARGUMENT, VALUE, SWITCH, ON or OFF
     limits: Limits | None     # a number's range
+    default_text: str | None  # how --help states a default `resolve` derives
 
 
 def _option(f: dataclasses.Field) -> Option:
     type_ = str(f.type).split(" ")[0]  # "str | None" -> "str"
     kind = f.metadata["kind"] or (SWITCH if type_ == "bool" else VALUE)
     return Option(f.name, type_, "None" in str(f.type), f.default, f.metadata["help"],
-                  f.metadata["role"], f.metadata["choices"], kind, f.metadata["limits"])
+                  f.metadata["role"], f.metadata["choices"], kind, f.metadata["limits"],
+                  f.metadata["default_text"])
 
 
 OPTIONS: dict[str, Option] = {f.name: _option(f) for f in dataclasses.fields(Config)}
@@ -323,6 +330,12 @@ def default_data_dir(value: str | os.PathLike | None = None) -> str:
     return os.path.abspath(value or os.environ.get("CNNLAB_DATA") or "data")
 
 
+def data_dir_for(given: str | os.PathLike | None, trained: dict[str, Any]) -> str:
+    """The data root of a command that uses a trained model: `given` (its --data-dir), else
+    the one the model was trained on (`trained`: its saved config), else the default."""
+    return default_data_dir(given or trained.get("data_dir"))
+
+
 # Other names users give options, for "did you mean" (difflib finds the mistypings)
 _SYNONYMS = {"learning_rate": "lr", "learningrate": "lr", "max_lr": "lr", "epoch": "epochs",
              "num_epochs": "epochs", "max_epochs": "epochs", "bs": "batch_size",
@@ -415,6 +428,31 @@ def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
                if o.default is not dataclasses.MISSING}, **saved}
 
 
+class Damaged(ValueError):
+    """What is wrong with a field of a saved run (missing, of the wrong type or out of range);
+    the caller names the file and what to do about it."""
+
+
+def config_fields(saved: object, prefix: str = "") -> dict[str, Any]:
+    """The Config fields of a run's saved configuration (a checkpoint's, or config.json's,
+    whose other keys - what ran, under "resolved" - are left out), those an earlier version
+    did not write at their defaults. Raises Damaged naming a field (`prefix` + its name)
+    that is missing or of the wrong type."""
+    from .checkpoint import type_problem
+
+    if not isinstance(saved, dict):
+        raise Damaged(type_problem(saved, dict, prefix.rstrip(".") or "it"))
+    values = with_defaults(saved)
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    for name, o in OPTIONS.items():
+        if name not in values:
+            raise Damaged(f"{prefix}{name} is missing")
+        kind = kinds[o.type] | None if o.nullable else kinds[o.type]
+        if problem := type_problem(values[name], kind, prefix + name):
+            raise Damaged(problem)
+    return {name: values[name] for name in OPTIONS}
+
+
 def typed_value(key: str, value: Any, *, what: str | None = None, text: bool = False) -> Any:
     """`value` (a TOML or Python value; with `text`, also command-line text) as the type of
     Config.`key`: int, float, bool (from text also true/false, yes/no, 1/0, on/off) or str;
@@ -498,14 +536,8 @@ def validate(cfg: Config) -> None:
         raise CnnlabError(unknown_choice("dataset", cfg.dataset, [*SPECS, "folder:PATH"]))
     if cfg.pool is not None and "pool" not in options_of(cfg.model):
         raise CnnlabError(f"model {cfg.model} has no option 'pool'")
-    for o in OPTIONS.values():
-        value = getattr(cfg, o.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise CnnlabError(f"--{option_name(o.name)} must be a finite number, got {value}")
-        if o.limits and value is not None and (problem := o.limits.problem(value)):
-            raise CnnlabError(f"--{option_name(o.name)} must be {problem}, got {short(value)}")
-        if o.choices and value not in o.choices and not (o.nullable and value is None):
-            raise CnnlabError(unknown_choice(option_name(o.name), value, o.choices))
+    for name in OPTIONS:
+        check_option(name, getattr(cfg, name))
     if cfg.image_size is not None:
         parse_image_size(cfg.image_size)
         if not cfg.dataset.startswith("folder:"):
@@ -525,6 +557,21 @@ def validate(cfg: Config) -> None:
     checkpoint_interval(cfg.checkpoint_every)
     if cfg.cuda_graph:
         _graphable(cfg)
+
+
+def check_option(name: str, value: Any, spelled: str | None = None) -> None:
+    """Refuse a value of option `name` that is not finite, out of its range or none of its
+    choices, naming the option as the command spells it (`spelled`, default the option's
+    own name). None (not given, or the field's own None) passes."""
+    o, spelled = OPTIONS[name], spelled or option_name(name)
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CnnlabError(f"--{spelled} must be a finite number, got {value}")
+    if o.limits and (problem := o.limits.problem(value)):
+        raise CnnlabError(f"--{spelled} must be {problem}, got {short(value)}")
+    if o.choices and value not in o.choices:
+        raise CnnlabError(unknown_choice(spelled, value, o.choices))
 
 
 def _graphable(cfg: Config) -> None:
@@ -564,3 +611,150 @@ def checkpoint_interval(text: str) -> tuple[int, str]:
                           f"(e.g. 500 or 1epoch), got {short(text)}")
     unit = "epoch" if (m.group(2) or "s").startswith("e") else "step"
     return int(m.group(1)), unit
+
+
+# ---------------------------------------------------------------- what a run uses and records
+
+def resolve_device(spec: str | None = None) -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`; None: the default
+    device ($CNNLAB_DEVICE, else auto)."""
+    import torch
+
+    spec = default_device(spec)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise CnnlabError(f"bad device '{spec}'; use auto, cpu, cuda or cuda:N") from None
+        if not torch.cuda.is_available():
+            raise CnnlabError(f"--device {spec}: no CUDA GPU is available here; "
+                              "use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CnnlabError(f"--device {spec}: this machine has {count} GPU(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+        return device
+    raise CnnlabError(f"unknown device '{spec}'; use auto, cpu, cuda or cuda:N")
+
+
+# Models whose CPU training bf16 speeds up where the CPU computes it natively: ResNet-18
+# 2.6x on AVX512-BF16/AMX (benchmarks/RESULTS.md); LeNet-5's tiny convolutions gain nothing.
+_CPU_BF16_MODELS = frozenset({"resnet18", "fastnet"})
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is
+    emulated, and slower than fp32."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch >= 2.1
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(name: str, device: torch.device, model: str = "") -> str:
+    """`auto`: bf16 on GPUs that have it, else fp16 on GPUs; on CPUs bf16 for the models it
+    speeds up where the CPU has native bf16, else fp32."""
+    import torch
+
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise CnnlabError("--precision fp16 needs a GPU; on CPU use bf16 or fp32")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if model in _CPU_BF16_MODELS and cpu_has_bf16() else "fp32"
+
+
+def run_config(cfg: Config, device: torch.device | str, precision: str,
+               world_size: int) -> dict[str, Any]:
+    """A run's config.json: every option as asked (device "auto", precision "auto", ...),
+    and under "resolved" what ran: the device, the precision and the number of processes.
+    (Earlier versions wrote the device that ran as "device", and "precision_used" and
+    "world_size" beside the options.)"""
+    return cfg.to_dict() | {"resolved": {"device": str(device), "precision": precision,
+                                         "world_size": world_size}}
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A run directory to continue: from its checkpoint, or from the start when the run
+    stopped before it wrote one."""
+
+    checkpoint: dict | None
+
+
+def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = None,
+                  dataset: str | None = None, file_values: dict | None = None,
+                  out: str | Path | None = None) -> tuple[Config, Resume]:
+    """The run's own configuration, with only the changes that are safe to make, and where
+    to continue from. What a resumed run cannot honour - another model, dataset or --out,
+    options that would change the result - is refused, whether given as options, as
+    `file_values` (a --config file) or as arguments."""
+    from . import checkpoint
+    from .runs import RunDir
+
+    path = Path(run_dir)
+    if out is not None and Path(out).resolve() != path.resolve():
+        raise CnnlabError(f"--out {out} differs from the run being resumed ({run_dir}); a "
+                          "resumed run stays in its directory (drop --out)")
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is a file, not a run directory"
+        within = (f" (the run directory is {path.parent})"
+                  if path.exists() and (path.parent / "config.json").is_file() else "")
+        raise CnnlabError(f"nothing to resume at {run_dir}: it {what}{within}")
+    if (path / "checkpoint.pt").is_file():
+        ckpt = checkpoint.load_for_resume(path)
+        try:
+            saved, epochs_done = config_fields(ckpt["config"], "config."), ckpt["epoch"]
+        except Damaged as e:
+            raise checkpoint.damaged(path / "checkpoint.pt", str(e)) from None
+        RunDir.check_metrics(path, ckpt["metrics_offset"])  # before anything is written
+    elif (path / "config.json").is_file():  # stopped before its first checkpoint
+        saved, epochs_done, ckpt = _saved_config(path), 0, None
+    else:
+        raise CnnlabError(f"nothing to resume in {run_dir}: it holds no run (no config.json "
+                          "or checkpoint.pt)")
+    given = {"model": model, "dataset": dataset}
+    values = dict(saved)
+    options = {k: v for k, v in overrides.items() if v is not None}  # beat the file's
+    for key, value in {**given, **(file_values or {}), **options}.items():
+        if key == "data_dir" and value is not None:
+            value = default_data_dir(value)  # stored absolute, as a new run's
+        if value is None or value == saved.get(key):
+            continue
+        if key not in RESUME_SAFE:
+            what = key.upper() if key in given else f"--{option_name(key)}"
+            raise CnnlabError(f"{what} {value} differs from the run's {saved.get(key)}; a "
+                              "resumed run keeps its configuration (start a new run to "
+                              "change it)")
+        if key == "epochs" and (value < epochs_done or saved["schedule"] != "constant"
+                                or not float(saved["epochs"]).is_integer()):
+            raise CnnlabError(f"--epochs {value}: a resumed run may only add epochs, and only "
+                              f"with the constant schedule after whole epochs (this run's "
+                              f"schedule, '{saved['schedule']}', was laid out for "
+                              f"{saved['epochs']})")
+        values[key] = typed_value(key, value)  # as resolve() types a new run's options
+    cfg = Config(**values)
+    validate(cfg)
+    if epochs_done >= cfg.epochs and (path / "summary.json").is_file():
+        raise CnnlabError(f"{run_dir} already finished its {cfg.epochs} epochs; pass --epochs N "
+                          "to train more (constant schedule only) or start a new run")
+    return cfg, Resume(ckpt)
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """The Config fields of a run directory's config.json (the device as asked; an earlier
+    version's config.json holds the device that ran)."""
+    from .files import read_json
+
+    file = path / "config.json"
+    try:
+        return config_fields(read_json(file))
+    except (OSError, ValueError) as e:  # unreadable, not JSON, or a field missing or mistyped
+        why = f" ({e})" if isinstance(e, Damaged) else ""
+        raise CnnlabError(f"{file} is damaged{why}; this run cannot be resumed - start a new "
+                          "one") from None

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CnnlabError
-from .launch import env_rank
+from .rank import env_rank
 
 
 @dataclass(frozen=True)

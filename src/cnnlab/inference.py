@@ -4,6 +4,7 @@ alone (`checkpoint.load_model`): neither the training config nor the dataset is 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from torch import nn
 
 from . import checkpoint
 from .checkpoint import ModelMeta
-from .config import OPTIONS, TTAS, default_data_dir, flips
-from .engine import logits
+from .config import OPTIONS, TTAS, check_option, data_dir_for, flips, resolve_precision
+from .engine import Precision, logits
 from .errors import CnnlabError
 from .files import safe_name, write_json
 from .progress import Phase
@@ -35,14 +36,17 @@ def preprocess(images: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, meta: ModelMeta, *,
                    batch_size: int = 1000, tta: str | None = None,
+                   precision: Precision | None = None,
                    on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Logits for uint8 images, in batches, with test-time averaging `tta` (engine.logits);
-    `on_batch(images in it)` after each batch (progress)."""
+    """fp32 logits for uint8 images, in batches, with test-time averaging `tta`
+    (engine.logits), computed in `precision` (default fp32); `on_batch(images in it)` after
+    each batch (progress)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size].to(device), meta)
-        out.append(logits(model, x, tta).cpu())  # to the host: the batch is done
+        with precision.autocast() if precision else contextlib.nullcontext():
+            out.append(logits(model, x, tta).cpu())  # to the host: the batch is done
         if on_batch is not None:
             on_batch(len(x))
     return torch.cat(out) if out else torch.empty(0, meta.num_classes)
@@ -75,7 +79,7 @@ def _pct(num: torch.Tensor, den: torch.Tensor) -> float:
 def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = None,
                         split: str = "test", data_dir: str | Path | None = None,
                         download: bool = True, tta: str | None = None,
-                        batch_size: int | None = None,
+                        batch_size: int | None = None, precision: str = "fp32",
                         device: str | torch.device = "cpu", data=None,
                         progress: bool | str = True) -> dict:
     """Score a checkpoint (or a run directory's best.pt) on a labelled split.
@@ -84,7 +88,8 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     Dataset already loaded (then `dataset` only names it), saves reading it again.
     `tta` ("flip", "flip,translate", see engine.logits) averages the logits of each image
     and its mirrored (and shifted) copies (only for models trained with flips); by default
-    as training scored the model; `tta="none"`: without.
+    as training scored the model; `tta="none"`: without. `precision`: fp32, bf16, fp16 or
+    auto (as training chooses it for the model on `device`).
     `progress`: show it per batch (progress.Phase: a bar on a terminal, else a line every
     QUIET_SECONDS - a ResNet-18 takes minutes on a CPU), named by the text given or after
     the checkpoint; False: nothing.
@@ -94,13 +99,14 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
 
     if split not in SPLITS:
         raise CnnlabError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
-    if tta is not None and tta not in TTAS:
-        raise CnnlabError(f"unknown test-time augmentation '{tta}'; choose one of "
-                          f"{', '.join(TTAS)}")
+    check_option("tta", tta)
+    check_option("precision", precision)
     if batch_size is not None and batch_size <= 0:
         raise CnnlabError(f"--batch-size must be positive, got {batch_size}")
     trained = checkpoint.load_model(checkpoint_or_run, device)
     file, meta, config = trained.path, trained.meta, trained.config
+    where = torch.device(device)
+    amp = Precision(resolve_precision(precision, where, meta.name), where)
     if tta is None:  # as training scored the model
         tta = config.get("tta") if config.get("tta") in TTAS else "none"
     tta = None if tta == "none" else tta
@@ -113,8 +119,7 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
         raise CnnlabError(f"{file} does not say which dataset it was trained on; "
                           "give --dataset")
     if data is None:
-        data_dir = data_dir or config.get("data_dir") or default_data_dir()
-        data = load_dataset(dataset, data_dir, download=download,
+        data = load_dataset(dataset, data_dir_for(data_dir, config), download=download,
                             image_size=meta.image_size if meta.fit == "crop" else None)
     check_fits(data, meta, dataset)
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
@@ -126,11 +131,12 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
             else f"evaluating {file} on the {dataset} {split} split")
     with Phase(what, len(y), "images", enabled=bool(progress)) as phase:
         scores = predict_logits(trained.model, torch.from_numpy(x), meta,
-                                batch_size=batch_size, tta=tta, on_batch=phase.update)
+                                batch_size=batch_size, tta=tta, precision=amp,
+                                on_batch=phase.update)
     result = classification_metrics(scores, torch.from_numpy(y), meta.classes)
     return {"checkpoint": str(file), "model": meta.name, "epoch": trained.epoch,
-            "dataset": dataset, "split": split, "tta": tta, "images": len(y),
-            "classes": list(meta.classes), **result}
+            "dataset": dataset, "split": split, "tta": tta, "precision": amp.name,
+            "images": len(y), "classes": list(meta.classes), **result}
 
 
 class DataMismatch(CnnlabError):

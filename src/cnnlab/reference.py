@@ -1,6 +1,9 @@
 """The reference pipeline cnnlab is measured against: the lab report's way, as in
 pytorch/examples - a torchvision dataset with ToTensor(), a DataLoader, fp32, channels-first,
-eager PyTorch. Kept deliberately plain: this is the baseline, not something to optimise."""
+eager PyTorch. Kept deliberately plain: this is the baseline, not something to optimise.
+
+`cnnlab bench` calls it in its own process, and times it as a whole process with
+`python -m cnnlab.reference lenet-epoch DATA_DIR` (which prints its figures as JSON)."""
 
 from __future__ import annotations
 
@@ -57,3 +60,16 @@ def resnet18_throughput(image_folder: str, steps: int = 4, batch_size: int = 128
     model = create_model("resnet18", in_channels=3, num_classes=10, image_size=(32, 32))
     seconds, images = _loop(model, loader, lr=0.01, max_steps=steps, warmup=1)
     return {"seconds": seconds, "images": images, "images_per_second": images / seconds}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m cnnlab.reference",
+                                     description="Run the reference pipeline on its own.")
+    parser.add_argument("pipeline", choices=("lenet-epoch",),
+                        help="lenet-epoch: one epoch of the report's LeNet-5/MNIST recipe")
+    parser.add_argument("data_dir", help="data root holding MNIST/raw/ (torchvision's layout)")
+    args = parser.parse_args()
+    print(json.dumps(lenet_mnist_epoch(args.data_dir)))

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import COMPARED, default_data_dir, format_value, option_name, parse_image_size
+from .config import (
+    COMPARED,
+    data_dir_for,
+    format_value,
+    option_name,
+    parse_image_size,
+    resolve_device,
+)
 from .errors import CnnlabError, one_line
 from .files import atomic_write, read_json, safe_name
 from .results import (
@@ -278,7 +285,7 @@ def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
     except CnnlabError as e:
         return f"No checkpoint to evaluate: {e}"
     dataset = run.config.get("dataset")
-    root = Path(data_dir or run.config.get("data_dir") or default_data_dir())
+    root = Path(data_dir_for(data_dir, run.config))
     size = run.config.get("image_size")
     size = parse_image_size(size) if size else None
     key = (dataset, str(root), size)
@@ -648,7 +655,7 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, *,
                  device: str | None = "auto") -> dict[str, Path]:
     """Write report.html and report.md for run and sweep directories into `out` (default: the
     one directory given, else reports/<time>), evaluating on `device` (None: the default
-    device, see trainer.resolve_device). Returns {"html": path, "md": path}."""
+    device, see config.resolve_device). Returns {"html": path, "md": path}."""
     if not paths:
         raise CnnlabError("report needs at least one run or sweep directory")
     runs, sweeps = find_runs(paths)
@@ -665,8 +672,6 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, *,
         raise CnnlabError(f"cannot create report directory {out}: {e.strerror or e}") from None
     evaluations: dict[str, dict | str] = {}
     if evaluate:
-        from .trainer import resolve_device
-
         torch_device = resolve_device(device)
         cache: dict = {}
         for run in runs:

@@ -51,6 +51,7 @@ from .config import (
     nearest_option,
     option_name,
     resolve,
+    resume_config,
     short,
     typed_value,
     validate,
@@ -377,7 +378,7 @@ def _train_run(run_dir: Path, cfg: Config, tag: str, job: str, *, progress: bool
                say) -> dict:
     """Train a sweep's run that no live process writes: continue it from its checkpoint,
     or, begun with other settings (an earlier sweep's, stopped), start it again."""
-    from .trainer import fit, resume_config
+    from .trainer import fit
 
     if (run_dir / "config.json").is_file():
         why = _config_difference(run_dir, cfg)
@@ -432,13 +433,49 @@ def _csv_number(value: float | None, digits: int) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.{max(digits, 2) + 2}f}"
 
 
+def _results_csv(keys: list[str], rows: list[dict]) -> str:
+    """results.csv's text: a point per line with its grid values (`keys`), its number of
+    seeds and diverged runs, and the mean and std of every metric."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["point", *keys, "seeds", "diverged",
+                     *(f"{key}_{stat}" for key, _, _ in METRICS for stat in ("mean", "std"))])
+    for row in rows:
+        writer.writerow([row["label"], *(format_value(row["config"][k]) for k in keys),
+                         row["n"], row["diverged"],
+                         *(_csv_number(row[f"{key}_{stat}"], digits)
+                           for key, _, digits in METRICS for stat in ("mean", "std"))])
+    return buffer.getvalue()
+
+
+def _runs_section(runs: list[Run], summaries: dict[str, dict], diverged: dict[str, str],
+                  titles: dict[str, str]) -> list[str]:
+    """results.md's lines listing `runs`: each finished one (its summary in `summaries`) with
+    its metrics, each diverged one with its error; `titles` are the shown metrics' titles."""
+    from .results import format_epochs, metric
+
+    def run_row(r: Run) -> list[str]:
+        if r.name in diverged:
+            return [f"[{r.name}]({r.name}/)", str(r.config.seed),
+                    diverged[r.name], "-", "-", "-", "-"]
+        s = summaries[r.name]
+        return [f"[{r.name}]({r.name}/)", str(r.config.seed), f"{s['final_test_acc']:.2f}",
+                f"{s['best_test_acc']:.2f}", format_epochs(metric(s, "best_epochs_done")),
+                f"{s['train_seconds']:.1f}", f"{s['images_per_second']:,.0f}"]
+
+    return ["## Runs", "", md_table(
+        ["run", "seed", "final test acc (%)", titles.get("best_test_acc", "best on test (%)"),
+         titles.get("best_epochs_done", "epochs to best"), "train time (s)", "images/s"],
+        [run_row(r) for r in runs]), ""]
+
+
 def write_results(out: str | Path, plan: Plan) -> dict:
     """results.csv, results.md, accuracy.png, loss.png and comparison.png (each point's runs,
     their mean and its confidence interval) of the finished runs of `plan` (runs that diverged
     are listed and counted, but left out of the statistics and plots).
     Returns {"out", "rows", "verdict", "finished", "diverged", "total"}."""
     from .plots import plot_comparison, plot_overlay
-    from .results import format_epochs, metric, selection_note
+    from .results import selection_note
 
     out = Path(out)
     finished = [r for r in plan.runs if (out / r.name / "summary.json").is_file()]
@@ -454,23 +491,14 @@ def write_results(out: str | Path, plan: Plan) -> dict:
     text = verdict(rows, plan.keys)
     columns = shown_metrics(rows)
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["point", *plan.keys, "seeds", "diverged",
-                     *(f"{key}_{stat}" for key, _, _ in METRICS for stat in ("mean", "std"))])
-    for row in rows:
-        writer.writerow([row["label"], *(format_value(row["config"][k]) for k in plan.keys),
-                         row["n"], row["diverged"],
-                         *(_csv_number(row[f"{key}_{stat}"], digits)
-                           for key, _, digits in METRICS for stat in ("mean", "std"))])
-    atomic_write(out / "results.csv", lambda f: f.write(buffer.getvalue().encode()))
+    table = _results_csv(plan.keys, rows)
+    atomic_write(out / "results.csv", lambda f: f.write(table.encode()))
 
     configs = [r.config.to_dict() for r in plan.runs]
     models = sorted({c["model"] for c in configs})
     datasets = sorted({c["dataset"] for c in configs})
     diverged_note = (f" ({len(diverged)} more diverged: their loss became NaN; they are left "
                      "out of the mean and std)" if diverged else "")
-    shown = [r for r in plan.runs if r.name in done or r.name in diverged]
     lines = [f"# Sweep: {', '.join(models)} on {', '.join(datasets)}", "",
              f"{len(finished)} of {len(plan.runs)} runs finished{diverged_note}; {plan.seeds} "
              f"seed{'s' if plan.seeds > 1 else ''} per point. Mean ± sample standard deviation "
@@ -497,21 +525,9 @@ def write_results(out: str | Path, plan: Plan) -> dict:
                   "![Final and best test accuracy of each point's runs, their mean and 95% "
                   "confidence interval](comparison.png)", ""]
     summaries = {r.name: s for r, (_, _, s) in zip(finished, entries)}
-    titles = {key: title for key, title, _ in columns}
-
-    def run_row(r: Run) -> list[str]:
-        if r.name in diverged:
-            return [f"[{r.name}]({r.name}/)", str(r.config.seed),
-                    diverged[r.name], "-", "-", "-", "-"]
-        s = summaries[r.name]
-        return [f"[{r.name}]({r.name}/)", str(r.config.seed), f"{s['final_test_acc']:.2f}",
-                f"{s['best_test_acc']:.2f}", format_epochs(metric(s, "best_epochs_done")),
-                f"{s['train_seconds']:.1f}", f"{s['images_per_second']:,.0f}"]
-
-    lines += ["## Runs", "", md_table(
-        ["run", "seed", "final test acc (%)", titles.get("best_test_acc", "best on test (%)"),
-         titles.get("best_epochs_done", "epochs to best"), "train time (s)", "images/s"],
-        [run_row(r) for r in shown]), ""]
+    shown = [r for r in plan.runs if r.name in done or r.name in diverged]
+    lines += _runs_section(shown, summaries, diverged,
+                           {key: title for key, title, _ in columns})
     atomic_write(out / "results.md", lambda f: f.write("\n".join(lines).encode()))
     return {"out": str(out), "rows": rows, "verdict": text, "finished": len(finished),
             "diverged": len(diverged), "total": len(plan.runs)}

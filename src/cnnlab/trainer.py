@@ -22,15 +22,13 @@ from torch import nn
 from . import checkpoint, distributed, optim
 from .checkpoint import ModelMeta
 from .config import (
-    RESUME_SAFE,
     Config,
+    Resume,
     checkpoint_interval,
-    default_data_dir,
-    default_device,
-    option_name,
     parse_image_size,
-    typed_value,
-    validate,
+    resolve_device,
+    resolve_precision,
+    run_config,
 )
 from .data import Dataset, hold_out, load_dataset
 from .data.loader import DeviceLoader
@@ -47,7 +45,6 @@ from .engine import (
 )
 from .envinfo import collect_env
 from .errors import CnnlabError, Interrupted, StoppedAtOnce, TrainingDiverged, one_line
-from .files import read_json
 from .launch import env_rank
 from .models import count_parameters
 from .plots import plot_run, plot_utilization
@@ -55,30 +52,6 @@ from .progress import Progress
 from .results import DIVERGED
 from .runs import RunDir, default_run_dir, new_dir
 from .telemetry import Sampler
-
-
-def resolve_device(spec: str | None = None) -> torch.device:
-    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`; None: the default
-    device ($CNNLAB_DEVICE, else auto)."""
-    spec = default_device(spec)
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        try:
-            device = torch.device(spec)
-        except RuntimeError:
-            raise CnnlabError(f"bad device '{spec}'; use auto, cpu, cuda or cuda:N") from None
-        if not torch.cuda.is_available():
-            raise CnnlabError(f"--device {spec}: no CUDA GPU is available here; "
-                              "use --device cpu (or auto)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise CnnlabError(f"--device {spec}: this machine has {count} GPU(s), "
-                              f"cuda:0 to cuda:{count - 1}")
-        return device
-    raise CnnlabError(f"unknown device '{spec}'; use auto, cpu, cuda or cuda:N")
 
 
 def parameter_groups(cfg: Config, model: nn.Module) -> list[dict]:
@@ -138,30 +111,6 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     return sched.LambdaLR(optimizer, lambda _: 1.0)
 
 
-# Models whose CPU training bf16 speeds up where the CPU computes it natively: ResNet-18
-# 2.6x on AVX512-BF16/AMX (benchmarks/RESULTS.md); LeNet-5's tiny convolutions gain nothing.
-_CPU_BF16_MODELS = frozenset({"resnet18", "fastnet"})
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is
-    emulated, and slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch >= 2.1
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_precision(name: str, device: torch.device, model: str = "") -> str:
-    """`auto`: bf16 on GPUs that have it, else fp16 on GPUs; on CPUs bf16 for the models it
-    speeds up where the CPU has native bf16, else fp32."""
-    if name != "auto":
-        if name == "fp16" and device.type == "cpu":
-            raise CnnlabError("--precision fp16 needs a GPU; on CPU use bf16 or fp32")
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if model in _CPU_BF16_MODELS and cpu_has_bf16() else "fp32"
-
-
 def keep_freed_memory() -> None:
     """Have glibc keep the memory a training step frees for the next step. By default it
     hands every freed block over 128 KiB back to the system and faults it in again page by
@@ -210,81 +159,6 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-@dataclass(frozen=True)
-class Resume:
-    """A run directory to continue: from its checkpoint, or from the start when the run
-    stopped before it wrote one."""
-
-    checkpoint: dict | None
-
-
-def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = None,
-                  dataset: str | None = None, file_values: dict | None = None,
-                  out: str | Path | None = None) -> tuple[Config, Resume]:
-    """The run's own configuration, with only the changes that are safe to make, and where
-    to continue from. What a resumed run cannot honour - another model, dataset or --out,
-    options that would change the result - is refused, whether given as options, as
-    `file_values` (a --config file) or as arguments."""
-    path = Path(run_dir)
-    if out is not None and Path(out).resolve() != path.resolve():
-        raise CnnlabError(f"--out {out} differs from the run being resumed ({run_dir}); a "
-                          "resumed run stays in its directory (drop --out)")
-    if not path.is_dir():
-        what = "does not exist" if not path.exists() else "is a file, not a run directory"
-        within = (f" (the run directory is {path.parent})"
-                  if path.exists() and (path.parent / "config.json").is_file() else "")
-        raise CnnlabError(f"nothing to resume at {run_dir}: it {what}{within}")
-    if (path / "checkpoint.pt").is_file():
-        ckpt = checkpoint.load_for_resume(path)
-        try:
-            saved, epochs_done = checkpoint.config_fields(ckpt["config"], "config."), ckpt["epoch"]
-        except checkpoint.Damaged as e:
-            raise checkpoint.damaged(path / "checkpoint.pt", str(e)) from None
-        RunDir.check_metrics(path, ckpt["metrics_offset"])  # before anything is written
-    elif (path / "config.json").is_file():  # stopped before its first checkpoint
-        saved, epochs_done, ckpt = _saved_config(path), 0, None
-    else:
-        raise CnnlabError(f"nothing to resume in {run_dir}: it holds no run (no config.json "
-                          "or checkpoint.pt)")
-    given = {"model": model, "dataset": dataset}
-    values = dict(saved)
-    options = {k: v for k, v in overrides.items() if v is not None}  # beat the file's
-    for key, value in {**given, **(file_values or {}), **options}.items():
-        if key == "data_dir" and value is not None:
-            value = default_data_dir(value)  # stored absolute, as a new run's
-        if value is None or value == saved.get(key):
-            continue
-        if key not in RESUME_SAFE:
-            what = key.upper() if key in given else f"--{option_name(key)}"
-            raise CnnlabError(f"{what} {value} differs from the run's {saved.get(key)}; a "
-                              "resumed run keeps its configuration (start a new run to "
-                              "change it)")
-        if key == "epochs" and (value < epochs_done or saved["schedule"] != "constant"
-                                or not float(saved["epochs"]).is_integer()):
-            raise CnnlabError(f"--epochs {value}: a resumed run may only add epochs, and only "
-                              f"with the constant schedule after whole epochs (this run's "
-                              f"schedule, '{saved['schedule']}', was laid out for "
-                              f"{saved['epochs']})")
-        values[key] = typed_value(key, value)  # as resolve() types a new run's options
-    cfg = Config(**values)
-    validate(cfg)
-    if epochs_done >= cfg.epochs and (path / "summary.json").is_file():
-        raise CnnlabError(f"{run_dir} already finished its {cfg.epochs} epochs; pass --epochs N "
-                          "to train more (constant schedule only) or start a new run")
-    return cfg, Resume(ckpt)
-
-
-def _saved_config(path: Path) -> dict:
-    """The Config fields of a run directory's config.json."""
-    file = path / "config.json"
-    try:
-        return checkpoint.config_fields(read_json(file))
-    except (OSError, ValueError) as e:  # unreadable, not JSON, or a field missing or mistyped
-        why = f" ({e})" if isinstance(e, checkpoint.Damaged) else ""
-        raise CnnlabError(f"{file} is damaged{why}; this run cannot be resumed - start a new "
-                          "one") from None
 
 
 @dataclass
@@ -387,6 +261,15 @@ def _loaders(cfg: Config, data: Dataset, device: torch.device, dist: distributed
     return train, test, val
 
 
+def model_meta(cfg: Config, data: Dataset) -> ModelMeta:
+    """What rebuilds the model `cfg` trains on `data`, and prepares its input, without them."""
+    return ModelMeta(name=cfg.model, in_channels=data.channels, num_classes=len(data.classes),
+                     image_size=data.image_size, classes=tuple(data.classes),
+                     mean=tuple(data.mean), std=tuple(data.std), normalize=cfg.normalize,
+                     options={"pool": cfg.pool} if cfg.pool else {},
+                     fit="crop" if cfg.image_size else "resize")
+
+
 def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None, *,
           progress: bool = True) -> Training:
     """Load the data and build the model, loaders, optimiser and schedule (seeded by cfg)."""
@@ -401,7 +284,7 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     data = load_data(cfg, progress and dist.main)
     if dist.main:
         dist.barrier()
-    meta = ModelMeta.of(cfg, data)
+    meta = model_meta(cfg, data)
     model = meta.build().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -452,7 +335,7 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
             training = build(cfg, device, dist, progress=progress)
             run = None
             if path is not None:  # a new run's config.json is its claim on the directory
-                claim = None if resume else _config_json(training)
+                claim = None if resume else _run_config(training)
                 if out is None:  # runs started in the same second get a directory each
                     path = new_dir(path)
                 run = stack.enter_context(RunDir(path, config=claim))
@@ -480,9 +363,9 @@ def _unwritable(e: OSError, path: Path) -> CnnlabError:
     return CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; {fix} {then}")
 
 
-def _config_json(t: Training) -> dict:
-    return t.cfg.to_dict() | {"device": str(t.device), "precision_used": t.state.precision.name,
-                              "world_size": t.dist.world_size}
+def _run_config(t: Training) -> dict:
+    """config.json: the options as asked, and what they resolved to."""
+    return run_config(t.cfg, t.device, t.state.precision.name, t.dist.world_size)
 
 
 def _run(t: Training, *, run: RunDir | None, resume: Resume | None,
@@ -500,7 +383,7 @@ def _run(t: Training, *, run: RunDir | None, resume: Resume | None,
         run.truncate_metrics(0)
     if run is not None:
         if resume is not None:  # with the changes --resume allowed
-            run.write_json("config.json", _config_json(t))
+            run.write_json("config.json", _run_config(t))
         if resume is None or resume.checkpoint is None:
             run.write_json("env.json", collect_env(t.device))
         if cfg.tensorboard:

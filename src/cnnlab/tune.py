@@ -50,6 +50,7 @@ from .config import (
     nearest_option,
     option_name,
     resolve,
+    resume_config,
     short,
     typed_value,
 )
@@ -522,7 +523,7 @@ def _train_trial(run_dir: Path, cfg: Config, again: bool, tag: str, job: str, on
     """Train a trial's run; a trial queued again continues its run from the checkpoint (or
     recognises it as done) once no live process writes it."""
     from .runs import RunLocked, wait_unlocked
-    from .trainer import fit, resume_config
+    from .trainer import fit
 
     if not again:
         say(f"{tag}: training{job}")

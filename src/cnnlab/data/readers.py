@@ -414,27 +414,45 @@ def read_folder_split(files: list[tuple[str | os.PathLike[str], int]], *, mode: 
         phase.update(sum(isinstance(look, tuple) for look in looks) - len(later))
         decoded = dict(zip(later, _in_chunks(pool, functools.partial(
             _decode_all, mode=mode, size=size), later, lambda part: phase.update(len(part)))))
-    kept = []
+    kept, failed = _decoded_images(files, looks, decoded, problems, mode)
+    problems |= failed
+    _refuse_or_skip(problems, skip_bad)
+    if not kept:
+        raise CnnlabError(f"no readable images among the {len(files)} files in "
+                          f"{show_path(os.path.dirname(os.path.dirname(files[0][0])))}")
+    return (np.stack([a for a, _ in kept]),
+            np.array([label for _, label in kept], dtype=np.int64))
+
+
+def _decoded_images(files: list[tuple[str | os.PathLike[str], int]], looks: list,
+                    decoded: dict, problems: dict, mode: str
+                    ) -> tuple[list[tuple[np.ndarray, int]], dict]:
+    """The (image, label) of each file that is not in `problems` and decoded (its pixels in
+    `decoded`, else its first look), a grayscale one repeated to 3 channels when `mode` is
+    "RGB"; and {path: error} of the files that failed to decode."""
+    kept: list[tuple[np.ndarray, int]] = []
+    failed: dict = {}
     for (path, label), look in zip(files, looks):
         arr = decoded.get(path, look)
-        if path in problems:
+        if path in problems or path in failed:
             continue
         if isinstance(arr, str):
-            problems[path] = arr
+            failed[path] = arr
             continue
         kept.append((np.repeat(arr, 3, axis=0) if mode == "RGB" and len(arr) == 1 else arr,
                      label))
+    return kept, failed
+
+
+def _refuse_or_skip(problems: dict, skip_bad: bool) -> None:
+    """Stop with an error naming the first of `problems` ({path: error}) and counting the
+    others, or with `skip_bad` report each on stderr."""
     if problems and not skip_bad:
         first = next(iter(problems.values()))
         more = f" (and {len(problems) - 1} more bad files)" if len(problems) > 1 else ""
         raise CnnlabError(f"{first}{more}; fix or remove it, or pass --skip-bad-files")
     for message in problems.values():
         print(f"cnnlab: skipping: {message}", file=sys.stderr)
-    if not kept:
-        raise CnnlabError(f"no readable images among the {len(files)} files in "
-                          f"{show_path(os.path.dirname(os.path.dirname(files[0][0])))}")
-    return (np.stack([a for a, _ in kept]),
-            np.array([label for _, label in kept], dtype=np.int64))
 
 
 def _first_look_all(paths: list[Path], mode: str | None, crop: tuple[int, int] | None

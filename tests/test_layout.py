@@ -1,0 +1,179 @@
+"""The package's shape: no function longer than MAX_LINES lines, and no import circle between
+its modules. Both read the source with `ast`: nothing of cnnlab is imported or run."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+PACKAGE = "cnnlab"
+MAX_LINES = 70  # from the `def` line to the function's last line, docstring included
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package by dotted name; a package's __init__.py is the package."""
+    found = {}
+    for path in sorted((SRC / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def functions(tree: ast.AST, prefix: str = ""
+              ) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """Every function and method in `tree`, nested ones too, with its qualified name."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield prefix + node.name, node
+            yield from functions(node, f"{prefix}{node.name}.")
+        elif isinstance(node, ast.ClassDef):
+            yield from functions(node, f"{prefix}{node.name}.")
+        else:
+            yield from functions(node, prefix)
+
+
+def long_functions() -> list[str]:
+    """`path:line name (N lines)` of each function longer than MAX_LINES."""
+    found = []
+    for path in modules().values():
+        for name, node in functions(parse(path)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_LINES:
+                found.append(f"{path.relative_to(REPO).as_posix()}:{node.lineno} {name} "
+                             f"({length} lines)")
+    return found
+
+
+def imported(module: str, node: ast.Import | ast.ImportFrom, known: dict[str, Path]
+             ) -> list[str]:
+    """The package's modules that import statement `node` in `module` names: for
+    `from X import y` the submodule X.y where there is one, else X."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        if node.level:
+            base = module.split(".")
+            if known[module].name != "__init__.py":
+                base = base[:-1]  # a plain module's imports are relative to its package
+            base = base[:len(base) - (node.level - 1)]
+            base = ".".join([*base, *([node.module] if node.module else [])])
+        else:
+            base = node.module or ""
+        names = [name if name in known else base
+                 for name in (f"{base}.{alias.name}" for alias in node.names)]
+    return [name for name in dict.fromkeys(names) if name in known]
+
+
+def import_graph() -> dict[str, dict[str, int]]:
+    """{module: {imported module: line of the first such import}} between the package's
+    modules, from every import statement anywhere in each module (in functions and in
+    `if TYPE_CHECKING:` blocks too)."""
+    known = modules()
+    graph: dict[str, dict[str, int]] = {name: {} for name in known}
+    for name, path in known.items():
+        for node in ast.walk(parse(path)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in imported(name, node, known):
+                    graph[name][target] = min(graph[name].get(target, node.lineno), node.lineno)
+    return graph
+
+
+def strongly_connected(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of `graph`."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            components.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return components
+
+
+def shortest_path(graph: dict[str, dict[str, int]], start: str, end: str,
+                  within: set[str]) -> list[str]:
+    """The shortest path from `start` to `end` through the modules `within` (breadth first)."""
+    came_from: dict[str, str | None] = {start: None}
+    queue = [start]
+    for node in queue:
+        if node == end:
+            break
+        for target in sorted(graph[node]):
+            if target in within and target not in came_from:
+                came_from[target] = node
+                queue.append(target)
+    path = [end]
+    while (previous := came_from[path[-1]]) is not None:
+        path.append(previous)
+    return path[::-1]
+
+
+def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """For every import that lies on a circle, the shortest circle through it, each starting
+    at its first module by name (`[a, b, a]` for a -> b -> a)."""
+    found: dict[tuple[str, ...], list[str]] = {}
+    for component in strongly_connected(graph):
+        members = set(component)
+        for source in component:
+            for target in graph[source]:
+                if target not in members:
+                    continue
+                circle = [source, *shortest_path(graph, target, source, members)][:-1]
+                first = circle.index(min(circle))
+                circle = circle[first:] + circle[:first]
+                found.setdefault(tuple(circle), [*circle, circle[0]])
+    return sorted(found.values())
+
+
+def describe(circle: list[str], graph: dict[str, dict[str, int]], known: dict[str, Path]
+             ) -> str:
+    """`a -> b -> a`, and below it where each of its imports is."""
+    where = [f"    {known[a].relative_to(REPO).as_posix()}:{graph[a][b]} imports {b}"
+             for a, b in zip(circle, circle[1:])]
+    return "\n".join([" -> ".join(circle), *where])
+
+
+def test_no_function_is_too_long():
+    found = long_functions()
+    assert not found, (f"{len(found)} functions are longer than {MAX_LINES} lines; split "
+                       "them into named helpers:\n" + "\n".join(found))
+
+
+def test_no_import_circle():
+    graph = import_graph()
+    known = modules()
+    found = cycles(graph)
+    assert not found, (f"{len(found)} import circles between cnnlab's modules:\n"
+                       + "\n".join(describe(circle, graph, known) for circle in found))
+
