@@ -63,6 +63,15 @@ def test_same_updates_and_state_as_torch_optim(ours, theirs, kwargs):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
 
 
+def test_the_torch_class_itself_where_a_method_is_not_decorated():
+    class Undecorated(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            super().zero_grad(set_to_none)
+
+    assert optim.without_dynamo_guards(Undecorated) is Undecorated
+    assert optim.without_dynamo_guards(torch.optim.SGD) is not torch.optim.SGD
+
+
 def test_no_dynamo_import():
     code = ("import sys, torch\n"
             "from cnnlab.optim import SGD\n"

@@ -32,7 +32,7 @@ def test_fp16_needs_a_gpu(tiny_mnist, tmp_path):
     (False, "resnet18", "fp32")])
 def test_auto_precision_on_cpu_picks_bf16_where_native_and_it_pays(monkeypatch, native, model,
                                                                    expected):
-    from cnnlab.trainer import resolve_precision
+    from cnnlab.config import resolve_precision
 
     for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, check, lambda: native, raising=False)
@@ -290,6 +290,60 @@ def test_bench_checks_its_inputs_before_timing_anything(tmp_path, capsys):
                              f"official IDX files in {tmp_path / 'nothing' / 'MNIST' / 'raw'}")
 
 
+def test_bench_refuses_gzipped_mnist_the_reference_cannot_read(tmp_path, capsys):
+    from conftest import write_mnist
+
+    from cnnlab.cli import main
+
+    root = write_mnist(tmp_path / "data", 64, 32, gz=True)  # cnnlab reads these, torchvision not
+    assert main(["bench", "--rows", "loop", "--data-dir", str(root)]) == 2
+    assert "uncompressed as torchvision reads them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,keys", [
+    (["--rows", "loop,lop"], "'lop' in --suite cpu; its keys are "
+                             "loop,process,fast,help,decode,resnet18,ablation"),
+    (["--suite", "gpu", "--rows", "loop"], "'loop' in --suite gpu; its keys are "
+                                           "fastnet,resnet18-gpu,lenet5-gpu,steps")])
+def test_bench_refuses_unknown_rows_in_one_line(tmp_path, capsys, argv, keys):
+    from cnnlab.cli import main
+
+    assert main(["bench", *argv, "--data-dir", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cnnlab: error: --rows: no row group {keys}"]
+
+
+def test_bench_runs_the_rows_asked_for_in_the_suites_order(tiny_mnist, monkeypatch, capsys):
+    """--rows picks row groups by key; --suite all asks nothing of the gpu suite (a GPU, CIFAR-10)
+    when none of its rows is picked."""
+    from cnnlab import bench
+    from cnnlab.cli import main
+
+    ran = []
+    for key in [*bench.CPU_ROWS, *bench.GPU_ROWS]:
+        monkeypatch.setitem(bench.CPU_ROWS if key in bench.CPU_ROWS else bench.GPU_ROWS, key,
+                            lambda b, key=key: ran.append(key))
+    assert main(["bench", "--suite", "all", "--rows", "help,loop", "--data-dir",
+                 str(tiny_mnist)]) == 0
+    assert ran == ["loop", "help"]
+
+
+def test_bench_loop_row_on_a_tiny_mnist(tiny_mnist, tmp_path):
+    """The loop row for real: the reference (torchvision's MNIST reading the official IDX
+    files) against cnnlab's loop, one epoch of each."""
+    import json
+
+    from cnnlab.bench import run_bench
+
+    results = run_bench("cpu", str(tiny_mnist), str(tmp_path / "no-cifar"),
+                        str(tmp_path / "b.json"), rows="loop")
+    [row] = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert row == results["rows"][0]
+    assert row["name"] == "LeNet-5/MNIST seed recipe, one epoch of the loop (s)"
+    assert row["reference"] > 0 and row["cnnlab"] > 0
+    assert row["ratio"] == pytest.approx(row["reference"] / row["cnnlab"])
+
+
 def test_bench_prints_and_saves_each_row_as_it_comes_and_skips_absent_data(
         tiny_mnist, tmp_path, monkeypatch, capsys):
     """Without the CIFAR-10 folder the cpu suite leaves the ResNet-18 rows out with a note;
@@ -298,11 +352,7 @@ def test_bench_prints_and_saves_each_row_as_it_comes_and_skips_absent_data(
     import json
     from pathlib import Path
 
-    from cnnlab import bench
-
-    class Reference:
-        def lenet_mnist_epoch(self, data_dir):
-            return {"seconds": 4.0}
+    from cnnlab import bench, reference
 
     saved = []
 
@@ -314,7 +364,7 @@ def test_bench_prints_and_saves_each_row_as_it_comes_and_skips_absent_data(
             (out / "summary.json").write_text('{"final_test_acc": 99.1}')
         return 8.0, ""
 
-    monkeypatch.setattr(bench, "_reference", Reference)
+    monkeypatch.setattr(reference, "lenet_mnist_epoch", lambda data_dir: {"seconds": 4.0})
     monkeypatch.setattr(bench, "cnnlab_epoch", lambda *a, **kw: {"seconds": 2.0})
     monkeypatch.setattr(bench, "_process", fake_process)
     monkeypatch.setattr(bench, "ablation", lambda data_dir, folder: [] if folder is None else 1)
@@ -360,7 +410,7 @@ def test_freed_memory_is_kept_for_the_next_step():
         pytest.skip("glibc's allocator: Linux only")
     code = ("import resource, sys, torch\n"
             "from cnnlab.models import create_model\n"
-            "from cnnlab.trainer import keep_freed_memory\n"
+            "from cnnlab.process import keep_freed_memory\n"
             "if sys.argv[1] == 'kept': keep_freed_memory()\n"
             "net = create_model('lenet5', in_channels=1, num_classes=10, image_size=(28, 28))\n"
             "opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)\n"
@@ -377,3 +427,21 @@ def test_freed_memory_is_kept_for_the_next_step():
     # glibc's own dynamic thresholds gave about 1,000 faults a step (62,019 in 60), or few,
     # depending on what the process had freed before; kept, a handful a step at most
     assert kept < 60 * 50, kept
+
+
+def test_train_from_python_leaves_the_allocator_as_it_is(tiny_mnist, tmp_path, monkeypatch):
+    """keep_freed_memory is the command's, for its own process: `cnnlab.train()` in a
+    caller's process does not change how that process's memory is managed."""
+    import ctypes
+
+    looked_up = []
+
+    class Recording(ctypes.CDLL):
+        def __getattr__(self, name):
+            looked_up.append(name)
+            return super().__getattr__(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", Recording)
+    cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=tmp_path / "r", epochs=1,
+                 batch_size=64, device="cpu", progress=False, telemetry=0)
+    assert "mallopt" not in looked_up

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
-import time
 
 from . import __version__
 from .errors import (
@@ -34,27 +31,56 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     """One option per Config field a user may set (`cnnlab train` and `cnnlab sweep`), made
     from the field's metadata. Every default is None: an option given beats the config file,
     which beats the preset."""
+    from .config import ARGUMENT, OPTIONS
+
+    for name, o in OPTIONS.items():
+        if o.kind != ARGUMENT:
+            _add_option(p, name)
+
+
+# In the commands that use a trained model, the one batch is the evaluation's: --batch-size.
+_USE_DESTS = {"eval_batch_size": "batch_size"}
+
+
+def add_use_options(p: argparse.ArgumentParser, *names: str, **default_help: str) -> None:
+    """The options of a command that uses a trained model (eval, predict, report, bench):
+    those of the Config fields `names` (device, data_dir, eval_batch_size, tta, precision),
+    made as for `cnnlab train`, every default None. `default_help`: by field, what the help
+    says the command takes where that is not training's default ("default: as the model
+    was trained"). The values are checked as train checks them, before the command runs."""
+    dests = {_USE_DESTS.get(name, name): name for name in names}
+    for dest, name in dests.items():
+        _add_option(p, name, dest, default_help.get(name))
+    p.set_defaults(use_options=dests)
+
+
+def _add_option(p: argparse.ArgumentParser, name: str, dest: str | None = None,
+                default_help: str | None = None) -> None:
+    """The option of Config field `name`, made from its metadata (flag, type, choices, help),
+    its value None where not given. `dest`: its name in this command, where not the field's;
+    `default_help`: what the help says of the default, where not the field's."""
     from dataclasses import MISSING
 
-    from .config import ARGUMENT, OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
+    from .config import OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
 
-    types = {"int": int, "float": number, "str": str}
-    for o in OPTIONS.values():
-        if o.kind == ARGUMENT:
-            continue
-        flag, text = f"--{option_name(o.name)}", o.help
-        if o.kind not in (ON, OFF) and not any(o.default is x for x in (MISSING, None, False)):
-            text += f" (default {'on' if o.default is True else format_value(o.default)})"
-        if o.kind == SWITCH:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif o.kind == ON:
-            p.add_argument(flag, action="store_true", default=None, help=text)
-        elif o.kind == OFF:
-            p.add_argument(f"--no-{flag[2:]}", dest=o.name, action="store_false", default=None,
-                           help=text)
-        else:
-            p.add_argument(flag, type=types[o.type], help=text,
-                           metavar="|".join(o.choices) if o.choices else None)
+    o, dest = OPTIONS[name], dest or name
+    flag = f"--{option_name(dest)}"
+    if default_help is None and o.default_text:
+        default_help = f"default {o.default_text}"
+    elif default_help is None and o.kind not in (ON, OFF) and not any(
+            o.default is x for x in (MISSING, None, False)):
+        default_help = f"default {'on' if o.default is True else format_value(o.default)}"
+    text = f"{o.help} ({default_help})" if default_help else o.help
+    if o.kind == SWITCH:
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    elif o.kind == ON:
+        p.add_argument(flag, action="store_true", default=None, help=text)
+    elif o.kind == OFF:
+        p.add_argument(f"--no-{flag[2:]}", dest=dest, action="store_false", default=None,
+                       help=text)
+    else:
+        p.add_argument(flag, type={"int": int, "float": number, "str": str}[o.type], help=text,
+                       metavar="|".join(o.choices) if o.choices else None)
 
 
 def _names() -> tuple[str, str]:
@@ -122,7 +148,7 @@ def train_options(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace) -> int:
     from . import train
-    from .launch import env_rank
+    from .rank import env_rank
 
     if args.resume is None and (args.model is None or args.dataset is None):
         raise CnnlabError("train needs MODEL and DATASET (or --resume RUN_DIR)")
@@ -205,15 +231,15 @@ def _use_parsers(sub) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help=ckpt_help)
     p.add_argument("--dataset", help="default: the dataset the model was trained on")
     p.add_argument("--split", default="test", help="test (default) or train")
-    p.add_argument("--data-dir", help="data root (default: the one used in training)")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="fail instead of downloading missing data")
-    p.add_argument("--tta", help="none | flip | flip,translate: average with mirrored (and "
-                   "shifted) images (models trained with flips only; default: as training "
-                   "scored the model)")
-    p.add_argument("--batch-size", type=int, help="default: training's eval batch size")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default $CNNLAB_DEVICE, "
-                   "else auto)")
+    add_use_options(p, "data_dir", "tta", "eval_batch_size", "precision", "device",
+                    data_dir="default: the one used in training",
+                    tta="models trained with flips only; default: as training scored the "
+                        "model",
+                    eval_batch_size="default: training's eval batch size",
+                    precision="default fp32")
+    p.set_defaults(precision="fp32")
     p.add_argument("--out-dir", help="where to write the files (default: beside the "
                    "checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -229,9 +255,8 @@ def _use_parsers(sub) -> None:
     p.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
     p.add_argument("--invert", default="auto", help="auto (default: invert light-background "
                    "images for MNIST-style models) | yes | no")
-    p.add_argument("--batch-size", type=int, default=256, help="images a batch (default 256)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default $CNNLAB_DEVICE, "
-                   "else auto)")
+    add_use_options(p, "eval_batch_size", "device", eval_batch_size="default 256")
+    p.set_defaults(batch_size=256)
     p.add_argument("--json", action="store_true", help="print one JSON array")
 
     p = sub.add_parser(
@@ -245,31 +270,17 @@ def _use_parsers(sub) -> None:
                    "<name>.onnx or <name>.torchscript.pt")
 
 
-def _counts(args: argparse.Namespace, *names: str) -> None:
-    """Refuse a count option (--batch-size, --top-k) that is not positive or absurdly large
-    (as the training options' ranges do), before anything is loaded."""
-    from .config import short
-
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not 0 < value <= 1 << 20:
-            raise CnnlabError(f"--{name.replace('_', '-')} must be "
-                              f"{'positive' if value <= 0 else 'at most 1,048,576'}, got "
-                              f"{short(value)}")
-
-
 def _eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from .config import resolve_device
     from .inference import evaluate_checkpoint, format_eval, save_eval
-    from .trainer import resolve_device
 
-    _counts(args, "batch_size")
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split,
                                  data_dir=args.data_dir, download=args.download,
                                  tta=args.tta, batch_size=args.batch_size,
-                                 device=resolve_device(args.device))
+                                 precision=args.precision, device=resolve_device(args.device))
     files = save_eval(result, args.out_dir or Path(result["checkpoint"]).parent)
     if args.json:
         print(json.dumps(result | {"files": files}))
@@ -282,10 +293,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
+    from .config import resolve_device
     from .predict import format_prediction, predict
-    from .trainer import resolve_device
 
-    _counts(args, "batch_size")
     results = predict(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert,
                       batch_size=args.batch_size, device=resolve_device(args.device))
     for r in results:
@@ -296,6 +306,15 @@ def _predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results))
     return Exit.SOME_FILES_UNREADABLE if any("error" in r for r in results) else Exit.OK
+
+
+def _check_use_options(args: argparse.Namespace) -> None:
+    """Refuse, as train does, a value out of the choices or range of an option that
+    add_use_options made (before anything is loaded)."""
+    from .config import check_option, option_name
+
+    for dest, name in getattr(args, "use_options", {}).items():
+        check_option(name, getattr(args, dest), option_name(dest))
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -450,10 +469,8 @@ def _report_parser(sub) -> None:
                    "sweep's); several are compared")
     p.add_argument("--out", help="report directory (default: the directory given, if one; "
                    "else reports/<time>)")
-    p.add_argument("--data-dir", help="where the test data is, when not where the runs "
-                   "found it")
-    p.add_argument("--device", help="evaluate on auto | cpu | cuda | cuda:N (default "
-                   "$CNNLAB_DEVICE, else auto)")
+    add_use_options(p, "data_dir", "device",
+                    data_dir="default: where each run found its data")
     p.add_argument("--no-eval", action="store_true", help="leave out per-class accuracy and "
                    "the confusion matrix (needs no data)")
 
@@ -469,9 +486,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench_parser(sub) -> None:
+    from .bench import CPU_ROWS, GPU_ROWS
+
     p = sub.add_parser("bench", help="time-to-accuracy and throughput against the reference",
                        description="Benchmark cnnlab against the lab report's pipeline "
-                       "(benchmarks/reference.py) and print a table; --out writes JSON.")
+                       "(cnnlab.reference) and print a table; --out writes JSON.")
     p.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu",
                    help="cpu (default): LeNet-5's seed recipe, loop and whole process, "
                    "against the reference; the fast preset's time to 99%%; the first decode "
@@ -480,11 +499,13 @@ def _bench_parser(sub) -> None:
                    "ResNet-18 to 91%%, LeNet-5 training and whole process, utilisation, "
                    "eager vs --compile vs --cuda-graph step times (needs a CUDA GPU). "
                    "all: both")
-    p.add_argument("--data-dir", help="data root holding MNIST/ (default $CNNLAB_DATA, "
-                   "else ./data)")
+    add_use_options(p, "data_dir")
     p.add_argument("--cifar-folder", help="CIFAR-10 as an image folder with train/ and test/ "
                    "(default DATA_DIR/cifar10-jpeg)")
     p.add_argument("--out", help="write every figure as JSON here")
+    p.add_argument("--rows", metavar="KEY,...", help="only these of the suite's row groups, "
+                   f"in the suite's order (default all): cpu {', '.join(CPU_ROWS)}; "
+                   f"gpu {', '.join(GPU_ROWS)}")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -492,18 +513,19 @@ def _bench(args: argparse.Namespace) -> int:
     from .config import default_data_dir
 
     data_dir = default_data_dir(args.data_dir)
-    run_bench(args.suite, data_dir, args.cifar_folder or f"{data_dir}/cifar10-jpeg", args.out)
+    run_bench(args.suite, data_dir, args.cifar_folder or f"{data_dir}/cifar10-jpeg", args.out,
+              args.rows)
     return Exit.OK
 
 
 def main(argv: list[str] | None = None) -> int:
     """The `cnnlab` command; `argv` given: the same, called from Python (then the process's
-    signal handlers are left as they are, but while training)."""
-    command = argv is None  # the process is this command: its signals are ours
-    if command:  # until training takes the signals over
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _stop_at_once)
-        _library_warnings_off()
+    settings - signal handlers, warnings, allocator - are left as they are)."""
+    command = argv is None  # the process is this command: its settings are ours
+    if command:
+        from .process import set_up_command
+
+        set_up_command()
     try:
         argv = sys.argv[1:] if argv is None else argv
         parser = build_parser()
@@ -517,51 +539,35 @@ def main(argv: list[str] | None = None) -> int:
 
             rank_started()
         code = _run(args)
-    except (KeyboardInterrupt, StoppedAtOnce) as e:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside training, or a second one in it
         code = Exit.for_signal(e.signum) if isinstance(e, StoppedAtOnce) else INTERRUPTED
-        if command:
-            _exit_at_once_on_signals(code)
-        from .launch import env_rank
+        from .rank import env_rank
 
         if env_rank() == 0:  # under torchrun, every rank stops: one says so
             print("cnnlab: stopped at once; files already written are intact (a run "
                   "continues with --resume RUN_DIR)", file=sys.stderr)
     if not command:
         return code
-    _exit_at_once_on_signals(code)  # from here a signal could only interrupt the exit
+    # Done, the status decided: end the process now. Python's own shutdown would tear torch's
+    # modules down for about another second, and a signal meanwhile would print tracebacks
+    # ("Exception ignored in atexit callback") and end the process by the signal rather
+    # than with `code` (tests/test_reliability.py reproduces it).
     from .launch import rank_finished
 
     rank_finished(code)
-    # Everything is written and closed: end here, rather than in the interpreter's shutdown,
-    # where a signal would meet the default handlers again.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def _library_warnings_off() -> None:
-    """The command says what it has to say in its own lines: warnings of torch, torchvision
-    or Pillow (a deprecation, Pillow's decompression-bomb size warning) would add lines of
-    their own, mid-bar or after an error's one line. Off in this process and the ones it
-    starts (decoding workers, ranks, sweep jobs); -W or PYTHONWARNINGS set by the user
-    rule instead."""
-    import warnings
-
-    # torch's C++ logger (a rank losing the others logs stack frames) reads this at import
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
-    if sys.warnoptions or os.environ.get("PYTHONWARNINGS"):
-        return
-    warnings.simplefilter("ignore")
-    os.environ["PYTHONWARNINGS"] = "ignore"
-
-
 def _run(args: argparse.Namespace) -> int:
     try:
+        _check_use_options(args)
         return {"train": _train, "sweep": _sweep, "tune": _tune, "report": _report,
                 "eval": _eval, "predict": _predict,
                 "export": _export, "bench": _bench}[args.command](args)
     except Interrupted as e:
-        from .launch import env_rank
+        from .rank import env_rank
 
         if env_rank() == 0:
             print(f"cnnlab: {e}", file=sys.stderr)
@@ -576,35 +582,6 @@ def _run(args: argparse.Namespace) -> int:
         if lost_contact(e) and leave_to_launcher(message):
             return Exit.BAD_INPUT
         return _fail(message, getattr(e, "exit_code", Exit.BAD_INPUT))
-
-
-def _stop_at_once(signum, frame) -> None:
-    """Ctrl-C or SIGTERM outside training (start-up, loading data, writing results) stops the
-    command cleanly, with a message and exit status 130 or 143. Not in the middle of an
-    import: an exception raised there can cross torch's C++ start-up code, which then aborts
-    the process ("terminate called ..."); the signal comes again once imports are done."""
-    if _importing():
-        threading.Thread(target=_signal_after_imports, args=(signum,), daemon=True).start()
-        return
-    raise StoppedAtOnce(signum)
-
-
-def _importing() -> bool:
-    """Whether a module is being imported (importlib marks its spec while it runs)."""
-    return any(getattr(getattr(m, "__spec__", None), "_initializing", False)
-               for m in list(sys.modules.values()))
-
-
-def _signal_after_imports(signum: int) -> None:
-    while _importing():
-        time.sleep(0.01)
-    os.kill(os.getpid(), signum)
-
-
-def _exit_at_once_on_signals(code: int) -> None:
-    """After a stop, another Ctrl-C or SIGTERM while the process ends ends it at once."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: os._exit(code))
 
 
 def _fail(message: str, code: int = Exit.BAD_INPUT) -> int:

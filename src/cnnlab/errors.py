@@ -7,6 +7,8 @@ import re
 import signal
 from enum import IntEnum
 
+from .rank import env_rank
+
 
 class Exit(IntEnum):
     """Every exit status of `cnnlab` (README: "When things go wrong")."""
@@ -51,10 +53,11 @@ class Interrupted(CnnlabError):
         self.exit_code = Exit.for_signal(signum)
 
 
-class StoppedAtOnce(BaseException):
-    """A signal that asks to stop at once (one at start-up, a second one during training):
-    like KeyboardInterrupt, it unwinds through every `finally`, so files being written are
-    removed rather than left half written."""
+class StoppedAtOnce(KeyboardInterrupt):
+    """A signal that asks to stop at once: SIGTERM outside a StopSignals block (SIGINT there
+    is Python's own KeyboardInterrupt), or a second signal inside one. A KeyboardInterrupt,
+    handled wherever Ctrl-C is, with the signal's number: it unwinds through every
+    `finally`, so files being written are removed rather than left half written."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -81,8 +84,6 @@ def failure_message(error: BaseException) -> str | None:
     if isinstance(error, (MemoryError, RuntimeError)) and _out_of_memory(error):
         return f"out of memory ({one_line(error, 120)}); lower --batch-size"
     if lost_contact(error):
-        from .launch import env_rank
-
         detail = re.sub(r"^\[[^]]*\]\s*", "", one_line(error)).split(". ")[0][:120]
         return (f"rank {env_rank()} lost contact with the other ranks ({detail}); another "
                 "rank ended or hangs")

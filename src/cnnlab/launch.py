@@ -24,12 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import Exit
-
-
-def env_rank() -> int:
-    """This process's rank as torchrun's environment gives it (0 without torchrun)."""
-    return int(os.environ.get("RANK", "0"))
-
+from .rank import env_rank
+from .stops import StopSignals
 
 LAUNCH_DIR = "CNNLAB_LAUNCH_DIR"  # where each rank leaves its pid, exit status, last words
 RANK_STDERR = "CNNLAB_RANK_STDERR"  # what the ranks write stderr to: a terminal or a FIFO
@@ -127,7 +123,7 @@ def _relay(fifo: Path) -> Callable[[], None]:
 def _wait(proc: subprocess.Popen, folder: Path) -> int:
     """torchrun's exit status, passing SIGINT and SIGTERM on to the ranks meanwhile."""
 
-    def forward(signum, frame) -> None:
+    def forward(signum: int) -> None:
         pids = [f.read_text() for f in folder.glob("pid-*")]
         if not pids:  # still starting: stop all of it
             os.killpg(proc.pid, signum)
@@ -137,12 +133,8 @@ def _wait(proc: subprocess.Popen, folder: Path) -> int:
             except (ProcessLookupError, ValueError):
                 pass
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with StopSignals(None, pass_on=forward):  # rank 0 says it stops
         return proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _report_deaths(died: list[int], report: str, run_dir: Path) -> int | None:

@@ -19,9 +19,17 @@ _GUARDED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
 
 
 def without_dynamo_guards(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    """A subclass of the torch.optim optimiser `cls` whose methods run undecorated."""
-    methods = {name: inspect.unwrap(getattr(cls, name)) for name in _GUARDED}
-    step = inspect.unwrap(cls.step)  # its guard also turns gradients off, as done here
+    """A subclass of the torch.optim optimiser `cls` whose methods run undecorated; `cls`
+    itself should one of them not be a decorated plain function (a torch that guards them
+    otherwise): slower to start, never wrong."""
+    methods = {}
+    for name in (*_GUARDED, "step"):
+        method = getattr(cls, name)
+        plain = inspect.unwrap(method)
+        if plain is method or not inspect.isfunction(plain):
+            return cls
+        methods[name] = plain
+    step = methods["step"]  # its guard also turns gradients off, as done here
 
     def unguarded_step(self, closure=None):
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """The run directory: the one contract between training and everything that reads results.
 
-    config.json     the resolved configuration
+    config.json     the resolved configuration, and under "resolved" what ran (config.run_config)
     env.json        the machine and versions
     metrics.jsonl   one JSON record per line: `train` (every log_every steps), `eval` (per epoch)
     checkpoint.pt   latest state; best.pt: the state with the best test accuracy

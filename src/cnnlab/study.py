@@ -295,9 +295,9 @@ def run_workers(work: Callable[..., None], args: tuple, jobs: int, say: Callable
     as torch threads (`work` and `say` must be module-level functions: a spawned process
     imports them). The caller decodes the data first, once.
 
-    A signal (Ctrl-C, SIGTERM) reaches this process alone and is passed on to the workers
-    once: each checkpoints its run, puts its point back in the queue and stops (a second
-    signal stops them at once); then Interrupted(`stopped`). Killed itself, this process
+    A signal (Ctrl-C, SIGTERM) reaches this process alone, which passes each one on to the
+    workers: on the first each checkpoints its run, puts its point back in the queue and
+    stops (on a second, at once); then Interrupted(`stopped`). Killed itself, this process
     takes the workers with it: each asked the kernel for a SIGTERM when its parent dies.
     A worker that fails ends the call with its error once the others end."""
     import multiprocessing
@@ -308,25 +308,24 @@ def run_workers(work: Callable[..., None], args: tuple, jobs: int, say: Callable
 
     from .errors import Interrupted
     from .launch import cores_per_process
+    from .stops import StopSignals
 
     gpus = torch.cuda.device_count()
     context = multiprocessing.get_context("spawn")
     running: dict[Any, tuple[Any, Any]] = {}  # sentinel -> (process, pipe end)
-    stop: list[int] = []
     failed: list[str] = []
 
-    def pass_on(signum, frame) -> None:
-        if not stop:  # said also with --quiet: it answers the user
-            print(f"cnnlab: {signal.Signals(signum).name}: stopping the {len(running)} "
-                  "workers after their current step (press Ctrl-C again to stop them at "
-                  "once)", file=sys.stderr, flush=True)
-        stop.append(signum)
+    def say_stopping(signum: int) -> None:  # said also with --quiet: it answers the user
+        print(f"cnnlab: {signal.Signals(signum).name}: stopping the {len(running)} workers "
+              "after their current step (press Ctrl-C again to stop them at once)",
+              file=sys.stderr, flush=True)
+
+    def pass_on(signum: int) -> None:
         for process, _ in running.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signum)
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with StopSignals(say_stopping, pass_on=pass_on) as signals:
         for slot in range(jobs):
             receive, send = context.Pipe(duplex=False)
             process = context.Process(target=_worker, args=(
@@ -340,23 +339,16 @@ def run_workers(work: Callable[..., None], args: tuple, jobs: int, say: Callable
                 outcome = receive.recv() if receive.poll() else None
                 receive.close()
                 process.join()
-                if outcome is not None and not stop:
+                if signals.signum is not None:
+                    continue
+                if outcome is not None:
                     failed.append(outcome)
-                elif outcome is None and process.exitcode and not stop:
+                elif process.exitcode:
                     failed.append(f"a worker ended with status {process.exitcode}")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stop:
-        raise Interrupted(stopped, stop[0])
+    if signals.signum is not None:
+        raise Interrupted(stopped, signals.signum)
     if failed:
         raise CnnlabError(failed[0])
-
-
-def _stop_now(signum, frame) -> None:
-    from .errors import StoppedAtOnce
-
-    raise StoppedAtOnce(signum)
 
 
 def _die_with_parent() -> None:
@@ -371,17 +363,17 @@ def _die_with_parent() -> None:
 
 def _worker(work: Callable[..., None], args: tuple, say: Callable[[str], None], threads: int,
             slot: tuple[int, int], send) -> None:
-    """One worker process (see run_workers): signals come from the parent only (passed on
-    once); sends None when done, else why it stopped (the error)."""
-    import signal
+    """One worker process (see run_workers): signals come from the parent only; sends None
+    when done, else why it stopped (the error)."""
     import traceback
 
-    from .errors import Interrupted, StoppedAtOnce, failure_message
+    from .errors import Interrupted, failure_message
+    from .process import keep_freed_memory, stop_on_signals
 
     parent = os.getppid()
     os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the parent alone
-    for sig in (signal.SIGINT, signal.SIGTERM):  # outside training (which checkpoints first):
-        signal.signal(sig, _stop_now)            # stop, the point back in the queue
+    stop_on_signals()  # a process of cnnlab's own, as the command's
+    keep_freed_memory()
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the request was in place
         return
@@ -391,7 +383,7 @@ def _worker(work: Callable[..., None], args: tuple, say: Callable[[str], None], 
 
         torch.set_num_threads(threads)
         work(*args, progress=False, say=say, slot=slot)
-    except (Interrupted, KeyboardInterrupt, StoppedAtOnce):
+    except (Interrupted, KeyboardInterrupt):  # its point is back in the queue (Study.work)
         pass
     except BaseException as e:
         message = failure_message(e)

@@ -5,12 +5,10 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,13 +42,13 @@ from .engine import (
     make_train_step,
 )
 from .envinfo import collect_env
-from .errors import CnnlabError, Interrupted, StoppedAtOnce, TrainingDiverged, one_line
-from .launch import env_rank
+from .errors import CnnlabError, Interrupted, TrainingDiverged, one_line
 from .models import count_parameters
 from .plots import plot_run, plot_utilization
 from .progress import Progress
 from .results import DIVERGED
 from .runs import RunDir, default_run_dir, new_dir
+from .stops import StopSignals
 from .telemetry import Sampler
 
 
@@ -109,56 +107,6 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     if cfg.schedule == "step":  # x0.1 at half and three quarters of the run
         return sched.MultiStepLR(optimizer, [total_steps // 2, total_steps * 3 // 4], 0.1)
     return sched.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep the memory a training step frees for the next step. By default it
-    hands every freed block over 128 KiB back to the system and faults it in again page by
-    page on the next step: about 700,000 page faults in one CPU epoch of LeNet-5, a tenth of
-    its time. Blocks up to glibc's largest setting, 32 MiB, now come from the heap, which is
-    trimmed only past 256 MiB free. For this process; nothing where there is no glibc."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows)
-        return
-    mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD
-    mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-
-
-class StopSignals:
-    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 130/143. Second: exit now."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise StoppedAtOnce(signum)  # atomic writes in progress remove their temp files
-        self.signum = signum
-        if env_rank() == 0:  # under torchrun every rank is told; one says so
-            print(f"\ncnnlab: {signal.Signals(signum).name}: stopping after this step and "
-                  "writing a checkpoint (press Ctrl-C again to quit at once)", file=sys.stderr,
-                  flush=True)
-
-    def requested(self, dist: distributed.Dist, collective: bool) -> bool:
-        """Whether to stop now. Under torchrun every rank stops at the same step: the ranks
-        agree at `collective` steps (log steps) only, as agreeing costs a host sync."""
-        if not dist.enabled:
-            return self.signum is not None
-        return dist.any(self.signum is not None) if collective else False
-
-    def __enter__(self) -> StopSignals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
-                pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass

@@ -57,7 +57,6 @@ from .config import (
 from .errors import (
     CnnlabError,
     Interrupted,
-    StoppedAtOnce,
     TrainingDiverged,
     failure_message,
     unknown_choice,
@@ -483,9 +482,6 @@ def _trial(trial, search: Search, where, study, *, progress: bool, say,
         raise Interrupted(f"search stopped during {name}; run the same command again to "
                           "continue (finished trials are kept, that one continues from its "
                           "checkpoint)", getattr(e, "signum", signal.SIGINT)) from None
-    except StoppedAtOnce:  # Optuna lets it pass: fail it and queue it again here
-        study.finish(trial, None, "again")
-        raise
     except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
         message = failure_message(e)
         if message is not None:
