@@ -90,3 +90,11 @@ def test_a_run_resumed_mid_epoch_counts_the_time_before_the_interruption(
     assert 0.5 < resumed["train_seconds"] / whole["train_seconds"] < 2
     assert 0.5 < resumed["images_per_second"] / whole["images_per_second"] < 2
     assert resumed["train_seconds"] >= 32 * 0.02
+
+
+def test_training_accuracy_is_recorded_beside_the_loss(tiny_mnist, tmp_path):
+    cnnlab.train("lenet5", "mnist", data_dir=tiny_mnist, out=tmp_path / "run", epochs=2,
+                 batch_size=16, log_every=8, telemetry=0, progress=False)
+    accuracies = [r["train_acc"] for r in _records(tmp_path / "run", "train")]
+    assert len(accuracies) == 8 and all(0 <= a <= 100 for a in accuracies)
+    assert accuracies[-1] > accuracies[0]  # it learns

@@ -257,9 +257,10 @@ def damaged(path: str | Path, what: str) -> CnnlabError:
 # Fields that cnnlab wrote only from some version on: where one is absent, its default stands
 # in (LoopState's; for the digest, no check; for the device, the CPU). The others must be there.
 _LATER = frozenset({"data_digest", "device_type", "loop.best_epoch", "loop.last_eval",
-                    "loop.last_val", "loop.best_test", "loop.compile_seconds"})
+                    "loop.last_val", "loop.best_test", "loop.compile_seconds",
+                    "loop.window_correct", "loop.window_images"})
 _COUNTS = ("epoch", "step", "batch", "metrics_offset", "loop.window_steps", "loop.images",
-           "loop.best_epoch")  # never below 0
+           "loop.best_epoch", "loop.window_images")  # never below 0
 _EVALUATION = {"loss": float, "accuracy": float}  # engine.evaluate's result
 
 
@@ -366,6 +367,8 @@ def _misfit(ckpt: dict[str, Any], run: Run) -> str | None:
     pieces = [(ckpt["scheduler"], fresh["scheduler"], "scheduler"),
               *((ckpt["rng"][key], value, f"rng.{key}") for key, value in fresh["rng"].items()),
               (loop["window"], torch.zeros(2, dtype=torch.float64), "loop.window"),
+              (loop.get("window_correct"), torch.zeros((), dtype=torch.float64),
+               "loop.window_correct"),
               (loop["order"], torch.arange(n), "loop.order"),
               (ckpt["scaler"], fresh["scaler"], "scaler")]
     problem = _optimizer_misfit(ckpt["optimizer"], fresh["optimizer"], run.parameter_shapes

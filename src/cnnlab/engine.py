@@ -31,6 +31,8 @@ class LoopState:
     order: torch.Tensor | None = None  # the current epoch's sample order
     window: torch.Tensor | None = None  # on the device: loss sum, non-finite count since
     window_steps: int = 0               # the last log record
+    window_correct: torch.Tensor | None = None  # on the device: correct predictions in it
+    window_images: int = 0             # the images trained on in it
     images: int = 0                    # images trained on in the whole run (this rank)
     train_seconds: float = 0.0
     best_acc: float = float("-inf")
@@ -41,15 +43,22 @@ class LoopState:
     best_test: float | None = None     # test accuracy of the best epoch (best.pt)
     compile_seconds: float | None = None  # with --compile: first steps, not in train_seconds
 
-    def count(self, loss: torch.Tensor, images: int) -> None:
-        """Account for one step: its loss joins the window on the device (no host sync)."""
+    def count(self, loss: torch.Tensor, images: int, correct: torch.Tensor | None = None
+              ) -> None:
+        """Account for one step: its loss (and `correct`, the number of its images the model
+        got right) join the window on the device (no host sync)."""
         loss = loss.double()
         if self.window is None:
             self.window = torch.zeros(2, device=loss.device, dtype=torch.float64)
         self.window += torch.stack((loss, (~torch.isfinite(loss)).double()))
+        if correct is not None:
+            if self.window_correct is None:
+                self.window_correct = torch.zeros((), device=loss.device, dtype=torch.float64)
+            self.window_correct += correct
         self.step += 1
         self.batch += 1
         self.window_steps += 1
+        self.window_images += images
         self.images += images
 
     def end_epoch(self, result: dict | None, val: dict | None = None) -> bool:
@@ -68,15 +77,23 @@ class LoopState:
         return best
 
     def take_window(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-                    ) -> float:
-        """The mean loss since the last call (the one host sync of a log step); raises
-        TrainingDiverged if any of those losses was NaN or infinite."""
-        loss_sum, bad = reduce(self.window).tolist()
+                    ) -> tuple[float, float | None]:
+        """The mean loss since the last call and the training accuracy in percent over the
+        same images (None where the steps counted none), read in the one host sync of a log
+        step (`reduce`: the mean over the ranks); raises TrainingDiverged if any of those
+        losses was NaN or infinite."""
+        counted = self.window_correct is not None
+        correct = self.window_correct if counted else self.window.new_zeros(())
+        values = torch.cat((self.window, torch.stack((correct, correct.new_tensor(
+            float(self.window_images))))))
+        loss_sum, bad, right, images = reduce(values).tolist()
         self.check_finite(bad)
         mean = loss_sum / max(1, self.window_steps)
         self.window.zero_()
-        self.window_steps = 0
-        return mean
+        if counted:
+            self.window_correct.zero_()
+        self.window_steps = self.window_images = 0
+        return mean, 100.0 * right / images if counted and images else None
 
     def check_finite(self, bad: float) -> None:
         """Stop with the step and the likely cause if a loss was NaN or infinite."""
@@ -270,19 +287,24 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def make_train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision,
-                    held: Sequence[torch.Tensor] = (), *, graph: bool = False
-                    ) -> Callable[[Batch], torch.Tensor]:
+                    held: Sequence[torch.Tensor] = (), *, graph: bool = False,
+                    correct: torch.Tensor | None = None) -> Callable[[Batch], torch.Tensor]:
     """`train_step(batch) -> loss`: forward, loss, backward, optimiser and lr-schedule step on
     one batch. The device work of training and nothing else: it never reads a value back to
     the host, so the caller decides when to wait for the device (log steps). Parameters in
     `held` (a list the caller may change between steps) keep their values: no gradient
     reaches the optimiser, which then leaves them as they are. `graph`: all but the schedule
-    (host arithmetic) runs as a CUDA graph (see CapturedStep)."""
+    (host arithmetic) runs as a CUDA graph (see CapturedStep). `correct` (a device tensor):
+    each step writes into it how many of its images the logits it computed anyway got right
+    - no other forward pass, and no sync."""
     scaler = precision.scaler
 
     def update(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with precision.autocast(cache=not graph):
-            loss = criterion(net(x), y)
+            out = net(x)
+            loss = criterion(out, y)
+        if correct is not None:
+            correct.copy_((out.argmax(1) == y).sum())
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()

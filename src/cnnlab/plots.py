@@ -29,7 +29,8 @@ def _figure(figsize: tuple[float, float], dpi: int = 110):
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
              prefix: str = "") -> list[Path]:
     """Write loss.png (training loss per log window, test loss per evaluation) and
-    accuracy.png (test accuracy per evaluation) into the run directory (or `out_dir`, names
+    accuracy.png (training accuracy per log window, test and validation accuracy per
+    evaluation) into the run directory (or `out_dir`, names
     after `prefix`). Returns the paths written."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
@@ -54,6 +55,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
 
     fig = _figure((7, 4.2))
     ax = fig.subplots()
+    trained = [(x, r) for x, r in run.train if r.get("train_acc") is not None]
+    if trained:  # on the augmented training images, as the model trained on them
+        ax.plot(*_xy(trained, "train_acc"), lw=1.2, alpha=0.8,
+                label="training accuracy (over each log window)")
     if run.evals:
         ax.plot(*_xy(run.evals, "test_acc"), "o-", lw=1.5, ms=4, label="test accuracy")
     if validated:  # best.pt: chosen on validation

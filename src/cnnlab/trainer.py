@@ -123,6 +123,7 @@ class Training:
     net: nn.Module             # what the loop calls: the model, DDP-wrapped and/or compiled
     state: TrainState          # what changes as it trains, and what checkpoints hold
     train_step: Callable[[Batch], torch.Tensor]  # engine.make_train_step's, on `held`
+    correct: torch.Tensor      # where each step writes how many images it got right
     held: list[nn.Parameter]   # the parameters this epoch leaves as they are
     early: list[tuple[nn.Parameter, int]]  # (parameter, epochs): trained in those only
     train_batches: DeviceLoader
@@ -256,10 +257,11 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
         net = torch.compile(net)
     held: list[nn.Parameter] = []
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     train_step = make_train_step(net, criterion, optimizer, scheduler, precision, held,
-                                 graph=cfg.cuda_graph)
+                                 graph=cfg.cuda_graph, correct=correct)
     return Training(cfg=cfg, device=device, dist=dist, data=data, meta=meta, net=net,
-                    state=state, train_step=train_step, held=held,
+                    state=state, train_step=train_step, correct=correct, held=held,
                     early=list(getattr(model, "early_parameters", list)()),
                     train_batches=train, test_batches=test, val_batches=val,
                     channels_last=channels_last, total_steps=total_steps)
@@ -388,7 +390,7 @@ def train_epoch(t: Training, after_step: Callable[[], None] = lambda: None,
     for batch in t.train_batches.batches(loop.order, loop.batch, loop.epoch):
         if loop.step >= last:  # a fraction of an epoch: the run ends here
             break
-        loop.count(t.train_step(batch), len(batch[1]))
+        loop.count(t.train_step(batch), len(batch[1]), t.correct)
         t.state.update_averages()
         after_step()
 
@@ -452,13 +454,13 @@ class Host:
             raise self.interrupted()
 
     def log_train(self) -> None:
-        """The loss since the last record (the one host sync of a log step: after it, the
-        window's time is real) and the images per second."""
+        """The loss and training accuracy since the last record (the one host sync of a log
+        step: after it, the window's time is real) and the images per second."""
         loop = self.loop
-        mean = loop.take_window(self.t.dist.reduce_mean)
+        mean, accuracy = loop.take_window(self.t.dist.reduce_mean)
         now = time.perf_counter()
         self._log({"type": "train", "step": loop.step, "epoch": loop.epoch,
-                   "epochs_done": self.t.epochs_done(), "loss": mean,
+                   "epochs_done": self.t.epochs_done(), "loss": mean, "train_acc": accuracy,
                    "lr": self.t.state.optimizer.param_groups[0]["lr"],
                    "images_per_second": (loop.images - self.window_images)
                    / (now - self.window_start)}, self.bar.train)
