@@ -96,15 +96,16 @@ def test_train_step_is_forward_backward_and_step():
     x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_a, lambda step: 0.5 ** step)
-    correct = torch.zeros((), dtype=torch.int64)
+    correct, right = torch.zeros((), dtype=torch.int64), 0
     step = make_train_step(a, nn.CrossEntropyLoss(), opt_a, sched,
                            Precision("fp32", torch.device("cpu")), correct=correct)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     for i in range(3):
         loss = step((x, y))
         expected = nn.functional.cross_entropy(b(x), y)
-        # the images the step's own logits got right (before its update)
-        assert correct.item() == (b(x).argmax(1) == y).sum().item()
+        # the images the step's own logits got right (before its update), added up
+        right += (b(x).argmax(1) == y).sum().item()
+        assert correct.item() == right
         opt_b.zero_grad()
         expected.backward()
         opt_b.step()
@@ -120,9 +121,12 @@ def test_loop_state_counts_on_the_device_and_stops_on_nan():
         state.count(torch.tensor(loss), images=4)
     assert (state.step, state.batch, state.images) == (2, 2, 8)
     assert state.take_window() == (2.0, None) and state.window_steps == 0
+    state.window_correct = torch.zeros((), dtype=torch.float64)
     for loss, right in ((1.0, 3), (3.0, 2)):  # 5 of 8 images right: 62.5%
-        state.count(torch.tensor(loss), images=4, correct=torch.tensor(right))
+        state.count(torch.tensor(loss), images=4)
+        state.window_correct += right  # as the training step does
     assert state.take_window() == (2.0, 62.5) and state.window_images == 0
+    assert state.window_correct.item() == 0
     state.count(torch.tensor(float("nan")), images=4)
     with pytest.raises(TrainingDiverged, match="by step 5"):
         state.take_window()

@@ -31,7 +31,8 @@ class LoopState:
     order: torch.Tensor | None = None  # the current epoch's sample order
     window: torch.Tensor | None = None  # on the device: loss sum, non-finite count since
     window_steps: int = 0               # the last log record
-    window_correct: torch.Tensor | None = None  # on the device: correct predictions in it
+    window_correct: torch.Tensor | None = None  # on the device: the training step adds the
+    #                                             images it gets right (make_train_step)
     window_images: int = 0             # the images trained on in it
     images: int = 0                    # images trained on in the whole run (this rank)
     train_seconds: float = 0.0
@@ -43,18 +44,12 @@ class LoopState:
     best_test: float | None = None     # test accuracy of the best epoch (best.pt)
     compile_seconds: float | None = None  # with --compile: first steps, not in train_seconds
 
-    def count(self, loss: torch.Tensor, images: int, correct: torch.Tensor | None = None
-              ) -> None:
-        """Account for one step: its loss (and `correct`, the number of its images the model
-        got right) join the window on the device (no host sync)."""
+    def count(self, loss: torch.Tensor, images: int) -> None:
+        """Account for one step: its loss joins the window on the device (no host sync)."""
         loss = loss.double()
         if self.window is None:
             self.window = torch.zeros(2, device=loss.device, dtype=torch.float64)
         self.window += torch.stack((loss, (~torch.isfinite(loss)).double()))
-        if correct is not None:
-            if self.window_correct is None:
-                self.window_correct = torch.zeros((), device=loss.device, dtype=torch.float64)
-            self.window_correct += correct
         self.step += 1
         self.batch += 1
         self.window_steps += 1
@@ -240,7 +235,11 @@ class TrainState:
             self.precision.scaler.load_state_dict(state["scaler"])
         loop, device = self.loop, self.device
         for key, value in state["loop"].items():
-            setattr(loop, key, value.to(device) if isinstance(value, torch.Tensor) else value)
+            if isinstance(getattr(loop, key), torch.Tensor) and value is not None:
+                getattr(loop, key).copy_(value)  # in place: the training step writes to it
+            else:
+                setattr(loop, key, value.to(device) if isinstance(value, torch.Tensor)
+                        else value)
         loop.epoch, loop.step, loop.batch = state["epoch"] + 1, state["step"], state["batch"]
         if "best_epoch" not in state["loop"] and loop.history:  # written before it was kept
             loop.best_epoch = loop.history.index(loop.best_acc) + 1
@@ -295,8 +294,8 @@ def make_train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim
     `held` (a list the caller may change between steps) keep their values: no gradient
     reaches the optimiser, which then leaves them as they are. `graph`: all but the schedule
     (host arithmetic) runs as a CUDA graph (see CapturedStep). `correct` (a device tensor):
-    each step writes into it how many of its images the logits it computed anyway got right
-    - no other forward pass, and no sync."""
+    each step adds to it how many of its images the logits it computed anyway got right - no
+    other forward pass, and no sync."""
     scaler = precision.scaler
 
     def update(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -304,7 +303,7 @@ def make_train_step(net: nn.Module, criterion: nn.Module, optimizer: torch.optim
             out = net(x)
             loss = criterion(out, y)
         if correct is not None:
-            correct.copy_((out.argmax(1) == y).sum())
+            correct.add_((out.argmax(1) == y).sum())
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()

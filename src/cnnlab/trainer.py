@@ -123,7 +123,6 @@ class Training:
     net: nn.Module             # what the loop calls: the model, DDP-wrapped and/or compiled
     state: TrainState          # what changes as it trains, and what checkpoints hold
     train_step: Callable[[Batch], torch.Tensor]  # engine.make_train_step's, on `held`
-    correct: torch.Tensor      # where each step writes how many images it got right
     held: list[nn.Parameter]   # the parameters this epoch leaves as they are
     early: list[tuple[nn.Parameter, int]]  # (parameter, epochs): trained in those only
     train_batches: DeviceLoader
@@ -235,6 +234,8 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
         dist.barrier()
     meta = model_meta(cfg, data)
     model = meta.build().to(device)
+    from .summary import check_shapes  # the layer where the images stop fitting, if any
+    check_shapes(model, (meta.in_channels, *meta.image_size), cfg.model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.enabled:
@@ -248,7 +249,9 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     state = TrainState(model, optimizer, scheduler, precision, generator,
                        ema=WeightEMA(model, cfg.ema) if cfg.ema else None,
-                       lookahead=Lookahead(model, total_steps) if cfg.lookahead else None)
+                       lookahead=Lookahead(model, total_steps) if cfg.lookahead else None,
+                       loop=LoopState(window_correct=torch.zeros((), dtype=torch.float64,
+                                                                 device=device)))
     net = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(
@@ -257,11 +260,10 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
         net = torch.compile(net)
     held: list[nn.Parameter] = []
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
     train_step = make_train_step(net, criterion, optimizer, scheduler, precision, held,
-                                 graph=cfg.cuda_graph, correct=correct)
+                                 graph=cfg.cuda_graph, correct=state.loop.window_correct)
     return Training(cfg=cfg, device=device, dist=dist, data=data, meta=meta, net=net,
-                    state=state, train_step=train_step, correct=correct, held=held,
+                    state=state, train_step=train_step, held=held,
                     early=list(getattr(model, "early_parameters", list)()),
                     train_batches=train, test_batches=test, val_batches=val,
                     channels_last=channels_last, total_steps=total_steps)
@@ -390,7 +392,7 @@ def train_epoch(t: Training, after_step: Callable[[], None] = lambda: None,
     for batch in t.train_batches.batches(loop.order, loop.batch, loop.epoch):
         if loop.step >= last:  # a fraction of an epoch: the run ends here
             break
-        loop.count(t.train_step(batch), len(batch[1]), t.correct)
+        loop.count(t.train_step(batch), len(batch[1]))
         t.state.update_averages()
         after_step()
 
