@@ -201,17 +201,25 @@ def wait_unlocked(run_dir: Path, waiting: Callable[[], None], poll: float = 1.0)
     """Return once no process holds `run_dir`'s lock (at once if it has none), calling
     `waiting` once if one does: a sweep never writes or removes a run that another live
     process writes."""
-    path = run_dir / LOCK_FILE
     said = False
-    while path.is_file():
-        try:
-            _lock(path).close()
-            return
-        except RunLocked:
-            if not said:
-                waiting()
-                said = True
-            time.sleep(poll)
+    while is_locked(run_dir):
+        if not said:
+            waiting()
+            said = True
+        time.sleep(poll)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds `run_dir`'s lock (False where it has none): the lock goes
+    with its process, so a run killed outright leaves an unheld one."""
+    path = run_dir / LOCK_FILE
+    if not path.is_file():
+        return False
+    try:
+        _lock(path).close()
+        return False
+    except RunLocked:
+        return True
 
 
 def _lock(path: Path) -> IO[bytes]:
