@@ -15,6 +15,7 @@ from conftest import write_mnist
 from cnnlab.cli import main
 from cnnlab.plots import plot_overlay, plot_utilization, utilization_panels
 from cnnlab.report import write_report
+from cnnlab.runs import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -108,15 +109,19 @@ def test_report_on_one_run(run):
     assert "| CPU (process, % of 4 cores) | mean 38%, peak 39% |" in md
     assert f"| best on test (optimistic: no validation split) | {acc:.2f}% (epoch "\
            f"{summary['best_epoch']}) |" in md
+    trained = [r["train_acc"] for r in read_metrics(run) if r["type"] == "train"][-1]
+    assert f"| final training accuracy (last log window) | {trained:.2f}% |" in md
+    assert f"| gap, training - test | {trained - summary['final_test_acc']:+.2f} points (" in md
     assert "| pool | max |" in md and "| torch |" in md
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert images == ["loss.png", "accuracy.png", "utilization.png", "confusion.png"]
+    assert images == ["loss.png", "accuracy.png", "utilization.png", "confusion.png",
+                      "top_losses.png", "saliency.png", "confused.png"]  # the last: Mistakes
     assert all((run / name).read_bytes().startswith(PNG) for name in images)
 
     text = written["html"].read_text()
     _self_contained(text)
     pngs = _html_images(text)
-    assert len(pngs) == 4 and all(p.startswith(PNG) for p in pngs)
+    assert len(pngs) == 7 and all(p.startswith(PNG) for p in pngs)
     assert pngs[3] == (run / "confusion.png").read_bytes()
 
 
@@ -158,7 +163,7 @@ def test_report_on_a_sweep_and_on_several_runs(sweep, tmp_path, capsys):
     assert "![Loss of pool=max-seed=0](pool=max-seed=0/loss.png)" in md  # used in place
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (work / name).is_file(), name
-    assert len(_html_images(html)) == 3 + 2 * 4
+    assert len(_html_images(html)) == 3 + 2 * 7
     # no figure twice: the comparison is the sweep's own accuracy.png, loss.png and
     # comparison.png, and each run's confusion matrix lies in its directory
     assert "](comparison.png)" in md
@@ -171,6 +176,7 @@ def test_report_on_a_sweep_and_on_several_runs(sweep, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "# cnnlab report: 2 runs" in md and "## Comparison" in md
     assert "Not computed (--no-eval)." in md and "confusion.png" not in md
+    assert "## Mistakes" not in md and "top_losses.png" not in md
     assert (out / "comparison-accuracy.png").is_file() and (out / "comparison.png").is_file()
     assert (out / "pool=avg-seed=0-loss.png").is_file()
 
@@ -226,7 +232,7 @@ def test_report_html_loads_every_image_in_headless_chromium(sweep, tmp_path):
     found = re.search(r'id="cnnlab-image-check">(\d+)/(\d+)<', res.stdout)
     assert found, f"no image count in the page (exit {res.returncode}): {res.stderr[-2000:]}"
     loaded, total = map(int, found.groups())
-    assert total == 11 and loaded == total
+    assert total == 17 and loaded == total  # the Mistakes' three figures of each run too
 
 
 def test_figures_leave_pyplot_and_its_backend_alone(tmp_path):

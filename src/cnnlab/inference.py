@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +23,9 @@ from .errors import CnnlabError
 from .files import safe_name, write_json
 from .progress import Phase
 from .runs import RUN_FILES
+
+if TYPE_CHECKING:
+    from .mistakes import Mistakes
 
 SPLITS = ("test", "train")
 
@@ -81,7 +87,7 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
                         download: bool = True, tta: str | None = None,
                         batch_size: int | None = None, precision: str = "fp32",
                         device: str | torch.device = "cpu", data=None,
-                        progress: bool | str = True) -> dict:
+                        progress: bool | str = True, mistakes: int = 0) -> dict:
     """Score a checkpoint (or a run directory's best.pt) on a labelled split.
 
     `dataset` and `data_dir` default to those the model was trained on; `data`, the
@@ -92,7 +98,8 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     auto (as training chooses it for the model on `device`).
     `progress`: show it per batch (progress.Phase: a bar on a terminal, else a line every
     QUIET_SECONDS - a ResNet-18 takes minutes on a CPU), named by the text given or after
-    the checkpoint; False: nothing.
+    the checkpoint; False: nothing. `mistakes` > 0: also the model's mistakes (that many top
+    losses, see mistakes.find_mistakes), as a mistakes.Mistakes under "mistakes".
     Returns accuracy (%), loss, per_class, confusion and what was evaluated. Raises
     CnnlabError (DataMismatch where the data does not fit the model)."""
     from .data import load_dataset
@@ -103,6 +110,8 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     check_option("precision", precision)
     if batch_size is not None and batch_size <= 0:
         raise CnnlabError(f"--batch-size must be positive, got {batch_size}")
+    if mistakes < 0:
+        raise CnnlabError(f"--mistakes must be 0 (none) or more, got {mistakes}")
     trained = checkpoint.load_model(checkpoint_or_run, device)
     file, meta, config = trained.path, trained.meta, trained.config
     where = torch.device(device)
@@ -134,9 +143,21 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
                                 batch_size=batch_size, tta=tta, precision=amp,
                                 on_batch=phase.update)
     result = classification_metrics(scores, torch.from_numpy(y), meta.classes)
+    if mistakes:  # of the logits just scored
+        result["mistakes"] = _mistakes(trained, x, y, scores, mistakes, tta)
     return {"checkpoint": str(file), "model": meta.name, "epoch": trained.epoch,
             "dataset": dataset, "split": split, "tta": tta, "precision": amp.name,
             "images": len(y), "classes": list(meta.classes), **result}
+
+
+def _mistakes(trained: checkpoint.Trained, images: np.ndarray, labels: np.ndarray,
+              scores: torch.Tensor, shown: int, tta: str | None) -> Mistakes:
+    """The mistakes of the evaluation's logits `scores` of the split's uint8
+    `images` and `labels`."""
+    from .mistakes import find_mistakes
+
+    return find_mistakes(trained.model, trained.meta, images, labels, scores, shown=shown,
+                         tta=tta, prepare=partial(preprocess, meta=trained.meta))
 
 
 class DataMismatch(CnnlabError):
@@ -173,7 +194,10 @@ def eval_stem(result: dict) -> str:
 
 def save_eval(result: dict, out_dir: str | Path) -> dict[str, str]:
     """Write eval-<...>.json and confusion-<...>.png into out_dir (training's files are
-    never touched). Returns {"json": path, "png": path}."""
+    never touched), and the pictures of result["mistakes"] (evaluate_checkpoint(mistakes=N))
+    as top_losses-, saliency- and confused-<...>.png, which it then lists in place of their
+    data. Returns {"json": path, "png": path} and the pictures by mistakes.FIGURES' names."""
+    from .mistakes import Mistakes
     from .plots import plot_confusion
 
     out_dir = Path(out_dir)
@@ -182,6 +206,9 @@ def save_eval(result: dict, out_dir: str | Path) -> dict[str, str]:
     assert not any(p.name in RUN_FILES for p in paths.values())
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(result.get("mistakes"), Mistakes):
+            paths |= result["mistakes"].draw(out_dir, suffix=f"-{stem}")
+            result["mistakes"] = result["mistakes"].to_dict()
         write_json(paths["json"], result)
         tta = f", TTA {result['tta']}" if result.get("tta") else ""
         plot_confusion(result["confusion"], result["classes"], paths["png"],

@@ -3,7 +3,8 @@ report.md (figures as PNG files beside it) for run directories and sweep directo
 
 A report reads only run directories: configuration, environment, outcome, loss and accuracy
 curves, utilisation over time, and - evaluating the best checkpoint on the test split -
-per-class accuracy and the confusion matrix; for several runs, a side-by-side comparison.
+per-class accuracy, the confusion matrix and the model's mistakes (mistakes.py: top losses,
+saliency, confused pairs); for several runs, a side-by-side comparison.
 """
 
 from __future__ import annotations
@@ -274,11 +275,13 @@ def outcome(run: RunInfo) -> dict:
 
 def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
                  cache: dict) -> dict | str:
-    """Per-class accuracy and the confusion matrix of the run's best checkpoint on the test
-    split, or a sentence saying why they could not be computed."""
+    """Per-class accuracy, the confusion matrix and the mistakes (mistakes.SHOWN top losses)
+    of the run's best checkpoint on the test split, or a sentence saying why they could not be
+    computed."""
     from . import checkpoint
     from .data import load_dataset
     from .inference import DataMismatch, evaluate_checkpoint
+    from .mistakes import SHOWN
 
     try:
         ckpt_file = checkpoint.find(run.path)
@@ -300,7 +303,7 @@ def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
         return f"The test data could not be read ({type(e).__name__}: {e})."
     try:
         result = evaluate_checkpoint(
-            ckpt_file, dataset=dataset, data=data, device=device,
+            ckpt_file, dataset=dataset, data=data, device=device, mistakes=SHOWN,
             progress=f"report: evaluating {run.name} ({ckpt_file.name}) on the test split")
     except DataMismatch as e:
         return f"The test data under {root} does not fit the model ({e}); not evaluated."
@@ -335,6 +338,7 @@ def _outcome_table(run: RunInfo) -> Table:
               if o.get("best_val_acc") is not None else
               [["best on test (optimistic: no validation split)",
                 f"{_pct(o.get('best_test_acc'))} (epoch {best_at})"]]),
+            *_fit_rows(run, o),
             ["final test loss", "-" if o.get("final_test_loss") is None
              else f"{o['final_test_loss']:.4f}"],
             ["training time (no evaluation)", _seconds(o.get("train_seconds"))]]
@@ -346,6 +350,22 @@ def _outcome_table(run: RunInfo) -> Table:
                  ["parameters", f"{s.get('parameters', 0):,}"],
                  ["device", str(s.get("device", "-"))]]
     return Table(["", ""], rows)
+
+
+def _fit_rows(run: RunInfo, o: dict) -> list[list[str]]:
+    """The training accuracy at the end (the last log window's) beside the final test
+    accuracy, and the gap between them: the first sign of over- or underfitting."""
+    trained = [r["train_acc"] for r in run.records
+               if r.get("type") == "train" and r.get("train_acc") is not None]
+    if not trained or o.get("final_test_acc") is None:
+        return []
+    gap = trained[-1] - o["final_test_acc"]
+    reading = ("training well above test: overfitting" if gap > 2
+               else "test above training (augmented training images, label smoothing or "
+                    "dropout make training harder)" if gap < -2
+               else "close: no sign of overfitting")
+    return [["final training accuracy (last log window)", _pct(trained[-1])],
+            ["gap, training - test", f"{gap:+.2f} points ({reading})"]]
 
 
 def _option_value(config: dict, key: str) -> str:
@@ -386,6 +406,36 @@ def _per_class_table(result: dict) -> Table:
                      f"{result['per_class'][worst[1]]['class']} ({worst[0]})" if worst else "-"])
     return Table(["class", "accuracy (recall)", "precision", "test images",
                   "most often mistaken for"], rows)
+
+
+def _mistakes_blocks(run: RunInfo, figures: _Figures, evaluation: dict, level: int) -> list:
+    """The Mistakes subsection: what its pictures show, the most confused pairs of classes,
+    and top_losses.png, saliency.png and confused.png (beside the run's confusion.png)."""
+    found = evaluation.get("mistakes")
+    if found is None:
+        return []
+    if not found.top_losses:
+        return [Heading(level, "Mistakes"),
+                Para("The checkpoint classifies every test image correctly: no mistakes.")]
+    own = os.access(run.path, os.W_OK)
+    drawn = found.draw(run.path if own else figures.out, prefix="" if own
+                       else figures.prefix(run))
+    support = {c["class"]: c["support"] for c in evaluation["per_class"]}
+    return [Heading(level, "Mistakes"),
+            Para(f"The {len(found.top_losses)} test images the checkpoint gets most "
+                 "confidently wrong (the highest loss among its mistakes), each titled with its "
+                 "true class, the class predicted and that prediction's probability; for the "
+                 f"first {len(found.saliency)}, which pixels weigh most in that prediction "
+                 "(Integrated Gradients of the predicted class, its absolute value: the "
+                 "brighter, the more); and the pairs of classes most often confused, with "
+                 "examples. Images are shown as the model saw them."),
+            Table(["true class", "predicted as", "test images", "share of the true class"],
+                  [[p["true"], p["pred"], str(p["count"]),
+                    _pct(100 * p["count"] / max(1, support.get(p["true"], 0)))]
+                   for p in found.pairs]),
+            Figures([(drawn["top_losses"], f"Top losses of {run.name}"),
+                     (drawn["saliency"], f"Saliency of the top losses of {run.name}"),
+                     (drawn["confused"], f"Most confused classes of {run.name}")])]
 
 
 class _Figures:
@@ -595,7 +645,8 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
         path = plot_confusion(evaluation["confusion"],
                               [c["class"] for c in evaluation["per_class"]], target,
                               title=f"Confusion matrix - {run.name} ({evaluation['checkpoint']})")
-        doc.add(Figures([(path, f"Confusion matrix of {run.name}")]))
+        doc.add(Figures([(path, f"Confusion matrix of {run.name}")]),
+                *_mistakes_blocks(run, figures, evaluation, level))
     else:
         doc.add(Para(evaluation or "Not computed (--no-eval)."))
     own = [k for k in run.config if k not in shared.get("config", {})]
