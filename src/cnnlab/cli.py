@@ -119,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_parser(sub)
     _tune_parser(sub)
     _report_parser(sub)
+    _runs_parser(sub)
     _use_parsers(sub)
     _bench_parser(sub)
+    _summary_parser(sub)
+    _lr_find_parser(sub)
     parser.commands = sub.choices  # command name -> its parser
     return parser
 
@@ -242,6 +245,11 @@ def _use_parsers(sub) -> None:
     p.set_defaults(precision="fp32")
     p.add_argument("--out-dir", help="where to write the files (default: beside the "
                    "checkpoint)")
+    p.add_argument("--mistakes", type=int, default=0, metavar="N",
+                   help="also draw the model's mistakes: the N most confidently wrong images "
+                        "(top_losses-*.png), saliency maps of the first 4 (saliency-*.png) "
+                        "and the most confused pairs of classes (confused-*.png); default 0: "
+                        "none")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser(
@@ -276,17 +284,21 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .config import resolve_device
     from .inference import evaluate_checkpoint, format_eval, save_eval
+    from .mistakes import files_line
 
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split,
                                  data_dir=args.data_dir, download=args.download,
                                  tta=args.tta, batch_size=args.batch_size,
-                                 precision=args.precision, device=resolve_device(args.device))
+                                 precision=args.precision, device=resolve_device(args.device),
+                                 mistakes=args.mistakes)
     files = save_eval(result, args.out_dir or Path(result["checkpoint"]).parent)
     if args.json:
         print(json.dumps(result | {"files": files}))
     else:
         print(format_eval(result))
     print(f"wrote {files['json']} and {files['png']}", file=sys.stderr)
+    if args.mistakes:
+        print(files_line(files), file=sys.stderr)
     return Exit.OK
 
 
@@ -485,6 +497,38 @@ def _report(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _runs_parser(sub) -> None:
+    p = sub.add_parser(
+        "runs", help="list run, sweep and search directories",
+        description="List the run directories under DIR, and sweep and tune directories one "
+                    "row each, oldest first: model, dataset, status (finished; interrupted, "
+                    "diverged or pruned at step N; running; not started; damaged), best and "
+                    "final test accuracy, epochs done of epochs, training time and when it "
+                    "started. Reads only the runs' JSON files and the end of metrics.jsonl.")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="folders to look in (default "
+                   "runs/; sweeps/, tunes/, or one sweep or run directory)")
+    p.add_argument("--expand", action="store_true", help="also list each sweep's and "
+                   "search's runs, indented below it")
+    p.add_argument("--json", action="store_true", help="print one JSON array (a sweep's "
+                   "runs under \"runs\")")
+
+
+def _runs(args: argparse.Namespace) -> int:
+    import json
+
+    from .listing import format_table, list_runs
+
+    dirs = args.dirs or ["runs"]
+    entries = list_runs(dirs)
+    if not entries:
+        print(f"no runs under {', '.join(dirs)}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries]))
+    elif entries:
+        print(format_table(entries, expand=args.expand))
+    return Exit.OK
+
+
 def _bench_parser(sub) -> None:
     from .bench import CPU_ROWS, GPU_ROWS
 
@@ -515,6 +559,80 @@ def _bench(args: argparse.Namespace) -> int:
     data_dir = default_data_dir(args.data_dir)
     run_bench(args.suite, data_dir, args.cifar_folder or f"{data_dir}/cifar10-jpeg", args.out,
               args.rows)
+    return Exit.OK
+
+
+def _summary_parser(sub) -> None:
+    models, datasets = _names()
+    p = sub.add_parser(
+        "summary", help="a network's layers: output shapes, parameters, multiply-adds",
+        description=f"Each layer of MODEL ({models}) on the images of DATASET ({datasets}): "
+                    "its output shape, parameters and multiply-adds (torch's flop counter), "
+                    "the output-size formula (n + 2p - f)/s + 1 worked for each convolution "
+                    "and pooling layer, and the totals. Needs no data but the dataset's shape "
+                    "(a folder's: its first training image and its class folders).")
+    p.add_argument("model", help=models)
+    p.add_argument("dataset", help=datasets)
+    add_use_options(p, "image_size", "pool")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _summary(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import parse_image_size
+    from .summary import format_summary, summarize
+
+    size = None if args.image_size is None else parse_image_size(args.image_size)
+    summary = summarize(args.model, args.dataset, image_size=size, pool=args.pool)
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    return Exit.OK
+
+
+def _lr_find_parser(sub) -> None:
+    from .lrfind import END_LR, MAX_STEPS, MIN_STEPS, START_LR, STEPS
+
+    models, datasets = _names()
+    p = sub.add_parser(
+        "lr-find", help="find a learning rate: the range test",
+        description="The learning-rate range test (Smith 2015; fastai's lr_find): a "
+                    "throw-away MODEL, built as 'cnnlab train' builds it, takes one training "
+                    "step per learning rate, the rate growing exponentially from --start-lr "
+                    "to --end-lr (constant schedule; batch-norm groups keep their ratio), "
+                    "until the smoothed loss is over 4x its minimum. Suggests the lr of the "
+                    "steepest descent and the minimum's lr / 10, and writes lr_find.json and "
+                    "lr_find.png into --out. Options beat --config, which beats --preset.")
+    p.add_argument("model", help=models)
+    p.add_argument("dataset", help=datasets)
+    p.add_argument("--config", help="TOML file with option values (keys as the option names)")
+    add_train_options(p)
+    p.add_argument("--start-lr", type=float, default=START_LR,
+                   help=f"the first step's learning rate (default {START_LR:g})")
+    p.add_argument("--end-lr", type=float, default=END_LR,
+                   help=f"the last step's learning rate (default {END_LR:g})")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"steps, {MIN_STEPS} to "
+                   f"{MAX_STEPS} (default {STEPS}); more than an epoch's batches: epochs go on")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (and "
+                   "notes) on stderr and the output directory on stdout")
+    p.add_argument("--out", help="output directory (default "
+                   "runs/lr-find-<time>-<model>-<dataset>)")
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    from .lrfind import lr_find
+
+    result = lr_find(args.model, args.dataset, config=args.config, out=args.out,
+                     start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,
+                     progress=not args.quiet, **train_options(args))
+    if not args.quiet:
+        lrs = result["suggestions"]
+        stopped = f"; stopped early: {result['stop_reason']}" if result["stopped_early"] else ""
+        for line in (f"{result['steps_done']} steps in {result['seconds']:.1f} s{stopped}",
+                     f"suggested lr: {lrs['steepest']:.3g} (steepest descent), "
+                     f"{lrs['minimum_over_10']:.3g} (minimum / 10)",
+                     f"train it: {result['command']}"):
+            print(f"cnnlab lr-find: {line}", file=sys.stderr)
+    print(result["out"])
     return Exit.OK
 
 
@@ -564,8 +682,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         _check_use_options(args)
         return {"train": _train, "sweep": _sweep, "tune": _tune, "report": _report,
-                "eval": _eval, "predict": _predict,
-                "export": _export, "bench": _bench}[args.command](args)
+                "runs": _runs, "eval": _eval, "predict": _predict, "summary": _summary,
+                "export": _export, "bench": _bench, "lr-find": _lr_find}[args.command](args)
     except Interrupted as e:
         from .rank import env_rank
 
