@@ -67,7 +67,8 @@ def _refused(capsys, argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("model,where", [
-    ("lenet5", "LeNet-5 needs images of at least 12x12"),  # its builder refuses at once
+    ("lenet5", "LeNet-5 needs images of at least 12x12, got 8x8: at features.3 (Conv2d) the "
+               "6x4x4 input is smaller than its 5x5 kernel"),  # its builder refuses at once
     ("fastnet", "fastnet does not fit 3x8x8 images: at groups.2.block.1 (MaxPool2d), "
                 "input 256x1x1 (torch: "),
 ])

@@ -24,8 +24,14 @@ class LeNet5(nn.Module):
         self.features = nn.Sequential(*block(nn.Conv2d(in_channels, 6, 5, padding=2)),
                                       *block(nn.Conv2d(6, 16, 5)))
         h, w = ((s // 2 - 4) // 2 for s in image_size)  # the spatial size after `features`
-        if h < 1 or w < 1:
-            raise ValueError(f"LeNet-5 needs images of at least 12x12, got {image_size}")
+        if h < 1 or w < 1:  # name the layer where the images stop fitting
+            half = [s // 2 for s in image_size]  # after the first pooling
+            where = (f"at features.3 (Conv2d) the 6x{half[0]}x{half[1]} input is smaller "
+                     "than its 5x5 kernel" if min(half) < 5 else
+                     f"at features.5 (AvgPool2d) the 16x{half[0] - 4}x{half[1] - 4} input "
+                     "is smaller than its 2x2 window")
+            raise ValueError(f"LeNet-5 needs images of at least 12x12, got "
+                             f"{image_size[0]}x{image_size[1]}: {where}")
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(16 * h * w, 120), nn.ReLU(inplace=True),
