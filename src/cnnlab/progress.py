@@ -16,6 +16,16 @@ from tqdm import tqdm
 QUIET_SECONDS = 10.0  # the longest a plain-line output stays silent while work goes on
 
 
+def say(command: str, message: str) -> None:
+    """A line of `cnnlab COMMAND` about its runs (a sweep's, a search's), on stderr. With
+    functools.partial, a `say` that a worker process can be given (it pickles)."""
+    print(f"cnnlab {command}: {message}", file=sys.stderr, flush=True)
+
+
+def silent(message: str) -> None:
+    """The `say` of --quiet."""
+
+
 def on_terminal() -> bool:
     """Whether stderr is a terminal that reports its size, so a bar can be drawn there; a
     terminal that reports none (some IDE consoles: 0 columns) gets the plain lines."""

@@ -125,13 +125,9 @@ def dataset_shape(dataset: str, image_size: tuple[int, int] | None = None
 
 def _folder_shape(root: Path, image_size: tuple[int, int] | None
                   ) -> tuple[tuple[int, int, int], int]:
-    import os
+    from .data import check_folder, readers
 
-    from .data import readers
-
-    if not root.is_dir():
-        what = "is not a folder" if os.path.lexists(root) else "does not exist"
-        raise CnnlabError(f"dataset folder {readers.show_path(root)} {what}")
+    check_folder(root)
     classes = readers.folder_classes(root)
     path = readers.folder_files(root / "train", classes, require_all=True)[0][0]
     fit = None if image_size is None else (image_size[1], image_size[0])  # Pillow's (w, h)

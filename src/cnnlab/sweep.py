@@ -32,11 +32,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import itertools
 import math
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,8 @@ from .errors import (
     failure_message,
 )
 from .files import atomic_write, read_json, safe_name, write_json
+from .progress import say as say_line
+from .progress import silent
 from .results import (
     METRICS,
     aggregate,
@@ -248,14 +250,6 @@ def _config_difference(run_dir: Path, cfg: Config) -> str | None:
     return None
 
 
-def _say(message: str) -> None:  # a sweep's line about its runs, on stderr
-    print(f"cnnlab sweep: {message}", file=sys.stderr, flush=True)
-
-
-def _silent(message: str) -> None:  # --quiet
-    pass
-
-
 def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int = 1,
               storage: str | None = None, study_name: str | None = None) -> dict:
     """Train every point of `plan` not yet trained, as workers of the sweep's Optuna study
@@ -268,7 +262,7 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
     bars and no lines about the runs. Returns what write_results returns."""
     from .study import RUN, Study, default_storage, digest
 
-    say = _say if progress else _silent
+    say = functools.partial(say_line, "sweep") if progress else silent
     if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
         raise CnnlabError(f"--jobs must be a positive integer, at most {MAX_JOBS}, got "
                           f"{short(jobs)}")

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,8 @@ from .errors import (
     unknown_choice,
 )
 from .files import atomic_write, read_json, safe_name, write_json
+from .progress import say as say_line
+from .progress import silent
 from .results import diverged_error, fixed_settings, format_epochs, md_table, metric
 from .runs import read_metrics
 
@@ -280,14 +282,6 @@ def default_tune_dir(search: Search, root: str | Path = "tunes") -> Path:
     return Path(root) / safe_name("-".join(parts))
 
 
-def _say(message: str) -> None:  # a search's line about its trials, on stderr
-    print(f"cnnlab tune: {message}", file=sys.stderr, flush=True)
-
-
-def _silent(message: str) -> None:  # --quiet
-    pass
-
-
 def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: int = 1,
              storage: str | None = None, study_name: str | None = None) -> dict:
     """Run the search in `out` until --trials trials have run, as workers of its Optuna
@@ -302,7 +296,7 @@ def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: in
     if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
         raise CnnlabError(f"--jobs must be a positive integer, at most {MAX_JOBS}, got "
                           f"{short(jobs)}")
-    say = _say if progress else _silent
+    say = functools.partial(say_line, "tune") if progress else silent
     out = Path(out)
     info = {"model": search.base.model, "dataset": search.base.dataset,
             "plan": search.plan()}

@@ -146,11 +146,16 @@ def _download(spec: DatasetSpec, root: Path, folder: Path) -> None:
                           f"{show_path(folder)}")
 
 
-def _load_folder(name: str, root: Path, skip_bad_files: bool,
-                 image_size: tuple[int, int] | None = None, progress: bool = True) -> Dataset:
+def check_folder(root: Path) -> None:
+    """Refuse, in one line naming it, a dataset folder that is not there."""
     if not root.is_dir():
         what = "is not a folder" if os.path.lexists(root) else "does not exist"
         raise CnnlabError(f"dataset folder {show_path(root)} {what}")
+
+
+def _load_folder(name: str, root: Path, skip_bad_files: bool,
+                 image_size: tuple[int, int] | None = None, progress: bool = True) -> Dataset:
+    check_folder(root)
     classes = readers.folder_classes(root)
     n = len(classes)
     train_files = readers.folder_files(root / "train", classes, require_all=True)
