@@ -224,7 +224,6 @@ class Run:
     images: int                    # training images (of this rank's loader)
     batches: int                   # batches an epoch
     total_steps: int
-    device_type: str
 
 
 def check_fits(ckpt: dict[str, Any], run: Run, path: str | Path = "checkpoint.pt") -> None:
@@ -238,7 +237,7 @@ def check_fits(ckpt: dict[str, Any], run: Run, path: str | Path = "checkpoint.pt
                           "(images, labels or classes changed since); resume with that data, "
                           "or start a new run")
     saved = ckpt.get("device_type", "cpu")
-    if saved != run.device_type:
+    if saved != run.fresh["device_type"]:
         raise CnnlabError(f"this run was trained on {saved} and can only resume there "
                           f"(its random state is {saved}'s); pass --device {saved}")
     if problem := _misfit(ckpt, run):

@@ -367,8 +367,7 @@ def restore(t: Training, ckpt: dict, path: str | Path = "checkpoint.pt") -> int:
     checkpoint.check_fits(ckpt, checkpoint.Run(
         fresh=t.state.state_dict(), parameter_shapes=shapes, data_digest=t.data.digest,
         dataset=t.cfg.dataset, images=len(t.train_batches.labels),
-        batches=len(t.train_batches), total_steps=t.total_steps,
-        device_type=t.device.type), path)
+        batches=len(t.train_batches), total_steps=t.total_steps), path)
     try:  # what the checks do not see, torch's loading does
         t.state.load_state_dict(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
