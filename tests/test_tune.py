@@ -82,6 +82,12 @@ def test_space_specs_take_the_option_types(text, dim):
     (["--space", "lr=0.1:1", "--trials", "0"], "--trials must be a positive integer"),
     (["--space", "lr=0.1:1", "--jobs", "0"], "--jobs must be a positive integer"),
     (["--space", "lr=0.1:1", "--sampler", "cmaes"], "argument --sampler: invalid choice"),
+    (["--space", "lr=0.1:1", "--target", "0"], "--target is a validation accuracy in percent"),
+    (["--space", "lr=0.1:1", "--target", "100.5"], "above 0 and at most 100, got 100.5"),
+    (["--space", "lr=0.1:1", "--target", "nan"], "above 0 and at most 100, got nan"),
+    (["--space", "lr=0.1:1", "--target", "99", "--pruner", "median"],
+     "--pruner median compares validation accuracies, and with --target a trial is scored"),
+    (["--space", "lr=0.1:1", "--pruner", "time"], "--pruner time stops trials slower than"),
     ([], "the following arguments are required: --space"),
 ])
 def test_bad_searches_are_one_line_exit_2_and_write_nothing(args, message, tmp_path, capsys):
@@ -166,6 +172,63 @@ def test_a_search_end_to_end(data, tmp_path, capfd):
     assert md.startswith(f"# cnnlab report: search {out.name} (5 runs)")
     assert "## Search" in md and "- [Search](#search)" in md and "](history.png)" in md
     assert "| batch-size | " in md and "(searched) |" in md and "## Comparison" in md
+
+
+def test_a_search_for_the_fastest_recipe_to_a_target(data, tmp_path, capfd):
+    """--target: trials are scored by their training seconds, the fastest whose final
+    validation accuracy reached the target is the best; below it a trial does not count
+    however fast, and one already slower than the best is stopped at an evaluation."""
+    from cnnlab.report import write_report
+
+    out = tmp_path / "tune"
+    # the lr that learns nothing (1e-6) finishes as fast, but stays far below the target
+    args = ["tune", "lenet5", "mnist", "--data-dir", str(data), "--space",
+            "lr=0.000001,0.05", "--space", "epochs=2,4", "--sampler", "grid", "--target",
+            "50", "--batch-size", "32", "--out", str(out), *QUICK]
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    info = json.loads((out / "tune.json").read_text())
+    assert info["plan"]["tune"]["target"] == 50
+    rows = {(r["params"]["lr"], r["params"]["epochs"]): r for r in info["rows"]}
+    assert len(rows) == 4, err
+    for (lr, epochs), r in rows.items():
+        if r["state"] == "complete":
+            assert r["train_seconds"] > 0 and r["final_val_acc"] is not None
+            assert (r["final_val_acc"] >= 50) == (lr == 0.05), r
+    best = info["best"]
+    assert best["params"]["lr"] == 0.05 and best["final_val_acc"] >= 50
+    reached = [r for r in info["rows"] if r["state"] == "complete"
+               and r["final_val_acc"] >= 50]
+    assert best["train_seconds"] == min(r["train_seconds"] for r in reached)
+    study = _study(out)
+    assert study.direction.name == "MINIMIZE"
+    for t in study.trials:
+        if t.state.name == "COMPLETE":
+            run = json.loads((out / t.user_attrs["run"] / "summary.json").read_text())
+            assert t.value == run["train_seconds"]
+            assert t.constraints == {"shortfall": pytest.approx(50 - run["final_val_acc"])}
+    for t in (t for t in study.trials if t.state.name == "PRUNED"):  # slower than the best
+        evals = [r for r in read_metrics(out / t.user_attrs["run"]) if r["type"] == "eval"]
+        assert len(evals) < t.params["epochs"]
+        assert evals[-1]["train_seconds"] >= best["train_seconds"]
+    toml = (out / "best.toml").read_text()
+    assert toml.startswith(f"# cnnlab tune: the fastest trial of {out} to reach 50% on "
+                           f"validation: {best['run']}, ")
+    md = (out / "results.md").read_text()
+    assert "| training (s) | final val acc (%) | final test acc (%) |" in md
+    assert "complete trials reached the target, 50% on validation." in md
+    assert f"Fastest to the target: {best['run']}, " in md
+    assert (out / "history.png").is_file()
+    assert "Fastest to the target" in write_report([out], evaluate=False)["md"].read_text()
+
+    # a target no trial reaches: one line, exit 2, the results still written
+    capfd.readouterr()
+    missed = tmp_path / "missed"
+    assert main(["tune", "lenet5", "mnist", "--data-dir", str(data), "--space",
+                 "lr=0.000001,0.000002", "--target", "90", "--trials", "1", "--epochs", "1",
+                 "--out", str(missed), *QUICK]) == 2
+    assert "no trial of the search reached 90% on validation" in capfd.readouterr().err
+    assert (missed / "results.md").is_file()
 
 
 def test_the_pruner_stops_hopeless_trials(data, tmp_path, capfd, monkeypatch):

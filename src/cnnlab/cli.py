@@ -418,9 +418,10 @@ def _tune_parser(sub) -> None:
         "tune", help="search options over ranges, stopping hopeless trials early",
         description="Search train options over ranges with Optuna: each trial an ordinary run "
                     "directory trial-NNNN under the tune directory, scored by its best "
-                    "validation accuracy (--val-split, or a folder's val/, is required: "
-                    "choosing on test is optimistic), a hopeless one stopped by the pruner "
-                    "after an epoch; then best.toml (train it with 'cnnlab train MODEL DATASET "
+                    "validation accuracy, or with --target by its training time to that "
+                    "accuracy (--val-split, or a folder's val/, is required: choosing on test "
+                    "is optimistic), a hopeless one stopped by the pruner after an epoch; "
+                    "then best.toml (train it with 'cnnlab train MODEL DATASET "
                     "--config DIR/best.toml'), results.md, history.png and importance.png. "
                     "The other options fix the rest of the recipe. Running the same command "
                     "again continues the search.")
@@ -437,10 +438,16 @@ def _tune_parser(sub) -> None:
                    help="tpe (default): Optuna's Tree-structured Parzen Estimator; random; "
                    "grid: every combination of the listed values once (A,B,C spaces only). "
                    "Seeded by --seed unless --storage is given")
-    p.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median",
-                   help="median (default): stop a trial whose validation accuracy after an "
-                   "epoch is below the median of the complete trials' at that epoch (once 5 "
-                   "are complete); hyperband; none")
+    p.add_argument("--target", type=float, metavar="ACC",
+                   help="score each trial by its training time, to be made as short as "
+                   "possible, if its final validation accuracy reaches ACC percent (a trial "
+                   "below it does not count); without it, by its best validation accuracy")
+    p.add_argument("--pruner", choices=("median", "hyperband", "time", "none"),
+                   help="median (the default without --target): stop a trial whose "
+                   "validation accuracy after an epoch is below the median of the complete "
+                   "trials' at that epoch (once 5 are complete); hyperband; time (the default "
+                   "with --target): stop a trial once it has trained longer than the fastest "
+                   "that reached the target; none")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N trials at once, each in a process of its own (as cnnlab sweep "
                    "--jobs)")
@@ -455,7 +462,8 @@ def _tune(args: argparse.Namespace) -> int:
     from .tune import default_tune_dir, plan_tune, run_tune, summary_lines
 
     search = plan_tune(args.model, args.dataset, args.space, options=train_options(args),
-                       trials=args.trials, sampler=args.sampler, pruner=args.pruner)
+                       trials=args.trials, sampler=args.sampler, pruner=args.pruner,
+                       target=args.target)
     out = args.out or default_tune_dir(search)
     result = run_tune(search, out, progress=not args.quiet, jobs=args.jobs,
                       storage=args.storage, study_name=args.study)

@@ -69,7 +69,7 @@ from .runs import read_metrics
 
 TUNE_FILE = "tune.json"   # in the tune directory: the plan, then every trial's outcome
 SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "hyperband", "time", "none")
 MAX_TRIALS = 100_000
 # Complete trials before the median pruner judges: fewer give it no median worth the name.
 PRUNER_STARTUP = 5
@@ -207,6 +207,14 @@ class Search:
     trials: int
     sampler: str
     pruner: str
+    # --target: the score is the training seconds (to be minimised) of the trials whose
+    # final validation accuracy reaches it; None: the best validation accuracy (maximised)
+    target: float | None = None
+
+    @property
+    def direction(self) -> str:
+        """Optuna's direction of the score: accuracy up, or with --target time down."""
+        return "maximize" if self.target is None else "minimize"
 
     def config(self, values: dict[str, Any]) -> Config:
         return resolve(self.base.model, self.base.dataset, overrides=self.options | values)
@@ -215,9 +223,10 @@ class Search:
         """What makes two searches the same search: model, dataset, fixed recipe, space (not
         the budget, the sampler or the pruner: a search may be continued with others)."""
         keys = {d.key for d in self.space}
+        target = {} if self.target is None else {"target": self.target}
         return {"tune": {"fixed": {k: v for k, v in self.base.to_dict().items()
                                    if k in COMPARED and k not in keys},
-                         "space": [d.to_json() for d in self.space]}}
+                         "space": [d.to_json() for d in self.space], **target}}
 
     @property
     def max_epochs(self) -> int:
@@ -229,9 +238,10 @@ class Search:
 
 def plan_tune(model: str, dataset: str, space: list[str], *,
               options: dict[str, Any] | None = None, trials: int = 20, sampler: str = "tpe",
-              pruner: str = "median") -> Search:
+              pruner: str | None = None, target: float | None = None) -> Search:
     """Check a search (every --space value resolved with the fixed options, as a trial would
-    be) before anything is written; raises CnnlabError with one line."""
+    be) before anything is written; raises CnnlabError with one line. `pruner` None: median,
+    or time with a `target`."""
     if not space:
         raise CnnlabError("tune needs at least one --space KEY=SPEC")
     dims = [parse_space(text) for text in space]
@@ -249,8 +259,7 @@ def plan_tune(model: str, dataset: str, space: list[str], *,
                           f"{short(trials)}")
     if sampler not in SAMPLERS:
         raise CnnlabError(unknown_choice("sampler", sampler, SAMPLERS))
-    if pruner not in PRUNERS:
-        raise CnnlabError(unknown_choice("pruner", pruner, PRUNERS))
+    pruner = _check_target(target, pruner)
     base = resolve(model, dataset, overrides=options)
     for d in dims:
         for value in d.values or (d.low, d.high):
@@ -271,7 +280,28 @@ def plan_tune(model: str, dataset: str, space: list[str], *,
                           "validation split: choosing on the test split would make the best "
                           "trial's test accuracy optimistic (README: Choosing the best "
                           "checkpoint honestly); pass --val-split 0.1")
-    return Search(base, options, tuple(dims), trials, sampler, pruner)
+    return Search(base, options, tuple(dims), trials, sampler, pruner, target)
+
+
+def _check_target(target: float | None, pruner: str | None) -> str:
+    """The pruner of a search with this --target (None: none), or the one line why the two
+    do not go together."""
+    if pruner is not None and pruner not in PRUNERS:
+        raise CnnlabError(unknown_choice("pruner", pruner, PRUNERS))
+    if target is None:
+        if pruner == "time":
+            raise CnnlabError("--pruner time stops trials slower than the fastest that "
+                              "reached --target; give --target ACC, or another pruner")
+        return pruner or "median"
+    if isinstance(target, bool) or not isinstance(target, (int, float)) \
+            or not 0 < target <= 100:
+        raise CnnlabError(f"--target is a validation accuracy in percent, above 0 and at "
+                          f"most 100, got {short(target)}")
+    if pruner in ("median", "hyperband"):
+        raise CnnlabError(f"--pruner {pruner} compares validation accuracies, and with "
+                          "--target a trial is scored by its time; use --pruner time (the "
+                          "default with --target) or none")
+    return pruner or "time"
 
 
 def default_tune_dir(search: Search, root: str | Path = "tunes") -> Path:
@@ -321,7 +351,7 @@ def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: in
     url = storage or default_storage(out)
     where = Where(url, study_name or f"{out.resolve().name}-{digest(search.plan())[:8]}", out)
     # created here once (the workers open it); a stop an earlier worker asked for is lifted
-    Study(url, where.name, search.plan()).reopen([])
+    Study(url, where.name, search.plan(), direction=search.direction).reopen([])
     try:
         if jobs > 1:
             _workers(search, where, jobs, say)
@@ -333,7 +363,9 @@ def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: in
         raise
     info = write_results(out, search, where)
     if info["best"] is None:
-        raise CnnlabError(f"no trial of the search completed ({_states(info['rows'])}); "
+        what = ("completed" if search.target is None else
+                f"reached {search.target:g}% on validation")
+        raise CnnlabError(f"no trial of the search {what} ({_states(info['rows'])}); "
                           f"nothing to choose from: see {out / 'results.md'}")
     return info
 
@@ -352,7 +384,35 @@ def _sampler(search: Search, seed: int | None):
                                            seed=seed)
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    # with --target, TPE models the trials below it as infeasible (their constraint, see
+    # SHORTFALL, is above 0: Optuna's constrained TPE)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+# The constraint of a --target trial: the target minus its final validation accuracy (or
+# the last, where it was pruned), in points (<= 0: it reached the target, feasible)
+SHORTFALL = "shortfall"
+
+
+def _shortfall(trial) -> float:
+    return trial.constraints.get(SHORTFALL, math.inf)
+
+
+def _time_pruned(study, search: Search, record: dict) -> str | None:
+    """Why a --target trial stops at this evaluation (`record`): it has trained longer than
+    the fastest trial that reached the target, so it cannot beat it; else None."""
+    from optuna.trial import TrialState
+
+    if search.pruner != "time":
+        return None
+    best = min((t.value for t in study.study.get_trials(deepcopy=False,
+                                                         states=(TrialState.COMPLETE,))
+                if t.value is not None and _shortfall(t) <= 0), default=math.inf)
+    if record["train_seconds"] < best:
+        return None
+    return (f"pruned after epoch {record['epoch']}: {record['train_seconds']:.1f} s of "
+            f"training, longer than the fastest trial that reached {search.target:g}% "
+            f"({best:.1f} s)")
 
 
 def _sampler_seed(seed: int, trials_before: int, slot: int, shared: bool) -> int | None:
@@ -383,7 +443,7 @@ def _pruner(search: Search):
         return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP)
     if search.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=search.max_epochs)
-    return optuna.pruners.NopPruner()
+    return optuna.pruners.NopPruner()  # "time" is judged by _trial itself
 
 
 def _work(search: Search, where, *, progress: bool, say,
@@ -396,7 +456,7 @@ def _work(search: Search, where, *, progress: bool, say,
 
     from .study import Study
 
-    study = Study(where.url, where.name, search.plan(), direction="maximize",
+    study = Study(where.url, where.name, search.plan(), direction=search.direction,
                   pruner=_pruner(search))
     study.study.sampler = _sampler(search, _sampler_seed(
         search.base.seed, len(study.study.get_trials(deepcopy=False)),
@@ -455,6 +515,11 @@ def _trial(trial, search: Search, where, study, *, progress: bool, say,
     last = math.ceil(cfg.epochs)
 
     def on_eval(record: dict) -> None:
+        if search.target is not None:  # a constraint is set once: where the trial ends
+            if record["epoch"] < last and (why := _time_pruned(study, search, record)):
+                trial.set_constraint(SHORTFALL, search.target - record["val_acc"])
+                raise optuna.TrialPruned(why)
+            return
         trial.report(record["val_acc"], record["epoch"])
         if record["epoch"] < last and trial.should_prune():  # the last one ends it anyway
             raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} (validation "
@@ -481,10 +546,17 @@ def _trial(trial, search: Search, where, study, *, progress: bool, say,
         if message is not None:
             study.stop_all(f"{name}: {message}")
         raise
-    say(f"{name}: best validation {summary['best_val_acc']:.2f}% (test "
-        f"{summary['test_acc_at_best']:.2f}% of its best.pt), "
-        f"{_epochs(metric(summary, 'epochs_done'))}, {summary['train_seconds']:.1f} s")
-    return float(summary["best_val_acc"])
+    if search.target is None:
+        say(f"{name}: best validation {summary['best_val_acc']:.2f}% (test "
+            f"{summary['test_acc_at_best']:.2f}% of its best.pt), "
+            f"{_epochs(metric(summary, 'epochs_done'))}, {summary['train_seconds']:.1f} s")
+        return float(summary["best_val_acc"])
+    trial.set_constraint(SHORTFALL, search.target - summary["final_val_acc"])
+    reached = "reached" if summary["final_val_acc"] >= search.target else "below"
+    say(f"{name}: {summary['train_seconds']:.1f} s of training, final validation "
+        f"{summary['final_val_acc']:.2f}% ({reached} the target {search.target:g}%; test "
+        f"{summary['final_test_acc']:.2f}%), {_epochs(metric(summary, 'epochs_done'))}")
+    return float(summary["train_seconds"])
 
 
 def _epochs(value: float) -> str:
@@ -554,9 +626,10 @@ def _workers(search: Search, where, jobs: int, say) -> None:
 # ---- results ----------------------------------------------------------------------------------
 
 def _outcome(run_dir: Path) -> dict:
-    """A trial run's best validation accuracy, the test accuracy of its best.pt and the
-    epochs it trained (and was to train): from summary.json, or from the records of a run
-    the pruner stopped (or one that diverged or still trains)."""
+    """A trial run's best and final validation accuracy, the test accuracy of its best.pt,
+    its training seconds and the epochs it trained (and was to train): from summary.json,
+    or from the records of a run the pruner stopped (or one that diverged or still
+    trains)."""
     try:
         epochs = read_json(run_dir / "config.json")["epochs"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -564,12 +637,17 @@ def _outcome(run_dir: Path) -> dict:
     if (run_dir / "summary.json").is_file():
         s = read_json(run_dir / "summary.json")
         return {"best_val_acc": s.get("best_val_acc"), "test_acc_at_best":
-                s.get("test_acc_at_best"), "epochs_done": metric(s, "epochs_done"),
-                "epochs": epochs}
+                s.get("test_acc_at_best"), "final_val_acc": s.get("final_val_acc"),
+                "final_test_acc": s.get("final_test_acc"),
+                "train_seconds": s.get("train_seconds"),
+                "epochs_done": metric(s, "epochs_done"), "epochs": epochs}
     records = read_metrics(run_dir)
     evals = [r for r in records if r.get("type") == "eval" and r.get("val_acc") is not None]
     best = max(evals, key=lambda r: r["val_acc"], default={})
     return {"best_val_acc": best.get("val_acc"), "test_acc_at_best": best.get("test_acc"),
+            "final_val_acc": evals[-1]["val_acc"] if evals else None,
+            "final_test_acc": evals[-1].get("test_acc") if evals else None,
+            "train_seconds": evals[-1].get("train_seconds") if evals else None,
             "epochs_done": max((r.get("epochs_done", 0) for r in records), default=0),
             "epochs": epochs}
 
@@ -596,6 +674,21 @@ def _rows(out: Path, trials: list) -> list[dict]:
     return sorted(rows, key=lambda r: r["number"])
 
 
+def _best(complete: list[dict], target: float | None) -> dict | None:
+    """The best of the complete trials' rows: the highest best validation accuracy, or with
+    a `target` the fewest training seconds among those whose final validation accuracy
+    reached it. None where there is none."""
+    if target is None:
+        return dict(max(complete, key=lambda r: r["best_val_acc"])) if complete else None
+    reached = [r for r in _reached(complete, target) if r["train_seconds"] is not None]
+    return dict(min(reached, key=lambda r: r["train_seconds"])) if reached else None
+
+
+def _target(info: dict) -> float | None:
+    """A search's --target, from its plan (tune.json), or None."""
+    return info["plan"]["tune"].get("target")
+
+
 def _best_options(run_dir: Path) -> dict[str, Any]:
     """What a run trained with, as `cnnlab train --config` takes it: every option that can
     change the result (no model or dataset, no runtime option, no None: the default)."""
@@ -615,9 +708,13 @@ def _toml_value(value: Any) -> str:
 def _write_best(out: Path, search: Search, best: dict) -> None:
     """best.toml: the best trial's options, for `cnnlab train MODEL DATASET --config`."""
     searched = {d.key: d for d in search.space}
-    lines = [f"# cnnlab tune: the best trial of {out}: {best['run']}, best validation "
-             f"accuracy {best['best_val_acc']:.2f}% (test accuracy of its best.pt "
-             f"{best['test_acc_at_best']:.2f}%)",
+    found = (f"the best trial of {out}: {best['run']}, best validation accuracy "
+             f"{best['best_val_acc']:.2f}% (test accuracy of its best.pt "
+             f"{best['test_acc_at_best']:.2f}%)" if search.target is None else
+             f"the fastest trial of {out} to reach {search.target:g}% on validation: "
+             f"{best['run']}, {best['train_seconds']:.1f} s of training, final validation "
+             f"accuracy {best['final_val_acc']:.2f}% (test {best['final_test_acc']:.2f}%)")
+    lines = [f"# cnnlab tune: {found}",
              f"# train it: cnnlab train {search.base.model} {search.base.dataset} --config "
              f"{out / 'best.toml'}"]
     for key, value in best["options"].items():
@@ -646,38 +743,62 @@ def _importances(study, search: Search, complete: int) -> dict[str, float]:
     return {k: float(v) for k, v in found.items() if math.isfinite(v)}
 
 
-def _plot_history(rows: list[dict], path: Path) -> Path | None:
+def _plot_history(rows: list[dict], path: Path, target: float | None = None) -> Path | None:
     """history.png: each trial's best validation accuracy (a pruned one's where it
-    stopped) and the best so far, against the trial number."""
+    stopped) and the best so far, against the trial number; with a `target`, each trial's
+    training seconds, those that reached it apart, and the fastest of them so far."""
     from matplotlib.ticker import MaxNLocator
 
     from .plots import _figure, _finish
 
-    scored = [r for r in rows if r["best_val_acc"] is not None]
+    score = "best_val_acc" if target is None else "train_seconds"
+    scored = [r for r in rows if r[score] is not None]
     if not scored:
         return None
     fig = _figure((7, 4.2))
     ax = fig.subplots()
-    for state, marker, label in (("complete", "o", "complete"),
-                                 ("pruned", "x", "pruned (its best before it was stopped)"),
-                                 ("diverged", "v", "diverged"), ("failed", "v", "failed"),
-                                 ("running", ".", "still running")):
-        points = [r for r in scored if r["state"] == state]
+    best_of = [r for r in scored if r["state"] == "complete"]
+    kinds = [("complete", "o", "complete")]
+    if target is not None:
+        best_of = _reached(best_of, target)
+        kinds = [("reached", "o", f"reached {target:g}% on validation"),
+                 ("below", "o", "below the target")]
+    for kind, marker, label in (*kinds,
+                                ("pruned", "x", "pruned (where it was stopped)"),
+                                ("diverged", "v", "diverged"), ("failed", "v", "failed"),
+                                ("running", ".", "still running")):
+        points = [r for r in scored if _kind(r, target) == kind]
         if points:
-            ax.plot([r["number"] for r in points], [r["best_val_acc"] for r in points],
-                    marker, ls="none", ms=6, label=label)
-    complete = [r for r in scored if r["state"] == "complete"]
-    if complete:
-        best, xs, ys = -math.inf, [], []
-        for r in complete:
-            best = max(best, r["best_val_acc"])
+            ax.plot([r["number"] for r in points], [r[score] for r in points],
+                    marker, ls="none", ms=6, label=label, mfc="none" if kind == "below"
+                    else None)
+    if best_of:
+        pick = max if target is None else min
+        best, xs, ys = None, [], []
+        for r in best_of:
+            best = r[score] if best is None else pick(best, r[score])
             xs.append(r["number"])
             ys.append(best)
         ax.step(xs + [rows[-1]["number"]], ys + [best], where="post", lw=1.5,
-                label="best so far")
+                label="best so far" if target is None else "fastest to the target so far")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are counted
-    return _finish(fig, ax, path, xlabel="trial", ylabel="best validation accuracy (%)",
+    return _finish(fig, ax, path, xlabel="trial",
+                   ylabel="best validation accuracy (%)" if target is None
+                   else "training time (s)",
                    title=f"Optimisation history - {path.parent.name}")
+
+
+def _reached(rows: list[dict], target: float) -> list[dict]:
+    return [r for r in rows if r["final_val_acc"] is not None
+            and r["final_val_acc"] >= target]
+
+
+def _kind(row: dict, target: float | None) -> str:
+    """How history.png draws a trial: its state, a complete one of a --target search as
+    reached or below."""
+    if row["state"] != "complete" or target is None:
+        return row["state"]
+    return "reached" if _reached([row], target) else "below"
 
 
 def _plot_importance(importances: dict[str, float], complete: int, path: Path) -> Path:
@@ -689,6 +810,18 @@ def _plot_importance(importances: dict[str, float], complete: int, path: Path) -
     ax.barh(names, [importances[n] for n in names])
     return _finish(fig, ax, path, xlabel="importance (PED-ANOVA, summing to 1)",
                    title=f"Parameter importances ({complete} complete trials)")
+
+
+def _scored(search: Search) -> str:
+    """How results.md says the trials are scored."""
+    if search.target is None:
+        return ("Each trial is scored by its best validation accuracy - the epoch its best.pt "
+                "was chosen on; the test accuracy of that best.pt chose nothing, so it is an "
+                "honest estimate (choosing on test would make it optimistic).")
+    return (f"Each trial is scored by its training time, to be as short as possible, if its "
+            f"final validation accuracy reached {search.target:g}% (a trial below it does "
+            "not count: Optuna's constrained TPE models it as infeasible); the test accuracy "
+            "chose nothing, so it is an honest estimate.")
 
 
 def _states(rows: list[dict]) -> str:
@@ -707,27 +840,44 @@ def summary_lines(info: dict) -> list[str]:
         lines.append(f"Epochs trained: {format_epochs(info['epochs_trained'])} in all, against "
                      f"{format_epochs(info['epochs_unpruned'])} had no trial been pruned "
                      f"({saved:.0%} saved).")
-    best = info.get("best")
+    best, target = info.get("best"), _target(info)
+    if target is not None:
+        complete = [r for r in rows if r["state"] == "complete"]
+        reached = len(_reached(complete, target))
+        lines.append(f"{reached} of {len(complete)} complete trials reached the target, "
+                     f"{target:g}% on validation.")
     if best:
         params = ", ".join(f"{k}={_short_value(v)}" for k, v in best["params"].items())
         lines.append(f"Best: {best['run']}, validation {best['best_val_acc']:.2f}% (test "
-                     f"{best['test_acc_at_best']:.2f}% of its best.pt), with {params}.")
+                     f"{best['test_acc_at_best']:.2f}% of its best.pt), with {params}."
+                     if target is None else
+                     f"Fastest to the target: {best['run']}, {best['train_seconds']:.1f} s of "
+                     f"training, final validation {best['final_val_acc']:.2f}% (test "
+                     f"{best['final_test_acc']:.2f}%), with {params}.")
     return lines
 
 
 def trials_table(info: dict) -> tuple[list[str], list[list[str]]]:
     """The trials as a table: header and rows."""
     names = [d["option"] for d in info["plan"]["tune"]["space"]]
+    timed = _target(info) is not None
 
     def pct(value) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    return (["trial", "state", *names, "best val acc (%)", "test acc of best.pt (%)",
-             "epochs trained"],
+    def scores(r: dict) -> list[str]:
+        if not timed:
+            return [pct(r["best_val_acc"]), pct(r["test_acc_at_best"])]
+        seconds = r.get("train_seconds")
+        return ["-" if seconds is None else f"{seconds:.1f}", pct(r.get("final_val_acc")),
+                pct(r.get("final_test_acc"))]
+
+    return (["trial", "state", *names,
+             *(["training (s)", "final val acc (%)", "final test acc (%)"] if timed else
+               ["best val acc (%)", "test acc of best.pt (%)"]), "epochs trained"],
             [[r["run"], r["state"], *(_short_value(r["params"][n]) if n in r["params"] else "-"
                                       for n in names),
-              pct(r["best_val_acc"]), pct(r["test_acc_at_best"]),
-              format_epochs(r["epochs_done"])] for r in info["rows"]])
+              *scores(r), format_epochs(r["epochs_done"])] for r in info["rows"]])
 
 
 def write_results(out: str | Path, search: Search, where) -> dict:
@@ -736,11 +886,11 @@ def write_results(out: str | Path, search: Search, where) -> dict:
     from .study import Study
 
     out = Path(out)
-    study = Study(where.url, where.name, search.plan())
+    study = Study(where.url, where.name, search.plan(), direction=search.direction)
     trials = study.study.get_trials(deepcopy=False)
     rows = _rows(out, trials)
     complete = [r for r in rows if r["state"] == "complete" and r["best_val_acc"] is not None]
-    best = dict(max(complete, key=lambda r: r["best_val_acc"])) if complete else None
+    best = _best(complete, search.target)
     if best:
         best["options"] = _best_options(out / best["run"])
         _write_best(out, search, best)
@@ -753,8 +903,10 @@ def write_results(out: str | Path, search: Search, where) -> dict:
             "epochs_unpruned": sum((r["epochs"] if r["state"] == "pruned" else
                                     r["epochs_done"]) or 0 for r in rows)}
     figures = {}
-    if _plot_history(rows, out / "history.png"):
-        figures["history.png"] = "Each trial's best validation accuracy and the best so far"
+    if _plot_history(rows, out / "history.png", search.target):
+        figures["history.png"] = ("Each trial's best validation accuracy and the best so far"
+                                  if search.target is None else
+                                  "Each trial's training time and the fastest to the target")
     if importances:
         _plot_importance(importances, len(complete), out / "importance.png")
         figures["importance.png"] = ("How much each searched option decides whether a "
@@ -766,10 +918,8 @@ def write_results(out: str | Path, search: Search, where) -> dict:
     seeded = "unseeded: --storage" if _shared(where) else f"seeded by --seed {search.base.seed}"
     fixed = fixed_settings([search.base.to_dict()], skip=tuple(d.key for d in search.space))
     lines = [f"# Search: {model} on {dataset}", "",
-             f"Sampler: {search.sampler} ({seeded}); pruner: {search.pruner}. Each trial is "
-             "scored by its best validation accuracy - the epoch its best.pt was chosen on; "
-             "the test accuracy of that best.pt chose nothing, so it is an honest estimate "
-             "(choosing on test would make it optimistic).", "",
+             f"Sampler: {search.sampler} ({seeded}); pruner: {search.pruner}. {_scored(search)}",
+             "",
              f"Searched: {'; '.join(info['searched'])}.", "",
              f"Fixed settings: {fixed}.", ""]
     for text in summary_lines(info):
