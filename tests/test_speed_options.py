@@ -371,17 +371,21 @@ def test_bench_prints_and_saves_each_row_as_it_comes_and_skips_absent_data(
     results = bench.run_bench("cpu", str(tiny_mnist), str(tmp_path / "no-cifar"),
                               str(tmp_path / "b.json"))
     out, err = capsys.readouterr()
-    # the file grew row by row: the seed recipe, 5 seeds each after a reference, 5 x --help
-    assert [len(rows) for rows in saved] == [1, 1] + [2] * 10 + [3] * 5
+    # the file grew row by row: the seed recipe, 5 seeds each after a reference, 5 more
+    # seeds, 5 x --help
+    assert [len(rows) for rows in saved] == [1, 1] + [2] * 15 + [5] * 5
     assert [r["name"][:20] for r in results["rows"]] == [
         "LeNet-5/MNIST seed r", "  same, whole proces", "LeNet-5/MNIST fast p",
-        "`cnnlab --help` (s, "]
-    fast = results["rows"][2]
+        "  same, against one ", "  fast preset on see", "`cnnlab --help` (s, "]
+    fast, paired, seeds = results["rows"][2:5]
     assert results["rows"][0]["ratio"] == 2.0 and "recorded, not run" in fast["name"]
     assert fast["accuracy"] == [99.1] * 5 and "lowest accuracy 99.10%" in fast["name"]
     assert fast["cnnlab"] == 8.0 and fast["reference_epoch_process_seconds"] == [8.0] * 5
+    assert (paired["reference"], paired["cnnlab"], paired["ratio"]) == (8.0, 8.0, 1.0)
+    assert paired["paired_ratios"] == [1.0] * 5 and "ratios, 1.00-1.00)" in paired["name"]
+    assert seeds["accuracy"] == [99.1] * 10 and seeds["cnnlab"] == 99.1
     assert json.loads((tmp_path / "b.json").read_text()) == results
-    assert out.count("\n") == 3 + 4 and "ResNet-18" not in out
+    assert out.count("\n") == 3 + 6 and "ResNet-18" not in out
     assert "cnnlab bench: no CIFAR-10 image folder: the ResNet-18 rows are left out" in err
     assert err.count("cnnlab bench: next: ") == 5
 

@@ -133,27 +133,39 @@ def _process_row(b: Bench) -> None:
 
 
 def _fast_row(b: Bench) -> None:
-    """Time-to-accuracy of the fast preset, whole process, on 5 seeds; each run follows a
-    whole-process epoch of the reference, which shows the machine's speed."""
-    b.say("next: `cnnlab train lenet5 mnist` on seeds 0-4, each after a reference epoch "
-          "(about 2.5 minutes)")
+    """Time-to-accuracy of the fast preset, whole process: seeds 0-4 timed, each right after
+    a whole-process epoch of the reference (which shows the machine's speed at that moment:
+    the two are compared per seed), and seeds 5-9 for their accuracy alone."""
+    b.say("next: `cnnlab train lenet5 mnist` on seeds 0-9, seeds 0-4 each after a reference "
+          "epoch (about 3 minutes)")
     walls, accuracies, refs = [], [], []
-    for seed in range(5):
-        refs.append(_process(b.reference_cmd())[0])
+    for seed in range(10):
+        if seed < 5:
+            refs.append(_process(b.reference_cmd())[0])
         out = b.tmp / f"fast{seed}"
-        walls.append(_process(b.train_cmd("lenet5", "mnist", "--seed", str(seed),
-                                          "--out", str(out)))[0])
+        wall = _process(b.train_cmd("lenet5", "mnist", "--seed", str(seed), "--out", str(out)))[0]
+        walls += [wall] if seed < 5 else []
         accuracies.append(json.loads((out / "summary.json").read_text())["final_test_acc"])
-    wall = statistics.median(walls)
+    wall, ref = statistics.median(walls), statistics.median(refs)
     b.emit({"name": "LeNet-5/MNIST fast preset: whole process, median of seeds 0-4, lowest "
-                    f"accuracy {min(accuracies):.2f}% (s; reference recorded, not run)",
+                    f"accuracy {min(accuracies[:5]):.2f}% (s; reference recorded, not run)",
             "reference": RECORDED_REFERENCE_SECONDS, "cnnlab": wall,
             "ratio": RECORDED_REFERENCE_SECONDS / wall, "unit": "s",
-            "target": "<= 10 s and >= 99.0% each", "accuracy": accuracies,
+            "target": "<= 10 s and >= 99.0% each", "accuracy": accuracies[:5],
             "seconds": walls, "reference_epoch_process_seconds": refs,
             "note": "reference: a recorded figure, not measured in this run - the report's "
                     "recipe reached its best, 98.79%, after 20 epochs (SEED.md); the "
                     "reference's one-epoch process ran before each seed (seconds kept)"})
+    paired = sorted(r / w for r, w in zip(refs, walls))
+    b.emit({"name": "  same, against one epoch of the reference as a whole process, run before "
+                    "each seed (s, medians; ratio: median of the seeds' own ratios, "
+                    f"{paired[0]:.2f}-{paired[-1]:.2f})",
+            "reference": ref, "cnnlab": wall, "ratio": statistics.median(paired), "unit": "s",
+            "target": ">= 2.0 (at most half a reference epoch)", "paired_ratios": paired})
+    b.emit({"name": f"  fast preset on seeds 0-9: lowest test accuracy {min(accuracies):.2f}% "
+                    f"(median {statistics.median(accuracies):.2f}%)",
+            "reference": None, "cnnlab": min(accuracies), "ratio": None, "unit": "%",
+            "target": ">= 99.0 each", "accuracy": accuracies})
 
 
 def _help_row(b: Bench) -> None:
