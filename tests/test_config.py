@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,9 @@ def test_data_dir_from_environment(monkeypatch, tmp_path):
     ({"label_smoothing": 1.5}, "label-smoothing"),
     ({"epochs": "two"}, "epochs must be float"),
     ({"val_split": 1.0}, "--val-split must be a fraction"),
+    ({"muon_lr": 0}, "--muon-lr must be positive"),
+    ({"muon_momentum": 1}, "--muon-momentum must be below 1, got 1"),
+    ({"muon_momentum": -0.1}, "--muon-momentum must be at least 0"),
 ])
 def test_validation(overrides, message):
     with pytest.raises(CnnlabError, match=message):
@@ -105,3 +109,47 @@ def test_cnnlab_device_replaces_the_default_device(monkeypatch):
     from cnnlab.config import default_device  # eval, predict and report too
 
     assert (default_device(), default_device("cpu")) == ("cuda:1", "cpu")
+
+
+def test_the_fast_preset_with_muon_gives_its_own_values_and_the_users_win(tmp_path):
+    from cnnlab.config import load_toml
+
+    sgd = resolve("fastnet", "cifar10")
+    muon = resolve("fastnet", "cifar10", overrides={"optimizer": "muon"})
+    assert (sgd.epochs, muon.epochs, muon.muon_lr, muon.muon_momentum) == (10, 8, 0.24, 0.6)
+    assert muon.optimizer == "muon" and _recipe(muon)[3:] == _recipe(sgd)[3:]  # lr 1.5, ...
+    assert muon.batch_size == sgd.batch_size == 1024
+    assert (muon.norm_lr_scale, muon.lookahead) == (sgd.norm_lr_scale, sgd.lookahead)
+    mine = resolve("fastnet", "cifar10", overrides={"optimizer": "muon", "epochs": "3",
+                                                    "muon_lr": "0.1"})
+    assert (mine.epochs, mine.muon_lr, mine.muon_momentum) == (3, 0.1, 0.6)
+    path = tmp_path / "c.toml"
+    path.write_text('optimizer = "muon"\nmuon-momentum = 0.7\n')
+    from_file = resolve("fastnet", "cifar10", file_values=load_toml(path))
+    assert (from_file.optimizer, from_file.epochs, from_file.muon_momentum) == ("muon", 8, 0.7)
+    lenet = resolve("lenet5", "mnist", overrides={"optimizer": "muon"})
+    assert (lenet.epochs, lenet.lr, lenet.muon_lr, lenet.muon_momentum) == (1.5, 0.1, 0.24, 0.6)
+
+
+def test_muon_is_refused_where_torch_lacks_it_and_with_cuda_graph(monkeypatch):
+    import torch
+
+    if hasattr(torch.optim, "Muon"):
+        with pytest.raises(CnnlabError, match=r"^--cuda-graph needs a fused optimiser step: "
+                                              "sgd, adam or adamw with --fused, not "
+                                              "--optimizer muon$"):
+            resolve("fastnet", "cifar10", overrides={"optimizer": "muon", "cuda_graph": True})
+        monkeypatch.delattr(torch.optim, "Muon")
+    message = (r"^--optimizer muon needs torch >= 2\.9 \(torch\.optim\.Muon\); this is torch "
+               + re.escape(torch.__version__) + "$")
+    with pytest.raises(CnnlabError, match=message):
+        resolve("lenet5", "mnist", overrides={"optimizer": "muon"})
+    resolve("lenet5", "mnist", overrides={"optimizer": "sgd"})  # the others need nothing new
+
+
+def test_old_runs_read_with_the_muon_options_at_their_defaults():
+    from cnnlab.config import config_fields
+
+    saved = resolve("lenet5", "mnist").to_dict()
+    del saved["muon_lr"], saved["muon_momentum"]  # written before the options existed
+    assert (config_fields(saved)["muon_lr"], config_fields(saved)["muon_momentum"]) == (0.24, 0.6)

@@ -141,6 +141,9 @@ DAMAGE = {
     "scaler str": (_put("scaler", "x"), "scaler is a str, not a dict or None"),
     "digest int": (_put("data_digest", 5), "data_digest is an int, not a str or None"),
 }
+if hasattr(torch.optim, "Muon"):  # an sgd run's state, which a muon run would be built for
+    DAMAGE["config optimizer muon"] = (_put("config.optimizer", "muon"),
+                                       "optimizer.param_groups holds 1 items, not 2")
 
 
 @pytest.mark.parametrize("case", DAMAGE)

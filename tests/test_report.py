@@ -269,3 +269,21 @@ def test_the_lab_reports_numbers_stand_beside_its_reproduced_experiment(tmp_path
     assert "what the lab report (SEED.md) saw with the same recipe after 30 epochs" in md
     assert re.search(r"\| sgd-0\.01 \| sgd \| 0\.01 \| 1 \| 71\.20 \| .*\| ~70% \|", md), md
     assert re.search(r"\| adamax-0\.002 \| adamax \| 0\.002 \| 1 \| 60\.10 \| .*\| ~57% \|", md)
+
+
+def test_muon_settings_are_listed_only_for_runs_trained_with_muon():
+    """Sweep tables' fixed settings and a report's comparison columns leave out muon-lr and
+    muon-momentum where they mean nothing: in sgd runs, also against runs written before the
+    options existed."""
+    from cnnlab.config import resolve
+    from cnnlab.report import _differing_keys
+    from cnnlab.results import fixed_settings
+
+    sgd = resolve("lenet5", "mnist").to_dict()
+    old = {k: v for k, v in sgd.items() if not k.startswith("muon_")}
+    muon = resolve("lenet5", "mnist", overrides={"optimizer": "muon", "muon_lr": 0.1}).to_dict()
+    assert "muon" not in fixed_settings([sgd, sgd]) and "momentum=0.9" in fixed_settings([sgd])
+    assert "muon-lr=0.1, muon-momentum=0.6" in fixed_settings([muon, muon])
+    assert _differing_keys([sgd, old]) == []
+    assert _differing_keys([sgd, muon]) == ["optimizer"]
+    assert _differing_keys([muon, {**muon, "muon_lr": 0.2}]) == ["muon_lr"]

@@ -1,5 +1,6 @@
 import json
 import re
+import signal
 import subprocess
 import sys
 
@@ -152,3 +153,42 @@ def test_out_refuses_to_overwrite_a_run(tiny_mnist, tmp_path):
     res = _cli("train", "lenet5", "mnist", "--data-dir", str(tiny_mnist), "--out", str(out))
     assert res.returncode == 2 and "already holds a run" in res.stderr
     assert (out / "summary.json").read_bytes() == before
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon")
+def test_muon_trains_lenet5_and_resumes_bitwise(tiny_mnist, tmp_path, monkeypatch):
+    from cnnlab import trainer
+    from cnnlab.errors import Interrupted
+
+    options = dict(data_dir=str(tiny_mnist), optimizer="muon", epochs=1, batch_size=32,
+                   log_every=4, progress=False)
+    ref = tmp_path / "ref"
+    summary = cnnlab.train("lenet5", "mnist", out=ref, **options)
+    assert summary["final_test_acc"] > 50  # chance: 10%
+    losses = [r["loss"] for r in read_metrics(ref) if r["type"] == "train"]
+    assert losses[-1] < losses[0] / 2
+    ckpt = checkpoint.load(ref / "checkpoint.pt")
+    assert (ckpt["config"]["optimizer"], ckpt["config"]["muon_lr"]) == ("muon", 0.24)
+    assert [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]] == [8, 2]
+    with pytest.raises(cnnlab.errors.CnnlabError, match="--optimizer sgd differs from the "
+                                                        "run's muon"):
+        cnnlab.train(resume=ref, optimizer="sgd", progress=False)
+
+    real = trainer.StopSignals.requested
+    steps = {"n": 0}
+
+    def stop_at_step_7(self, dist, collective):  # as if SIGTERM came during step 7
+        steps["n"] += 1
+        if steps["n"] == 7:
+            self.signum = signal.SIGTERM
+        return real(self, dist, collective)
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(trainer.StopSignals, "requested", stop_at_step_7)
+    with pytest.raises(Interrupted):
+        cnnlab.train("lenet5", "mnist", out=out, **options)
+    monkeypatch.setattr(trainer.StopSignals, "requested", real)
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 7
+    cnnlab.train(resume=out, progress=False)
+    a, b = checkpoint.load(ref / "checkpoint.pt"), checkpoint.load(out / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -29,7 +29,8 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "adamax")
+# muon: torch.optim.Muon for the convolution filters, SGD for the rest (optim.MuonSGD)
+OPTIMIZERS = ("sgd", "adam", "adamw", "adamax", "muon")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "triangle")
 # crop: random crops of the image padded by 4 zero pixels; translate: by up to 2 pixels,
 # the border mirrored; flip: a random half of each batch mirrored; altflip: each image
@@ -60,14 +61,15 @@ OFF = "off"            # --no-name alone
 @dataclass(frozen=True)
 class Limits:
     """The values a numeric option may take: from `low` (above 0 where `positive`) to
-    `high`; `off`: 0 is allowed too (it switches the option off). Ranges keep a typo's huge
-    or tiny number from running for ever, filling memory or sampling thousands of times a
-    second."""
+    `high` (below it where `below`: a fraction under 1); `off`: 0 is allowed too (it switches
+    the option off). Ranges keep a typo's huge or tiny number from running for ever, filling
+    memory or sampling thousands of times a second."""
 
     low: float = 0
     high: float = math.inf
     positive: bool = False
     off: bool = False
+    below: bool = False
 
     def problem(self, value: float) -> str | None:
         """What is wrong with `value` ("positive", "at most 10,000", ...), or None."""
@@ -77,8 +79,8 @@ class Limits:
             return "positive"
         if value < self.low:
             return f"at least {format_value(self.low)}" + (" (or 0: off)" if self.off else "")
-        if value > self.high:
-            return f"at most {self.high:,}"
+        if value > self.high or (self.below and value == self.high):
+            return f"{'below' if self.below else 'at most'} {self.high:,}"
         return None
 
 
@@ -120,6 +122,13 @@ class Config:
     momentum: float = option(help="SGD momentum", limits=Limits(high=1))
     nesterov: bool = option(help="Nesterov momentum (sgd)")
     weight_decay: float = option(help="L2 penalty on the weights", limits=Limits())
+    muon_lr: float = option(0.24, help="--optimizer muon only: Muon's (peak) learning rate "
+                                       "for the convolution filters, which the schedule "
+                                       "scales as it scales --lr",
+                            limits=Limits(positive=True))
+    muon_momentum: float = option(0.6, help="--optimizer muon only: Muon's momentum for the "
+                                            "convolution filters, in [0, 1)",
+                                  limits=Limits(high=1, below=True))
     schedule: str = option(choices=SCHEDULES, help="learning-rate schedule (triangle: from 0.2 x "
                                                    "lr up to lr over the first 23 percent of "
                                                    "steps, then down to 0.07 x lr)")
@@ -244,6 +253,17 @@ def with_role(*roles: str) -> tuple[str, ...]:
 COMPARED = with_role(IDENTITY, RECIPE, MACHINE)
 # Fields a results table lists as its settings.
 LISTED = with_role(RECIPE)
+# Fields that mean something only where another field has one value: field -> (that field,
+# the value). A results table does not list them for runs where they mean nothing.
+ONLY_WITH = {"muon_lr": ("optimizer", "muon"), "muon_momentum": ("optimizer", "muon")}
+
+
+def applies(config: dict[str, Any], key: str) -> bool:
+    """Whether field `key` means something for a run of `config` (a Config's dict)."""
+    other, value = ONLY_WITH.get(key, (None, None))
+    return other is None or config.get(other) == value
+
+
 # Options a resumed run may change: those that cannot change the result, and the epochs
 # (the trainer allows only more, and only with the constant schedule).
 RESUME_SAFE = (*with_role(RUNTIME), "epochs")
@@ -299,6 +319,13 @@ _FAST_BY_MODEL = {
 }
 # What the fast preset augments natural images (CIFAR-10) with, by model.
 _FAST_AUGMENT = {"fastnet": "translate,altflip"}
+# The fast preset with --optimizer muon: Muon's lr and momentum for every model (chosen on
+# fastnet), and what else changes for a model: fastnet trains 8 epochs. The rest is the
+# model's own fast preset (SGD's values for the norms, biases and the head). Config's own
+# defaults of muon_lr and muon_momentum (the seed preset's, and what runs written before
+# them read as) are kept apart: changing these leaves earlier runs' configs as they were.
+_FAST_MUON = dict(muon_lr=0.24, muon_momentum=0.6)
+_FAST_MUON_BY_MODEL = {"fastnet": dict(epochs=8)}
 
 
 def flips(augment: str) -> bool:
@@ -306,9 +333,12 @@ def flips(augment: str) -> bool:
     return bool({"flip", "altflip"} & set(augment.split(",")))
 
 
-def preset_values(preset: str, model: str, dataset: str) -> dict[str, Any]:
-    """The values a preset gives for this model and dataset: every field without a default
-    but the model, the dataset, tta and data_dir (which `resolve` derives)."""
+def preset_values(preset: str, model: str, dataset: str,
+                  optimizer: str | None = None) -> dict[str, Any]:
+    """The values a preset gives for this model and dataset, trained with `optimizer` where
+    the run chooses one (the fast preset has values of its own for muon): every field
+    without a default but the model, the dataset, tta and data_dir (which `resolve`
+    derives)."""
     if preset not in PRESETS:
         raise CnnlabError(unknown_choice("preset", preset, PRESETS))
     if preset == "seed":
@@ -316,8 +346,11 @@ def preset_values(preset: str, model: str, dataset: str) -> dict[str, Any]:
         return dict(_LAB_RECIPE, lr=lr, epochs=epochs)
     # Crop+flip suits natural images; digits must not be mirrored, and folders opt in.
     augment = _FAST_AUGMENT.get(model, "crop,flip") if dataset == "cifar10" else "none"
-    return dict(_FAST_RECIPE, **_FAST_BY_MODEL.get(model, _FAST_BY_MODEL["resnet18"]),
-                augment=augment)
+    values = dict(_FAST_RECIPE, **_FAST_BY_MODEL.get(model, _FAST_BY_MODEL["resnet18"]),
+                  augment=augment)
+    if optimizer == "muon":
+        values.update(_FAST_MUON, **_FAST_MUON_BY_MODEL.get(model, {}))
+    return values
 
 
 def default_device(value: str | None = None) -> str:
@@ -398,7 +431,9 @@ def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = No
                               "option")
     file_values = option_values(file_values or {}, "config file key")
     preset = overrides.get("preset") or file_values.get("preset") or OPTIONS["preset"].default
-    values: dict[str, Any] = preset_values(preset, model, dataset)
+    optimizer = next((typed_value("optimizer", source["optimizer"], text=source is overrides)
+                      for source in (overrides, file_values) if "optimizer" in source), None)
+    values: dict[str, Any] = preset_values(preset, model, dataset, optimizer)
     for source in (file_values, overrides):  # a file's values are typed; options may be text
         for key, value in source.items():
             values[key] = typed_value(key, value, text=source is overrides)
@@ -555,6 +590,12 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.ema < 1:
         raise CnnlabError(f"--ema must be a decay in [0, 1) (0 = off, e.g. 0.999), got {cfg.ema}")
     checkpoint_interval(cfg.checkpoint_every)
+    if cfg.optimizer == "muon":
+        import torch
+
+        if not hasattr(torch.optim, "Muon"):
+            raise CnnlabError(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this "
+                              f"is torch {torch.__version__}")
     if cfg.cuda_graph:
         _graphable(cfg)
 

@@ -22,6 +22,7 @@ from typing import Any
 from . import __version__
 from .config import (
     COMPARED,
+    applies,
     data_dir_for,
     format_value,
     option_name,
@@ -536,8 +537,9 @@ def _search(path: Path, heading: Heading) -> tuple[list, frozenset[Path]]:
 
 def _differing_keys(configs: list[dict]) -> list[str]:
     """The config fields that tell the runs apart; what cannot change a result (the runtime
-    fields, and what config.json adds about the machine) is left out."""
-    return [k for k in COMPARED if len({repr(c.get(k)) for c in configs}) > 1]
+    fields, and what config.json adds about the machine) is left out, and so is a field's
+    value in the runs where it means nothing (config.ONLY_WITH: muon-lr in sgd runs)."""
+    return [k for k in COMPARED if len({repr(c.get(k)) for c in configs if applies(c, k)}) > 1]
 
 
 def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .config import LISTED, format_value, option_name
+from .config import LISTED, applies, format_value, option_name
 from .errors import CnnlabError
 from .files import read_json
 
@@ -247,11 +247,13 @@ def verdict(rows: list[dict], keys: list[str]) -> str | None:
 
 
 def fixed_settings(configs: list[dict], skip: tuple[str, ...] = ()) -> str:
-    """`option=value` for every recipe field (config.LISTED) that all runs share, but `skip`."""
+    """`option=value` for every recipe field (config.LISTED) that all runs share, but `skip`
+    and those that mean nothing for any of them (config.ONLY_WITH: muon-lr in sgd runs)."""
     if not configs:
         return ""
     shared = [k for k in LISTED if k in configs[0] and k not in skip
-              and all(c.get(k) == configs[0][k] for c in configs)]
+              and all(c.get(k) == configs[0][k] for c in configs)
+              and any(applies(c, k) for c in configs)]
     return ", ".join(f"{option_name(k)}={_shown(configs[0], k)}" for k in shared)
 
 

@@ -71,10 +71,13 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     params = parameter_groups(cfg, model)
     # fused: the whole update in one kernel rather than a loop of small ops per parameter
     fused = {"fused": True} if cfg.fused and cfg.optimizer != "adamax" else {}  # no fused Adamax
-    if cfg.optimizer == "sgd":
-        return optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                         nesterov=cfg.nesterov and cfg.momentum > 0,
-                         weight_decay=cfg.weight_decay, **fused)
+    if cfg.optimizer in ("sgd", "muon"):
+        sgd = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                   weight_decay=cfg.weight_decay, **fused)
+        if cfg.optimizer == "muon":  # Muon for the convolution filters, this SGD for the rest
+            return optim.MuonSGD(params, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
+                                 **sgd)
+        return optim.SGD(params, **sgd)
     if cfg.cuda_graph:  # Adam's step counts stay on the device, as a graph needs
         fused["capturable"] = True
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "adamax": optim.Adamax}[cfg.optimizer]
