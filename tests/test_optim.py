@@ -1,6 +1,7 @@
 """cnnlab's optimisers compute exactly what torch.optim's do - every update, the state_dict,
 resuming from either - without importing torch._dynamo (a second or two of start-up)."""
 
+import copy
 import io
 import subprocess
 import sys
@@ -143,6 +144,33 @@ def test_muon_updates_the_filters_as_torch_muon_and_the_rest_as_torch_sgd():
     assert not torch.equal(a[0].weight, before)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert ours.param_groups[1]["lr"] == muon.param_groups[0]["lr"] == pytest.approx(0.05 * 0.4)
+
+
+def test_muon_takes_the_hidden_layers_weights_and_leaves_the_head_to_sgd():
+    from cnnlab.models.lenet import LeNet5
+    from cnnlab.trainer import hidden_weights
+
+    lenet = LeNet5()
+    f, c = lenet.features, lenet.classifier
+    assert [id(p) for p in hidden_weights(lenet)] == \
+        [id(p) for p in (f[0].weight, f[3].weight, c[1].weight, c[3].weight)]  # not c[5]
+    hidden = hidden_weights(_net())
+    assert len(hidden) == 1 and hidden[0].dim() == 4  # one convolution, a linear head
+
+
+@muon_only
+def test_a_hidden_linear_weight_moves_as_torch_muon_moves_it():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3))
+    b = copy.deepcopy(a)
+    ours = optim.MuonSGD(a.parameters(), matrices=[a[1].weight], **MUON)
+    muon = torch.optim.Muon([b[1].weight], lr=0.05, momentum=0.6, nesterov=True,
+                            weight_decay=5e-3)
+    sgd = torch.optim.SGD([p for n, p in b.named_parameters() if n != "1.weight"], lr=0.1,
+                          momentum=0.9, nesterov=True, weight_decay=5e-3, fused=True)
+    _muon_steps(a, ours.step, 4)
+    _muon_steps(b, lambda: (sgd.step(), muon.step()), 4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 @muon_only

@@ -203,17 +203,17 @@ def test_cli_sweep_errors_are_one_line_exit_2(tiny_mnist, tmp_path, capsys, args
 
 
 def test_real_mnist_pooling_sweep(real_data, tmp_path):
-    """The pooling sweep file end to end on the real MNIST, one epoch, two seeds."""
+    """The pooling sweep file end to end on the real MNIST, half an epoch, two seeds."""
     out = tmp_path / "pooling"
     res = subprocess.run(
         [sys.executable, "-m", "cnnlab", "sweep", "--config",
          str(REPO / "configs" / "sweeps" / "pooling.toml"), "--data-dir", str(real_data),
-         "--epochs", "1", "--seeds", "2", "--out", str(out), "--quiet"],
+         "--epochs", "0.5", "--seeds", "2", "--out", str(out), "--quiet"],
         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     rows = _results(out)
     assert [r["point"] for r in rows] == ["pool=max", "pool=avg"]
-    assert all(r["seeds"] == "2" and float(r["best_test_acc_mean"]) > 97 for r in rows)
+    assert all(r["seeds"] == "2" and float(r["best_test_acc_mean"]) > 96 for r in rows)
     md = (out / "results.md").read_text()
     best = {pool: [json.loads((out / f"pool={pool}-seed={i}" / "summary.json").read_text())
                    ["best_test_acc"] for i in (0, 1)] for pool in ("max", "avg")}

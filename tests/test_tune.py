@@ -147,6 +147,7 @@ def test_a_search_end_to_end(data, tmp_path, capfd):
     assert (cfg.lr, cfg.batch_size) == (best.params["lr"], best.params["batch-size"])
     ran = json.loads((out / best.user_attrs["run"] / "config.json").read_text())
     assert all(ran[k] == v for k, v in cfg.to_dict().items() if k in COMPARED)
+    assert "muon-lr" not in (out / "best.toml").read_text()  # it means nothing with sgd
     assert (out / "best.toml").read_text().startswith(
         f"# cnnlab tune: the best trial of {out}: {best.user_attrs['run']}, best validation "
         f"accuracy {best.value:.2f}%")

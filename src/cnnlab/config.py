@@ -29,7 +29,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-# muon: torch.optim.Muon for the convolution filters, SGD for the rest (optim.MuonSGD)
+# muon: torch.optim.Muon for the hidden layers' weights, SGD for the rest (optim.MuonSGD)
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamax", "muon")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "triangle")
 # crop: random crops of the image padded by 4 zero pixels; translate: by up to 2 pixels,
@@ -123,11 +123,12 @@ class Config:
     nesterov: bool = option(help="Nesterov momentum (sgd)")
     weight_decay: float = option(help="L2 penalty on the weights", limits=Limits())
     muon_lr: float = option(0.24, help="--optimizer muon only: Muon's (peak) learning rate "
-                                       "for the convolution filters, which the schedule "
-                                       "scales as it scales --lr",
+                                       "for the hidden layers' weights (convolution "
+                                       "filters, linear layers but the head), which the "
+                                       "schedule scales as it scales --lr",
                             limits=Limits(positive=True))
     muon_momentum: float = option(0.6, help="--optimizer muon only: Muon's momentum for the "
-                                            "convolution filters, in [0, 1)",
+                                            "hidden layers' weights, in [0, 1)",
                                   limits=Limits(high=1, below=True))
     schedule: str = option(choices=SCHEDULES, help="learning-rate schedule (triangle: from 0.2 x "
                                                    "lr up to lr over the first 23 percent of "

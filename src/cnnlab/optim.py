@@ -9,7 +9,7 @@ torch.optim computes (tests/test_optim.py), minus the import. They are for an op
 step that runs eagerly, as cnnlab's does (--compile compiles the model, not the step); a
 step traced by torch.compile needs torch.optim's own classes.
 
-`MuonSGD` (--optimizer muon) is torch.optim.Muon for the convolution filters and SGD for the
+`MuonSGD` (--optimizer muon) is torch.optim.Muon for weight matrices and SGD for the
 rest, as one optimiser."""
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def _rows(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
 
 
 class MuonSGD(torch.optim.Optimizer):
-    """--optimizer muon: torch.optim.Muon updates every convolution filter (every 4-D
-    parameter) through a 2-D view of it (out-channels x the rest, sharing its storage); SGD
-    (`sgd`: its lr, momentum, nesterov, fused) every other parameter. One optimiser for the
+    """--optimizer muon: torch.optim.Muon updates the weight matrices `matrices` (default:
+    every 4-D parameter, the convolution filters) through a 2-D view of each (out-channels x
+    the rest, sharing its storage); SGD (`sgd`: its lr, momentum, nesterov, fused) every
+    other parameter. One optimiser for the
     rest of the code: `param_groups` are SGD's groups then the filters' group, all of the
     model's own parameters (so the schedulers scale both parts, GradScaler unscales every
     gradient and the checkpoint checks see each state in its parameter's shape), and `state`
@@ -86,14 +87,16 @@ class MuonSGD(torch.optim.Optimizer):
     state_dict = _unguarded("state_dict")
 
     def __init__(self, params, *, muon_lr: float, muon_momentum: float,
-                 weight_decay: float, **sgd) -> None:
+                 weight_decay: float, matrices=None, **sgd) -> None:
         groups = list(params)  # parameters, or groups of them (dicts), as torch.optim takes
         if not groups or not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         groups = [dict(g, params=list(g["params"])) for g in groups]  # the filters move out
-        self.filters = [p for g in groups for p in g["params"] if p.dim() == 4]
+        chosen = ({id(p) for p in matrices} if matrices is not None else
+                  {id(p) for g in groups for p in g["params"] if p.dim() == 4})
+        self.filters = [p for g in groups for p in g["params"] if id(p) in chosen]
         for g in groups:
-            g["params"] = [p for p in g["params"] if p.dim() != 4]
+            g["params"] = [p for p in g["params"] if id(p) not in chosen]
         self._sgd = SGD(groups, weight_decay=weight_decay, **sgd)
         self._orders = [_memory_order(p) for p in self.filters]
         self._views = [_rows(p.detach(), order) for p, order in zip(self.filters, self._orders)]

@@ -74,14 +74,22 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer in ("sgd", "muon"):
         sgd = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                    weight_decay=cfg.weight_decay, **fused)
-        if cfg.optimizer == "muon":  # Muon for the convolution filters, this SGD for the rest
+        if cfg.optimizer == "muon":  # Muon for the hidden layers' weights, this SGD for the rest
             return optim.MuonSGD(params, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
-                                 **sgd)
+                                 matrices=hidden_weights(model), **sgd)
         return optim.SGD(params, **sgd)
     if cfg.cuda_graph:  # Adam's step counts stay on the device, as a graph needs
         fused["capturable"] = True
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "adamax": optim.Adamax}[cfg.optimizer]
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
+def hidden_weights(model: nn.Module) -> list[nn.Parameter]:
+    """What Muon updates: the weights of every convolution and every linear layer but the
+    last (the head, which maps features to classes)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    head = next((m for m in reversed(layers) if isinstance(m, nn.Linear)), None)
+    return [m.weight for m in layers if m is not head and m.weight.requires_grad]
 
 
 def triangle(step: int, total_steps: int) -> float:

@@ -45,6 +45,7 @@ from .config import (
     OPTIONS,
     RUNTIME,
     Config,
+    applies,
     field_name,
     format_value,
     nearest_option,
@@ -691,10 +692,12 @@ def _target(info: dict) -> float | None:
 
 def _best_options(run_dir: Path) -> dict[str, Any]:
     """What a run trained with, as `cnnlab train --config` takes it: every option that can
-    change the result (no model or dataset, no runtime option, no None: the default)."""
+    change the result (no model or dataset, no runtime option, no None: the default, none
+    that means nothing for it, such as --muon-lr with sgd)."""
     config = read_json(run_dir / "config.json")
     return {k: config[k] for k in COMPARED
-            if OPTIONS[k].kind != ARGUMENT and config.get(k) is not None}
+            if OPTIONS[k].kind != ARGUMENT and config.get(k) is not None
+            and applies(config, k)}
 
 
 def _toml_value(value: Any) -> str:
