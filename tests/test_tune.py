@@ -192,7 +192,7 @@ def test_a_search_for_the_fastest_recipe_to_a_target(data, tmp_path, capfd):
     assert info["plan"]["tune"]["target"] == 50
     rows = {(r["params"]["lr"], r["params"]["epochs"]): r for r in info["rows"]}
     assert len(rows) == 4, err
-    for (lr, epochs), r in rows.items():
+    for (lr, _), r in rows.items():
         if r["state"] == "complete":
             assert r["train_seconds"] > 0 and r["final_val_acc"] is not None
             assert (r["final_val_acc"] >= 50) == (lr == 0.05), r
