@@ -128,7 +128,7 @@ def test_the_fast_preset_with_muon_gives_its_own_values_and_the_users_win(tmp_pa
     from_file = resolve("fastnet", "cifar10", file_values=load_toml(path))
     assert (from_file.optimizer, from_file.epochs, from_file.muon_momentum) == ("muon", 8, 0.7)
     lenet = resolve("lenet5", "mnist", overrides={"optimizer": "muon"})
-    assert (lenet.epochs, lenet.lr, lenet.muon_lr, lenet.muon_momentum) == (1.5, 0.1, 0.24, 0.6)
+    assert (lenet.epochs, lenet.lr, lenet.muon_lr, lenet.muon_momentum) == (1.5, 0.1, 0.01, 0.89)
 
 
 def test_muon_is_refused_where_torch_lacks_it_and_with_cuda_graph(monkeypatch):

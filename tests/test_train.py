@@ -160,16 +160,18 @@ def test_muon_trains_lenet5_and_resumes_bitwise(tiny_mnist, tmp_path, monkeypatc
     from cnnlab import trainer
     from cnnlab.errors import Interrupted
 
-    options = dict(data_dir=str(tiny_mnist), optimizer="muon", epochs=1, batch_size=32,
-                   log_every=4, progress=False)
+    # a Muon lr above the preset's for LeNet-5 (0.01, chosen on the real MNIST's 1.5 epochs):
+    # this tiny split gives it one epoch
+    options = dict(data_dir=str(tiny_mnist), optimizer="muon", muon_lr=0.05, epochs=1,
+                   batch_size=32, log_every=4, progress=False)
     ref = tmp_path / "ref"
     summary = cnnlab.train("lenet5", "mnist", out=ref, **options)
     assert summary["final_test_acc"] > 50  # chance: 10%
     losses = [r["loss"] for r in read_metrics(ref) if r["type"] == "train"]
     assert losses[-1] < losses[0] / 2
     ckpt = checkpoint.load(ref / "checkpoint.pt")
-    assert (ckpt["config"]["optimizer"], ckpt["config"]["muon_lr"]) == ("muon", 0.24)
-    assert [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]] == [8, 2]
+    assert (ckpt["config"]["optimizer"], ckpt["config"]["muon_lr"]) == ("muon", 0.05)
+    assert [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]] == [6, 4]
     with pytest.raises(cnnlab.errors.CnnlabError, match="--optimizer sgd differs from the "
                                                         "run's muon"):
         cnnlab.train(resume=ref, optimizer="sgd", progress=False)
