@@ -283,7 +283,7 @@ def test_muon_settings_are_listed_only_for_runs_trained_with_muon():
     old = {k: v for k, v in sgd.items() if not k.startswith("muon_")}
     muon = resolve("lenet5", "mnist", overrides={"optimizer": "muon", "muon_lr": 0.1}).to_dict()
     assert "muon" not in fixed_settings([sgd, sgd]) and "momentum=0.9" in fixed_settings([sgd])
-    assert "muon-lr=0.1, muon-momentum=0.6" in fixed_settings([muon, muon])
+    assert "muon-lr=0.1, muon-momentum=0.89" in fixed_settings([muon, muon])
     assert _differing_keys([sgd, old]) == []
     assert _differing_keys([sgd, muon]) == ["optimizer"]
     assert _differing_keys([muon, {**muon, "muon_lr": 0.2}]) == ["muon_lr"]
