@@ -1,8 +1,8 @@
 """Hosts for tests: Linux network namespaces joined by one switch, and a PostgreSQL server.
 
     with network(2) as (a, b):              # two hosts, 10.213.0.1 and 10.213.0.2
-        with postgres_server(a) as url:     # postgresql+psycopg2://cnnlab@10.213.0.1:PORT/cnnlab
-            b.run(["psql", libpq(url), "-c", "SELECT 1"])
+        with postgres_server(a) as url:     # postgresql://cnnlab@10.213.0.1:PORT/cnnlab
+            b.run(["psql", url, "-c", "SELECT 1"])
 
 Each host is a network namespace of its own with loopback up and one interface, `eth0`,
 whose other end is a port of a bridge in a namespace of its own (the switch). Nothing is
@@ -246,17 +246,13 @@ def _server_user() -> pwd.struct_passwd:
     raise AssertionError  # unreachable
 
 
-def libpq(url: str) -> str:
-    """The URL in libpq's own form (psql, psycopg2): without SQLAlchemy's driver name."""
-    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
-
-
 @contextlib.contextmanager
 def postgres_server(host: Host | None = None, *, dbname: str = "cnnlab", user: str = "cnnlab",
                     timeout: float = 60) -> Iterator[str]:
     """A throwaway PostgreSQL cluster with database `dbname`, listening on `host`'s address
     (every host of its network may connect, without a password), or on 127.0.0.1 without
-    one. Yields its SQLAlchemy URL, postgresql+psycopg2://USER@ADDR:PORT/DBNAME; the server
+    one. Yields its URL as the README writes it, postgresql://USER@ADDR:PORT/DBNAME (libpq's
+form, which SQLAlchemy reads with psycopg 3 and psql takes as it is); the server
     and its files are gone when the block ends."""
     tools = {t: _pg_bin(t) for t in ("initdb", "postgres", "pg_isready", "createdb")}
     missing = [t for t, path in tools.items() if path is None]
@@ -313,7 +309,7 @@ def postgres_server(host: Host | None = None, *, dbname: str = "cnnlab", user: s
                     raise RuntimeError(f"PostgreSQL did not start: {f.read()[-2000:]}")
             time.sleep(0.2)
         run([tools["createdb"], "-h", sockets, "-p", str(port), "-U", user, dbname])
-        yield f"postgresql+psycopg2://{user}@{addr}:{port}/{dbname}"
+        yield f"postgresql://{user}@{addr}:{port}/{dbname}"
     finally:
         if server is not None:  # SIGINT: fast shutdown (SIGTERM would wait for clients)
             _stop(server, signal.SIGINT, grace=15)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, write_mnist
-from hosts import PYTHON, libpq, network, postgres_server
+from hosts import PYTHON, network, postgres_server
 from test_distributed import ARGS, assert_one_process_run
 
 TORCHRUN = str(Path(PYTHON).with_name("torchrun"))
@@ -100,19 +100,28 @@ def test_a_host_that_cannot_reach_the_first_gives_up_in_time(data, tmp_path):
 
 @pytest.mark.parametrize("on_a_host", [True, False], ids=["host", "local"])
 def test_postgres_serves_other_hosts(on_a_host):
-    """The server on one host; a client on another connects and queries it (psql, and
-    SQLAlchemy's psycopg2 where it is installed, as Optuna's storage would)."""
+    """The server on one host; a client on another connects and queries it with the URL as
+    the README writes it (psql, and SQLAlchemy as Optuna's storage does: psycopg 3 from the
+    postgres extra), and with psycopg2's URL where that driver is installed."""
     if not on_a_host:
         with postgres_server() as url:
-            assert url.startswith("postgresql+psycopg2://cnnlab@127.0.0.1:")
-            done = subprocess.run(["psql", libpq(url), "-Atc", "SELECT 1"],
+            assert url.startswith("postgresql://cnnlab@127.0.0.1:")
+            done = subprocess.run(["psql", url, "-Atc", "SELECT 1"],
                                   capture_output=True, text=True, timeout=30)
             assert (done.returncode, done.stdout) == (0, "1\n"), done.stderr
         return
     with network(2) as (a, b), postgres_server(a) as url:
-        assert re.fullmatch(rf"postgresql\+psycopg2://cnnlab@{a.addr}:\d+/cnnlab", url)
-        done = b.run(["psql", libpq(url), "-Atc", "SELECT 1"])
+        assert re.fullmatch(rf"postgresql://cnnlab@{a.addr}:\d+/cnnlab", url)
+        done = b.run(["psql", url, "-Atc", "SELECT 1"])
         assert done.stdout == "1\n"
+        check = ("import sys, sqlalchemy; e = sqlalchemy.create_engine(sys.argv[1]); "
+                 "print(e.dialect.driver, e.connect().execute(sqlalchemy.text('SELECT 1'))"
+                 ".scalar())")
+        assert b.run([PYTHON, "-c", check, url]).stdout == "psycopg 1\n"
+        if subprocess.run([PYTHON, "-c", "import psycopg2"], capture_output=True,
+                          timeout=30).returncode == 0:
+            old = url.replace("postgresql://", "postgresql+psycopg2://", 1)
+            assert b.run([PYTHON, "-c", check, old]).stdout == "psycopg2 1\n"
         check = ("import sys, sqlalchemy; e = sqlalchemy.create_engine(sys.argv[1]); "
                  "print(e.connect().execute(sqlalchemy.text('SELECT 1')).scalar())")
         if subprocess.run([PYTHON, "-c", "import psycopg2"], capture_output=True,

@@ -135,6 +135,8 @@ def test_no_worker_outlives_a_killed_sweep(tiny_mnist, tmp_path):
 
 
 @pytest.mark.parametrize("storage, message", [
+    ("postgresql://nobody@127.0.0.1:1/none", "cannot open the study storage "
+                                             "postgresql://nobody@127.0.0.1:1"),
     ("postgresql+psycopg2://nobody@127.0.0.1:1/none", "cannot open the study storage "
                                                       "postgresql+psycopg2://nobody@127.0.0.1:1"),
     ("nosuchdb://x", "cannot open the study storage nosuchdb://x"),

@@ -410,13 +410,22 @@ def option_values(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return values
 
 
+CONFIG_FILE_MAX = 1 << 20  # bytes: a configuration or sweep file is far smaller
+
+
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a TOML file, its keys as the file spells them (option_values makes them field
     names, so that a message can quote a wrong key as it is written)."""
     p = Path(path)
     try:
+        if not p.is_file() and p.exists():  # a device, a FIFO: never opened (it may not end)
+            raise CnnlabError(f"config file {p} is not a regular file; give a TOML file")
         with p.open("rb") as f:
-            raw = tomllib.load(f)
+            text = f.read(CONFIG_FILE_MAX + 1)
+        if len(text) > CONFIG_FILE_MAX:
+            raise CnnlabError(f"config file {p} is larger than a configuration can be (at most "
+                              f"{CONFIG_FILE_MAX:,} bytes); give the right file")
+        raw = tomllib.loads(text.decode())
     except FileNotFoundError:
         raise CnnlabError(f"config file not found: {p}") from None
     except OSError as e:  # a folder, a path through a file, no permission
