@@ -169,7 +169,9 @@ def test_sweep_results_count_epochs_to_best_in_epochs_trained(tmp_path):
         evals = ([(0.3, 97.0 + run.config.seed)] if run.config.epochs == 0.3
                  else [(1.0, 98.0 + run.config.seed), (1.5, 98.5)])  # best at 1.0, then 1.5
         write_run(out / run.name, epochs=run.config.epochs, evals=evals)
-    write_results(out, plan)
+        write_json(out / run.name / "config.json", run.config.to_dict())  # its own seed
+    write_json(out / "sweep.json", plan.to_json())
+    write_results(out)
     md = (out / "results.md").read_text()
     assert "| 0.3 | 2 | 97.50 ± 0.71 | 97.50 ± 0.71 | 0.30 ± 0.00 |" in md  # was 1.0 ± 0.0
     assert "| 1.5 | 2 | 98.50 ± 0.00 | 98.75 ± 0.35 | 1.25 ± 0.35 |" in md  # was 1.5 ± 0.7

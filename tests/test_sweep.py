@@ -13,7 +13,8 @@ from conftest import REPO
 
 from cnnlab.cli import main
 from cnnlab.errors import CnnlabError
-from cnnlab.sweep import job_device, load_sweep_file, parse_grid_arg, plan_sweep
+from cnnlab.sweep import load_sweep_file, parse_grid_arg, plan_sweep
+from cnnlab.worker import job_device
 
 TINY = ["--epochs", "1", "--batch-size", "64", "--log-every", "2", "--lr", "0.05", "--quiet"]
 
@@ -177,10 +178,10 @@ def test_sweep_runs_every_point_resumes_and_summarises(tiny_mnist, tmp_path, cap
     assert main([*args[:-len(TINY)], *TINY[:-1], "--seeds", "3", "--grid", "pool=max"]) == 0
     assert capsys.readouterr().err.count("finished before, skipped") == 2
     assert (out / "pool=max-seed=2" / "summary.json").is_file()
-    assert [r["seeds"] for r in _results(out)] == ["3"]
+    assert [r["seeds"] for r in _results(out)] == ["3", "2"]  # every point of the sweep
     assert main([*args, "--epochs", "2"]) == 2
-    assert "is a finished run of another sweep (it ran with epochs=1, this sweep asks for 2)" \
-        in capsys.readouterr().err
+    assert "holds another sweep (--epochs 1 there, 2 here); give the same options to extend " \
+        "it, or choose another --out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -349,9 +350,13 @@ def test_ctrl_c_stops_every_concurrent_run_and_the_same_command_continues(tiny_m
         "kept, the stopped ones continue from their checkpoints)")
     for run in runs:
         assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()
-    # Nothing finished, so a shorter sweep in the same directory (no writer left: the
-    # workers ended with the sweep) starts both again.
+    # A sweep with other options is refused though nothing finished; the same command
+    # continues both runs from their checkpoints (no writer left: the workers ended).
     res = subprocess.run([*cmd, "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "holds another sweep (--epochs 200 there, 1 here)" \
+        in res.stderr
+    res = subprocess.run([*cmd, "--epochs", "200"], capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr
     assert [(r["point"], r["seeds"]) for r in _results(out)] == [("pool=max", "1"),
                                                                   ("pool=avg", "1")]

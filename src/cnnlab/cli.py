@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import (
@@ -280,7 +281,6 @@ def _use_parsers(sub) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from .config import resolve_device
     from .inference import evaluate_checkpoint, format_eval, save_eval
@@ -409,7 +409,17 @@ def _sweep(args: argparse.Namespace) -> int:
         if result["verdict"]:
             print(result["verdict"], file=sys.stderr)
     print(out)
-    return Exit.OK
+    return _refused(result["refused"], out)
+
+
+def _refused(reasons: list[str], out: str | Path) -> int:
+    """The exit status of a sweep or search that refused `reasons`' trials: said in a line."""
+    if not reasons:
+        return Exit.OK
+    print(f"cnnlab: {len(reasons)} trial{'s' if len(reasons) > 1 else ''} of the study "
+          f"{'were' if len(reasons) > 1 else 'was'} refused: their stored values failed the "
+          f"check (the first: {reasons[0]}); see {Path(out) / 'results.md'}", file=sys.stderr)
+    return Exit.SOME_TRIALS_REFUSED
 
 
 def _tune_parser(sub) -> None:
@@ -474,7 +484,7 @@ def _tune(args: argparse.Namespace) -> int:
             print(f"cnnlab tune: train it: cnnlab train {args.model} {args.dataset} --config "
                   f"{out}/best.toml", file=sys.stderr)
     print(out)
-    return Exit.OK
+    return _refused(result["refused"], out)
 
 
 def _report_parser(sub) -> None:

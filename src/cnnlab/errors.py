@@ -15,6 +15,7 @@ class Exit(IntEnum):
 
     OK = 0
     SOME_FILES_UNREADABLE = 1  # `predict`: some images could not be read, the others were
+    SOME_TRIALS_REFUSED = 1    # sweep, tune: trials a study's storage held were refused
     BAD_INPUT = 2              # bad input or environment (also a full disk, out of memory)
     DIVERGED = 3               # the loss became NaN or infinite
     SIGNALLED = 128            # + the signal number: 130 SIGINT, 143 SIGTERM

@@ -15,11 +15,12 @@ time: a killed run, or one that ran out of disk space, never leaves half a file.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -220,6 +221,15 @@ def is_locked(run_dir: Path) -> bool:
         return False
     except RunLocked:
         return True
+
+
+@contextlib.contextmanager
+def hold(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (made if missing) while the block runs, waiting for
+    another process that holds it."""
+    with path.open("ab") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def _lock(path: Path) -> IO[bytes]:

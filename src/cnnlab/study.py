@@ -40,6 +40,49 @@ READY = "cnnlab_ready"      # study user attribute: all points are queued
 PLAN = "cnnlab_plan"        # study user attribute: digest of what the study trains
 STOP = "cnnlab_stop"        # study user attribute: why workers must take no more points
 RUN = "run"                 # trial user attribute: the run directory's name
+REFUSED = "cnnlab_refused"  # trial system attribute: why its stored values were refused
+
+
+# Seconds a worker keeps trying a storage operation that fails for want of the storage (a
+# server restarting, a link down) before it gives up in one line; tests shorten it.
+PATIENCE = float(os.environ.get("CNNLAB_STORAGE_PATIENCE", "120"))
+# libpq's bounds on a connection (PostgreSQL): seconds to connect, and to find a silent
+# server or a cut link dead (TCP keep-alives and the kernel's wait for unacknowledged data)
+CONNECT_TIMEOUT = 10
+POSTGRES_LINK = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 5,
+                 "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 15000}
+# What SQLite says when waiting cannot help: the file cannot be written or is not a database
+_FOR_GOOD = ("readonly", "read-only", "disk is full", "malformed", "not a database",
+             "unable to open", "no such table")
+
+
+def patient(call: Callable[[], Any], what: str) -> Any:
+    """`call()`, tried again with growing pauses while the storage cannot be reached, for at
+    most PATIENCE seconds; then - or at once where waiting cannot help (a read-only or full
+    SQLite file) - one line: CnnlabError."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import DBAPIError
+
+    deadline, pause, said = time.monotonic() + PATIENCE, 0.5, False
+    while True:
+        try:
+            return call()
+        except (StorageInternalError, DBAPIError) as e:
+            cause = e.__cause__ if isinstance(e, StorageInternalError) and e.__cause__ else e
+            text = one_line(getattr(cause, "orig", None) or cause, 200)
+            lasting = (not isinstance(cause, DBAPIError) or not cause.connection_invalidated
+                       and type(cause).__name__ not in ("OperationalError", "InterfaceError")
+                       or any(word in text.lower() for word in _FOR_GOOD))
+            if lasting or time.monotonic() + pause > deadline:
+                waited = "" if lasting else f" (tried for {PATIENCE:.0f} s)"
+                raise CnnlabError(f"the study storage failed while {what}{waited}: "
+                                  f"{text}") from None
+            if not said:
+                print(f"cnnlab: lost contact with the study storage while {what} ({text}); "
+                      f"trying again for up to {PATIENCE:.0f} s", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(pause)
+            pause = min(2 * pause, 8.0)
 
 
 def default_storage(folder: str | Path) -> str:
@@ -70,6 +113,8 @@ def storage(url: str, attempts: int = 5):
     _quiet_optuna()
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
         "pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        engine["connect_args"] = dict(POSTGRES_LINK)
     for attempt in range(attempts):
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
@@ -172,29 +217,31 @@ class Study:
 
         with warnings.catch_warnings():  # "experimental"
             warnings.simplefilter("ignore")
-            fail_stale_trials(self.study)
+            patient(lambda: fail_stale_trials(self.study), "looking for silent workers")
 
     def take(self):
-        """A waiting trial, now running for this worker alone (a FrozenTrial), or None when
+        """A waiting trial, now running for this worker alone (an optuna.Trial), or None when
         none waits."""
+        import optuna
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         self.fail_stale()
-        for trial in self.storage.get_all_trials(self.id, deepcopy=False,
-                                                 states=(TrialState.WAITING,)):
+        for trial in patient(lambda: self.storage.get_all_trials(
+                self.id, deepcopy=False, states=(TrialState.WAITING,)), "reading the trials"):
             try:
-                if self.storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
-                    return self.storage.get_trial(trial._trial_id)
-            except UpdateFinishedTrialError:  # another worker finished it meanwhile
+                if patient(lambda t=trial: self.storage.set_trial_state_values(
+                        t._trial_id, TrialState.RUNNING), "taking a trial"):
+                    return optuna.Trial(self.study, trial._trial_id)
+            except UpdateFinishedTrialError:  # another worker took it meanwhile
                 continue
         return None
 
     def running(self) -> int:
         from optuna.trial import TrialState
 
-        return len(self.storage.get_all_trials(self.id, deepcopy=False,
-                                               states=(TrialState.RUNNING,)))
+        return len(patient(lambda: self.storage.get_all_trials(
+            self.id, deepcopy=False, states=(TrialState.RUNNING,)), "reading the trials"))
 
     def reopen(self, unfinished: list[str]) -> None:
         """A command starting over: the runs named, which no trial waits for or runs, are
@@ -204,20 +251,26 @@ class Study:
         twice; the run's lock and its summary.json make the second taker skip it."""
         from optuna.trial import TrialState
 
-        active = {t.user_attrs.get(RUN) for t in self.storage.get_all_trials(
-            self.id, deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
-        for name in unfinished:
-            if name not in active:
-                self.study.enqueue_trial({}, user_attrs={RUN: name})
-        if self.stop_reason() is not None:
-            self.storage.set_study_user_attr(self.id, STOP, None)
+        def reopen() -> None:
+            active = {name for t in self.storage.get_all_trials(
+                self.id, deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+                if isinstance(name := t.user_attrs.get(RUN), str)}  # stored: anything
+            for name in unfinished:
+                if name not in active:
+                    self.study.enqueue_trial({}, user_attrs={RUN: name})
+            if self.storage.get_study_user_attrs(self.id).get(STOP) is not None:
+                self.storage.set_study_user_attr(self.id, STOP, None)
+
+        patient(reopen, "queueing the unfinished points")
 
     def stop_reason(self) -> str | None:
-        return self.storage.get_study_user_attrs(self.id).get(STOP)
+        return patient(lambda: self.storage.get_study_user_attrs(self.id),
+                       "reading the study").get(STOP)
 
     def stop_all(self, reason: str) -> None:
         """Tell every worker (on every machine) to take no more points."""
-        self.storage.set_study_user_attr(self.id, STOP, reason)
+        patient(lambda: self.storage.set_study_user_attr(self.id, STOP, reason),
+                "stopping the study")
 
     @contextlib.contextmanager
     def heartbeat(self, trial_id: int) -> Iterator[None]:
@@ -239,51 +292,61 @@ class Study:
             done.set()
             thread.join()
 
-    def finish(self, trial, value: float | None, state: str = "complete") -> None:
-        """End `trial`: complete with `value`, failed (not to be retried: a bad run, a
-        divergence), or "again": stopped by a signal, queued again for any worker."""
+    def finish(self, trial, value: float | None, state: str = "complete") -> bool:
+        """End `trial`: complete with `value`, pruned, failed (not to be retried: a bad run, a
+        divergence), or "again": stopped by a signal, queued again for any worker. False where
+        another worker had failed it meanwhile (this one's heartbeat had stopped reaching the
+        storage) and queued it again: that worker's trial stands for it."""
         import warnings
 
         from optuna.storages import RetryHeartbeatStaleTrialCallback
         from optuna.trial import TrialState
 
-        if state == "complete":
-            self.storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE,
-                                                [value if value is not None else float("nan")])
-            return
-        self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        if state == "again":
-            with warnings.catch_warnings():  # "experimental"
-                warnings.simplefilter("ignore")
-                RetryHeartbeatStaleTrialCallback()(self.study, self.storage.get_trial(
-                    trial._trial_id))
+        def end() -> bool:
+            now = self.storage.get_trial(trial._trial_id)
+            if now.state.is_finished():
+                return False
+            if state == "complete":
+                self.storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE,
+                                                    [value])
+                return True
+            if state == "pruned":  # its value: the last it reported, as Optuna's own loop
+                last = now.intermediate_values[max(now.intermediate_values)] if \
+                    now.intermediate_values else None
+                self.storage.set_trial_state_values(trial._trial_id, TrialState.PRUNED,
+                                                    None if last is None else [last])
+                return True
+            self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if state == "again":
+                with warnings.catch_warnings():  # "experimental"
+                    warnings.simplefilter("ignore")
+                    RetryHeartbeatStaleTrialCallback()(self.study, self.storage.get_trial(
+                        trial._trial_id))
+            return True
 
-    def work(self, run: Callable[[Any], tuple[str, float | None]],
-             say: Callable[[str], None], poll: float = 1.0) -> None:
-        """Take waiting points and `run` each (the trial -> ("complete", value) or
-        ("failed" / "again", None)) until none waits and no other worker runs one (whose
-        worker might still die and leave it to us), or until a worker stops the study."""
-        waiting_said = False
-        while (reason := self.stop_reason()) is None:
-            trial = self.take()
-            if trial is None:
-                if not self.running():
-                    return
-                if not waiting_said:
-                    say("no point left to take; waiting for the running ones (a point whose "
-                        "worker dies is taken over)")
-                    waiting_said = True
-                time.sleep(poll)
-                continue
-            waiting_said = False
-            with self.heartbeat(trial._trial_id):
-                try:
-                    state, value = run(trial)
-                except BaseException:
-                    self.finish(trial, None, "again")
-                    raise
-            self.finish(trial, value, state)
-        raise CnnlabError(reason)
+        return patient(end, "recording a trial's end")
+
+    def refuse(self, trial, reason: str) -> None:
+        """Fail `trial`, whose stored values failed the check, with `reason`: never queued
+        again (only a running trial whose worker fell silent is)."""
+        from optuna.trial import TrialState
+
+        def end() -> None:
+            self.storage.set_trial_system_attr(trial._trial_id, REFUSED, reason)
+            self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+        patient(end, "refusing a trial")
+
+    def refused(self) -> list[str]:
+        """Why each refused trial of the study was refused."""
+        from optuna.trial import TrialState
+
+        from .worker import shown
+
+        return [shown(t.system_attrs[REFUSED], 300) for t in patient(
+            lambda: self.storage.get_all_trials(self.id, deepcopy=False,
+                                                states=(TrialState.FAIL,)),
+            "reading the trials") if REFUSED in t.system_attrs]
 
 
 # ---- worker processes on this machine --------------------------------------------------------

@@ -36,7 +36,6 @@ import functools
 import io
 import itertools
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,6 @@ from .config import (
     nearest_option,
     option_name,
     resolve,
-    resume_config,
     short,
     typed_value,
     validate,
@@ -63,6 +61,7 @@ from .errors import (
     TrainingDiverged,
     did_you_mean,
     failure_message,
+    one_line,
 )
 from .files import atomic_write, read_json, safe_name, write_json
 from .progress import say as say_line
@@ -77,6 +76,18 @@ from .results import (
     mean_std,
     shown_metrics,
     verdict,
+)
+from .worker import (
+    Job,
+    Refused,
+    check_run_name,
+    config_difference,
+    on_slot,
+    refused_section,
+    shown,
+    stored_params,
+    train_or_continue,
+    work,
 )
 
 SWEEP_FILE_KEYS = ("model", "dataset", "seeds", "train", "grid", "points")
@@ -139,9 +150,12 @@ class Plan:
     runs: list[Run]           # seed-major: every point's first seed comes first
 
     def to_json(self) -> dict:
-        return {"keys": self.keys, "seeds": self.seeds,
+        """sweep.json: the plan, and what a second command into its directory is checked
+        against."""
+        return {"identity": _identity(self), "keys": self.keys, "seeds": self.seeds,
                 "runs": [{"name": r.name, "point": r.point, "values": r.values,
-                          "seed": r.config.seed} for r in self.runs]}
+                          "seed": r.config.seed, "config": r.config.to_dict()}
+                         for r in self.runs]}
 
 
 def load_sweep_file(path: str | Path) -> dict[str, Any]:
@@ -237,19 +251,6 @@ def default_sweep_dir(plan: Plan, config_file: str | Path | None = None,
     return Path(root) / safe_name("-".join(parts))
 
 
-def _config_difference(run_dir: Path, cfg: Config) -> str | None:
-    """What differs between the config a finished run used and the one the sweep asks for."""
-    try:
-        done = with_defaults(read_json(run_dir / "config.json"))
-    except (OSError, ValueError, TypeError):
-        return "its config.json is missing or damaged"
-    for key, value in cfg.to_dict().items():
-        if key in COMPARED and done.get(key) != value:
-            return (f"it ran with {option_name(key)}={format_value(done.get(key))}, this sweep "
-                    f"asks for {format_value(value)}")
-    return None
-
-
 def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int = 1,
               storage: str | None = None, study_name: str | None = None) -> dict:
     """Train every point of `plan` not yet trained, as workers of the sweep's Optuna study
@@ -257,9 +258,12 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
     file in `out`) under `study_name` (default: the name of `out` and a digest of the plan,
     so that a sweep given more seeds or points is a study of its own, whose runs already
     trained count as done); the same command on other machines, with the same storage and
-    `out` on a shared filesystem, adds workers.
+    `out` on a shared filesystem, adds workers. A sweep directory holds one sweep: a command
+    whose fixed options or grid keys differ is refused; one with more seeds or grid values
+    extends it (sweep.json lists every point, and the results cover them all).
     `jobs` > 1: that many worker processes on this machine. `progress` off (--quiet): no
-    bars and no lines about the runs. Returns what write_results returns."""
+    bars and no lines about the runs. Returns what write_results returns, with "refused":
+    why each trial the study's storage held was refused (tampered with)."""
     from .study import RUN, Study, default_storage, digest
 
     say = functools.partial(say_line, "sweep") if progress else silent
@@ -267,15 +271,16 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
         raise CnnlabError(f"--jobs must be a positive integer, at most {MAX_JOBS}, got "
                           f"{short(jobs)}")
     out = Path(out)
-    for run in plan.runs:  # before training anything: refuse a directory of another sweep
-        if is_finished(out / run.name):
-            why = _config_difference(out / run.name, run.config)
-            if why:
-                raise CnnlabError(f"{out / run.name} is a finished run of another sweep ({why}); "
-                                  "choose another --out or remove it")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "sweep.json", plan.to_json())
+        with sweep_lock(out):  # before training anything: refuse a directory of another sweep
+            joined = _joined(out, plan)
+            for run in plan.runs:  # a run there by hand, or of a sweep older than sweep.json's
+                if is_finished(out / run.name) and (
+                        why := config_difference(out / run.name, run.config)):
+                    raise CnnlabError(f"{out / run.name} is a finished run of another sweep "
+                                      f"({why}); choose another --out or remove it")
+            write_json(out / "sweep.json", joined.to_json())
     except OSError as e:
         raise CnnlabError(f"cannot create sweep directory {out}: {e.strerror or e}") from None
     url = storage or default_storage(out)
@@ -290,9 +295,70 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
             _work(plan, where, progress=progress, say=say)
     except BaseException:
         with contextlib.suppress(Exception):  # keep what finished readable
-            write_results(out, plan)
+            write_results(out, study.refused())
         raise
-    return write_results(out, plan)
+    refused = study.refused()
+    return write_results(out, refused) | {"refused": refused}
+
+
+def sweep_lock(out: Path):
+    """Held while a command reads and rewrites the sweep directory's own files (sweep.json,
+    the results): two commands never interleave their changes."""
+    from .runs import hold
+
+    return hold(out / LOCK_FILE)
+
+
+LOCK_FILE = ".cnnlab-sweep.lock"
+
+
+def _identity(plan: Plan) -> dict:
+    """What a sweep directory is a sweep of: its grid keys and every option that changes a
+    result and is no grid key (model and dataset included; the seeds are its points)."""
+    first = plan.runs[0].config.to_dict()
+    return {"keys": plan.keys, "fixed": {k: v for k, v in first.items()
+                                         if k in COMPARED and k not in plan.keys
+                                         and k != "seed"}}
+
+
+def _joined(out: Path, plan: Plan) -> Plan:
+    """`plan` with the points that the sweep in `out` (its sweep.json) already holds; a sweep
+    with other fixed options or grid keys is refused, naming the differences."""
+    try:
+        before = read_json(out / "sweep.json")
+        runs = [_stored_run(r) for r in before["runs"]] if "identity" in before else []
+    except FileNotFoundError:
+        return plan
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CnnlabError(f"{out / 'sweep.json'} is damaged ({one_line(e, 80)}); remove it to "
+                          "start the sweep's plan again (its runs are kept)") from None
+    if not runs:  # written by an earlier cnnlab: this command's plan replaces it
+        return plan
+    ours, theirs = _identity(plan), before["identity"]
+    if ours != theirs:
+        raise CnnlabError(f"{out} holds another sweep ({_differences(theirs, ours)}); give the "
+                          "same options to extend it, or choose another --out")
+    names = {r.name for r in runs}
+    runs += [r for r in plan.runs if r.name not in names]
+    return Plan(keys=plan.keys, seeds=max(plan.seeds, before.get("seeds", 1)), runs=runs)
+
+
+def _differences(theirs: dict, ours: dict) -> str:
+    """How this command's sweep differs from the one in the directory, in words."""
+    if theirs["keys"] != ours["keys"]:
+        return (f"grid keys {', '.join(map(option_name, theirs['keys'])) or 'none'}, this "
+                f"command's {', '.join(map(option_name, ours['keys'])) or 'none'}")
+    keys = sorted(set(theirs["fixed"]) | set(ours["fixed"]))
+    changed = [f"--{option_name(k)} {format_value(theirs['fixed'].get(k))} there, "
+               f"{format_value(ours['fixed'].get(k))} here" for k in keys
+               if theirs["fixed"].get(k) != ours["fixed"].get(k)]
+    return "; ".join(changed)
+
+
+def _stored_run(entry: dict) -> Run:
+    """A run of sweep.json's list."""
+    return Run(name=entry["name"], point=entry["point"], values=entry["values"],
+               config=Config(**with_defaults(entry["config"])))
 
 
 @dataclass(frozen=True)
@@ -316,76 +382,86 @@ def _work(plan: Plan, where: Where, *, progress: bool, say,
     from .study import Study
 
     study = Study(where.url, where.name, _plan_digest(plan))
-    index = {r.name: (i, r) for i, r in enumerate(plan.runs, 1)}
-    study.work(lambda trial: _train_point(trial, index, plan, where, study, progress=progress,
-                                          say=say, slot=slot), say)
+    work(study, SweepJob(plan, where, study, progress, say, slot), say)
 
 
-def _train_point(trial, index: dict, plan: Plan, where: Where, study, *, progress: bool, say,
-                 slot: tuple[int, int] | None) -> tuple[str, float | None]:
-    """Train (or continue, or recognise as done) the run a trial names; its outcome for the
-    study: ("complete", best accuracy) or ("failed", None) - a divergence, or a run that
-    cannot train (which stops every worker: a bad configuration is bad everywhere)."""
-    from .runs import RunLocked, wait_unlocked
-    from .study import RUN
+@dataclass
+class SweepJob(Job):
+    """A sweep's trials: each names one point of the plan (its run directory)."""
 
-    i, run = index[trial.user_attrs[RUN]]
-    tag, run_dir = f"[{i}/{len(plan.runs)}] {run.name}", where.out / run.name
-    device, job = run.config.device, ""
-    if slot is not None:  # (job slot, GPUs) of a worker process of this machine
-        device = job_device(device, *slot)
-        job = f" (job {slot[0] + 1}{', ' + device if device.startswith('cuda:') else ''})"
-    cfg = dataclasses.replace(run.config, device=device)
-    try:
-        while True:
-            wait_unlocked(run_dir, lambda: say(f"{tag}: another process is still writing it; "
-                                               "waiting for it to end"))
-            if (error := diverged_error(run_dir)) is not None:
-                say(f"{tag}: {error} before, skipped")
-                return "failed", None
-            if (run_dir / "summary.json").is_file():
-                say(f"{tag}: finished before, skipped")
-                return "complete", _value(read_json(run_dir / "summary.json"))
-            try:
-                summary = _train_run(run_dir, cfg, tag, job, progress=progress, say=say)
-                break
-            except RunLocked:  # another worker took the run a moment before us: look again
-                continue
-    except TrainingDiverged as e:  # the run wrote diverged.json
-        say(f"{tag}: diverged ({e}); going on with the other runs")
-        return "failed", None
-    except Interrupted as e:
-        raise Interrupted(f"sweep stopped during {run.name}; run the same command again to "
-                          "continue (finished runs are kept, that one continues from its "
-                          "checkpoint)", e.signum) from None
-    except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
-        message = failure_message(e)
-        if message is None:
+    plan: Plan
+    where: Where
+    study: Any
+    progress: bool
+    say: Any
+    slot: tuple[int, int] | None
+
+    def __post_init__(self) -> None:
+        self.index = {r.name: (i, r) for i, r in enumerate(self.plan.runs, 1)}
+
+    def check(self, trial) -> tuple[int, Run]:
+        from .study import RUN
+
+        name = check_run_name(trial.user_attrs.get(RUN), self.where.out,
+                              lambda n: n in self.index)
+        i, run = self.index[name]
+        point = _params(self.plan, run)
+        for key, value in stored_params(trial).items():
+            if key not in point[0] or type(value) is not type(point[0][key]) \
+                    or value != point[0][key]:
+                raise Refused(f"its parameter {shown(key)}={shown(value)} is not that of its "
+                              f"point {name}")
+        return i, run
+
+    def run(self, trial, point: tuple[int, Run]) -> tuple[str, float | None]:
+        """Train (or continue, or recognise as done) the point's run; ("complete", best
+        accuracy) or ("failed", None) - a divergence, or a run that cannot train (which
+        stops every worker: a bad configuration is bad everywhere)."""
+        i, run = point
+        values, distributions = _params(self.plan, run)
+        for key, value in values.items():  # the point, for Optuna's own tools
+            self.study.storage.set_trial_param(trial._trial_id, key, distributions[key]
+                                               .to_internal_repr(value), distributions[key])
+        tag = f"[{i}/{len(self.plan.runs)}] {run.name}"
+        cfg, job = on_slot(run.config, self.slot)
+        try:
+            summary = train_or_continue(self.where.out / run.name, cfg, tag, job,
+                                        progress=self.progress, say=self.say)
+        except TrainingDiverged as e:  # the run wrote diverged.json
+            self.say(f"{tag}: diverged ({e}); going on with the other runs")
+            return "failed", None
+        except Interrupted as e:
+            raise Interrupted(f"sweep stopped during {run.name}; run the same command again "
+                              "to continue (finished runs are kept, that one continues from "
+                              "its checkpoint)", e.signum) from None
+        except Refused:
             raise
-        study.stop_all(f"{run.name}: {message}")
-        return "failed", None
-    say(_finished(tag, summary))
-    return "complete", _value(summary)
+        except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
+            message = failure_message(e)
+            if message is None:
+                raise
+            self.study.stop_all(f"{run.name}: {message}")
+            return "failed", None
+        self.say(_finished(tag, summary))
+        return "complete", _value(summary)
 
 
-def _train_run(run_dir: Path, cfg: Config, tag: str, job: str, *, progress: bool,
-               say) -> dict:
-    """Train a sweep's run that no live process writes: continue it from its checkpoint,
-    or, begun with other settings (an earlier sweep's, stopped), start it again."""
-    from .trainer import fit
+def _params(plan: Plan, run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's grid values and seed as Optuna params, and their distributions (each key's
+    values over the plan; the seeds' range)."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
 
-    if (run_dir / "config.json").is_file():
-        why = _config_difference(run_dir, cfg)
-        if why is None:
-            say(f"{tag}: continuing from its checkpoint{job}")
-            resumed, how = resume_config(run_dir, {"device": cfg.device})
-            return fit(resumed, run_dir, progress=progress, resume=how)
-        say(f"{tag}: unfinished, begun with other settings ({why}); removing it and training "
-            f"it again{job}")
-        shutil.rmtree(run_dir)
-    else:
-        say(f"{tag}: training{job}")
-    return fit(cfg, run_dir, progress=progress)
+    def param(value: Any) -> Any:  # Optuna's choices are numbers, text or booleans
+        return value if isinstance(value, (bool, int, float, str)) else format_value(value)
+
+    distributions: dict[str, Any] = {
+        option_name(k): CategoricalDistribution(list(dict.fromkeys(
+            param(r.values[k]) for r in plan.runs))) for k in plan.keys}
+    seeds = [r.config.seed for r in plan.runs]
+    distributions["seed"] = IntDistribution(min(seeds), max(seeds))
+    values = {option_name(k): param(run.values[k]) for k in plan.keys} | {
+        "seed": run.config.seed}
+    return values, distributions
 
 
 def _value(summary: dict) -> float:
@@ -399,12 +475,6 @@ def _finished(tag: str, s: dict) -> str:
 
 
 # ---- worker processes -----------------------------------------------------------------------
-
-def job_device(device: str, slot: int, gpus: int) -> str:
-    """The device of a run in job slot `slot` (0, 1, ...): with several GPUs and the device
-    left to cnnlab (auto or cuda), one GPU per slot, round-robin; else the run's own."""
-    return f"cuda:{slot % gpus}" if gpus > 1 and device in ("auto", "cuda") else device
-
 
 def _workers(plan: Plan, where: Where, jobs: int, say) -> None:
     """`jobs` worker processes of the study on this machine (study.run_workers), with the
@@ -463,16 +533,31 @@ def _runs_section(runs: list[Run], summaries: dict[str, dict], diverged: dict[st
         [run_row(r) for r in runs]), ""]
 
 
-def write_results(out: str | Path, plan: Plan) -> dict:
+def write_results(out: str | Path, refused: list[str] = ()) -> dict:
     """results.csv, results.md, accuracy.png, loss.png and comparison.png (each point's runs,
-    their mean and its confidence interval) of the finished runs of `plan` (runs that diverged
-    are listed and counted, but left out of the statistics and plots).
+    their mean and its confidence interval) of the finished runs of every point sweep.json
+    lists - those of this command and of the commands that extended the sweep - (runs that
+    diverged are listed and counted, but left out of the statistics and plots; a run counts
+    only with its point's configuration; `refused`: why trials of the study were refused).
     Returns {"out", "rows", "verdict", "finished", "diverged", "total"}."""
+    out = Path(out)
+    with sweep_lock(out):
+        plan = _stored_plan(out)
+        return _write_results(out, plan, refused)
+
+
+def _stored_plan(out: Path) -> Plan:
+    info = read_json(out / "sweep.json")
+    return Plan(keys=info["keys"], seeds=info["seeds"],
+                runs=[_stored_run(r) for r in info["runs"]])
+
+
+def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
     from .plots import plot_comparison, plot_overlay
     from .results import selection_note
 
-    out = Path(out)
-    finished = [r for r in plan.runs if (out / r.name / "summary.json").is_file()]
+    finished = [r for r in plan.runs if (out / r.name / "summary.json").is_file()
+                and config_difference(out / r.name, r.config) is None]
     done = {r.name for r in finished}
     diverged = {r.name: error for r in plan.runs if r.name not in done
                 and (error := diverged_error(out / r.name)) is not None}
@@ -522,6 +607,7 @@ def write_results(out: str | Path, plan: Plan) -> dict:
     shown = [r for r in plan.runs if r.name in done or r.name in diverged]
     lines += _runs_section(shown, summaries, diverged,
                            {key: title for key, title, _ in columns})
+    lines += refused_section(refused)
     atomic_write(out / "results.md", lambda f: f.write("\n".join(lines).encode()))
     return {"out": str(out), "rows": rows, "verdict": text, "finished": len(finished),
             "diverged": len(diverged), "total": len(plan.runs)}

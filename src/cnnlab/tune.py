@@ -29,11 +29,9 @@ Optuna is imported by the functions that run or read a search only.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
-import signal
-import time
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,6 @@ from .config import (
     nearest_option,
     option_name,
     resolve,
-    resume_config,
     short,
     typed_value,
 )
@@ -67,6 +64,17 @@ from .progress import say as say_line
 from .progress import silent
 from .results import diverged_error, fixed_settings, format_epochs, md_table, metric
 from .runs import read_metrics
+from .worker import (
+    Job,
+    Refused,
+    check_run_name,
+    on_slot,
+    refused_section,
+    shown,
+    stored_params,
+    train_or_continue,
+    work,
+)
 
 TUNE_FILE = "tune.json"   # in the tune directory: the plan, then every trial's outcome
 SAMPLERS = ("tpe", "random", "grid")
@@ -100,6 +108,14 @@ class Dim:
         if OPTIONS[self.key].type == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+    def holds(self, value: Any) -> bool:
+        """Whether `value` (read from a study: any type) is one this dimension suggests."""
+        if self.values:
+            return any(type(value) is type(v) and value == v for v in self.values)
+        kinds = (int,) if OPTIONS[self.key].type == "int" else (int, float)
+        return (type(value) in kinds and math.isfinite(value)
+                and self.low <= value <= self.high)
 
     def describe(self) -> str:
         if self.values:
@@ -371,10 +387,18 @@ def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: in
     return info
 
 
+def _retried(trials: list) -> set[int]:
+    """The numbers of the trials that were queued again (a later trial stands for each)."""
+    return {n for t in trials if isinstance(history := t.system_attrs.get("retry_history"),
+                                            list) for n in history if type(n) is int}
+
+
 def _spent(trials: list) -> int:
-    """Trials begun, a trial queued again (its worker died or was stopped) counted once."""
-    again = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return len(trials) - len(again)
+    """Trials begun, a trial queued again (its worker died or was stopped) counted once, a
+    refused one (its stored values failed the check) not at all."""
+    from .study import REFUSED
+
+    return len([t for t in trials if REFUSED not in t.system_attrs]) - len(_retried(trials))
 
 
 def _sampler(search: Search, seed: int | None):
@@ -395,20 +419,18 @@ def _sampler(search: Search, seed: int | None):
 SHORTFALL = "shortfall"
 
 
-def _shortfall(trial) -> float:
-    return trial.constraints.get(SHORTFALL, math.inf)
-
-
-def _time_pruned(study, search: Search, record: dict) -> str | None:
+def _time_pruned(out: Path, search: Search, record: dict) -> str | None:
     """Why a --target trial stops at this evaluation (`record`): it has trained longer than
-    the fastest trial that reached the target, so it cannot beat it; else None."""
-    from optuna.trial import TrialState
-
+    the fastest trial that reached the target, so it cannot beat it; else None. The fastest
+    is read from the trials' own summaries in `out`, not from values anyone may store."""
     if search.pruner != "time":
         return None
-    best = min((t.value for t in study.study.get_trials(deepcopy=False,
-                                                         states=(TrialState.COMPLETE,))
-                if t.value is not None and _shortfall(t) <= 0), default=math.inf)
+    best = math.inf
+    for path in out.glob("trial-*/summary.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            summary = read_json(path)
+            if summary["final_val_acc"] >= search.target:
+                best = min(best, float(summary["train_seconds"]))
     if record["train_seconds"] < best:
         return None
     return (f"pruned after epoch {record['epoch']}: {record['train_seconds']:.1f} s of "
@@ -449,12 +471,9 @@ def _pruner(search: Search):
 
 def _work(search: Search, where, *, progress: bool, say,
           slot: tuple[int, int] | None = None) -> None:
-    """Be a worker of the search's study: run trials in Optuna's loop until the budget is
-    spent and no other worker runs a trial (whose worker might still die and leave it to
-    us), or until a worker stops the search."""
-    import optuna
-    from optuna.trial import TrialState
-
+    """Be a worker of the search's study: run trials until the budget is spent and no other
+    worker runs a trial (whose worker might still die and leave it to us), or until a worker
+    stops the search."""
     from .study import Study
 
     study = Study(where.url, where.name, search.plan(), direction=search.direction,
@@ -462,102 +481,126 @@ def _work(search: Search, where, *, progress: bool, say,
     study.study.sampler = _sampler(search, _sampler_seed(
         search.base.seed, len(study.study.get_trials(deepcopy=False)),
         slot[0] if slot else 0, _shared(where)))
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our lines say how each trial ends
-
-    def budget(optuna_study, trial) -> None:
-        if (study.stop_reason() is not None
-                or _spent(optuna_study.get_trials(deepcopy=False)) >= search.trials):
-            optuna_study.stop()
-
-    def objective(trial) -> float:
-        return _trial(trial, search, where, study, progress=progress, say=say, slot=slot)
-
-    waiting_said = False
-    while (reason := study.stop_reason()) is None:
-        study.fail_stale()
-        trials = study.study.get_trials(deepcopy=False)
-        states = {t.state for t in trials}
-        if TrialState.WAITING in states or _spent(trials) < search.trials:
-            study.study.optimize(objective, catch=(TrainingDiverged,), callbacks=[budget])
-            waiting_said = False
-        elif TrialState.RUNNING not in states:
-            return
-        else:
-            if not waiting_said:
-                say("no trial left to start; waiting for the running ones (a trial whose "
-                    "worker dies is taken over)")
-                waiting_said = True
-            time.sleep(1.0)
-    raise CnnlabError(reason)
+    work(study, SearchJob(search, where, study, progress, say, slot), say)
 
 
-def _trial(trial, search: Search, where, study, *, progress: bool, say,
-           slot: tuple[int, int] | None) -> float:
-    """Optuna's objective: train the trial's run - or continue it, when the trial was queued
-    again - and return its best validation accuracy; optuna.TrialPruned when the pruner
-    stops it, TrainingDiverged (a failed trial, the search goes on) when its loss became
-    NaN. A run that cannot train stops every worker: a bad configuration is bad everywhere."""
-    import optuna
+TRIAL_NAME = re.compile(r"trial-(\d{4,9})")  # a trial's run: trial-0000, trial-0001, ...
 
-    from .study import RUN
-    from .sweep import job_device
 
-    values = {d.key: d.suggest(trial) for d in search.space}
-    name = trial.user_attrs.get(RUN)
-    again = name is not None
-    if name is None:
-        name = f"trial-{trial.number:04d}"
+@dataclass
+class SearchJob(Job):
+    """A search's trials: new ones asked of the sampler while the budget lasts, and trials
+    queued again (a dead or stopped worker's), which continue their run."""
+
+    search: Search
+    where: Any
+    study: Any
+    progress: bool
+    say: Any
+    slot: tuple[int, int] | None
+
+    def new_trial(self, study) -> Any:
+        if _spent(study.study.get_trials(deepcopy=False)) >= self.search.trials:
+            return None
+        import warnings
+
+        with warnings.catch_warnings():  # "heartbeats are meant for Study.optimize": ours beat
+            warnings.simplefilter("ignore")
+            return study.study.ask()
+
+    def check(self, trial) -> str:
+        """The trial's run name: its own, or for a trial queued again the name of the trial
+        it stands for; its stored params must lie inside the searched space."""
+        from .study import RUN
+
+        dims = {d.name: d for d in self.search.space}
+        for key, value in stored_params(trial).items():
+            if key not in dims:
+                raise Refused(f"its parameter {shown(key)} is not searched")
+            if not dims[key].holds(value):
+                raise Refused(f"its parameter {key}={shown(value)} is outside the searched "
+                              f"space ({dims[key].describe()})")
+        if RUN not in trial.user_attrs:
+            return f"trial-{trial.number:04d}"
+        history = trial.system_attrs.get("retry_history")
+        first = history[0] if isinstance(history, list) and history else None
+        own = f"trial-{first:04d}" if type(first) is int and 0 <= first < 10**9 else None
+        return check_run_name(trial.user_attrs[RUN], self.where.out,
+                              lambda name: name == own and bool(TRIAL_NAME.fullmatch(name)))
+
+    def run(self, trial, name: str) -> tuple[str, float | None]:
+        """Train the trial's run - or continue it, for a trial queued again - and return
+        ("complete", its score), ("pruned", None) where the pruner stops it, or ("failed",
+        None) where its loss became NaN or it cannot train (which stops every worker: a bad
+        configuration is bad everywhere)."""
+        import optuna
+
+        from .study import RUN
+
+        search, say = self.search, self.say
+        values = {d.key: d.suggest(trial) for d in search.space}
         trial.set_user_attr(RUN, name)
-    cfg = search.config(values)
-    device, job = cfg.device, ""
-    if slot is not None:  # (job slot, GPUs) of a worker process of this machine
-        device = job_device(device, *slot)
-        job = f" (job {slot[0] + 1}{', ' + device if device.startswith('cuda:') else ''})"
-    last = math.ceil(cfg.epochs)
+        cfg, job = on_slot(search.config(values), self.slot)
+        shown_values = " ".join(f"{d.name}={_short_value(values[d.key])}"
+                                for d in search.space)
+        try:
+            summary = train_or_continue(self.where.out / name, cfg, f"{name} ({shown_values})",
+                                        job, progress=self.progress, say=say,
+                                        on_eval=self._judge(trial, cfg))
+        except optuna.TrialPruned as e:
+            say(f"{name}: {e}")
+            return "pruned", None
+        except TrainingDiverged as e:
+            say(f"{name}: diverged ({e}); going on with the other trials")
+            return "failed", None
+        except Interrupted as e:
+            raise Interrupted(f"search stopped during {name}; run the same command again to "
+                              "continue (finished trials are kept, that one continues from "
+                              "its checkpoint)", e.signum) from None
+        except Refused:
+            raise
+        except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
+            message = failure_message(e)
+            if message is None:
+                raise
+            self.study.stop_all(f"{name}: {message}")
+            return "failed", None
+        return "complete", self._score(trial, name, summary)
 
-    def on_eval(record: dict) -> None:
-        if search.target is not None:  # a constraint is set once: where the trial ends
-            if record["epoch"] < last and (why := _time_pruned(study, search, record)):
-                trial.set_constraint(SHORTFALL, search.target - record["val_acc"])
-                raise optuna.TrialPruned(why)
-            return
-        trial.report(record["val_acc"], record["epoch"])
-        if record["epoch"] < last and trial.should_prune():  # the last one ends it anyway
-            raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} (validation "
-                                     f"{record['val_acc']:.2f}%)")
+    def _judge(self, trial, cfg: Config):
+        """The run's on_eval: report each evaluation to the pruner, which may stop it."""
+        import optuna
 
-    shown = " ".join(f"{d.name}={_short_value(values[d.key])}" for d in search.space)
-    try:
-        summary = _train_trial(where.out / name, dataclasses.replace(cfg, device=device),
-                               again, f"{name} ({shown})", job, on_eval, progress=progress,
-                               say=say)
-    except optuna.TrialPruned as e:
-        say(f"{name}: {e}")
-        raise
-    except TrainingDiverged as e:
-        say(f"{name}: diverged ({e}); going on with the other trials")
-        raise
-    except (Interrupted, KeyboardInterrupt) as e:  # Optuna fails it: queue it again
-        _queue_again(study, trial)
-        raise Interrupted(f"search stopped during {name}; run the same command again to "
-                          "continue (finished trials are kept, that one continues from its "
-                          "checkpoint)", getattr(e, "signum", signal.SIGINT)) from None
-    except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
-        message = failure_message(e)
-        if message is not None:
-            study.stop_all(f"{name}: {message}")
-        raise
-    if search.target is None:
-        say(f"{name}: best validation {summary['best_val_acc']:.2f}% (test "
-            f"{summary['test_acc_at_best']:.2f}% of its best.pt), "
-            f"{_epochs(metric(summary, 'epochs_done'))}, {summary['train_seconds']:.1f} s")
-        return float(summary["best_val_acc"])
-    trial.set_constraint(SHORTFALL, search.target - summary["final_val_acc"])
-    reached = "reached" if summary["final_val_acc"] >= search.target else "below"
-    say(f"{name}: {summary['train_seconds']:.1f} s of training, final validation "
-        f"{summary['final_val_acc']:.2f}% ({reached} the target {search.target:g}%; test "
-        f"{summary['final_test_acc']:.2f}%), {_epochs(metric(summary, 'epochs_done'))}")
-    return float(summary["train_seconds"])
+        search, last = self.search, math.ceil(cfg.epochs)
+
+        def on_eval(record: dict) -> None:
+            if search.target is not None:  # a constraint is set once: where the trial ends
+                if record["epoch"] < last and (why := _time_pruned(self.where.out, search,
+                                                                   record)):
+                    trial.set_constraint(SHORTFALL, search.target - record["val_acc"])
+                    raise optuna.TrialPruned(why)
+                return
+            trial.report(record["val_acc"], record["epoch"])
+            if record["epoch"] < last and trial.should_prune():  # the last one ends it anyway
+                raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} (validation "
+                                         f"{record['val_acc']:.2f}%)")
+
+        return on_eval
+
+    def _score(self, trial, name: str, summary: dict) -> float:
+        """The finished trial's score, said in a line."""
+        search, say = self.search, self.say
+        if search.target is None:
+            say(f"{name}: best validation {summary['best_val_acc']:.2f}% (test "
+                f"{summary['test_acc_at_best']:.2f}% of its best.pt), "
+                f"{_epochs(metric(summary, 'epochs_done'))}, {summary['train_seconds']:.1f} s")
+            return float(summary["best_val_acc"])
+        trial.set_constraint(SHORTFALL, search.target - summary["final_val_acc"])
+        reached = "reached" if summary["final_val_acc"] >= search.target else "below"
+        say(f"{name}: {summary['train_seconds']:.1f} s of training, final validation "
+            f"{summary['final_val_acc']:.2f}% ({reached} the target {search.target:g}%; test "
+            f"{summary['final_test_acc']:.2f}%), {_epochs(metric(summary, 'epochs_done'))}")
+        return float(summary["train_seconds"])
 
 
 def _epochs(value: float) -> str:
@@ -566,48 +609,6 @@ def _epochs(value: float) -> str:
 
 def _short_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else format_value(value)
-
-
-def _queue_again(study, trial) -> None:
-    """Queue a running trial again for any worker, with its values and run (as the storage
-    does for a dead worker's trial); Optuna then fails this one."""
-    import warnings
-
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    with warnings.catch_warnings():  # "experimental"
-        warnings.simplefilter("ignore")
-        RetryHeartbeatStaleTrialCallback()(study.study, study.storage.get_trial(
-            trial._trial_id))
-
-
-def _train_trial(run_dir: Path, cfg: Config, again: bool, tag: str, job: str, on_eval, *,
-                 progress: bool, say) -> dict:
-    """Train a trial's run; a trial queued again continues its run from the checkpoint (or
-    recognises it as done) once no live process writes it."""
-    from .runs import RunLocked, wait_unlocked
-    from .trainer import fit
-
-    if not again:
-        say(f"{tag}: training{job}")
-        return fit(cfg, run_dir, progress=progress, on_eval=on_eval)
-    while True:
-        wait_unlocked(run_dir, lambda: say(f"{tag}: another process is still writing it; "
-                                           "waiting for it to end"))
-        if (error := diverged_error(run_dir)) is not None:
-            raise TrainingDiverged(error)
-        if (run_dir / "summary.json").is_file():
-            say(f"{tag}: finished before its worker stopped")
-            return read_json(run_dir / "summary.json")
-        try:
-            if not (run_dir / "config.json").is_file():  # stopped before it began
-                say(f"{tag}: training{job}")
-                return fit(cfg, run_dir, progress=progress, on_eval=on_eval)
-            say(f"{tag}: continuing from its checkpoint{job}")
-            resumed, how = resume_config(run_dir, {"device": cfg.device})
-            return fit(resumed, run_dir, progress=progress, on_eval=on_eval, resume=how)
-        except RunLocked:  # another worker took the run a moment before us: look again
-            continue
 
 
 # ---- worker processes -----------------------------------------------------------------------
@@ -655,17 +656,19 @@ def _outcome(run_dir: Path) -> dict:
 
 def _rows(out: Path, trials: list) -> list[dict]:
     """One row per trial run, in run order: the latest trial of each (one queued again
-    stands for the one its worker left)."""
+    stands for the one its worker left); refused trials, and any whose run name is none a
+    search makes, are left out."""
     from optuna.trial import TrialState
 
-    from .study import RUN
+    from .study import REFUSED, RUN
 
-    again = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    again = _retried(trials)
     rows = []
     for t in trials:
-        if t.number in again or RUN not in t.user_attrs:
+        run = t.user_attrs.get(RUN)
+        if (t.number in again or REFUSED in t.system_attrs or not isinstance(run, str)
+                or not TRIAL_NAME.fullmatch(run)):
             continue
-        run = t.user_attrs[RUN]
         state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
                  TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}.get(t.state)
         if state is None:
@@ -939,5 +942,7 @@ def write_results(out: str | Path, search: Search, where) -> dict:
         lines += [f"## The best trial: {best['run']}", "",
                   f"![Loss of {best['run']}]({best['run']}/loss.png)", "",
                   f"![Accuracy of {best['run']}]({best['run']}/accuracy.png)", ""]
+    refused = study.refused()
+    lines += refused_section(refused)
     atomic_write(out / "results.md", "\n".join(lines).encode())
-    return info | {"out": str(out)}
+    return info | {"out": str(out), "refused": refused}

@@ -1,0 +1,193 @@
+"""The worker of a study, one for sweeps and searches alike: take a trial, check everything
+the storage says about it, train (or continue, or recognise as done) its run, finish it.
+
+A study's storage is shared: anyone with its URL can write a trial's run name, its params,
+its attributes, the study's attributes. So every value a worker takes from it is input from
+other people and is checked as a command-line argument is, in one place (`Job.check`), before
+it is used: a run name is one path component that the command itself would have made (a
+sweep's plan point, a search's `trial-NNNN`) and lies inside the sweep or tune directory;
+params are the plan's point (sweep) or inside the searched space (search). A trial that fails
+the check is failed with the reason (Study.refuse), said once, escaped, and never queued
+again; the workers go on with the other points, and the command's end says how many were
+refused.
+
+A run directory is changed only by the process holding its lock (runs.RunDir), and a run
+counts as a point's only if its configuration is the point's: a directory that holds a run
+with other settings is refused, never removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import COMPARED, Config, format_value, option_name, resume_config, with_defaults
+from .errors import CnnlabError, TrainingDiverged
+from .files import read_json
+from .results import diverged_error
+
+NAME_MAX = 200  # characters of a run name read from a study
+
+
+class Refused(CnnlabError):
+    """A trial whose stored values fail the check: it is failed, never trained."""
+
+
+def shown(value: Any, limit: int = 120) -> str:
+    """A value read from a study, safe to print: non-printable characters (escape sequences,
+    line breaks) as Python escapes, at most `limit` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_run_name(name: Any, out: Path, allowed: Callable[[str], bool]) -> str:
+    """`name`, a run name read from a study, if it is one this command makes (`allowed`), one
+    printable path component, and a directory inside `out`; else Refused."""
+    if not isinstance(name, str):
+        raise Refused(f"its run name is not text ({shown(name)})")
+    if (not name or len(name) > NAME_MAX or not name.isprintable() or name in (".", "..")
+            or "/" in name or "\\" in name or not allowed(name)):
+        raise Refused(f"its run name '{shown(name)}' is none this command makes")
+    inside = out.resolve()
+    if (out / name).resolve().parent != inside:  # a symbolic link out of the folder
+        raise Refused(f"its run name '{shown(name)}' leads out of {out}")
+    return name
+
+
+def refused_section(reasons: list[str]) -> list[str]:
+    """results.md's lines on the trials of the study that were refused (none: no lines)."""
+    if not reasons:
+        return []
+    return ["## Refused trials", "", f"{len(reasons)} trial{'s' if len(reasons) > 1 else ''} "
+            "in the study's storage held values that failed the check (someone with the "
+            "storage's URL wrote them); none was trained:", "",
+            *(f"- {reason}" for reason in reasons), ""]
+
+
+def stored_params(trial) -> dict[str, Any]:
+    """The params a trial holds or is to take (enqueued with it: Optuna's `fixed_params`)."""
+    fixed = trial.system_attrs.get("fixed_params", {})
+    if not isinstance(fixed, dict):
+        raise Refused(f"its enqueued params are not a table ({shown(fixed)})")
+    return {**fixed, **trial.params}
+
+
+def config_difference(run_dir: Path, cfg: Config) -> str | None:
+    """What differs between the configuration of the run in `run_dir` and `cfg` (the options
+    that change the result), or None where they agree."""
+    try:
+        done = with_defaults(read_json(run_dir / "config.json"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "its config.json is missing or damaged"
+    for key, value in cfg.to_dict().items():
+        if key in COMPARED and done.get(key) != value:
+            return (f"it ran with {option_name(key)}={format_value(done.get(key))}, this "
+                    f"point asks for {format_value(value)}")
+    return None
+
+
+def train_or_continue(run_dir: Path, cfg: Config, tag: str, job: str, *, progress: bool,
+                      say: Callable[[str], None],
+                      on_eval: Callable[[dict], None] | None = None) -> dict:
+    """The summary of a study's run in `run_dir`, trained as `cfg` says: read where it is
+    finished, continued from its checkpoint where it is not, trained where it has not begun.
+    Waits while another live process writes it; a run there with other settings is Refused,
+    one that diverged raises TrainingDiverged."""
+    from .runs import RunLocked, wait_unlocked
+    from .trainer import fit
+
+    while True:
+        wait_unlocked(run_dir, lambda: say(f"{tag}: another process is still writing it; "
+                                           "waiting for it to end"))
+        if (error := diverged_error(run_dir)) is not None:
+            raise TrainingDiverged(error)
+        begun = (run_dir / "config.json").is_file()
+        if begun and (why := config_difference(run_dir, cfg)) is not None:
+            raise Refused(f"{run_dir} holds a run with other settings ({why}); remove it or "
+                          "choose another --out")
+        if (run_dir / "summary.json").is_file():
+            say(f"{tag}: finished before, skipped")
+            return read_json(run_dir / "summary.json")
+        try:
+            if not begun:
+                say(f"{tag}: training{job}")
+                return fit(cfg, run_dir, progress=progress, on_eval=on_eval)
+            say(f"{tag}: continuing from its checkpoint{job}")
+            resumed, how = resume_config(run_dir, {"device": cfg.device})
+            return fit(resumed, run_dir, progress=progress, on_eval=on_eval, resume=how)
+        except RunLocked:  # another worker took the run a moment before us: look again
+            continue
+
+
+def job_device(device: str, slot: int, gpus: int) -> str:
+    """The device of a run in job slot `slot` (0, 1, ...): with several GPUs and the device
+    left to cnnlab (auto or cuda), one GPU per slot, round-robin; else the run's own."""
+    return f"cuda:{slot % gpus}" if gpus > 1 and device in ("auto", "cuda") else device
+
+
+def on_slot(cfg: Config, slot: tuple[int, int] | None) -> tuple[Config, str]:
+    """`cfg` on the device of a worker process's (job slot, GPUs), and how a line names the
+    job ("" outside `--jobs`)."""
+    if slot is None:
+        return cfg, ""
+    device = job_device(cfg.device, *slot)
+    tag = f" (job {slot[0] + 1}{', ' + device if device.startswith('cuda:') else ''})"
+    return dataclasses.replace(cfg, device=device), tag
+
+
+class Job:
+    """What one command's workers do with the trials of its study (sweep.SweepJob,
+    tune.SearchJob)."""
+
+    def new_trial(self, study) -> Any:
+        """A new trial to run when none waits, or None (a sweep's points are all queued)."""
+        return None
+
+    def check(self, trial) -> Any:
+        """What the trial (an optuna.FrozenTrial: all it holds) is to run, from its stored
+        values checked; Refused otherwise."""
+        raise NotImplementedError
+
+    def run(self, trial, point: Any) -> tuple[str, float | None]:
+        """Run the checked trial: ("complete", value), ("pruned", None) or ("failed", None)."""
+        raise NotImplementedError
+
+
+def work(study, job: Job, say: Callable[[str], None], poll: float = 1.0) -> None:
+    """Take trials - waiting ones first, then `job`'s new ones - check and run each until none
+    is left and no other worker runs one (whose worker might still die and leave it to us),
+    or until a worker stops the study (CnnlabError with its reason)."""
+    waiting_said = False
+    while (reason := study.stop_reason()) is None:
+        trial = study.take() or job.new_trial(study)
+        if trial is None:
+            if not study.running():
+                return
+            if not waiting_said:
+                say("no point left to take; waiting for the running ones (a point whose "
+                    "worker dies is taken over)")
+                waiting_said = True
+            time.sleep(poll)
+            continue
+        waiting_said = False
+        try:
+            point = job.check(study.storage.get_trial(trial._trial_id))
+        except Refused as e:
+            study.refuse(trial, str(e))
+            say(f"refused trial {trial.number} of the study: {e}")
+            continue
+        with study.heartbeat(trial._trial_id):
+            try:
+                state, value = job.run(trial, point)
+            except BaseException:
+                study.finish(trial, None, "again")
+                raise
+        if not study.finish(trial, value, state):
+            say(f"trial {trial.number} was taken over by another worker while this one had "
+                "no contact with the storage; its run directory's lock kept one writer")
+    raise CnnlabError(shown(reason, 500))
+
