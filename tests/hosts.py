@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -62,7 +62,17 @@ class Host:
     name: str  # h0, h1, ...
     netns: str
     addr: str
+    switch: str = ""  # the switch's namespace: this host's cable is its port `name`
     _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
+
+    def cut(self) -> None:
+        """Unplug this host's cable: every packet to or from it is lost, with no reset, as
+        when a link fails (its connections stay open, unanswered)."""
+        _must("-n", self.switch, "link", "set", self.name, "down")
+
+    def mend(self) -> None:
+        """Plug the cable back in."""
+        _must("-n", self.switch, "link", "set", self.name, "up")
 
     def command(self, args: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *map(str, args)]
@@ -173,7 +183,7 @@ def network(count: int = 2) -> Iterator[list[Host]]:
         _must("-n", switch, "link", "add", "br0", "type", "bridge")
         _must("-n", switch, "link", "set", "br0", "up")
         for i in range(count):
-            host = Host(f"h{i}", f"{tag}-h{i}", f"{SUBNET}.{i + 1}")
+            host = Host(f"h{i}", f"{tag}-h{i}", f"{SUBNET}.{i + 1}", switch)
             _must("netns", "add", host.netns)
             made.append(host.netns)
             _must("-n", host.netns, "link", "set", "lo", "up")
@@ -246,14 +256,32 @@ def _server_user() -> pwd.struct_passwd:
     raise AssertionError  # unreachable
 
 
+@dataclass
+class PostgresServer:
+    """A running throwaway PostgreSQL server (see postgres); stop() and start() take it down
+    (a fast shutdown: clients lose their connections) and bring it back on the same port."""
+
+    url: str
+    start: Callable[[], None]
+    stop: Callable[[], None]
+
+
 @contextlib.contextmanager
 def postgres_server(host: Host | None = None, *, dbname: str = "cnnlab", user: str = "cnnlab",
                     timeout: float = 60) -> Iterator[str]:
     """A throwaway PostgreSQL cluster with database `dbname`, listening on `host`'s address
     (every host of its network may connect, without a password), or on 127.0.0.1 without
     one. Yields its URL as the README writes it, postgresql://USER@ADDR:PORT/DBNAME (libpq's
-form, which SQLAlchemy reads with psycopg 3 and psql takes as it is); the server
+    form, which SQLAlchemy reads with psycopg 3 and psql takes as it is); the server
     and its files are gone when the block ends."""
+    with postgres(host, dbname=dbname, user=user, timeout=timeout) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def postgres(host: Host | None = None, *, dbname: str = "cnnlab", user: str = "cnnlab",
+             timeout: float = 60) -> Iterator[PostgresServer]:
+    """postgres_server's server, which the test may stop and start again."""
     tools = {t: _pg_bin(t) for t in ("initdb", "postgres", "pg_isready", "createdb")}
     missing = [t for t, path in tools.items() if path is None]
     if missing:
@@ -263,7 +291,7 @@ form, which SQLAlchemy reads with psycopg 3 and psql takes as it is); the server
                else ["runuser", "-u", account.pw_name, "--"])
     # not under pytest's temp dirs: those are root's alone, and the server runs as another
     folder = tempfile.mkdtemp(prefix="cnnlab-pg-")
-    server = None
+    server: list[subprocess.Popen] = []
     try:
         os.chown(folder, account.pw_uid, account.pw_gid)
         data, sockets = os.path.join(folder, "data"), folder
@@ -285,34 +313,42 @@ form, which SQLAlchemy reads with psycopg 3 and psql takes as it is); the server
         args = [tools["postgres"], "-D", data, "-p", str(port), "-k", sockets,
                 "-c", f"listen_addresses={addr}", "-c", "fsync=off",
                 "-c", "max_connections=50", "-c", "shared_buffers=16MB"]
-        log = open(os.path.join(folder, "server.log"), "w")
-        try:
-            if host:
-                server = host.popen(as_user + args, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=folder)
-            else:
-                server = subprocess.Popen(as_user + args, stdout=log,
-                                          stderr=subprocess.STDOUT, cwd=folder,
-                                          start_new_session=True)
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            ready = subprocess.run(
-                (host.command if host else list)(
-                    [tools["pg_isready"], "-q", "-h", addr, "-p", str(port), "-t", "2"]),
-                capture_output=True, timeout=10)
-            if ready.returncode == 0:
-                break
-            if server.poll() is not None or time.monotonic() > deadline:
-                with open(os.path.join(folder, "server.log")) as f:
-                    raise RuntimeError(f"PostgreSQL did not start: {f.read()[-2000:]}")
-            time.sleep(0.2)
+
+        def start() -> None:
+            log = open(os.path.join(folder, "server.log"), "a")
+            try:
+                if host:
+                    server.append(host.popen(as_user + args, stdout=log,
+                                             stderr=subprocess.STDOUT, cwd=folder))
+                else:
+                    server.append(subprocess.Popen(as_user + args, stdout=log,
+                                                   stderr=subprocess.STDOUT, cwd=folder,
+                                                   start_new_session=True))
+            finally:
+                log.close()
+            deadline = time.monotonic() + timeout
+            while True:
+                ready = subprocess.run(
+                    (host.command if host else list)(
+                        [tools["pg_isready"], "-q", "-h", addr, "-p", str(port), "-t", "2"]),
+                    capture_output=True, timeout=10)
+                if ready.returncode == 0:
+                    break
+                if server[-1].poll() is not None or time.monotonic() > deadline:
+                    with open(os.path.join(folder, "server.log")) as f:
+                        raise RuntimeError(f"PostgreSQL did not start: {f.read()[-2000:]}")
+                time.sleep(0.2)
+
+        def stop() -> None:  # SIGINT: fast shutdown (SIGTERM would wait for clients)
+            if server and server[-1].poll() is None:
+                _stop(server[-1], signal.SIGINT, grace=15)
+
+        start()
         run([tools["createdb"], "-h", sockets, "-p", str(port), "-U", user, dbname])
-        yield f"postgresql://{user}@{addr}:{port}/{dbname}"
+        yield PostgresServer(f"postgresql://{user}@{addr}:{port}/{dbname}", start, stop)
     finally:
-        if server is not None:  # SIGINT: fast shutdown (SIGTERM would wait for clients)
-            _stop(server, signal.SIGINT, grace=15)
+        for proc in server:
+            _stop(proc, signal.SIGINT, grace=15)
         shutil.rmtree(folder, ignore_errors=True)
 
 

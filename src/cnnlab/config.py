@@ -418,7 +418,7 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     names, so that a message can quote a wrong key as it is written)."""
     p = Path(path)
     try:
-        if not p.is_file() and p.exists():  # a device, a FIFO: never opened (it may not end)
+        if p.exists() and not p.is_file() and not p.is_dir():  # a device, a FIFO: never opened
             raise CnnlabError(f"config file {p} is not a regular file; give a TOML file")
         with p.open("rb") as f:
             text = f.read(CONFIG_FILE_MAX + 1)

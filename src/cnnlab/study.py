@@ -177,7 +177,8 @@ class Study:
         self.storage = storage(url)
         self.name, self.url = name, url
         wanted = digest(plan)
-        try:
+
+        def create() -> None:
             self.study = optuna.create_study(storage=self.storage, study_name=name,
                                              direction=direction, sampler=sampler,
                                              pruner=pruner)
@@ -185,11 +186,15 @@ class Study:
             for point in points or []:  # the creator alone: no point is queued twice
                 self.study.enqueue_trial({}, user_attrs=point)
             self.study.set_user_attr(READY, True)
+
+        try:
+            patient(create, "creating the study")
         except optuna.exceptions.DuplicatedStudyError:
-            self.study = optuna.load_study(storage=self.storage, study_name=name,
-                                           sampler=sampler, pruner=pruner)
+            self.study = patient(lambda: optuna.load_study(
+                storage=self.storage, study_name=name, sampler=sampler, pruner=pruner),
+                "opening the study")
             self._wait_ready()
-        found = self.study.user_attrs.get(PLAN)
+        found = patient(lambda: self.study.user_attrs, "reading the study").get(PLAN)
         if found != wanted:
             raise CnnlabError(f"the storage {_safe_url(url)} holds a study named '{name}' of "
                               "another sweep (other model, dataset, points or space); choose "
@@ -399,7 +404,10 @@ def run_workers(work: Callable[..., None], args: tuple, jobs: int, say: Callable
         while running:
             for sentinel in wait(list(running)):
                 process, receive = running.pop(sentinel)
-                outcome = receive.recv() if receive.poll() else None
+                try:
+                    outcome = receive.recv() if receive.poll() else None
+                except (EOFError, OSError):  # killed before it could say why
+                    outcome = None
                 receive.close()
                 process.join()
                 if signals.signum is not None:
@@ -454,5 +462,6 @@ def _worker(work: Callable[..., None], args: tuple, say: Callable[[str], None], 
             traceback.print_exc()
             message = f"{type(e).__name__}: {one_line(e)}"
         outcome = message
-    send.send(outcome)
-    send.close()
+    with contextlib.suppress(OSError):  # the parent is gone (killed): nobody to tell
+        send.send(outcome)
+        send.close()
