@@ -84,6 +84,8 @@ def failure_message(error: BaseException) -> str | None:
                 else str(error.strerror or error))
     if isinstance(error, (MemoryError, RuntimeError)) and _out_of_memory(error):
         return f"out of memory ({one_line(error, 120)}); lower --batch-size"
+    if _storage_fault(error):  # wherever a study's storage is used without patient()
+        return f"the study storage failed: {one_line(error.__cause__ or error, 200)}"
     if lost_contact(error):
         detail = re.sub(r"^\[[^]]*\]\s*", "", one_line(error)).split(". ")[0][:120]
         return (f"rank {env_rank()} lost contact with the other ranks ({detail}); another "
@@ -106,6 +108,14 @@ def lost_contact(error: BaseException) -> bool:
 
     return (dist.is_available() and isinstance(error, dist.DistError)) or (
         isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_GONE))
+
+
+def _storage_fault(error: BaseException) -> bool:
+    """Whether `error` is SQLAlchemy's or Optuna's storage error (known by its module and
+    name: neither is imported for it)."""
+    kind = type(error)
+    return kind.__module__.startswith("sqlalchemy.") or (
+        kind.__module__.startswith("optuna.") and kind.__name__ == "StorageInternalError")
 
 
 def _out_of_memory(error: BaseException) -> bool:

@@ -56,23 +56,27 @@ _FOR_GOOD = ("readonly", "read-only", "disk is full", "malformed", "not a databa
              "unable to open", "no such table")
 
 
-def patient(call: Callable[[], Any], what: str) -> Any:
+def patient(call: Callable[[], Any], what: str, reset: Callable[[], None] = lambda: None
+            ) -> Any:
     """`call()`, tried again with growing pauses while the storage cannot be reached, for at
-    most PATIENCE seconds; then - or at once where waiting cannot help (a read-only or full
-    SQLite file) - one line: CnnlabError."""
+    most PATIENCE seconds, calling `reset` before each new try; then - or at once where
+    waiting cannot help (a read-only or full SQLite file) - one line: CnnlabError."""
     from optuna.exceptions import StorageInternalError
-    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, PendingRollbackError
 
     deadline, pause, said = time.monotonic() + PATIENCE, 0.5, False
     while True:
         try:
             return call()
-        except (StorageInternalError, DBAPIError) as e:
+        except (StorageInternalError, DBAPIError, PendingRollbackError) as e:
+            with contextlib.suppress(Exception):
+                reset()
             cause = e.__cause__ if isinstance(e, StorageInternalError) and e.__cause__ else e
             text = one_line(getattr(cause, "orig", None) or cause, 200)
-            lasting = (not isinstance(cause, DBAPIError) or not cause.connection_invalidated
-                       and type(cause).__name__ not in ("OperationalError", "InterfaceError")
-                       or any(word in text.lower() for word in _FOR_GOOD))
+            passing = isinstance(cause, (OperationalError, InterfaceError,
+                                         PendingRollbackError)) or (
+                isinstance(cause, DBAPIError) and cause.connection_invalidated)
+            lasting = not passing or any(word in text.lower() for word in _FOR_GOOD)
             if lasting or time.monotonic() + pause > deadline:
                 waited = "" if lasting else f" (tried for {PATIENCE:.0f} s)"
                 raise CnnlabError(f"the study storage failed while {what}{waited}: "
@@ -98,7 +102,8 @@ def digest(plan: Any) -> str:
 def _quiet_optuna() -> None:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial: ours say it
+    # no line per trial, nor Optuna's many-line warnings about the storage: ours say it
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def storage(url: str, attempts: int = 5):
@@ -188,18 +193,23 @@ class Study:
             self.study.set_user_attr(READY, True)
 
         try:
-            patient(create, "creating the study")
+            self.patient(create, "creating the study")
         except optuna.exceptions.DuplicatedStudyError:
-            self.study = patient(lambda: optuna.load_study(
+            self.study = self.patient(lambda: optuna.load_study(
                 storage=self.storage, study_name=name, sampler=sampler, pruner=pruner),
                 "opening the study")
             self._wait_ready()
-        found = patient(lambda: self.study.user_attrs, "reading the study").get(PLAN)
+        found = self.patient(lambda: self.study.user_attrs, "reading the study").get(PLAN)
         if found != wanted:
             raise CnnlabError(f"the storage {_safe_url(url)} holds a study named '{name}' of "
                               "another sweep (other model, dataset, points or space); choose "
                               "another --out (or --study), or remove that study")
         self.id = self.storage.get_study_id_from_name(name)
+
+    def patient(self, call: Callable[[], Any], what: str) -> Any:
+        """patient(), with this thread's storage session thrown away after a failure (one
+        that failed mid-transaction refuses every later use)."""
+        return patient(call, what, reset=self.storage.scoped_session.remove)
 
     def _wait_ready(self, seconds: float = 60.0) -> None:
         """Another worker created the study a moment ago: wait until it queued the points."""
@@ -222,7 +232,7 @@ class Study:
 
         with warnings.catch_warnings():  # "experimental"
             warnings.simplefilter("ignore")
-            patient(lambda: fail_stale_trials(self.study), "looking for silent workers")
+            self.patient(lambda: fail_stale_trials(self.study), "looking for silent workers")
 
     def take(self):
         """A waiting trial, now running for this worker alone (an optuna.Trial), or None when
@@ -232,10 +242,10 @@ class Study:
         from optuna.trial import TrialState
 
         self.fail_stale()
-        for trial in patient(lambda: self.storage.get_all_trials(
+        for trial in self.patient(lambda: self.storage.get_all_trials(
                 self.id, deepcopy=False, states=(TrialState.WAITING,)), "reading the trials"):
             try:
-                if patient(lambda t=trial: self.storage.set_trial_state_values(
+                if self.patient(lambda t=trial: self.storage.set_trial_state_values(
                         t._trial_id, TrialState.RUNNING), "taking a trial"):
                     return optuna.Trial(self.study, trial._trial_id)
             except UpdateFinishedTrialError:  # another worker took it meanwhile
@@ -245,7 +255,7 @@ class Study:
     def running(self) -> int:
         from optuna.trial import TrialState
 
-        return len(patient(lambda: self.storage.get_all_trials(
+        return len(self.patient(lambda: self.storage.get_all_trials(
             self.id, deepcopy=False, states=(TrialState.RUNNING,)), "reading the trials"))
 
     def reopen(self, unfinished: list[str]) -> None:
@@ -266,15 +276,15 @@ class Study:
             if self.storage.get_study_user_attrs(self.id).get(STOP) is not None:
                 self.storage.set_study_user_attr(self.id, STOP, None)
 
-        patient(reopen, "queueing the unfinished points")
+        self.patient(reopen, "queueing the unfinished points")
 
     def stop_reason(self) -> str | None:
-        return patient(lambda: self.storage.get_study_user_attrs(self.id),
+        return self.patient(lambda: self.storage.get_study_user_attrs(self.id),
                        "reading the study").get(STOP)
 
     def stop_all(self, reason: str) -> None:
         """Tell every worker (on every machine) to take no more points."""
-        patient(lambda: self.storage.set_study_user_attr(self.id, STOP, reason),
+        self.patient(lambda: self.storage.set_study_user_attr(self.id, STOP, reason),
                 "stopping the study")
 
     @contextlib.contextmanager
@@ -284,8 +294,11 @@ class Study:
 
         def beat() -> None:
             while True:
-                with contextlib.suppress(Exception):  # a storage hiccup: the next beat
+                try:
                     self.storage.record_heartbeat(trial_id)
+                except Exception:  # a storage hiccup: a fresh session for the next beat
+                    with contextlib.suppress(Exception):
+                        self.storage.scoped_session.remove()
                 if done.wait(HEARTBEAT):
                     return
 
@@ -329,7 +342,12 @@ class Study:
                         trial._trial_id))
             return True
 
-        return patient(end, "recording a trial's end")
+        return self.patient(end, "recording a trial's end")
+
+    def stored(self, trial):
+        """All the storage holds of `trial` (an optuna.FrozenTrial)."""
+        return self.patient(lambda: self.storage.get_trial(trial._trial_id),
+                            "reading a trial")
 
     def refuse(self, trial, reason: str) -> None:
         """Fail `trial`, whose stored values failed the check, with `reason`: never queued
@@ -340,7 +358,7 @@ class Study:
             self.storage.set_trial_system_attr(trial._trial_id, REFUSED, reason)
             self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
-        patient(end, "refusing a trial")
+        self.patient(end, "refusing a trial")
 
     def refused(self) -> list[str]:
         """Why each refused trial of the study was refused."""
@@ -348,7 +366,7 @@ class Study:
 
         from .worker import shown
 
-        return [shown(t.system_attrs[REFUSED], 300) for t in patient(
+        return [shown(t.system_attrs[REFUSED], 300) for t in self.patient(
             lambda: self.storage.get_all_trials(self.id, deepcopy=False,
                                                 states=(TrialState.FAIL,)),
             "reading the trials") if REFUSED in t.system_attrs]

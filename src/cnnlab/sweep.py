@@ -419,9 +419,12 @@ class SweepJob(Job):
         stops every worker: a bad configuration is bad everywhere)."""
         i, run = point
         values, distributions = _params(self.plan, run)
-        for key, value in values.items():  # the point, for Optuna's own tools
-            self.study.storage.set_trial_param(trial._trial_id, key, distributions[key]
-                                               .to_internal_repr(value), distributions[key])
+        def record() -> None:  # the point, for Optuna's own tools
+            for key, value in values.items():
+                self.study.storage.set_trial_param(trial._trial_id, key, distributions[key]
+                                                   .to_internal_repr(value), distributions[key])
+
+        self.study.patient(record, "recording a trial's params")
         tag = f"[{i}/{len(self.plan.runs)}] {run.name}"
         cfg, job = on_slot(run.config, self.slot)
         try:

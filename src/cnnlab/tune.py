@@ -500,13 +500,16 @@ class SearchJob(Job):
     slot: tuple[int, int] | None
 
     def new_trial(self, study) -> Any:
-        if _spent(study.study.get_trials(deepcopy=False)) >= self.search.trials:
-            return None
         import warnings
 
-        with warnings.catch_warnings():  # "heartbeats are meant for Study.optimize": ours beat
-            warnings.simplefilter("ignore")
-            return study.study.ask()
+        def ask():
+            if _spent(study.study.get_trials(deepcopy=False)) >= self.search.trials:
+                return None
+            with warnings.catch_warnings():  # "heartbeats are for Study.optimize": ours beat
+                warnings.simplefilter("ignore")
+                return study.study.ask()
+
+        return study.patient(ask, "starting a trial")
 
     def check(self, trial) -> str:
         """The trial's run name: its own, or for a trial queued again the name of the trial
@@ -538,8 +541,11 @@ class SearchJob(Job):
         from .study import RUN
 
         search, say = self.search, self.say
-        values = {d.key: d.suggest(trial) for d in search.space}
-        trial.set_user_attr(RUN, name)
+        def suggest() -> dict[str, Any]:
+            trial.set_user_attr(RUN, name)
+            return {d.key: d.suggest(trial) for d in search.space}
+
+        values = self.study.patient(suggest, "recording a trial's params")
         cfg, job = on_slot(search.config(values), self.slot)
         shown_values = " ".join(f"{d.name}={_short_value(values[d.key])}"
                                 for d in search.space)
@@ -573,15 +579,24 @@ class SearchJob(Job):
 
         search, last = self.search, math.ceil(cfg.epochs)
 
+        patient = self.study.patient
+
         def on_eval(record: dict) -> None:
             if search.target is not None:  # a constraint is set once: where the trial ends
                 if record["epoch"] < last and (why := _time_pruned(self.where.out, search,
                                                                    record)):
-                    trial.set_constraint(SHORTFALL, search.target - record["val_acc"])
+                    patient(lambda: trial.set_constraint(SHORTFALL, search.target
+                                                         - record["val_acc"]),
+                            "recording a trial's constraint")
                     raise optuna.TrialPruned(why)
                 return
-            trial.report(record["val_acc"], record["epoch"])
-            if record["epoch"] < last and trial.should_prune():  # the last one ends it anyway
+
+            def judged() -> bool:
+                trial.report(record["val_acc"], record["epoch"])
+                return trial.should_prune()
+
+            # the last evaluation ends the trial anyway
+            if patient(judged, "reporting to the pruner") and record["epoch"] < last:
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} (validation "
                                          f"{record['val_acc']:.2f}%)")
 
@@ -595,7 +610,8 @@ class SearchJob(Job):
                 f"{summary['test_acc_at_best']:.2f}% of its best.pt), "
                 f"{_epochs(metric(summary, 'epochs_done'))}, {summary['train_seconds']:.1f} s")
             return float(summary["best_val_acc"])
-        trial.set_constraint(SHORTFALL, search.target - summary["final_val_acc"])
+        self.study.patient(lambda: trial.set_constraint(
+            SHORTFALL, search.target - summary["final_val_acc"]), "recording a trial's constraint")
         reached = "reached" if summary["final_val_acc"] >= search.target else "below"
         say(f"{name}: {summary['train_seconds']:.1f} s of training, final validation "
             f"{summary['final_val_acc']:.2f}% ({reached} the target {search.target:g}%; test "

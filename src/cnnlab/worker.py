@@ -175,7 +175,7 @@ def work(study, job: Job, say: Callable[[str], None], poll: float = 1.0) -> None
             continue
         waiting_said = False
         try:
-            point = job.check(study.storage.get_trial(trial._trial_id))
+            point = job.check(study.stored(trial))
         except Refused as e:
             study.refuse(trial, str(e))
             say(f"refused trial {trial.number} of the study: {e}")
