@@ -13,6 +13,7 @@ with PostgreSQL, or a listener that never answers, on another.
     a read-only study.db                      one line
 """
 
+import contextlib
 import signal
 import subprocess
 import threading
@@ -202,3 +203,38 @@ def test_a_read_only_study_is_one_line(tmp_path, capsys):
                  "--study", name]) == 2
     err = capsys.readouterr().err
     assert "readonly" in _one_line(err), err
+
+
+def test_a_disk_that_fills_under_the_study_is_one_line_and_the_sweep_continues(data, tmp_path):
+    """The study's SQLite file on a small disk (tmpfs) that fills while a point trains: the
+    worker ends in one line when it records the point; with space again the same command
+    continues that point from its checkpoint and trains the others, each once."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small disk needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        cmd = _sweep(data, tmp_path / "sweep", f"sqlite:///{disk / 'study.db'}", epochs="60")
+        env = {**os.environ, **ENV}
+        worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        _wait_for(tmp_path / "sweep" / RUNS[0] / "checkpoint.pt", worker)
+        with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 2, err
+        assert "disk is full" in _one_line(err)
+        (disk / "filler").unlink()
+        time.sleep(3.5)  # the stopped point's heartbeat is stale: any worker may take it
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        _trained_once(err + done.stderr, tmp_path / "sweep")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -123,9 +123,10 @@ def test_no_worker_outlives_a_killed_sweep(tiny_mnist, tmp_path):
         _wait_for(run / "checkpoint.pt", sweep)
     workers = psutil.Process(sweep.pid).children(recursive=True)
     sweep.send_signal(signal.SIGKILL)
-    sweep.communicate()
+    _, err = sweep.communicate()  # to its end: the workers write to the same pipe
     gone, alive = psutil.wait_procs(workers, timeout=60)
     assert not alive, [p.cmdline() for p in alive]
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
     for run in runs:  # each stopped as on SIGTERM: a checkpoint, the lock let go
         assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -155,3 +156,26 @@ def test_a_study_of_another_sweep_is_refused(tiny_mnist, tmp_path, capsys):
                  "lr=0.05", "--out", str(tmp_path / "s"), "--storage", url, "--study",
                  "lab"]) == 2
     assert "holds a study named 'lab' of another sweep" in capsys.readouterr().err
+
+
+def test_a_killed_worker_of_jobs_2_is_one_line_and_its_point_is_taken_over(tiny_mnist,
+                                                                           tmp_path):
+    """SIGKILL one of `--jobs 2`'s workers: the other takes its point over once its heartbeat
+    is stale, and the sweep ends with one line saying a worker was killed."""
+    out = tmp_path / "sweep"
+    cmd = _sweep_cmd(tiny_mnist, out, "--grid", "pool=max,avg", "--epochs", "20",
+                     "--log-every", "1", "--jobs", "2", "--quiet")
+    sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "CNNLAB_HEARTBEAT": "1"})
+    runs = [out / "pool=max-seed=0", out / "pool=avg-seed=0"]
+    for run in runs:
+        _wait_for(run / "checkpoint.pt", sweep)
+    workers = [p for p in psutil.Process(sweep.pid).children()
+               if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[0].kill()
+    _, err = sweep.communicate(timeout=300)
+    assert "Traceback" not in err and "EOFError" not in err, err
+    assert sweep.returncode == 2
+    assert err.strip().splitlines()[-1] == "cnnlab: error: a worker was killed (SIGKILL)"
+    assert all((run / "summary.json").is_file() for run in runs)

@@ -432,6 +432,8 @@ def run_workers(work: Callable[..., None], args: tuple, jobs: int, say: Callable
                     continue
                 if outcome is not None:
                     failed.append(outcome)
+                elif process.exitcode and process.exitcode < 0:
+                    failed.append(f"a worker was killed ({signal.Signals(-process.exitcode).name})")
                 elif process.exitcode:
                     failed.append(f"a worker ended with status {process.exitcode}")
     if signals.signum is not None:
@@ -469,7 +471,12 @@ def _worker(work: Callable[..., None], args: tuple, say: Callable[[str], None], 
     outcome = None
     try:
         import torch
+        from tqdm import tqdm
 
+        # tqdm's default lock is a multiprocessing semaphore, which the parent's resource
+        # tracker would find leaked (a traceback) if this worker is killed; bars here are
+        # off anyway, and threads are all a worker has
+        tqdm.set_lock(threading.RLock())
         torch.set_num_threads(threads)
         work(*args, progress=False, say=say, slot=slot)
     except (Interrupted, KeyboardInterrupt):  # its point is back in the queue (Study.work)
