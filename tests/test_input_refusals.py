@@ -154,3 +154,23 @@ def test_two_runs_started_together_without_out_both_train(tmp_path, tiny_mnist):
 
     shutil.rmtree(tmp_path / "runs")
     shutil.rmtree(tiny_mnist)
+
+
+def test_input_without_bound_is_refused_at_once(capsys, tmp_path):
+    """A configuration that never ends, one too large to be one, and a grid of a million
+    runs: each one line, before anything is read whole or built."""
+    assert _refused(capsys, ["train", "lenet5", "mnist", "--config", "/dev/zero"]) == (
+        "config file /dev/zero is not a regular file; give a TOML file")
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"# " + b"a" * (2 << 20))
+    try:
+        assert _refused(capsys, ["sweep", "--config", str(big)]).startswith(
+            f"config file {big} is larger than a configuration can be (at most 1,048,576 "
+            "bytes)")
+    finally:
+        big.unlink()
+    lrs = ",".join(f"0.{i:04d}" for i in range(1, 1001))
+    assert _refused(capsys, ["sweep", "lenet5", "mnist", "--grid", f"lr={lrs}", "--seeds",
+                             "1000"]) == (
+        "this sweep would train 1,000,000 runs (1,000 points x 1000 seeds), more than the "
+        "10,000 a sweep may hold; give fewer grid values or seeds, or split it")

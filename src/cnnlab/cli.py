@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -387,6 +388,7 @@ def _study_options(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from .progress import say as say_line
     from .sweep import default_sweep_dir, load_sweep_file, parse_grid_arg, plan_sweep, run_sweep
 
     spec = load_sweep_file(args.config) if args.config else {}
@@ -399,7 +401,8 @@ def _sweep(args: argparse.Namespace) -> int:
     plan = plan_sweep(args.model or spec.get("model"), args.dataset or spec.get("dataset"),
                       grid=grid, points=spec.get("points"),
                       seeds=args.seeds if args.seeds is not None else spec.get("seeds", 1),
-                      train=spec.get("train"), options=train_options(args))
+                      train=spec.get("train"), options=train_options(args),
+                      say=None if args.quiet else functools.partial(say_line, "sweep"))
     out = args.out or default_sweep_dir(plan, args.config)
     result = run_sweep(plan, out, progress=not args.quiet, jobs=args.jobs,
                        storage=args.storage, study_name=args.study)

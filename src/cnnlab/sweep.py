@@ -36,6 +36,7 @@ import functools
 import io
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ from .worker import (
 
 SWEEP_FILE_KEYS = ("model", "dataset", "seeds", "train", "grid", "points")
 MAX_SEEDS = 1000  # runs per point
+MAX_RUNS = 10_000  # runs per sweep: each is a run directory
 MAX_JOBS = 256    # runs at once
 
 
@@ -191,14 +193,27 @@ def _combinations(grid: dict[str, list[Any]], points: list[dict[str, Any]]
 def plan_sweep(model: str | None, dataset: str | None, *,
                grid: dict[str, Any] | None = None, points: list[dict[str, Any]] | None = None,
                seeds: int = 1, train: dict[str, Any] | None = None,
-               options: dict[str, Any] | None = None) -> Plan:
+               options: dict[str, Any] | None = None,
+               say: Callable[[str], None] | None = None) -> Plan:
     """Every run of a sweep, each with its validated Config; nothing is trained.
 
     grid: key -> values (a cross product); points: explicit grid points; keys use '-' or '_'
     and values are typed as the Config fields. `model` and `dataset` may be grid keys.
     train: fixed options (as in a config file); options: overrides that beat them (the
-    command line's), which must not name a grid key. Raises CnnlabError on bad input."""
+    command line's), which must not name a grid key. A plan of more than MAX_RUNS runs is
+    refused before anything is built; `say` is told the count of a large one. Raises
+    CnnlabError on bad input."""
     grid = {_grid_key(k): v if isinstance(v, list) else [v] for k, v in (grid or {}).items()}
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise CnnlabError(f"seeds must be a positive integer, at most {MAX_SEEDS}, got "
+                          f"{short(seeds)}")
+    count = math.prod(map(len, grid.values())) * max(1, len(points or [])) * seeds
+    if count > MAX_RUNS:
+        raise CnnlabError(f"this sweep would train {count:,} runs ({count // seeds:,} points x "
+                          f"{seeds} seed{'s' if seeds > 1 else ''}), more than the {MAX_RUNS:,} "
+                          "a sweep may hold; give fewer grid values or seeds, or split it")
+    if count >= 1000 and say is not None:  # checking each run's options takes a moment
+        say(f"planning {count:,} runs")
     for key, values in grid.items():
         if not values:
             raise CnnlabError(f"grid {option_name(key)}: no values")
@@ -207,9 +222,6 @@ def plan_sweep(model: str | None, dataset: str | None, *,
             raise CnnlabError(f"grid {option_name(key)}: a value is given twice")
     points = [{_grid_key(k): grid_value(_grid_key(k), v) for k, v in p.items()}
               for p in (points or [])]
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
-        raise CnnlabError(f"seeds must be a positive integer, at most {MAX_SEEDS}, got "
-                          f"{short(seeds)}")
     options = {k: v for k, v in (options or {}).items() if v is not None}
     keys = list(dict.fromkeys([k for p in points for k in p] + list(grid)))
     for key in keys:
