@@ -490,3 +490,29 @@ def test_the_command_skips_bad_files_and_rebuilds_a_tampered_cache(tmp_path):
     assert len(notes) == 2 and all("labels outside 0..1" in line for line in notes), lines
     skipped = [line for line in lines if line.startswith("cnnlab: skipping: cannot read image")]
     assert len(skipped) == 3, lines  # reported again: the entries were decoded again
+
+
+def test_a_folder_larger_than_the_memory_left_is_refused_before_decoding(tmp_path, monkeypatch):
+    import cnnlab.data as data
+
+    root = write_folder(tmp_path / "pets", n_train=4, n_test=2, size=64)
+    monkeypatch.setattr(data, "memory_available",
+                        lambda: (1 << 20, "this process's cgroup memory limit"))
+    with pytest.raises(CnnlabError) as refused:
+        load_dataset(f"folder:{root}", tmp_path, image_size=(256, 256))
+    assert str(refused.value) == (
+        "pets decodes to 3.4 MiB (18 images of 256x256 pixels, 5.6 MiB while decoding), more "
+        "than this process's cgroup memory limit leaves (1.0 MiB); pass a smaller "
+        "--image-size, or free memory")
+    load_dataset(f"folder:{root}", tmp_path, image_size=(16, 16))  # 22 kB: it fits
+
+
+def test_memory_available_reads_the_address_space_limit():
+    code = ("import resource, psutil; from cnnlab.data.limits import memory_available; "
+            "vms = psutil.Process().memory_info().vms; "
+            "resource.setrlimit(resource.RLIMIT_AS, (vms + (300 << 20), resource.RLIM_INFINITY)); "
+            "size, why = memory_available(); print(size >> 20, why)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    mib, why = done.stdout.split(" ", 1)
+    assert 250 <= int(mib) <= 300 and why == "its address-space limit (ulimit -v)\n", done

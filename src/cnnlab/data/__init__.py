@@ -18,6 +18,7 @@ from ..errors import CnnlabError, one_line
 from ..specs import SPECS, DatasetSpec
 from . import readers
 from .cache import Split, cached
+from .limits import memory_available, size_text
 from .readers import show_path
 
 FOLDER_PREFIX = "folder:"
@@ -165,7 +166,8 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
     fit = None if image_size is None else (image_size[1], image_size[0])  # Pillow's (w, h)
     if fit:
         extra += f":crop={fit}"
-        _say_memory(len(train_files), image_size)
+    _check_memory(root.name, len(train_files), len(test_files), image_size or
+                  readers.header_size(train_files[0][0]))
     shown = show_path(os.path.basename(os.path.realpath(root)))
 
     def split_of(split: str, files: list, options: str, **how) -> Split:
@@ -193,13 +195,26 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
     return Dataset.of(name, classes, train.mean, train.std, train, test, val)
 
 
-def _say_memory(count: int, image_size: tuple[int, int]) -> None:
-    """Before decoding a large split: how much memory it will hold (the whole split stays in
-    memory, as uint8, three channels at most)."""
-    size = count * 3 * image_size[0] * image_size[1]
+def _check_memory(name: str, train: int, test: int, image_size: tuple[int, int] | None
+                  ) -> None:
+    """Before decoding a folder: refuse in one line when its splits (uint8, three channels
+    at most; the training split twice while it is put together) would take more memory than
+    this process may use, and say how much a large one takes. `image_size`: (H, W), None
+    where the first image's header could not be read (its error comes when it is decoded)."""
+    if image_size is None:
+        return
+    pixels = 3 * image_size[0] * image_size[1]
+    size, peak = (train + test) * pixels, (2 * train + test) * pixels
+    available, bound = memory_available()
+    shape = f"{image_size[0]}x{image_size[1]}"
+    if peak > available:
+        raise CnnlabError(f"{name} decodes to {size_text(size)} ({train + test:,} images of "
+                          f"{shape} pixels, {size_text(peak)} while decoding), more than "
+                          f"{bound} leaves ({size_text(available)}); pass a smaller "
+                          "--image-size, or free memory")
     if size >= 2**30:
-        print(f"cnnlab: note: {count:,} training images of {image_size[0]}x{image_size[1]} "
-              f"pixels will take up to {size / 2**30:.1f} GiB of memory", file=sys.stderr)
+        print(f"cnnlab: note: {train + test:,} images of {shape} pixels will take up to "
+              f"{size_text(size)} of memory", file=sys.stderr)
 
 
 def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:

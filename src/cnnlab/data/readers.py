@@ -22,6 +22,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -307,6 +308,15 @@ def _first_look(path: str | os.PathLike[str], mode: str | None, crop: tuple[int,
         return image_error(path, e)  # OSError nor a ValueError); all mean the same here
 
 
+def header_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """An image's (height, width) from its header alone, or None where it cannot be read."""
+    try:
+        with open_image(path) as im:
+            return im.size[1], im.size[0]
+    except Exception:  # its error is said when it is decoded
+        return None
+
+
 def _to_8bit(im):
     """16-bit and 32-bit grayscale scaled down to 8 bits (Pillow would clip them)."""
     from PIL import Image
@@ -376,7 +386,19 @@ def read_folder_split(files: list[tuple[str | os.PathLike[str], int]], *, mode: 
     one of another size stops with an error naming them, or with `skip_bad` is reported on
     stderr and left out. With `crop` (and `size`) every image is resized and centre-cropped
     to `size` (decode_image). `progress` names the progress phase shown (counting images
-    decoded, a chunk of them at a time), e.g. "decoding cifar10-jpeg/train"; None: none."""
+    decoded, a chunk of them at a time), e.g. "decoding cifar10-jpeg/train"; None: none.
+    Memory running out while decoding is one line."""
+    try:
+        return _read_folder_split(files, mode, size, skip_bad, crop, progress)
+    except (MemoryError, BrokenProcessPool):  # a decoder process killed for memory
+        where = os.path.dirname(os.path.dirname(files[0][0]))
+        raise CnnlabError(f"ran out of memory decoding the images of {show_path(where)}; "
+                          "pass a smaller --image-size, or free memory") from None
+
+
+def _read_folder_split(files: list[tuple[str | os.PathLike[str], int]], mode: str | None,
+                       size: tuple[int, int] | None, skip_bad: bool, crop: bool,
+                       progress: str | None) -> tuple[np.ndarray, np.ndarray]:
     from ..progress import Phase  # here: tqdm's import would slow down every cached read
 
     paths = [p for p, _ in files]
