@@ -132,7 +132,7 @@ def test_nproc_needs_a_gpu_a_process_or_the_cpu(monkeypatch, capsys, tmp_path, g
     monkeypatch.delenv("CNNLAB_DEVICE")  # the default device: auto
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     launched = []
-    monkeypatch.setattr(launch, "launch", lambda n, rest, run: launched.append(n) or 0)
+    monkeypatch.setattr(launch, "launch", lambda n, rest, run, nodes: launched.append(n) or 0)
     code = main(["train", "lenet5", "mnist", "--nproc", "2", *args])
     err = capsys.readouterr().err
     if error:

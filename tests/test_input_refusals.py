@@ -174,3 +174,21 @@ def test_input_without_bound_is_refused_at_once(capsys, tmp_path):
                              "1000"]) == (
         "this sweep would train 1,000,000 runs (1,000 points x 1000 seeds), more than the "
         "10,000 a sweep may hold; give fewer grid values or seeds, or split it")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2"], "--nnodes 2 needs --node-rank from 0 to 1: 0 on --master-addr, then "
+                        "1, 2, ... on the others"),
+    (["--nnodes", "2", "--node-rank", "2"], "--nnodes 2 needs --node-rank from 0 to 1: 0 on "
+                                            "--master-addr, then 1, 2, ... on the others, got 2"),
+    (["--nnodes", "2", "--node-rank", "1"], "--nnodes needs --master-addr HOST"),
+    (["--nnodes", "2", "--node-rank", "1", "--master-addr", "h"],
+     "--nnodes needs --out RUN_DIR (or --resume RUN_DIR): every machine names the same run "
+     "directory"),
+    (["--node-rank", "1"], "--node-rank is for a run on many machines; give --nnodes N too"),
+    (["--nnodes", "2", "--node-rank", "1", "--master-addr", "h", "--out", "r",
+      "--rdzv-timeout", "0"], "--rdzv-timeout must be from 1 to 86400 seconds, got 0"),
+])
+def test_many_machines_options_are_checked_before_any_launch(capsys, args, message):
+    assert _refused(capsys, ["train", "lenet5", "mnist", "--device", "cpu", *args]).startswith(
+        message)

@@ -127,3 +127,81 @@ def test_postgres_serves_other_hosts(on_a_host):
         if subprocess.run([PYTHON, "-c", "import psycopg2"], capture_output=True,
                           timeout=30).returncode == 0:
             assert b.run([PYTHON, "-c", check, url]).stdout == "1\n"
+
+
+def _nodes(data, out, host: str, rank: int, *extra: str) -> list[str]:
+    """`cnnlab train` as machine `rank` of two runs it, launching torchrun itself."""
+    return [PYTHON, "-m", "cnnlab", "train", "lenet5", "mnist", "--data-dir", str(data),
+            "--out", str(out), "--nnodes", "2", "--node-rank", str(rank), "--master-addr",
+            host, *extra]
+
+
+def test_cnnlab_launches_the_machines_itself(data, tmp_path):
+    """`cnnlab train ... --nnodes 2 --node-rank R --master-addr HOST` on two hosts: the run
+    of one process, the run directory printed by the first machine alone."""
+    out = tmp_path / "ddp"
+    with network(2) as (a, b):
+        nodes = [h.popen(_nodes(data, out, a.addr, rank, *ARGS), env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for rank, h in enumerate((a, b))]
+        ends = [node.communicate(timeout=150) for node in nodes]
+    for node, (_, stderr) in zip(nodes, ends):
+        assert node.returncode == 0, stderr
+    assert ends[0][0].strip().splitlines() == [str(out)] and ends[1][0] == ""
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert_one_process_run(out, data, tmp_path / "single")
+
+
+@pytest.mark.parametrize("alone", [1, 0], ids=["second-alone", "first-alone"])
+def test_machines_that_never_meet_are_one_line_within_the_timeout(data, tmp_path, alone):
+    wait = 3
+    with network(2) as (a, b):
+        host = (a, b)[alone]
+        started = time.monotonic()
+        done = host.run(_nodes(data, tmp_path / "run", a.addr, alone, "--rdzv-timeout",
+                               str(wait), "--device", "cpu"), env=ENV, check=False,
+                        timeout=300)
+        took = time.monotonic() - started
+    lines = [line for line in done.stderr.splitlines() if not TORCH_LOG.match(line)]
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("cnnlab: error: the 2 machines did not all start within "
+                               f"--rdzv-timeout {wait} s")
+    assert lines[0].endswith(f"run the same command on every machine, --node-rank 0 on "
+                             f"{a.addr} (which the others must reach on port 29500)")
+    print(f"machine {alone} alone: one line after {took:.1f} s")
+    assert took < 3 * wait + 60 + 30  # torch's tries, the launcher's allowance, start-up
+
+
+def test_a_dead_rank_on_one_machine_prints_the_resume_command_on_both(data, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    train = ["--epochs", "8", "--batch-size", "32", "--log-every", "1", "--checkpoint-every",
+             "8", "--device", "cpu", "--telemetry", "0"]
+    with network(2) as (a, b):
+        nodes = [h.popen(_nodes(data, out, a.addr, rank, *train), env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for rank, h in enumerate((a, b))]
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").is_file():
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes)
+            time.sleep(0.1)
+        victim = next(p for p in psutil.Process(nodes[1].pid).children(recursive=True)
+                      if p.environ().get("RANK") == "1")
+        victim.kill()
+        ends = [node.communicate(timeout=150) for node in nodes]
+        for rank, (_, stderr) in enumerate(ends):
+            ours = [line for line in stderr.splitlines() if line.startswith("cnnlab: error:")]
+            assert len(ours) == 1 and "Traceback" not in stderr, stderr
+            assert ours[0].endswith(
+                f"resume with: cnnlab train --resume {out} --nnodes 2 --node-rank {rank} "
+                f"--master-addr {a.addr} --master-port 29500 here, and the same with its own "
+                "--node-rank on every other machine"), ours[0]
+        assert "rank 1 died (killed by SIGKILL)" in ends[1][1]
+        resumed = [h.popen([PYTHON, "-m", "cnnlab", "train", "--resume", str(out), "--nnodes",
+                            "2", "--node-rank", str(rank), "--master-addr", a.addr], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                   for rank, h in enumerate((a, b))]
+        again = [node.communicate(timeout=150) for node in resumed]
+    assert [n.returncode for n in resumed] == [0, 0], again
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2

@@ -110,6 +110,18 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
                    "last checkpoint (only safe options, e.g. --epochs, may change)")
     p.add_argument("--nproc", type=int, help="launch N processes with torchrun on this machine")
+    nodes = p.add_argument_group(
+        "many machines", "run the same command on every machine, each with its --node-rank; "
+        "cnnlab launches torchrun there (one process a machine unless --nproc says more)")
+    nodes.add_argument("--nnodes", type=int, help="the number of machines")
+    nodes.add_argument("--node-rank", type=int, help="this machine's rank: 0 on --master-addr, "
+                       "then 1, 2, ...")
+    nodes.add_argument("--master-addr", metavar="HOST", help="the first machine's address, as "
+                       "the others reach it")
+    nodes.add_argument("--master-port", type=int, default=29500,
+                       help="its port for the rendezvous (default 29500)")
+    nodes.add_argument("--rdzv-timeout", type=float, default=300, metavar="SECONDS",
+                       help="how long a machine waits for the others to start (default 300)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +169,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.resume is None and (args.model is None or args.dataset is None):
         raise CnnlabError("train needs MODEL and DATASET (or --resume RUN_DIR)")
-    if args.nproc is not None:
+    if any(v is not None for v in (args.nproc, args.nnodes, args.node_rank, args.master_addr)):
         return _launch(args)
     summary = train(args.model, args.dataset, config=args.config, out=args.out,
                     resume=args.resume, progress=not args.quiet, **train_options(args))
@@ -178,18 +190,56 @@ def _train(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+LAUNCHER_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port",
+                    "--rdzv-timeout")
+
+
+def _nodes(args: argparse.Namespace):
+    """The machines of a `--nnodes` run (launch.Nodes), checked; None for one machine."""
+    from .launch import Nodes
+
+    if args.nnodes is None or args.nnodes == 1:
+        for name in ("node_rank", "master_addr"):
+            if getattr(args, name) not in (None, 0):
+                raise CnnlabError(f"--{name.replace('_', '-')} is for a run on many machines; "
+                                  "give --nnodes N too")
+        return None
+    if not 2 <= args.nnodes <= 1024:
+        raise CnnlabError(f"--nnodes must be from 1 to 1024, got {args.nnodes}")
+    if args.node_rank is None or not 0 <= args.node_rank < args.nnodes:
+        raise CnnlabError(f"--nnodes {args.nnodes} needs --node-rank from 0 to "
+                          f"{args.nnodes - 1}: 0 on --master-addr, then 1, 2, ... on the "
+                          f"others{'' if args.node_rank is None else f', got {args.node_rank}'}")
+    if not args.master_addr:
+        raise CnnlabError("--nnodes needs --master-addr HOST: the address of the machine with "
+                          "--node-rank 0, as the others reach it")
+    if not 1 <= args.master_port <= 65535:
+        raise CnnlabError(f"--master-port must be from 1 to 65535, got {args.master_port}")
+    if not 1 <= args.rdzv_timeout <= 86400:
+        raise CnnlabError(f"--rdzv-timeout must be from 1 to 86400 seconds, got "
+                          f"{args.rdzv_timeout:g}")
+    if not (args.out or args.resume):
+        raise CnnlabError("--nnodes needs --out RUN_DIR (or --resume RUN_DIR): every machine "
+                          "names the same run directory")
+    return Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port,
+                 args.rdzv_timeout)
+
+
 def _launch(args: argparse.Namespace) -> int:
-    """`--nproc N`: check the options here (one line, not one per rank), then torchrun,
-    with the run directory named (the launcher says where to resume should a rank die)."""
+    """`--nproc N` (and `--nnodes`): check the options here (one line, not one per rank),
+    then torchrun, with the run directory named (the launcher says where to resume should a
+    rank die)."""
     import contextlib
 
     from .config import default_device, load_toml, resolve
     from .launch import launch
     from .runs import default_run_dir, new_dir
 
+    args.nproc = 1 if args.nproc is None else args.nproc
     if not 1 <= args.nproc <= 1024:
         raise CnnlabError(f"--nproc must be {'positive' if args.nproc < 1 else 'at most 1024'}"
                           f", got {args.nproc}")
+    nodes = _nodes(args)
     device = default_device(args.device)
     if args.resume is None:
         cfg = resolve(args.model, args.dataset, overrides=train_options(args),
@@ -206,18 +256,18 @@ def _launch(args: argparse.Namespace) -> int:
                               f"process needs its own; use --nproc {max(gpus, 1)}, or --device "
                               f"cpu to run {args.nproc} processes on the CPU")
     rest, skip = [], False
-    for arg in args.argv:
+    for arg in args.argv:  # the launcher's own options do not reach the ranks
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif arg in LAUNCHER_OPTIONS:
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif arg.split("=", 1)[0] not in LAUNCHER_OPTIONS:
             rest.append(arg)
     if args.resume or args.out:
-        return launch(args.nproc, rest, args.resume or args.out)
+        return launch(args.nproc, rest, args.resume or args.out, nodes)
     run_dir = new_dir(default_run_dir(cfg.model, cfg.dataset))  # claimed, as one process does
     try:
-        return launch(args.nproc, [*rest, "--out", str(run_dir)], run_dir)
+        return launch(args.nproc, [*rest, "--out", str(run_dir)], run_dir, nodes)
     finally:
         with contextlib.suppress(OSError):  # still empty: no run started, none is left
             run_dir.rmdir()

@@ -13,6 +13,7 @@ start-up may have interrupted torch's own import."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import signal
@@ -20,7 +21,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Exit
@@ -36,12 +39,43 @@ def cores_per_process(count: int) -> int:
     return max(1, (os.cpu_count() or 1) // count)
 
 
-def launch(nproc: int, args: list[str], run_dir: str | Path) -> int:
-    """Run `cnnlab ARGS` as `nproc` processes under torchrun, training into `run_dir`, and
-    return the ranks' own exit status: rank 0's, else the first failing rank's (torchrun
-    itself reports any failure as 1). SIGINT and SIGTERM go to the ranks, which checkpoint
-    and stop. A rank that dies (no exit status: SIGKILL, the kernel's out-of-memory killer)
-    is reported in one line, with 128 + the signal that killed it."""
+@dataclass(frozen=True)
+class Nodes:
+    """The machines of a run on several (`--nnodes`): how many, this one's rank, and where
+    they meet (the machine of rank 0), waiting for each other at most `timeout` seconds."""
+
+    count: int
+    rank: int
+    addr: str
+    port: int
+    timeout: float
+
+    def torchrun(self) -> list[str]:
+        return [f"--nnodes={self.count}", f"--node-rank={self.rank}",
+                f"--master-addr={self.addr}", f"--master-port={self.port}",
+                "--rdzv-conf", f"timeout={math.ceil(self.timeout)}"]
+
+    def resume(self, run_dir: Path, nproc: int) -> str:
+        """The command that resumes the run, on this machine (the others: their rank)."""
+        procs = f" --nproc {nproc}" if nproc > 1 else ""
+        return (f"cnnlab train --resume {run_dir} --nnodes {self.count} --node-rank "
+                f"{self.rank} --master-addr {self.addr} --master-port {self.port}{procs} here, "
+                "and the same with its own --node-rank on every other machine")
+
+
+# Seconds a rank may take to start once the machines have met (Python, torch, cnnlab), on
+# top of --rdzv-timeout, before a launcher with no rank started gives up
+START_ALLOWANCE = 60.0
+
+
+def launch(nproc: int, args: list[str], run_dir: str | Path, nodes: Nodes | None = None) -> int:
+    """Run `cnnlab ARGS` as `nproc` processes under torchrun (on each of `nodes`' machines,
+    where given), training into `run_dir`, and return the ranks' own exit status: rank 0's,
+    else the first failing rank's (torchrun itself reports any failure as 1). SIGINT and
+    SIGTERM go to the ranks, which checkpoint and stop. A rank that dies (no exit status:
+    SIGKILL, the kernel's out-of-memory killer) is reported in one line, with 128 + the
+    signal that killed it, and the command that resumes the run; machines that do not all
+    start within the rendezvous timeout are one line too."""
     with tempfile.TemporaryDirectory(prefix="cnnlab-launch-") as name:
         folder = Path(name)
         # each rank its share of the cores (torchrun would give each one thread, and say so)
@@ -52,18 +86,20 @@ def launch(nproc: int, args: list[str], run_dir: str | Path) -> int:
         else:
             env[RANK_STDERR] = str(folder / "stderr")
             drain = _relay(folder / "stderr")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        cmd = [sys.executable, "-m", "torch.distributed.run",
+               *(nodes.torchrun() if nodes else ["--standalone"]),
                f"--nproc_per_node={nproc}", "-m", "cnnlab", *args]
         with open(folder / "torchrun.log", "w+") as log, open(folder / "stdout", "w+b") as out:
             # its own session: a Ctrl-C in the terminal reaches the launcher alone, which
             # passes it on to the ranks once (torchrun would pass it again: a second Ctrl-C)
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=log,
                                     start_new_session=True)
-            code = _wait(proc, folder)
+            code = _wait(proc, folder, None if nodes is None
+                         else nodes.timeout + START_ALLOWANCE)
             if drain:
                 drain()
             log.seek(0)
-            code = _outcome(folder, nproc, code, log.read(), Path(run_dir))
+            code = _outcome(folder, nproc, code, log.read(), Path(run_dir), nodes)
             out.seek(0)
             printed = out.read()
     sys.stderr.flush()
@@ -72,22 +108,40 @@ def launch(nproc: int, args: list[str], run_dir: str | Path) -> int:
     return code
 
 
-def _outcome(folder: Path, nproc: int, code: int, report: str, run_dir: Path) -> int:
+def _outcome(folder: Path, nproc: int, code: int, report: str, run_dir: Path,
+             nodes: Nodes | None) -> int:
     """The exit status, from what the ranks left in `folder` and torchrun's exit status
     `code` and `report`; a rank that died, or lost the others with nothing else to explain
-    it, is reported here."""
+    it, or machines that never met, are reported here."""
     statuses = {_rank(f): int(f.read_text() or 1) for f in folder.glob("status-*")}
-    died = [r for r in range(nproc) if r not in statuses] if code else []
-    if died and not set(died) <= {_rank(f) for f in folder.glob("pid-*")}:
+    started = {_rank(f) for f in folder.glob("pid-*")}
+    first = nodes.rank * nproc if nodes else 0  # this machine's ranks: first, first + 1, ...
+    died = [r for r in range(first, first + nproc) if r not in statuses] if code else []
+    if nodes and code and not started:
+        return _never_met(nodes, code, report)
+    if died and not set(died) <= started:
         sys.stderr.write(report)  # it ended before it wrote to us: torchrun's log has its words
         return code
+    then = f"; resume with: {nodes.resume(run_dir, nproc)}" if nodes else ""
     if died:
-        return _report_deaths(died, report, run_dir) or code
+        return _report_deaths(died, report, run_dir, then) or code
     lost = sorted(folder.glob("lost-*"))
     if {r for r, s in statuses.items() if s} <= {_rank(f) for f in lost}:
         for f in lost:  # no other failure explains it
-            print(f"cnnlab: error: {f.read_text()}", file=sys.stderr)
+            print(f"cnnlab: error: {f.read_text()}{then}", file=sys.stderr)
     return next((statuses[r] for r in sorted(statuses) if statuses[r]), 0)
+
+
+def _never_met(nodes: Nodes, code: int, report: str) -> int:
+    """Say in one line that the machines did not all start within the rendezvous timeout
+    (with torch's own last word on it, where it gave one)."""
+    said = [line.strip() for line in report.splitlines()
+            if re.match(r"\s*torch\.distributed\.\w+Error: ", line)]
+    why = f" ({said[-1].split(': ', 1)[1][:160]})" if said else ""
+    print(f"cnnlab: error: the {nodes.count} machines did not all start within --rdzv-timeout "
+          f"{nodes.timeout:g} s{why}; run the same command on every machine, --node-rank 0 on "
+          f"{nodes.addr} (which the others must reach on port {nodes.port})", file=sys.stderr)
+    return code if code > 0 else Exit.BAD_INPUT
 
 
 def _rank(file: Path) -> int:
@@ -120,8 +174,9 @@ def _relay(fifo: Path) -> Callable[[], None]:
     return drain
 
 
-def _wait(proc: subprocess.Popen, folder: Path) -> int:
-    """torchrun's exit status, passing SIGINT and SIGTERM on to the ranks meanwhile."""
+def _wait(proc: subprocess.Popen, folder: Path, start_within: float | None = None) -> int:
+    """torchrun's exit status, passing SIGINT and SIGTERM on to the ranks meanwhile; with
+    `start_within`, torchrun is stopped (status 1) when no rank has started by then."""
 
     def forward(signum: int) -> None:
         pids = [f.read_text() for f in folder.glob("pid-*")]
@@ -134,10 +189,20 @@ def _wait(proc: subprocess.Popen, folder: Path) -> int:
                 pass
 
     with StopSignals(None, pass_on=forward):  # rank 0 says it stops
-        return proc.wait()
+        if start_within is None:
+            return proc.wait()
+        deadline = time.monotonic() + start_within
+        while proc.poll() is None:
+            if time.monotonic() > deadline and not any(folder.glob("pid-*")):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+                return 1
+            time.sleep(0.2)
+        return proc.returncode
 
 
-def _report_deaths(died: list[int], report: str, run_dir: Path) -> int | None:
+def _report_deaths(died: list[int], report: str, run_dir: Path, then: str = "") -> int | None:
     """Say in one line which ranks died, how (torchrun's `report` gives each failed rank's
     exit code, negative for a signal) and how to go on; return 128 + the first one's signal,
     or its exit status (None if the report does not say)."""
@@ -150,7 +215,9 @@ def _report_deaths(died: list[int], report: str, run_dir: Path) -> int | None:
             return ""
         return f" (killed by {_signal_name(-code)})" if code < 0 else f" (exit status {code})"
 
-    if (run_dir / "checkpoint.pt").is_file():
+    if then:  # on many machines: every one resumes, each with its rank
+        then = then.removeprefix("; ")
+    elif (run_dir / "checkpoint.pt").is_file():
         then = f"its last checkpoint is intact - resume with: cnnlab train --resume {run_dir}"
     elif (run_dir / "config.json").is_file():
         then = f"no checkpoint yet - start it over with: cnnlab train --resume {run_dir}"
