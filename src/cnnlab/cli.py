@@ -522,7 +522,8 @@ def _tune_parser(sub) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .tune import default_tune_dir, plan_tune, run_tune, summary_lines
+    from .tune import default_tune_dir, plan_tune, run_tune
+    from .tune_results import summary_lines
 
     search = plan_tune(args.model, args.dataset, args.space, options=train_options(args),
                        trials=args.trials, sampler=args.sampler, pruner=args.pruner,

@@ -73,6 +73,14 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return text[:limit] if text else type(error).__name__
 
 
+def shown(value: object, limit: int = 120) -> str:
+    """A value read from a study, safe to print: non-printable characters (escape sequences,
+    line breaks) as Python escapes, at most `limit` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def failure_message(error: BaseException) -> str | None:
     """The one line a user sees for an error that is bad input or environment rather than a
     bug: cnnlab's own, an OSError (a full disk, a folder we may not write to), memory

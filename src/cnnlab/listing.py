@@ -23,7 +23,7 @@ from .files import read_json
 from .report import RunInfo, outcome
 from .results import DIVERGED, diverged_error, format_epochs, metric
 from .runs import is_locked
-from .tune import TUNE_FILE
+from .tune_results import TUNE_FILE
 
 SWEEP_FILE = "sweep.json"  # marks a sweep directory (cnnlab sweep's plan)
 # Any of these makes a folder a run directory (a damaged one without config.json)

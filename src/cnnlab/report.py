@@ -503,7 +503,7 @@ def _search(path: Path, heading: Heading) -> tuple[list, frozenset[Path]]:
     """A search's section (cnnlab tune's tune.json) - what it searched and found, its best
     trial's options, every trial, the optimisation history and the parameter importances -
     and the trial runs its pruner stopped."""
-    from .tune import TUNE_FILE, summary_lines, trials_table
+    from .tune_results import TUNE_FILE, summary_lines, trials_table
 
     try:
         info = read_json(path / TUNE_FILE)
@@ -712,7 +712,7 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, *,
     if not paths:
         raise CnnlabError("report needs at least one run or sweep directory")
     runs, sweeps = find_runs(paths)
-    from .tune import TUNE_FILE
+    from .tune_results import TUNE_FILE
 
     tunes = [s for s in sweeps if (s / TUNE_FILE).is_file()]
     searches = [_search(s, Heading(2, f"Search {s.name}" if len(tunes) > 1 else "Search"))

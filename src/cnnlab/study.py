@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import CnnlabError, one_line
+from .errors import CnnlabError, one_line, shown
 
 # Seconds between heartbeats, and of silence after which a running trial's worker counts as
 # dead. Tests shorten them with CNNLAB_HEARTBEAT (the grace period is three heartbeats).
@@ -363,8 +363,6 @@ class Study:
     def refused(self) -> list[str]:
         """Why each refused trial of the study was refused."""
         from optuna.trial import TrialState
-
-        from .worker import shown
 
         return [shown(t.system_attrs[REFUSED], 300) for t in self.patient(
             lambda: self.storage.get_all_trials(self.id, deepcopy=False,

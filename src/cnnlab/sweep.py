@@ -63,6 +63,7 @@ from .errors import (
     did_you_mean,
     failure_message,
     one_line,
+    shown,
 )
 from .files import atomic_write, read_json, safe_name, write_json
 from .progress import say as say_line
@@ -72,20 +73,26 @@ from .results import (
     aggregate,
     diverged_error,
     fixed_settings,
+    format_epochs,
     is_finished,
     md_table,
     mean_std,
+    metric,
+    selection_note,
     shown_metrics,
     verdict,
 )
+from .runs import hold
+from .study import RUN, Study, run_workers
 from .worker import (
     Job,
     Refused,
+    Where,
+    check_jobs,
     check_run_name,
     config_difference,
     on_slot,
     refused_section,
-    shown,
     stored_params,
     train_or_continue,
     work,
@@ -94,7 +101,6 @@ from .worker import (
 SWEEP_FILE_KEYS = ("model", "dataset", "seeds", "train", "grid", "points")
 MAX_SEEDS = 1000  # runs per point
 MAX_RUNS = 10_000  # runs per sweep: each is a run directory
-MAX_JOBS = 256    # runs at once
 
 
 def _grid_key(key: str) -> str:
@@ -276,12 +282,8 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
     `jobs` > 1: that many worker processes on this machine. `progress` off (--quiet): no
     bars and no lines about the runs. Returns what write_results returns, with "refused":
     why each trial the study's storage held was refused (tampered with)."""
-    from .study import RUN, Study, default_storage, digest
-
     say = functools.partial(say_line, "sweep") if progress else silent
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
-        raise CnnlabError(f"--jobs must be a positive integer, at most {MAX_JOBS}, got "
-                          f"{short(jobs)}")
+    check_jobs(jobs)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -295,10 +297,9 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
             write_json(out / "sweep.json", joined.to_json())
     except OSError as e:
         raise CnnlabError(f"cannot create sweep directory {out}: {e.strerror or e}") from None
-    url = storage or default_storage(out)
-    where = Where(url, study_name or f"{out.resolve().name}-{digest(_plan_digest(plan))[:8]}",
-                  out)
-    study = Study(url, where.name, _plan_digest(plan), points=[{RUN: r.name} for r in plan.runs])
+    where = Where.of(out, _plan_digest(plan), storage, study_name)
+    study = Study(where.url, where.name, _plan_digest(plan),
+                  points=[{RUN: r.name} for r in plan.runs])
     study.reopen([r.name for r in plan.runs if not is_finished(out / r.name)])
     try:
         if jobs > 1:
@@ -316,8 +317,6 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
 def sweep_lock(out: Path):
     """Held while a command reads and rewrites the sweep directory's own files (sweep.json,
     the results): two commands never interleave their changes."""
-    from .runs import hold
-
     return hold(out / LOCK_FILE)
 
 
@@ -373,15 +372,6 @@ def _stored_run(entry: dict) -> Run:
                config=Config(**with_defaults(entry["config"])))
 
 
-@dataclass(frozen=True)
-class Where:
-    """A sweep's study (storage URL and study name) and its directory."""
-
-    url: str
-    name: str
-    out: Path
-
-
 def _plan_digest(plan: Plan) -> dict:
     """What makes two sweeps the same sweep: their runs, by name and configuration."""
     return {"sweep": [[r.name, {k: v for k, v in r.config.to_dict().items() if k in COMPARED}]
@@ -391,7 +381,6 @@ def _plan_digest(plan: Plan) -> dict:
 def _work(plan: Plan, where: Where, *, progress: bool, say,
           slot: tuple[int, int] | None = None) -> None:
     """Be a worker of the sweep's study: take points and train them until none is left."""
-    from .study import Study
 
     study = Study(where.url, where.name, _plan_digest(plan))
     work(study, SweepJob(plan, where, study, progress, say, slot), say)
@@ -412,7 +401,6 @@ class SweepJob(Job):
         self.index = {r.name: (i, r) for i, r in enumerate(self.plan.runs, 1)}
 
     def check(self, trial) -> tuple[int, Run]:
-        from .study import RUN
 
         name = check_run_name(trial.user_attrs.get(RUN), self.where.out,
                               lambda n: n in self.index)
@@ -494,7 +482,6 @@ def _finished(tag: str, s: dict) -> str:
 def _workers(plan: Plan, where: Where, jobs: int, say) -> None:
     """`jobs` worker processes of the study on this machine (study.run_workers), with the
     data decoded here first, once, rather than by N processes at once."""
-    from .study import run_workers
     from .trainer import load_data
 
     datasets = {(c.dataset, c.data_dir, c.download, c.skip_bad_files, c.image_size): c
@@ -531,8 +518,6 @@ def _runs_section(runs: list[Run], summaries: dict[str, dict], diverged: dict[st
                   titles: dict[str, str]) -> list[str]:
     """results.md's lines listing `runs`: each finished one (its summary in `summaries`) with
     its metrics, each diverged one with its error; `titles` are the shown metrics' titles."""
-    from .results import format_epochs, metric
-
     def run_row(r: Run) -> list[str]:
         if r.name in diverged:
             return [f"[{r.name}]({r.name}/)", str(r.config.seed),
@@ -568,8 +553,7 @@ def _stored_plan(out: Path) -> Plan:
 
 
 def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
-    from .plots import plot_comparison, plot_overlay
-    from .results import selection_note
+    from .plots import plot_comparison, plot_overlay  # matplotlib: only where it draws
 
     finished = [r for r in plan.runs if (out / r.name / "summary.json").is_file()
                 and config_difference(out / r.name, r.config) is None]

@@ -18,10 +18,9 @@ directory (a `run` user attribute), and whoever takes it continues that run from
 checkpoint. Ctrl-C queues the stopped trial again the same way. `--trials` counts trials
 over all workers, a trial queued again once.
 
-The tune directory holds the trial runs, study.db (the default storage), tune.json (the plan
-and, once written, every trial's outcome, which reports read), results.md, best.toml (the
-best trial's options: `cnnlab train MODEL DATASET --config best.toml`), history.png and
-importance.png.
+The tune directory holds the trial runs, study.db (the default storage), and the results
+(tune_results.py): tune.json, results.md, best.toml (the best trial's options: `cnnlab train
+MODEL DATASET --config best.toml`), history.png and importance.png.
 
 Optuna is imported by the functions that run or read a search only.
 """
@@ -31,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,6 @@ from .config import (
     OPTIONS,
     RUNTIME,
     Config,
-    applies,
     field_name,
     format_value,
     nearest_option,
@@ -57,33 +54,40 @@ from .errors import (
     Interrupted,
     TrainingDiverged,
     failure_message,
+    shown,
     unknown_choice,
 )
-from .files import atomic_write, read_json, safe_name, write_json
+from .files import read_json, safe_name, write_json
 from .progress import say as say_line
 from .progress import silent
-from .results import diverged_error, fixed_settings, format_epochs, md_table, metric
-from .runs import read_metrics
+from .results import metric
+from .study import REFUSED, RUN, Study, run_workers
+from .tune_results import (
+    TRIAL_NAME,
+    TUNE_FILE,
+    epochs_text,
+    retried,
+    short_value,
+    states,
+    write_results,
+)
 from .worker import (
     Job,
     Refused,
+    Where,
+    check_jobs,
     check_run_name,
     on_slot,
-    refused_section,
-    shown,
     stored_params,
     train_or_continue,
     work,
 )
 
-TUNE_FILE = "tune.json"   # in the tune directory: the plan, then every trial's outcome
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "time", "none")
 MAX_TRIALS = 100_000
 # Complete trials before the median pruner judges: fewer give it no median worth the name.
 PRUNER_STARTUP = 5
-# Complete trials before parameter importances (over fewer they say nothing).
-IMPORTANCE_TRIALS = 4
 
 
 @dataclass(frozen=True)
@@ -246,7 +250,7 @@ class Search:
                          "space": [d.to_json() for d in self.space], **target}}
 
     @property
-    def max_epochs(self) -> int:
+    def maxepochs_text(self) -> int:
         """The most epochs a trial trains in (the last maybe in part): Hyperband's budget."""
         epochs = next((d for d in self.space if d.key == "epochs"), None)
         most = self.base.epochs if epochs is None else max(epochs.values or (epochs.high,))
@@ -337,12 +341,7 @@ def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: in
     many worker processes here; the same command elsewhere, with a shared storage and `out`,
     adds workers. Running it again continues the search (more --trials: more trials).
     Returns what write_results returns."""
-    from .study import Study, default_storage, digest
-    from .sweep import MAX_JOBS, Where
-
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
-        raise CnnlabError(f"--jobs must be a positive integer, at most {MAX_JOBS}, got "
-                          f"{short(jobs)}")
+    check_jobs(jobs)
     say = functools.partial(say_line, "tune") if progress else silent
     out = Path(out)
     info = {"model": search.base.model, "dataset": search.base.dataset,
@@ -365,10 +364,9 @@ def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: in
             write_json(out / TUNE_FILE, info)
     except OSError as e:
         raise CnnlabError(f"cannot create tune directory {out}: {e.strerror or e}") from None
-    url = storage or default_storage(out)
-    where = Where(url, study_name or f"{out.resolve().name}-{digest(search.plan())[:8]}", out)
+    where = Where.of(out, search.plan(), storage, study_name)
     # created here once (the workers open it); a stop an earlier worker asked for is lifted
-    Study(url, where.name, search.plan(), direction=search.direction).reopen([])
+    Study(where.url, where.name, search.plan(), direction=search.direction).reopen([])
     try:
         if jobs > 1:
             _workers(search, where, jobs, say)
@@ -382,23 +380,16 @@ def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: in
     if info["best"] is None:
         what = ("completed" if search.target is None else
                 f"reached {search.target:g}% on validation")
-        raise CnnlabError(f"no trial of the search {what} ({_states(info['rows'])}); "
+        raise CnnlabError(f"no trial of the search {what} ({states(info['rows'])}); "
                           f"nothing to choose from: see {out / 'results.md'}")
     return info
-
-
-def _retried(trials: list) -> set[int]:
-    """The numbers of the trials that were queued again (a later trial stands for each)."""
-    return {n for t in trials if isinstance(history := t.system_attrs.get("retry_history"),
-                                            list) for n in history if type(n) is int}
 
 
 def _spent(trials: list) -> int:
     """Trials begun, a trial queued again (its worker died or was stopped) counted once, a
     refused one (its stored values failed the check) not at all."""
-    from .study import REFUSED
 
-    return len([t for t in trials if REFUSED not in t.system_attrs]) - len(_retried(trials))
+    return len([t for t in trials if REFUSED not in t.system_attrs]) - len(retried(trials))
 
 
 def _sampler(search: Search, seed: int | None):
@@ -451,14 +442,6 @@ def _sampler_seed(seed: int, trials_before: int, slot: int, shared: bool) -> int
     return int(np.random.SeedSequence([seed, trials_before, slot]).generate_state(1)[0])
 
 
-def _shared(where) -> bool:
-    """Whether the study lives in a storage given with --storage: one other machines may
-    share."""
-    from .study import default_storage
-
-    return where.url != default_storage(where.out)
-
-
 def _pruner(search: Search):
     import optuna
 
@@ -474,17 +457,13 @@ def _work(search: Search, where, *, progress: bool, say,
     """Be a worker of the search's study: run trials until the budget is spent and no other
     worker runs a trial (whose worker might still die and leave it to us), or until a worker
     stops the search."""
-    from .study import Study
 
     study = Study(where.url, where.name, search.plan(), direction=search.direction,
                   pruner=_pruner(search))
     study.study.sampler = _sampler(search, _sampler_seed(
         search.base.seed, len(study.study.get_trials(deepcopy=False)),
-        slot[0] if slot else 0, _shared(where)))
+        slot[0] if slot else 0, where.shared))
     work(study, SearchJob(search, where, study, progress, say, slot), say)
-
-
-TRIAL_NAME = re.compile(r"trial-(\d{4,9})")  # a trial's run: trial-0000, trial-0001, ...
 
 
 @dataclass
@@ -514,7 +493,6 @@ class SearchJob(Job):
     def check(self, trial) -> str:
         """The trial's run name: its own, or for a trial queued again the name of the trial
         it stands for; its stored params must lie inside the searched space."""
-        from .study import RUN
 
         dims = {d.name: d for d in self.search.space}
         for key, value in stored_params(trial).items():
@@ -538,7 +516,6 @@ class SearchJob(Job):
         configuration is bad everywhere)."""
         import optuna
 
-        from .study import RUN
 
         search, say = self.search, self.say
         def suggest() -> dict[str, Any]:
@@ -547,7 +524,7 @@ class SearchJob(Job):
 
         values = self.study.patient(suggest, "recording a trial's params")
         cfg, job = on_slot(search.config(values), self.slot)
-        shown_values = " ".join(f"{d.name}={_short_value(values[d.key])}"
+        shown_values = " ".join(f"{d.name}={short_value(values[d.key])}"
                                 for d in search.space)
         try:
             summary = train_or_continue(self.where.out / name, cfg, f"{name} ({shown_values})",
@@ -608,23 +585,15 @@ class SearchJob(Job):
         if search.target is None:
             say(f"{name}: best validation {summary['best_val_acc']:.2f}% (test "
                 f"{summary['test_acc_at_best']:.2f}% of its best.pt), "
-                f"{_epochs(metric(summary, 'epochs_done'))}, {summary['train_seconds']:.1f} s")
+                f"{epochs_text(metric(summary, 'epochs_done'))}, {summary['train_seconds']:.1f} s")
             return float(summary["best_val_acc"])
         self.study.patient(lambda: trial.set_constraint(
             SHORTFALL, search.target - summary["final_val_acc"]), "recording a trial's constraint")
         reached = "reached" if summary["final_val_acc"] >= search.target else "below"
         say(f"{name}: {summary['train_seconds']:.1f} s of training, final validation "
             f"{summary['final_val_acc']:.2f}% ({reached} the target {search.target:g}%; test "
-            f"{summary['final_test_acc']:.2f}%), {_epochs(metric(summary, 'epochs_done'))}")
+            f"{summary['final_test_acc']:.2f}%), {epochs_text(metric(summary, 'epochs_done'))}")
         return float(summary["train_seconds"])
-
-
-def _epochs(value: float) -> str:
-    return f"{format_epochs(value)} epoch{'' if value == 1 else 's'}"
-
-
-def _short_value(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else format_value(value)
 
 
 # ---- worker processes -----------------------------------------------------------------------
@@ -632,333 +601,9 @@ def _short_value(value: Any) -> str:
 def _workers(search: Search, where, jobs: int, say) -> None:
     """`jobs` worker processes of the study on this machine (study.run_workers), with the
     data decoded here first, once."""
-    from .study import run_workers
     from .trainer import load_data
 
     load_data(search.base)
     run_workers(_work, (search, where), jobs, say,
                 "search stopped; run the same command again to continue (finished trials are "
                 "kept, the stopped ones continue from their checkpoints)")
-
-
-# ---- results ----------------------------------------------------------------------------------
-
-def _outcome(run_dir: Path) -> dict:
-    """A trial run's best and final validation accuracy, the test accuracy of its best.pt,
-    its training seconds and the epochs it trained (and was to train): from summary.json,
-    or from the records of a run the pruner stopped (or one that diverged or still
-    trains)."""
-    try:
-        epochs = read_json(run_dir / "config.json")["epochs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        epochs = None
-    if (run_dir / "summary.json").is_file():
-        s = read_json(run_dir / "summary.json")
-        return {"best_val_acc": s.get("best_val_acc"), "test_acc_at_best":
-                s.get("test_acc_at_best"), "final_val_acc": s.get("final_val_acc"),
-                "final_test_acc": s.get("final_test_acc"),
-                "train_seconds": s.get("train_seconds"),
-                "epochs_done": metric(s, "epochs_done"), "epochs": epochs}
-    records = read_metrics(run_dir)
-    evals = [r for r in records if r.get("type") == "eval" and r.get("val_acc") is not None]
-    best = max(evals, key=lambda r: r["val_acc"], default={})
-    return {"best_val_acc": best.get("val_acc"), "test_acc_at_best": best.get("test_acc"),
-            "final_val_acc": evals[-1]["val_acc"] if evals else None,
-            "final_test_acc": evals[-1].get("test_acc") if evals else None,
-            "train_seconds": evals[-1].get("train_seconds") if evals else None,
-            "epochs_done": max((r.get("epochs_done", 0) for r in records), default=0),
-            "epochs": epochs}
-
-
-def _rows(out: Path, trials: list) -> list[dict]:
-    """One row per trial run, in run order: the latest trial of each (one queued again
-    stands for the one its worker left); refused trials, and any whose run name is none a
-    search makes, are left out."""
-    from optuna.trial import TrialState
-
-    from .study import REFUSED, RUN
-
-    again = _retried(trials)
-    rows = []
-    for t in trials:
-        run = t.user_attrs.get(RUN)
-        if (t.number in again or REFUSED in t.system_attrs or not isinstance(run, str)
-                or not TRIAL_NAME.fullmatch(run)):
-            continue
-        state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
-                 TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}.get(t.state)
-        if state is None:
-            state = "diverged" if diverged_error(out / run) else "failed"
-        rows.append({"run": run, "number": int(run.rsplit("-", 1)[1]), "state": state,
-                     "params": dict(t.params), **_outcome(out / run)})
-    return sorted(rows, key=lambda r: r["number"])
-
-
-def _best(complete: list[dict], target: float | None) -> dict | None:
-    """The best of the complete trials' rows: the highest best validation accuracy, or with
-    a `target` the fewest training seconds among those whose final validation accuracy
-    reached it. None where there is none."""
-    if target is None:
-        return dict(max(complete, key=lambda r: r["best_val_acc"])) if complete else None
-    reached = [r for r in _reached(complete, target) if r["train_seconds"] is not None]
-    return dict(min(reached, key=lambda r: r["train_seconds"])) if reached else None
-
-
-def _target(info: dict) -> float | None:
-    """A search's --target, from its plan (tune.json), or None."""
-    return info["plan"]["tune"].get("target")
-
-
-def _best_options(run_dir: Path) -> dict[str, Any]:
-    """What a run trained with, as `cnnlab train --config` takes it: every option that can
-    change the result (no model or dataset, no runtime option, no None: the default, none
-    that means nothing for it, such as --muon-lr with sgd)."""
-    config = read_json(run_dir / "config.json")
-    return {k: config[k] for k in COMPARED
-            if OPTIONS[k].kind != ARGUMENT and config.get(k) is not None
-            and applies(config, k)}
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _write_best(out: Path, search: Search, best: dict) -> None:
-    """best.toml: the best trial's options, for `cnnlab train MODEL DATASET --config`."""
-    searched = {d.key: d for d in search.space}
-    found = (f"the best trial of {out}: {best['run']}, best validation accuracy "
-             f"{best['best_val_acc']:.2f}% (test accuracy of its best.pt "
-             f"{best['test_acc_at_best']:.2f}%)" if search.target is None else
-             f"the fastest trial of {out} to reach {search.target:g}% on validation: "
-             f"{best['run']}, {best['train_seconds']:.1f} s of training, final validation "
-             f"accuracy {best['final_val_acc']:.2f}% (test {best['final_test_acc']:.2f}%)")
-    lines = [f"# cnnlab tune: {found}",
-             f"# train it: cnnlab train {search.base.model} {search.base.dataset} --config "
-             f"{out / 'best.toml'}"]
-    for key, value in best["options"].items():
-        note = f"  # searched: {searched[key].describe()}" if key in searched else ""
-        lines.append(f"{option_name(key)} = {_toml_value(value)}{note}")
-    atomic_write(out / "best.toml", ("\n".join(lines) + "\n").encode())
-
-
-def _importances(study, search: Search, complete: int) -> dict[str, float]:
-    """Each searched option's importance over the complete trials, summing to 1: Optuna's
-    default, PED-ANOVA (how much the option's values tell the best tenth of the trials from
-    the rest; deterministic, and no scikit-learn as fANOVA needs). {} with fewer than two
-    options or IMPORTANCE_TRIALS complete trials, or where it cannot tell (values alike)."""
-    if len(search.space) < 2 or complete < IMPORTANCE_TRIALS:
-        return {}
-    import warnings
-
-    from optuna.importance import get_param_importances
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            found = get_param_importances(study)
-    except (ValueError, RuntimeError, ZeroDivisionError):
-        return {}
-    return {k: float(v) for k, v in found.items() if math.isfinite(v)}
-
-
-def _plot_history(rows: list[dict], path: Path, target: float | None = None) -> Path | None:
-    """history.png: each trial's best validation accuracy (a pruned one's where it
-    stopped) and the best so far, against the trial number; with a `target`, each trial's
-    training seconds, those that reached it apart, and the fastest of them so far."""
-    from matplotlib.ticker import MaxNLocator
-
-    from .plots import _figure, _finish
-
-    score = "best_val_acc" if target is None else "train_seconds"
-    scored = [r for r in rows if r[score] is not None]
-    if not scored:
-        return None
-    fig = _figure((7, 4.2))
-    ax = fig.subplots()
-    best_of = [r for r in scored if r["state"] == "complete"]
-    kinds = [("complete", "o", "complete")]
-    if target is not None:
-        best_of = _reached(best_of, target)
-        kinds = [("reached", "o", f"reached {target:g}% on validation"),
-                 ("below", "o", "below the target")]
-    for kind, marker, label in (*kinds,
-                                ("pruned", "x", "pruned (where it was stopped)"),
-                                ("diverged", "v", "diverged"), ("failed", "v", "failed"),
-                                ("running", ".", "still running")):
-        points = [r for r in scored if _kind(r, target) == kind]
-        if points:
-            ax.plot([r["number"] for r in points], [r[score] for r in points],
-                    marker, ls="none", ms=6, label=label, mfc="none" if kind == "below"
-                    else None)
-    if best_of:
-        pick = max if target is None else min
-        best, xs, ys = None, [], []
-        for r in best_of:
-            best = r[score] if best is None else pick(best, r[score])
-            xs.append(r["number"])
-            ys.append(best)
-        ax.step(xs + [rows[-1]["number"]], ys + [best], where="post", lw=1.5,
-                label="best so far" if target is None else "fastest to the target so far")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are counted
-    return _finish(fig, ax, path, xlabel="trial",
-                   ylabel="best validation accuracy (%)" if target is None
-                   else "training time (s)",
-                   title=f"Optimisation history - {path.parent.name}")
-
-
-def _reached(rows: list[dict], target: float) -> list[dict]:
-    return [r for r in rows if r["final_val_acc"] is not None
-            and r["final_val_acc"] >= target]
-
-
-def _kind(row: dict, target: float | None) -> str:
-    """How history.png draws a trial: its state, a complete one of a --target search as
-    reached or below."""
-    if row["state"] != "complete" or target is None:
-        return row["state"]
-    return "reached" if _reached([row], target) else "below"
-
-
-def _plot_importance(importances: dict[str, float], complete: int, path: Path) -> Path:
-    from .plots import _figure, _finish
-
-    fig = _figure((7, 1.2 + 0.5 * len(importances)))
-    ax = fig.subplots()
-    names = list(importances)[::-1]  # the most important on top
-    ax.barh(names, [importances[n] for n in names])
-    return _finish(fig, ax, path, xlabel="importance (PED-ANOVA, summing to 1)",
-                   title=f"Parameter importances ({complete} complete trials)")
-
-
-def _scored(search: Search) -> str:
-    """How results.md says the trials are scored."""
-    if search.target is None:
-        return ("Each trial is scored by its best validation accuracy - the epoch its best.pt "
-                "was chosen on; the test accuracy of that best.pt chose nothing, so it is an "
-                "honest estimate (choosing on test would make it optimistic).")
-    return (f"Each trial is scored by its training time, to be as short as possible, if its "
-            f"final validation accuracy reached {search.target:g}% (a trial below it does "
-            "not count: Optuna's constrained TPE models it as infeasible); the test accuracy "
-            "chose nothing, so it is an honest estimate.")
-
-
-def _states(rows: list[dict]) -> str:
-    """How the trials ended: "4 complete, 2 pruned"."""
-    counts = {s: sum(r["state"] == s for r in rows) for s in
-              ("complete", "pruned", "diverged", "failed", "running", "waiting")}
-    return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none run"
-
-
-def summary_lines(info: dict) -> list[str]:
-    """What a search found, in sentences (results.md, the report and the command's end)."""
-    rows = info["rows"]
-    lines = [f"{len(rows)} of {info['trials']} trials: {_states(rows)}."]
-    if info["epochs_unpruned"]:
-        saved = 1 - info["epochs_trained"] / info["epochs_unpruned"]
-        lines.append(f"Epochs trained: {format_epochs(info['epochs_trained'])} in all, against "
-                     f"{format_epochs(info['epochs_unpruned'])} had no trial been pruned "
-                     f"({saved:.0%} saved).")
-    best, target = info.get("best"), _target(info)
-    if target is not None:
-        complete = [r for r in rows if r["state"] == "complete"]
-        reached = len(_reached(complete, target))
-        lines.append(f"{reached} of {len(complete)} complete trials reached the target, "
-                     f"{target:g}% on validation.")
-    if best:
-        params = ", ".join(f"{k}={_short_value(v)}" for k, v in best["params"].items())
-        lines.append(f"Best: {best['run']}, validation {best['best_val_acc']:.2f}% (test "
-                     f"{best['test_acc_at_best']:.2f}% of its best.pt), with {params}."
-                     if target is None else
-                     f"Fastest to the target: {best['run']}, {best['train_seconds']:.1f} s of "
-                     f"training, final validation {best['final_val_acc']:.2f}% (test "
-                     f"{best['final_test_acc']:.2f}%), with {params}.")
-    return lines
-
-
-def trials_table(info: dict) -> tuple[list[str], list[list[str]]]:
-    """The trials as a table: header and rows."""
-    names = [d["option"] for d in info["plan"]["tune"]["space"]]
-    timed = _target(info) is not None
-
-    def pct(value) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
-    def scores(r: dict) -> list[str]:
-        if not timed:
-            return [pct(r["best_val_acc"]), pct(r["test_acc_at_best"])]
-        seconds = r.get("train_seconds")
-        return ["-" if seconds is None else f"{seconds:.1f}", pct(r.get("final_val_acc")),
-                pct(r.get("final_test_acc"))]
-
-    return (["trial", "state", *names,
-             *(["training (s)", "final val acc (%)", "final test acc (%)"] if timed else
-               ["best val acc (%)", "test acc of best.pt (%)"]), "epochs trained"],
-            [[r["run"], r["state"], *(_short_value(r["params"][n]) if n in r["params"] else "-"
-                                      for n in names),
-              *scores(r), format_epochs(r["epochs_done"])] for r in info["rows"]])
-
-
-def write_results(out: str | Path, search: Search, where) -> dict:
-    """tune.json, results.md, best.toml, history.png and importance.png of the search's
-    trials so far. Returns tune.json's content, with "out"."""
-    from .study import Study
-
-    out = Path(out)
-    study = Study(where.url, where.name, search.plan(), direction=search.direction)
-    trials = study.study.get_trials(deepcopy=False)
-    rows = _rows(out, trials)
-    complete = [r for r in rows if r["state"] == "complete" and r["best_val_acc"] is not None]
-    best = _best(complete, search.target)
-    if best:
-        best["options"] = _best_options(out / best["run"])
-        _write_best(out, search, best)
-    importances = _importances(study.study, search, len(complete))
-    info = {"model": search.base.model, "dataset": search.base.dataset, "plan": search.plan(),
-            "searched": [d.describe() for d in search.space], "trials": search.trials,
-            "sampler": search.sampler, "pruner": search.pruner,
-            "rows": rows, "best": best, "importances": importances,
-            "epochs_trained": sum(r["epochs_done"] or 0 for r in rows),
-            "epochs_unpruned": sum((r["epochs"] if r["state"] == "pruned" else
-                                    r["epochs_done"]) or 0 for r in rows)}
-    figures = {}
-    if _plot_history(rows, out / "history.png", search.target):
-        figures["history.png"] = ("Each trial's best validation accuracy and the best so far"
-                                  if search.target is None else
-                                  "Each trial's training time and the fastest to the target")
-    if importances:
-        _plot_importance(importances, len(complete), out / "importance.png")
-        figures["importance.png"] = ("How much each searched option decides whether a "
-                                     "trial is among the best")
-    info["figures"] = figures
-    write_json(out / TUNE_FILE, info)
-
-    model, dataset = search.base.model, search.base.dataset
-    seeded = "unseeded: --storage" if _shared(where) else f"seeded by --seed {search.base.seed}"
-    fixed = fixed_settings([search.base.to_dict()], skip=tuple(d.key for d in search.space))
-    lines = [f"# Search: {model} on {dataset}", "",
-             f"Sampler: {search.sampler} ({seeded}); pruner: {search.pruner}. {_scored(search)}",
-             "",
-             f"Searched: {'; '.join(info['searched'])}.", "",
-             f"Fixed settings: {fixed}.", ""]
-    for text in summary_lines(info):
-        lines += [text, ""]
-    if best:
-        lines += [f"The best trial's options are in best.toml: `cnnlab train {model} {dataset} "
-                  f"--config {out / 'best.toml'}`.", ""]
-    for name, alt in info["figures"].items():
-        lines += [f"![{alt}]({name})", ""]
-    header, table = trials_table(info)
-    lines += ["## Trials", "", md_table(
-        header, [[f"[{c[0]}]({c[0]}/)", *c[1:]] for c in table]), ""]
-    if best:
-        lines += [f"## The best trial: {best['run']}", "",
-                  f"![Loss of {best['run']}]({best['run']}/loss.png)", "",
-                  f"![Accuracy of {best['run']}]({best['run']}/accuracy.png)", ""]
-    refused = study.refused()
-    lines += refused_section(refused)
-    atomic_write(out / "results.md", "\n".join(lines).encode())
-    return info | {"out": str(out), "refused": refused}

@@ -21,27 +21,60 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import COMPARED, Config, format_value, option_name, resume_config, with_defaults
-from .errors import CnnlabError, TrainingDiverged
+from .config import (
+    COMPARED,
+    Config,
+    format_value,
+    option_name,
+    resume_config,
+    short,
+    with_defaults,
+)
+from .errors import CnnlabError, TrainingDiverged, shown
 from .files import read_json
 from .results import diverged_error
+from .runs import RunLocked, wait_unlocked
+from .study import default_storage, digest
 
 NAME_MAX = 200  # characters of a run name read from a study
+MAX_JOBS = 256  # worker processes of one command (--jobs)
+
+
+@dataclass(frozen=True)
+class Where:
+    """A sweep's or search's study (storage URL and study name) and its directory."""
+
+    url: str
+    name: str
+    out: Path
+
+    @classmethod
+    def of(cls, out: Path, plan: dict, storage: str | None, study: str | None) -> Where:
+        """The study of the sweep or search in `out` that trains `plan`: in `storage`
+        (default: a SQLite file in `out`) under `study` (default: the name of `out` and a
+        digest of the plan, so that another plan is another study)."""
+        return cls(storage or default_storage(out),
+                   study or f"{out.resolve().name}-{digest(plan)[:8]}", out)
+
+    @property
+    def shared(self) -> bool:
+        """Whether the study lives in a storage given with --storage: one other machines
+        may share."""
+        return self.url != default_storage(self.out)
+
+
+def check_jobs(jobs: Any) -> None:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise CnnlabError(f"--jobs must be a positive integer, at most {MAX_JOBS}, got "
+                          f"{short(jobs)}")
 
 
 class Refused(CnnlabError):
     """A trial whose stored values fail the check: it is failed, never trained."""
-
-
-def shown(value: Any, limit: int = 120) -> str:
-    """A value read from a study, safe to print: non-printable characters (escape sequences,
-    line breaks) as Python escapes, at most `limit` characters."""
-    text = value if isinstance(value, str) else repr(value)
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_run_name(name: Any, out: Path, allowed: Callable[[str], bool]) -> str:
@@ -97,8 +130,7 @@ def train_or_continue(run_dir: Path, cfg: Config, tag: str, job: str, *, progres
     finished, continued from its checkpoint where it is not, trained where it has not begun.
     Waits while another live process writes it; a run there with other settings is Refused,
     one that diverged raises TrainingDiverged."""
-    from .runs import RunLocked, wait_unlocked
-    from .trainer import fit
+    from .trainer import fit  # torch: not for the commands that only read studies
 
     while True:
         wait_unlocked(run_dir, lambda: say(f"{tag}: another process is still writing it; "
