@@ -15,6 +15,7 @@ results.md that trials were refused.
             name that is a table, control characters; a stop reason with escape sequences
     two commands - other options into a running, a finished or an interrupted sweep;
             another grid into a finished sweep; more seeds extend it
+    the disk  - a point's directory holding an unfinished run of other settings
 """
 
 import hashlib
@@ -234,3 +235,25 @@ def test_more_seeds_extend_a_running_sweep(data, tmp_path):
         assert (out / run / "summary.json").is_file()
     md = (out / "results.md").read_text()
     assert "4 of 4 runs finished" in md
+
+
+def test_an_unfinished_run_of_other_settings_is_refused_never_removed(data, tmp_path, capfd):
+    """A point's directory holds an unfinished run begun with other settings (put there by
+    hand, or by an older cnnlab): the point is refused with the reason, the directory kept
+    as it is, the other points go on."""
+    out = tmp_path / "sweep"
+    assert main(_sweep_args(data, out)) == 0
+    run = out / "lr=0.1-seed=0"
+    (run / "summary.json").unlink()
+    config = (run / "config.json").read_text().replace('"epochs": 0.25', '"epochs": 0.5')
+    (run / "config.json").write_text(config)
+    (out / "lr=0.05-seed=0" / "summary.json").unlink()  # a point to train again
+    before = _hashes(run, tmp_path / "none")
+    capfd.readouterr()
+    assert main(_sweep_args(data, out)) == 1
+    err = capfd.readouterr().err
+    (line,) = _refusals(err)
+    assert f"{run} holds a run with other settings (it ran with epochs=0.5, this point asks " \
+           "for 0.25); remove it or choose another --out" in line
+    assert _hashes(run, tmp_path / "none") == before
+    assert (out / "lr=0.05-seed=0" / "summary.json").is_file()

@@ -58,10 +58,7 @@ from .config import (
 )
 from .errors import (
     CnnlabError,
-    Interrupted,
-    TrainingDiverged,
     did_you_mean,
-    failure_message,
     one_line,
     shown,
 )
@@ -88,6 +85,7 @@ from .worker import (
     Job,
     Refused,
     Where,
+    attempt,
     check_jobs,
     check_run_name,
     config_difference,
@@ -419,6 +417,7 @@ class SweepJob(Job):
         stops every worker: a bad configuration is bad everywhere)."""
         i, run = point
         values, distributions = _params(self.plan, run)
+
         def record() -> None:  # the point, for Optuna's own tools
             for key, value in values.items():
                 self.study.storage.set_trial_param(trial._trial_id, key, distributions[key]
@@ -427,26 +426,13 @@ class SweepJob(Job):
         self.study.patient(record, "recording a trial's params")
         tag = f"[{i}/{len(self.plan.runs)}] {run.name}"
         cfg, job = on_slot(run.config, self.slot)
-        try:
-            summary = train_or_continue(self.where.out / run.name, cfg, tag, job,
-                                        progress=self.progress, say=self.say)
-        except TrainingDiverged as e:  # the run wrote diverged.json
-            self.say(f"{tag}: diverged ({e}); going on with the other runs")
-            return "failed", None
-        except Interrupted as e:
-            raise Interrupted(f"sweep stopped during {run.name}; run the same command again "
-                              "to continue (finished runs are kept, that one continues from "
-                              "its checkpoint)", e.signum) from None
-        except Refused:
-            raise
-        except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
-            message = failure_message(e)
-            if message is None:
-                raise
-            self.study.stop_all(f"{run.name}: {message}")
-            return "failed", None
+        state, summary = attempt(lambda: train_or_continue(
+            self.where.out / run.name, cfg, tag, job, progress=self.progress, say=self.say),
+            run.name, command="sweep", study=self.study, say=self.say)
+        if summary is None:
+            return state, None
         self.say(_finished(tag, summary))
-        return "complete", _value(summary)
+        return state, _value(summary)
 
 
 def _params(plan: Plan, run: Run) -> tuple[dict[str, Any], dict[str, Any]]:

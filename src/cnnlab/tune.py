@@ -51,9 +51,6 @@ from .config import (
 )
 from .errors import (
     CnnlabError,
-    Interrupted,
-    TrainingDiverged,
-    failure_message,
     shown,
     unknown_choice,
 )
@@ -75,6 +72,7 @@ from .worker import (
     Job,
     Refused,
     Where,
+    attempt,
     check_jobs,
     check_run_name,
     on_slot,
@@ -516,8 +514,8 @@ class SearchJob(Job):
         configuration is bad everywhere)."""
         import optuna
 
-
         search, say = self.search, self.say
+
         def suggest() -> dict[str, Any]:
             trial.set_user_attr(RUN, name)
             return {d.key: d.suggest(trial) for d in search.space}
@@ -527,28 +525,16 @@ class SearchJob(Job):
         shown_values = " ".join(f"{d.name}={short_value(values[d.key])}"
                                 for d in search.space)
         try:
-            summary = train_or_continue(self.where.out / name, cfg, f"{name} ({shown_values})",
-                                        job, progress=self.progress, say=say,
-                                        on_eval=self._judge(trial, cfg))
+            state, summary = attempt(lambda: train_or_continue(
+                self.where.out / name, cfg, f"{name} ({shown_values})", job,
+                progress=self.progress, say=say, on_eval=self._judge(trial, cfg)),
+                name, command="tune", study=self.study, say=say)
         except optuna.TrialPruned as e:
             say(f"{name}: {e}")
             return "pruned", None
-        except TrainingDiverged as e:
-            say(f"{name}: diverged ({e}); going on with the other trials")
-            return "failed", None
-        except Interrupted as e:
-            raise Interrupted(f"search stopped during {name}; run the same command again to "
-                              "continue (finished trials are kept, that one continues from "
-                              "its checkpoint)", e.signum) from None
-        except Refused:
-            raise
-        except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
-            message = failure_message(e)
-            if message is None:
-                raise
-            self.study.stop_all(f"{name}: {message}")
-            return "failed", None
-        return "complete", self._score(trial, name, summary)
+        if summary is None:
+            return state, None
+        return state, self._score(trial, name, summary)
 
     def _judge(self, trial, cfg: Config):
         """The run's on_eval: report each evaluation to the pruner, which may stop it."""

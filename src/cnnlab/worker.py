@@ -34,7 +34,7 @@ from .config import (
     short,
     with_defaults,
 )
-from .errors import CnnlabError, TrainingDiverged, shown
+from .errors import CnnlabError, Interrupted, TrainingDiverged, failure_message, shown
 from .files import read_json
 from .results import diverged_error
 from .runs import RunLocked, wait_unlocked
@@ -171,6 +171,32 @@ def on_slot(cfg: Config, slot: tuple[int, int] | None) -> tuple[Config, str]:
     return dataclasses.replace(cfg, device=device), tag
 
 
+def attempt(call: Callable[[], dict], name: str, *, command: str, study,
+            say: Callable[[str], None]) -> tuple[str, dict | None]:
+    """("complete", the summary `call` returns), or ("failed", None) where the run of `name`
+    diverged (the study goes on) or cannot train (a bad configuration is bad everywhere: every
+    worker is stopped). A signal is said as "COMMAND stopped during NAME"; Refused, and a
+    bug, go up."""
+    things = "runs" if command == "sweep" else "trials"
+    try:
+        return "complete", call()
+    except TrainingDiverged as e:  # the run wrote diverged.json
+        say(f"{name}: diverged ({e}); going on with the other {things}")
+        return "failed", None
+    except Interrupted as e:
+        raise Interrupted(f"{'search' if command == 'tune' else command} stopped during "
+                          f"{name}; run the same command again to continue (finished {things} "
+                          "are kept, that one continues from its checkpoint)", e.signum) from None
+    except Refused:
+        raise
+    except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
+        message = failure_message(e)
+        if message is None:
+            raise
+        study.stop_all(f"{name}: {message}")
+        return "failed", None
+
+
 class Job:
     """What one command's workers do with the trials of its study (sweep.SweepJob,
     tune.SearchJob)."""
@@ -215,10 +241,15 @@ def work(study, job: Job, say: Callable[[str], None], poll: float = 1.0) -> None
         with study.heartbeat(trial._trial_id):
             try:
                 state, value = job.run(trial, point)
+            except Refused as e:  # what it found on disk: a run of other settings
+                state, value = str(e), None
             except BaseException:
                 study.finish(trial, None, "again")
                 raise
-        if not study.finish(trial, value, state):
+        if state not in ("complete", "pruned", "failed"):
+            study.refuse(trial, state)
+            say(f"refused trial {trial.number} of the study: {state}")
+        elif not study.finish(trial, value, state):
             say(f"trial {trial.number} was taken over by another worker while this one had "
                 "no contact with the storage; its run directory's lock kept one writer")
     raise CnnlabError(shown(reason, 500))
