@@ -129,24 +129,37 @@ def test_a_server_that_never_answers_is_one_line_and_a_signal_ends_the_wait(data
         print(f"packets dropped: one line after {took:.1f} s")
 
 
-def test_the_link_cut_as_a_point_finishes_is_waited_out(data, tmp_path):
-    out = tmp_path / "sweep"
+def _waited_out(data, out, fault: str, seconds: float) -> None:
+    """One worker on a host, PostgreSQL on another; once the worker's first point has
+    finished, `fault` ("cut": the worker's link; "stop": the server) for `seconds`. The
+    worker waits it out: exit 0, each point trained once."""
     with network(2) as (db, b), postgres(db) as server:
-        worker = b.popen(_sweep(data, out, server.url), env=ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+        # points long enough that the fault comes while the others remain
+        worker = b.popen(_sweep(data, out, server.url, epochs="80"), env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         lines = Lines(worker)
         _wait_for(out / RUNS[0] / "summary.json", worker)
-        b.cut()
-        cut = time.monotonic()
-        time.sleep(25)  # longer than the kernel's patience with unanswered data (15 s)
-        b.mend()
-        mended = time.monotonic()
+        b.cut() if fault == "cut" else server.stop()
+        began = time.monotonic()
+        time.sleep(seconds)
+        b.mend() if fault == "cut" else server.start()
+        ended = time.monotonic()
         worker.wait(timeout=300)
         err = lines.text()
     assert worker.returncode == 0, err
-    print(f"link cut: its line after {lines.after(cut, 'lost contact'):.1f} s; the next "
-          f"line {lines.after(mended):.1f} s after the link came back")
+    assert "cnnlab: lost contact with the study storage while" in err, err
+    print(f"{fault} for {seconds} s: its line after {lines.after(began, 'lost contact'):.1f} "
+          f"s; the next line {lines.after(ended):.1f} s after it ended")
     _trained_once(err, out)
+
+
+def test_the_link_cut_as_a_point_finishes_is_waited_out(data, tmp_path):
+    # longer than the kernel's patience with unanswered data (15 s)
+    _waited_out(data, tmp_path / "sweep", "cut", 25)
+
+
+def test_postgres_stopped_for_30_s_around_a_points_end_is_waited_out(data, tmp_path):
+    _waited_out(data, tmp_path / "sweep", "stop", 30)
 
 
 def test_a_worker_cut_off_has_its_point_taken_over_and_says_so(data, tmp_path):
@@ -166,26 +179,6 @@ def test_a_worker_cut_off_has_its_point_taken_over_and_says_so(data, tmp_path):
     assert "was taken over by another worker while this one had no contact with the " \
            "storage" in ends[0][1]
     _trained_once(ends[0][1] + ends[1][1], out)
-
-
-def test_postgres_stopped_for_30_s_around_a_points_end_is_waited_out(data, tmp_path):
-    out = tmp_path / "sweep"
-    with network(2) as (db, b), postgres(db) as server:
-        worker = b.popen(_sweep(data, out, server.url), env=ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-        lines = Lines(worker)
-        _wait_for(out / RUNS[0] / "summary.json", worker)
-        server.stop()
-        stopped = time.monotonic()
-        time.sleep(30)
-        server.start()
-        back = time.monotonic()
-        worker.wait(timeout=300)
-        err = lines.text()
-    assert worker.returncode == 0, err
-    print(f"server stopped: its line after {lines.after(stopped, 'lost contact'):.1f} s; "
-          f"the next line {lines.after(back):.1f} s after it came back")
-    _trained_once(err, out)
 
 
 def test_a_read_only_study_is_one_line(tmp_path, capsys):

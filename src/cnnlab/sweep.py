@@ -428,7 +428,7 @@ class SweepJob(Job):
         cfg, job = on_slot(run.config, self.slot)
         state, summary = attempt(lambda: train_or_continue(
             self.where.out / run.name, cfg, tag, job, progress=self.progress, say=self.say),
-            run.name, command="sweep", study=self.study, say=self.say)
+            run.name, command="sweep", study=self.study, say=self.say, tag=tag)
         if summary is None:
             return state, None
         self.say(_finished(tag, summary))

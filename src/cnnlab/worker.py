@@ -172,16 +172,16 @@ def on_slot(cfg: Config, slot: tuple[int, int] | None) -> tuple[Config, str]:
 
 
 def attempt(call: Callable[[], dict], name: str, *, command: str, study,
-            say: Callable[[str], None]) -> tuple[str, dict | None]:
+            say: Callable[[str], None], tag: str = "") -> tuple[str, dict | None]:
     """("complete", the summary `call` returns), or ("failed", None) where the run of `name`
-    diverged (the study goes on) or cannot train (a bad configuration is bad everywhere: every
-    worker is stopped). A signal is said as "COMMAND stopped during NAME"; Refused, and a
-    bug, go up."""
+    (`tag` in lines: "[2/4] name") diverged (the study goes on) or cannot train (a bad
+    configuration is bad everywhere: every worker is stopped). A signal is said as "COMMAND
+    stopped during NAME"; Refused, and a bug, go up."""
     things = "runs" if command == "sweep" else "trials"
     try:
         return "complete", call()
     except TrainingDiverged as e:  # the run wrote diverged.json
-        say(f"{name}: diverged ({e}); going on with the other {things}")
+        say(f"{tag or name}: diverged ({e}); going on with the other {things}")
         return "failed", None
     except Interrupted as e:
         raise Interrupted(f"{'search' if command == 'tune' else command} stopped during "
