@@ -61,14 +61,22 @@ def test_tensorboard_and_telemetry_records(tiny_mnist, tmp_path):
 
     out = tmp_path / "r"
     cnnlab.train("lenet5", "mnist", data_dir=str(tiny_mnist), out=out, epochs=2, batch_size=16,
-                 log_every=8, telemetry=0.05, tensorboard=True, progress=False)
+                 log_every=8, telemetry=0.05, tensorboard=True, progress=False, val_split=0.1)
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
-    assert {"train/loss", "train/lr", "eval/test_acc"} <= set(acc.Tags()["scalars"])
+    records = read_metrics(out)
+    for kind, step, keys in (("train", "step", ("loss", "train_acc", "lr")),
+                             ("eval", "steps", ("test_loss", "test_acc", "val_loss",
+                                                "val_acc"))):
+        ours = [r for r in records if r["type"] == kind]
+        for key in keys:  # every point at its true global step, as metrics.jsonl has it
+            events = [(e.step, e.value) for e in acc.Scalars(f"{kind}/{key}")]
+            assert events == [(r[step], pytest.approx(r[key], rel=1e-6)) for r in ours], key
+    assert len({e.step for e in acc.Scalars("eval/test_acc")}) == 2  # not all at step 0
     telemetry = [r for r in read_metrics(out) if r["type"] == "telemetry"]
     assert telemetry and all(r["rss_mb"] > 0 and r["gpu_util"] is None for r in telemetry)
     assert "no GPU" in telemetry[0]["notes"][0]

@@ -633,16 +633,21 @@ def _run_path(cfg: Config, out, resume: Resume | None, dist: distributed.Dist) -
 
 
 class tensorboard_sink:  # noqa: N801 - used like a function
-    """A RunDir sink writing loss, accuracy, lr and utilisation as TensorBoard scalars."""
+    """A RunDir sink writing every figure the run's plots show - training loss, accuracy, lr
+    and speed, test and validation loss and accuracy, utilisation - as TensorBoard scalars
+    at their global step (utilisation at the last step trained, with its wall time)."""
 
-    KEYS = {"train": ("loss", "lr", "images_per_second"), "eval": ("test_loss", "test_acc"),
+    KEYS = {"train": ("loss", "train_acc", "lr", "images_per_second"),
+            "eval": ("test_loss", "test_acc", "val_loss", "val_acc"),
             "telemetry": ("cpu_percent", "rss_mb", "gpu_util", "gpu_mem_mb")}
+    STEP = {"train": "step", "eval": "steps"}  # the record's key of its global step
 
     def __init__(self, run_path: Path) -> None:
         self.check()
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_path / "tensorboard"))
+        self.step = 0
 
     @staticmethod
     def check() -> None:
@@ -654,10 +659,12 @@ class tensorboard_sink:  # noqa: N801 - used like a function
 
     def __call__(self, record: dict) -> None:
         kind = record.get("type")
-        x = record.get("step", record.get("elapsed", 0))
+        if kind in self.STEP:
+            self.step = record[self.STEP[kind]]
         for key in self.KEYS.get(kind, ()):
             if record.get(key) is not None:
-                self.writer.add_scalar(f"{kind}/{key}", record[key], x)
+                self.writer.add_scalar(f"{kind}/{key}", record[key], self.step,
+                                       walltime=record.get("time"))
 
     def close(self) -> None:
         self.writer.close()
