@@ -528,3 +528,22 @@ def test_export_runtime_errors_are_one_line_and_write_nothing(trained, tmp_path,
                                           "PytorchStreamReader failed reading the archive$"):
         export_model(trained.run, "torchscript", tmp_path / "x.pt")
     assert list(tmp_path.iterdir()) == []  # neither the model nor its JSON, no temporary file
+
+
+@pytest.mark.parametrize("model, data", [("lenet5", "mnist"), ("resnet18", "cifar10")])
+def test_checkpoint_weights_are_plain_tensors_other_tools_save(tmp_path, model, data):
+    """best.pt's weights are contiguous tensors: safetensors (which refuses views, such as
+    channels-last ones) writes them all, and they load back equal."""
+    from safetensors.torch import load_file, save_file
+
+    root = write_mnist(tmp_path / "d", 64, 16) if data == "mnist" else write_cifar(
+        tmp_path / "d", 40, 10)
+    out = tmp_path / "run"
+    cnnlab.train(model, data, data_dir=str(root), out=out, epochs=0.2, batch_size=8,
+                 channels_last=True, telemetry=0, progress=False)
+    weights = checkpoint.load(out / "best.pt")["model"]
+    assert all(t.is_contiguous() for t in weights.values())
+    save_file(weights, tmp_path / "model.safetensors")
+    again = load_file(tmp_path / "model.safetensors")
+    assert again.keys() == weights.keys()
+    assert all(torch.equal(again[k], weights[k]) for k in weights)

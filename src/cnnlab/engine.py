@@ -215,7 +215,10 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         loop, scaler = self.loop, self.precision.scaler
         return {
-            **{key: model.state_dict() for key, model in self.models().items()},
+            # plain contiguous tensors (channels-last ones are views that safetensors and
+            # other readers refuse); loading copies them into the model's own layout
+            **{key: {name: value.contiguous() for name, value in model.state_dict().items()}
+               for key, model in self.models().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
