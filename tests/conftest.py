@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 # commands they start (whatever the shell's CNNLAB_DEVICE says). Tests of CUDA behaviour ask
 # for --device cuda and skip without one.
 os.environ["CNNLAB_DEVICE"] = "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _signals_as_they_were():
+    """A test that leaves cnnlab's signal handling in pytest's own process would keep
+    Ctrl-C and SIGTERM from stopping the test run: each test must put it back."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    changed = [sig.name for sig, handler in before.items() if signal.getsignal(sig) != handler]
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    assert not changed, f"the test left its own handler of {', '.join(changed)}"
 
 
 @pytest.fixture(autouse=True, scope="session")
