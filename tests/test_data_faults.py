@@ -508,7 +508,7 @@ def test_a_folder_larger_than_the_memory_left_is_refused_before_decoding(tmp_pat
 
 
 def test_memory_available_reads_the_address_space_limit():
-    code = ("import resource, psutil; from cnnlab.data.limits import memory_available; "
+    code = ("import resource, psutil; from cnnlab.limits import memory_available; "
             "vms = psutil.Process().memory_info().vms; "
             "resource.setrlimit(resource.RLIMIT_AS, (vms + (300 << 20), resource.RLIM_INFINITY)); "
             "size, why = memory_available(); print(size >> 20, why)")

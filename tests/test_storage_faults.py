@@ -83,9 +83,10 @@ class Lines:
         self.thread.join(timeout=60)
         return "".join(line for _, line in self.lines)
 
-    def after(self, moment: float, text: str = "") -> float:
-        """Seconds from `moment` to the first line after it holding `text`."""
-        return next(t for t, line in self.lines if text in line and t >= moment) - moment
+    def after(self, moment: float, text: str = "") -> str:
+        """Seconds from `moment` to the first line after it holding `text` ("none": none)."""
+        found = [t for t, line in self.lines if text in line and t >= moment]
+        return f"{found[0] - moment:.1f} s" if found else "none"
 
 
 def _trained_once(err: str, out) -> None:
@@ -139,8 +140,8 @@ def _waited_out(data, out, fault: str, seconds: float) -> None:
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         lines = Lines(worker)
         _wait_for(out / RUNS[0] / "summary.json", worker)
-        b.cut() if fault == "cut" else server.stop()
         began = time.monotonic()
+        b.cut() if fault == "cut" else server.stop()
         time.sleep(seconds)
         b.mend() if fault == "cut" else server.start()
         ended = time.monotonic()
@@ -148,8 +149,8 @@ def _waited_out(data, out, fault: str, seconds: float) -> None:
         err = lines.text()
     assert worker.returncode == 0, err
     assert "cnnlab: lost contact with the study storage while" in err, err
-    print(f"{fault} for {seconds} s: its line after {lines.after(began, 'lost contact'):.1f} "
-          f"s; the next line {lines.after(ended):.1f} s after it ended")
+    print(f"{fault} for {seconds} s: its line after {lines.after(began, 'lost contact')}; the "
+          f"next line {lines.after(ended)} after it ended")
     _trained_once(err, out)
 
 

@@ -202,6 +202,11 @@ class Config:
                                        "stopping")
     sync_bn: bool = option(False, role=MACHINE, kind=ON,
                            help="under torchrun: batch-norm statistics over all ranks")
+    threads: int | None = option(None, role=RUNTIME,
+                                 help="CPU threads a process trains with",
+                                 default_text="$OMP_NUM_THREADS, else the CPUs this process "
+                                              "may use (affinity, cgroup quota)",
+                                 limits=Limits(low=1, high=1024))
     telemetry: float = option(1.0, role=RUNTIME,
                               help="seconds between utilisation samples, 0.01 to 3600 (0 = "
                                    "off)",

@@ -10,6 +10,8 @@ from importlib import metadata
 import psutil
 import torch
 
+from .limits import usable_cpus
+
 
 def cpu_model() -> str:
     try:
@@ -35,6 +37,7 @@ def collect_env(device: torch.device | None = None) -> dict:
         "cpu_model": cpu,
         "cpu_cores_logical": os.cpu_count(),
         "cpu_cores_physical": psutil.cpu_count(logical=False),
+        "cpus_usable": usable_cpus(),
         "torch_threads": torch.get_num_threads(),
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "hostname": socket.gethostname(),

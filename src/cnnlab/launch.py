@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Exit
+from .limits import usable_cpus
 from .rank import env_rank
 from .stops import StopSignals
 
@@ -35,8 +36,8 @@ RANK_STDERR = "CNNLAB_RANK_STDERR"  # what the ranks write stderr to: a terminal
 
 
 def cores_per_process(count: int) -> int:
-    """Each of `count` processes' share of this machine's cores, at least one."""
-    return max(1, (os.cpu_count() or 1) // count)
+    """Each of `count` processes' share of the CPUs this process may use, at least one."""
+    return max(1, usable_cpus() // count)
 
 
 @dataclass(frozen=True)

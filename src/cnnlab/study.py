@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -293,12 +294,19 @@ class Study:
         done = threading.Event()
 
         def beat() -> None:
+            lost = False
             while True:
                 try:
                     self.storage.record_heartbeat(trial_id)
-                except Exception:  # a storage hiccup: a fresh session for the next beat
+                    lost = False
+                except Exception as e:  # a fresh session for the next beat; said once
                     with contextlib.suppress(Exception):
                         self.storage.scoped_session.remove()
+                    if not lost:
+                        print("cnnlab: lost contact with the study storage while recording "
+                              f"this worker's heartbeat ({one_line(e.__cause__ or e, 160)}); "
+                              "training goes on", file=sys.stderr, flush=True)
+                    lost = True
                 if done.wait(HEARTBEAT):
                     return
 
@@ -385,7 +393,6 @@ def run_workers(work: Callable[..., None], args: tuple, jobs: int, say: Callable
     takes the workers with it: each asked the kernel for a SIGTERM when its parent dies.
     A worker that fails ends the call with its error once the others end."""
     import multiprocessing
-    import signal
     from multiprocessing.connection import wait
 
     import torch
@@ -444,7 +451,6 @@ def _die_with_parent() -> None:
     """Ask Linux for a SIGTERM when the parent process dies (prctl PR_SET_PDEATHSIG), so that
     no worker outlives its sweep; where there is no prctl, nothing."""
     import ctypes
-    import signal
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -459,6 +465,7 @@ def _worker(work: Callable[..., None], args: tuple, say: Callable[[str], None], 
     from .errors import Interrupted, failure_message
     from .process import keep_freed_memory, stop_on_signals
 
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # this worker's share, before torch loads
     parent = os.getppid()
     os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the parent alone
     stop_on_signals()  # a process of cnnlab's own, as the command's
@@ -488,3 +495,7 @@ def _worker(work: Callable[..., None], args: tuple, say: Callable[[str], None], 
     with contextlib.suppress(OSError):  # the parent is gone (killed): nobody to tell
         send.send(outcome)
         send.close()
+    # ending: a signal now (a second from the parent, or one re-sent after an import) has
+    # nothing left to stop, and raised inside the interpreter's exit it is a traceback
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)

@@ -43,6 +43,7 @@ from .engine import (
 )
 from .envinfo import collect_env
 from .errors import CnnlabError, Interrupted, TrainingDiverged, one_line
+from .limits import default_threads
 from .models import count_parameters
 from .plots import plot_run, plot_utilization
 from .progress import Progress
@@ -156,7 +157,9 @@ def torch_settings(cfg: Config, device: torch.device) -> Iterator[None]:
     """PyTorch's process-wide switches as `cfg` asks, restored afterwards."""
     saved = (torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+             torch.get_num_threads())
+    torch.set_num_threads(cfg.threads or default_threads())
     if cfg.deterministic and device.type == "cuda" and saved[3] is None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # deterministic cuBLAS needs it
     # warn_only: a few CUDA backward kernels (adaptive pooling) have no deterministic version.
@@ -172,6 +175,7 @@ def torch_settings(cfg: Config, device: torch.device) -> Iterator[None]:
         if switch:
             torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark = saved[2]
+        torch.set_num_threads(saved[4])
         if saved[3] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CnnlabError, one_line
+from ..limits import memory_available, size_text
 from ..specs import SPECS, DatasetSpec
 from . import readers
 from .cache import Split, cached
-from .limits import memory_available, size_text
 from .readers import show_path
 
 FOLDER_PREFIX = "folder:"
