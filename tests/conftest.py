@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 # commands they start (whatever the shell's CNNLAB_DEVICE says). Tests of CUDA behaviour ask
 # for --device cuda and skip without one.
 os.environ["CNNLAB_DEVICE"] = "cpu"
+# Runs the tests compare bitwise train with one number of threads, whatever else the machine
+# does (cnnlab's default takes fewer threads beside busy processes: limits.default_threads).
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(autouse=True)

@@ -112,8 +112,7 @@ def _loop_row(b: Bench) -> None:
     """The seed recipe's training loop, one epoch: the reference's, then cnnlab's."""
     from . import reference
 
-    b.say("next: the lab report's LeNet-5 recipe, one epoch of the loop, reference then cnnlab "
-          "(about 30 s)")
+    b.say("next: the lab report's LeNet-5 recipe, one epoch of the loop, reference then cnnlab")
     ref = reference.lenet_mnist_epoch(b.data_dir)["seconds"]
     ours = cnnlab_epoch("lenet5", "mnist", b.data_dir, preset="seed", device="cpu")["seconds"]
     b.emit({"name": "LeNet-5/MNIST seed recipe, one epoch of the loop (s)",
@@ -123,7 +122,7 @@ def _loop_row(b: Bench) -> None:
 
 def _process_row(b: Bench) -> None:
     """The same epoch as whole processes: start, data and (cnnlab's) evaluation counted."""
-    b.say("next: the same as whole processes (about 40 s)")
+    b.say("next: the same as whole processes")
     ref, _ = _process(b.reference_cmd())
     ours, _ = _process(b.train_cmd("lenet5", "mnist", "--preset", "seed", "--epochs", "1",
                                    "--out", str(b.tmp / "seed")))
@@ -137,7 +136,7 @@ def _fast_row(b: Bench) -> None:
     a whole-process epoch of the reference (which shows the machine's speed at that moment:
     the two are compared per seed), and seeds 5-9 for their accuracy alone."""
     b.say("next: `cnnlab train lenet5 mnist` on seeds 0-9, seeds 0-4 each after a reference "
-          "epoch (about 3 minutes)")
+          "epoch (15 whole processes)")
     walls, accuracies, refs = [], [], []
     for seed in range(10):
         if seed < 5:
@@ -180,8 +179,7 @@ def _decode_rows(b: Bench) -> None:
     """The CIFAR-10 image folder's first decode and a read back from its cache."""
     if b.folder is None:
         return
-    b.say("next: decoding the CIFAR-10 image folder into a new cache, then reading it back "
-          "(about 30 s)")
+    b.say("next: decoding the CIFAR-10 image folder into a new cache, then reading it back")
     first, cached = decode_seconds(b.folder)
     b.emit({"name": "CIFAR-10 image folder (60,000 JPEGs): first decode (s)",
             "reference": None, "cnnlab": first, "ratio": None, "unit": "s",
@@ -196,8 +194,8 @@ def _resnet18_row(b: Bench) -> None:
         return
     from . import reference
 
-    b.say("next: ResNet-18 training throughput, reference then cnnlab (about 60 s; the first "
-          "run also decodes the image folder)")
+    b.say("next: ResNet-18 training throughput, reference then cnnlab (the first run also "
+          "decodes the image folder)")
     ref = reference.resnet18_throughput(str(Path(b.folder) / "train"), steps=3)
     ours = cnnlab_epoch("resnet18", f"folder:{b.folder}", b.data_dir, max_steps=6, warmup=2,
                         batch_size=128, precision="auto", channels_last=True,
@@ -291,15 +289,65 @@ def ablation(data_dir: str, folder: str | None) -> list[dict]:
 
 
 def _ablation_rows(b: Bench) -> None:
-    b.say("next: each speed option on and off (about 60 s, more with ResNet-18)")
+    b.say("next: each speed option on and off")
     for row in ablation(b.data_dir, b.folder):
         b.emit(row)
 
 
+BUSY_REPEATS = 3  # runs of each kind, quiet and busy (their median is the row's)
+
+
+def _busy_rows(b: Bench) -> None:
+    """The fast preset as a whole process, 0.3 epochs, on a quiet machine and beside busy
+    processes that the bench starts itself (one per usable CPU): with the threads cnnlab took
+    before (every usable CPU), with its default now (fewer beside busy processes), and with
+    --threads 1. Medians of BUSY_REPEATS runs, interleaved."""
+    from .limits import usable_cpus
+
+    cpus = usable_cpus()
+    kinds = {"before (every CPU)": ["--threads", str(cpus)], "default": [],
+             "--threads 1": ["--threads", "1"]}
+    b.say(f"next: the fast preset on a quiet machine and beside {cpus} busy processes "
+          f"({2 * len(kinds) * BUSY_REPEATS} whole processes)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    seconds: dict[tuple[str, str], list[float]] = {}
+    for load in ("quiet", "busy"):
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                    for _ in range(cpus if load == "busy" else 0)]
+        try:
+            time.sleep(1.0 if spinners else 0)  # the load is there before cnnlab starts
+            for i in range(BUSY_REPEATS):
+                for kind, options in kinds.items():
+                    out = str(b.tmp / f"busy-{load}-{kind.split()[0]}-{i}")
+                    start = time.perf_counter()
+                    done = subprocess.run(b.train_cmd("lenet5", "mnist", "--epochs", "0.3",
+                                                      "--telemetry", "0", "--out", out,
+                                                      *options), env=env, capture_output=True)
+                    if done.returncode:
+                        raise CnnlabError(f"benchmark run failed: {done.stderr.decode()[-300:]}")
+                    seconds.setdefault((load, kind), []).append(time.perf_counter() - start)
+        finally:
+            for spinner in spinners:
+                spinner.kill()
+                spinner.wait()
+    for load in ("quiet", "busy"):
+        before = statistics.median(seconds[(load, "before (every CPU)")])
+        for kind in ("default", "--threads 1"):
+            ours = statistics.median(seconds[(load, kind)])
+            b.emit({"name": f"LeNet-5 fast preset, 0.3 epochs, whole process, {load}"
+                            f"{f' beside {cpus} busy processes' if load == 'busy' else ''}: "
+                            f"{kind} against the old default, {cpus} threads (s, medians of "
+                            f"{BUSY_REPEATS})",
+                    "reference": before, "cnnlab": ours, "ratio": before / ours, "unit": "s",
+                    "target": ">= 0.95 quiet (noise), > 1 busy",
+                    "seconds": {k[1]: v for k, v in seconds.items() if k[0] == load}})
+
+
 # The row groups, in each suite's order: the keys `cnnlab bench --rows` selects.
 CPU_ROWS: dict[str, Callable[[Bench], None]] = {
-    "loop": _loop_row, "process": _process_row, "fast": _fast_row, "help": _help_row,
-    "decode": _decode_rows, "resnet18": _resnet18_row, "ablation": _ablation_rows}
+    "loop": _loop_row, "process": _process_row, "fast": _fast_row, "busy": _busy_rows,
+    "help": _help_row, "decode": _decode_rows, "resnet18": _resnet18_row,
+    "ablation": _ablation_rows}
 
 
 def cpu_suite(data_dir: str, folder: str | None, emit: Callable[[dict], None],

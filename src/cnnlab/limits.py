@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from pathlib import Path
 
 import psutil
@@ -25,9 +26,49 @@ def usable_cpus() -> int:
 
 def default_threads() -> int:
     """The CPU threads a process trains with unless --threads says: $OMP_NUM_THREADS where it
-    is set (by the user, or by cnnlab for each of its processes), else the usable CPUs."""
+    is set (by the user, or by cnnlab for each of its processes), else the usable CPUs less
+    those other processes keep busy (at least one).
+
+    Why: the threads of a parallel region wait for each other at its end. On a core that
+    another process also wants, a thread runs half the time, and every other thread waits
+    for it, spinning: on a 2-core machine beside two busy processes, 2 threads took 5-16 s
+    where 1 took 5 s (quiet: 2.9 s and 3.5 s). OpenMP's passive waiting (OMP_WAIT_POLICY)
+    helps less and costs a quiet machine a quarter (benchmarks/RESULTS.md)."""
     given = os.environ.get("OMP_NUM_THREADS", "")
-    return int(given) if given.isdigit() and int(given) > 0 else usable_cpus()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, usable_cpus() - round(others_busy()))
+
+
+def others_busy() -> float:
+    """How many of this process's CPUs other processes keep busy: their CPU time over the
+    time since this module was imported (this process's own, and its children's, left out),
+    or over a fresh quarter of a second where that was too short or too long ago."""
+    global _SINCE
+    start, now = _SINCE, _cpu_sample()
+    if not 0.2 <= now[0] - start[0] <= 30:
+        time.sleep(0.25)
+        start, now = now, _cpu_sample()
+    _SINCE = now
+    return max(0.0, ((now[1] - start[1]) - (now[2] - start[2])) / (now[0] - start[0]))
+
+
+def _cpu_sample() -> tuple[float, float, float]:
+    """(now, CPU seconds the machine's usable CPUs spent busy, this process's and its
+    children's CPU seconds)."""
+    try:
+        mine = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mine = None
+    per_cpu = psutil.cpu_times(percpu=True)
+    busy = sum(sum(t) - t.idle - getattr(t, "iowait", 0.0)
+               for i, t in enumerate(per_cpu) if mine is None or i in mine)
+    own = os.times()
+    return (time.monotonic(), busy,
+            own.user + own.system + own.children_user + own.children_system)
+
+
+_SINCE = _cpu_sample()
 
 
 def _cgroup_cpus() -> int | None:

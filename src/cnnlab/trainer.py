@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import math
 import os
@@ -159,7 +160,7 @@ def torch_settings(cfg: Config, device: torch.device) -> Iterator[None]:
              torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
              torch.get_num_threads())
-    torch.set_num_threads(cfg.threads or default_threads())
+    torch.set_num_threads(cfg.threads or default_threads())  # None: a Config outside fit
     if cfg.deterministic and device.type == "cuda" and saved[3] is None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # deterministic cuBLAS needs it
     # warn_only: a few CUDA backward kernels (adaptive pooling) have no deterministic version.
@@ -293,6 +294,8 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
     with each evaluation's metrics record once its checkpoints are written (a search's
     pruner may stop the run there by raising)."""
     wall_start = time.perf_counter()
+    if cfg.threads is None:  # chosen once, kept in the run's configuration: a resume uses it
+        cfg = dataclasses.replace(cfg, threads=default_threads())
     dist, device = distributed.setup(resolve_device(cfg.device))
     path = None
     try:
