@@ -310,3 +310,28 @@ def test_evaluating_a_checkpoint_shows_progress(tiny_mnist, tmp_path, drawn, mon
     assert re.search(r"^cnnlab: report: evaluating run \(best\.pt\) on the test split: 128 of "
                      rf"128 images \(100%\), {seconds}", err, re.M), err
     assert "| status | finished (1.5 of 1.5 epochs) |" in (run / "report.md").read_text()
+
+
+def test_training_shows_its_evaluation_and_the_eta_counts_it(tiny_mnist, tmp_path, monkeypatch,
+                                                            capsys):
+    """The evaluation inside `train` is a phase with progress lines (stderr is no terminal
+    here), and the time left counts the evaluations still to come."""
+    import cnnlab
+
+    monkeypatch.setattr(progress, "QUIET_SECONDS", 0)
+    cnnlab.train("lenet5", "mnist", data_dir=tiny_mnist, out=tmp_path / "run", epochs=1,
+                 batch_size=64, eval_batch_size=64, log_every=4, telemetry=0, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"^cnnlab: epoch 1: evaluating: 64 of 128 images \(50%\), \d+ s$", err,
+                     re.M), err
+    assert re.search(r"^cnnlab: epoch 1: evaluating: done, 128 images in \d+ s$", err, re.M)
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    bar = progress.Progress(4, epochs=2, enabled=False, eval_steps=3.0)  # started at 0 s
+    now[0], bar.step = 10.0, 1  # a step in 10 s: 3 steps and 2 evaluations of 3 steps to go
+    assert bar.eta() == "90 s"
+    now[0] = 24.0  # an evaluation of 4 s has ended
+    bar.eval({"epoch": 1, "eval_seconds": 4.0, "test_loss": 1.0, "test_acc": 50.0})
+    now[0], bar.step = 30.0, 2  # 26 s of training for 2 steps: 2 steps and 1 evaluation left
+    assert bar.eta() == "30 s"

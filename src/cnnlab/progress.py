@@ -78,8 +78,13 @@ class Phase:
 
 
 class Progress:
+    """The training's progress: a bar or lines, and the time left - the steps to go at the
+    pace so far, and the evaluations to come (`eval_every` epochs and the last; each as
+    long as the last one took, or before the first `eval_steps` training steps' time)."""
+
     def __init__(self, total_steps: int, *, epochs: int, enabled: bool = True,
-                 initial: int = 0) -> None:
+                 initial: int = 0, eval_every: int = 1, eval_steps: float = 0.0,
+                 epoch: int = 1) -> None:
         self.tty = enabled and on_terminal()
         self.enabled, self.total, self.epochs = enabled, total_steps, epochs
         self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True,
@@ -87,6 +92,14 @@ class Progress:
         self.step, self.start_step, self.start = initial, initial, time.perf_counter()
         self.epoch_start, self.losses, self.acc = self.start, [], ""
         self.last_line = self.start  # plain lines: when the last one was printed
+        self.eval_every, self.eval_steps = eval_every, eval_steps
+        self.next_eval_epoch = epoch  # the first epoch whose evaluation is still to come
+        self.eval_last: float | None = None  # seconds the last evaluation took
+        self.eval_total = 0.0
+
+    def evals_left(self) -> int:
+        return sum(1 for e in range(self.next_eval_epoch, self.epochs + 1)
+                   if e % self.eval_every == 0 or e == self.epochs)
 
     def advance(self, epoch: int) -> None:
         """One step of `epoch` done (every step: a counter and, on a terminal, tqdm's
@@ -104,11 +117,13 @@ class Progress:
         self.last_line = time.perf_counter()
 
     def eta(self) -> str:
-        """The time left at this process's pace so far."""
+        """The time left at this process's pace so far, the evaluations to come counted."""
         done = self.step - self.start_step
         if done <= 0:
             return "?"
-        seconds = (time.perf_counter() - self.start) / done * (self.total - self.step)
+        pace = max(0.0, time.perf_counter() - self.start - self.eval_total) / done
+        each = self.eval_last if self.eval_last is not None else pace * self.eval_steps
+        seconds = pace * (self.total - self.step) + self.evals_left() * each
         return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
     def train(self, record: dict) -> None:
@@ -125,6 +140,9 @@ class Progress:
     def eval(self, record: dict) -> None:
         """The epoch's summary line: time, train loss, test loss and accuracy, time left."""
         now = time.perf_counter()
+        self.eval_last = record.get("eval_seconds", 0.0)
+        self.eval_total += self.eval_last
+        self.next_eval_epoch = record["epoch"] + 1
         train_loss = (f"train loss {sum(self.losses) / len(self.losses):.4f}, "
                       if self.losses else "")
         self.acc = f"acc {record['test_acc']:.2f}% "
@@ -133,7 +151,7 @@ class Progress:
         line = (f"epoch {record['epoch']}/{self.epochs}: {now - self.epoch_start:.1f} s, "
                 f"{train_loss}test loss {record['test_loss']:.4f}, test accuracy "
                 f"{record['test_acc']:.2f}%{val}"
-                + (f", ETA {self.eta()}" if record["epoch"] < self.epochs else ""))
+                + (f", ETA {self.eta()}" if self.evals_left() else ""))
         self.epoch_start, self.losses = now, []
         if self.tty:
             self.bar.write(line, file=sys.stderr)

@@ -11,7 +11,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +47,7 @@ from .errors import CnnlabError, Interrupted, TrainingDiverged, one_line
 from .limits import default_threads
 from .models import count_parameters
 from .plots import plot_run, plot_utilization
-from .progress import Progress
+from .progress import Phase, Progress
 from .results import DIVERGED
 from .runs import RunDir, default_run_dir, new_dir
 from .stops import StopSignals
@@ -333,6 +333,15 @@ def _unwritable(e: OSError, path: Path) -> CnnlabError:
     return CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; {fix} {then}")
 
 
+def _eval_steps(t: Training) -> float:
+    """What one evaluation costs, in training steps, before one has been timed: its images
+    (times the views test-time averaging takes) at a third of a training step's time each
+    (a forward pass, no backward)."""
+    views = {"flip": 2, "flip,translate": 6}.get(t.cfg.tta, 1)
+    images = len(t.test_batches.labels) + (len(t.val_batches.labels) if t.val_batches else 0)
+    return views * images / (3 * t.cfg.batch_size)
+
+
 def _run_config(t: Training) -> dict:
     """config.json: the options as asked, and what they resolved to."""
     return run_config(t.cfg, t.device, t.state.precision.name, t.dist.world_size)
@@ -361,7 +370,9 @@ def _run(t: Training, *, run: RunDir | None, resume: Resume | None,
     with StopSignals() as signals:
         if loop.epoch <= t.epoch_count:
             with Progress(t.total_steps, epochs=t.epoch_count,
-                          enabled=progress and dist.main, initial=loop.step) as bar, \
+                          enabled=progress and dist.main, initial=loop.step,
+                          eval_every=cfg.eval_every, eval_steps=_eval_steps(t),
+                          epoch=loop.epoch) as bar, \
                     Sampler(run.log if run else None, t.device, cfg.telemetry if run else 0,
                             lambda: loop.images * dist.world_size):
                 train_epochs(t, run, bar, signals, on_eval)
@@ -497,11 +508,16 @@ class Host:
         # the compiled one would recompile for eval mode and batch size
         eager = t.state.evaluated if t.state.ema else getattr(t.net, "_orig_mod", t.net)
         started = time.perf_counter()
-        result, val = (evaluate(eager, batches, precision=t.state.precision, tta=t.cfg.tta,
-                                reduce_sum=t.dist.reduce_sum,
-                                stop=lambda: self.signals.requested(t.dist, collective=False))
-                       if batches else None
-                       for batches in (t.test_batches, t.val_batches))
+        splits = [("test", t.test_batches), ("validation", t.val_batches)]
+        total = sum(len(b.labels) for _, b in splits if b) * t.dist.world_size
+        with Phase(f"epoch {self.loop.epoch}: evaluating", total, "images",
+                   enabled=self.bar.enabled) as phase:
+            result, val = (evaluate(eager, _counted(batches, phase, t.dist.world_size),
+                                    precision=t.state.precision, tta=t.cfg.tta,
+                                    reduce_sum=t.dist.reduce_sum,
+                                    stop=lambda: self.signals.requested(t.dist,
+                                                                        collective=False))
+                           if batches else None for _, batches in splits)
         self.eval_seconds = time.perf_counter() - started  # its .tolist() waited for it
         if result is None or (t.val_batches and val is None):
             self.checkpoint()
@@ -637,6 +653,13 @@ def _run_path(cfg: Config, out, resume: Resume | None, dist: distributed.Dist) -
     if dist.any(error is not None):
         raise error or CnnlabError("rank 0 refused the run directory (see its error)")
     return path
+
+
+def _counted(batches: Iterable, phase: Phase, ranks: int) -> Iterator:
+    """`batches`, each counted in `phase` once it is handed on (the images of every rank)."""
+    for x, y in batches:
+        yield x, y
+        phase.update(len(y) * ranks)
 
 
 class tensorboard_sink:  # noqa: N801 - used like a function
