@@ -295,3 +295,20 @@ def test_resume_refuses_a_dataset_that_changed(tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--epochs", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not the one this run was trained on" in err[-1], err
+
+
+def test_an_out_a_live_run_writes_is_refused_as_such(folder, tmp_path, capsys):
+    """A finished-looking --out that a live process still writes: not "continue it with
+    --resume" (which would be refused too), but that a live process holds it."""
+    out = tmp_path / "run"
+    cmd = ["train", "lenet5", f"folder:{folder}", "--out", str(out), "--epochs", "1",
+           "--quiet", "--telemetry", "0"]
+    assert main(cmd) == 0
+    holder = runs._lock(out / LOCK_FILE)  # as a process continuing it would
+    try:
+        capsys.readouterr()
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert "another cnnlab process is writing to" in err and "--resume" not in err
+    finally:
+        holder.close()

@@ -95,3 +95,15 @@ def test_check_shapes_changes_nothing():
         check_shapes(model, (3, 1, 1), "fastnet")
     assert model.training and all(h == {} for m in model.modules()
                                   for h in (m._forward_hooks, m._forward_pre_hooks))
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`cnnlab summary ... | head -1`: the reader has its line; cnnlab says nothing more."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"set -o pipefail; {sys.executable} -m cnnlab summary resnet18 "
+                          "cifar10 | head -1", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout == "resnet18 on cifar10: input 3x32x32, 10 classes\n"
+    assert (done.returncode, done.stderr) == (0, "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -762,6 +763,10 @@ def _run(args: argparse.Namespace) -> int:
         if env_rank() == 0:
             print(f"cnnlab: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `cnnlab ... | head`: the reader has what it wanted
+        with contextlib.suppress(OSError):  # nothing more goes to the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return Exit.OK
     except (CnnlabError, OSError, MemoryError, RuntimeError) as e:
         message = failure_message(e)
         if message is None:

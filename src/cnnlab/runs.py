@@ -100,7 +100,7 @@ class RunDir:
             raise CnnlabError(f"cannot create run directory {self.path}: "
                               f"{e.strerror or e}") from None
         try:
-            self.check(self.path, resume=config is None)
+            self.check(self.path, resume=config is None, held=True)
             remove_temp_files(self.path)  # from a process killed while writing
             if config is not None:
                 write_json(self.path / "config.json", config)
@@ -110,11 +110,15 @@ class RunDir:
             raise
 
     @staticmethod
-    def check(path: Path, *, resume: bool = False) -> None:
-        """Refuse to start a new run where one already is, or in a folder that holds other
-        things (before anything is written)."""
+    def check(path: Path, *, resume: bool = False, held: bool = False) -> None:
+        """Refuse to start a new run where one already is (one a live process writes, unless
+        `held`: this process holds its lock), or in a folder that holds other things (before
+        anything is written)."""
         if resume:
             return
+        if not held and is_locked(path):
+            raise RunLocked(f"another cnnlab process is writing to {path} and still runs; wait "
+                            "for it to end or choose another --out")
         if (path / "config.json").exists():
             raise CnnlabError(f"{path} already holds a run; choose another --out, "
                               f"remove it, or continue it with --resume {path}")

@@ -31,7 +31,8 @@ class LeNet5(nn.Module):
                      f"at features.5 (AvgPool2d) the 16x{half[0] - 4}x{half[1] - 4} input "
                      "is smaller than its 2x2 window")
             raise ValueError(f"LeNet-5 needs images of at least 12x12, got "
-                             f"{image_size[0]}x{image_size[1]}: {where}")
+                             f"{image_size[0]}x{image_size[1]}: {where}; resize a folder's "
+                             "images with --image-size 28x28 (or another HxW)")
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(16 * h * w, 120), nn.ReLU(inplace=True),
