@@ -111,6 +111,8 @@ def test_tampered_search_trials_are_refused_and_the_search_goes_on(data, tmp_pat
     assert (out / runs[1] / "summary.json").is_file()  # the search went on
     md = (out / "results.md").read_text()
     assert f"## Refused trials\n\n{len(lines)} trials in the study's storage" in md
+    # and no importance.png without a word
+    assert "No parameter importances yet: they need 4 complete trials (2 so far)." in md
     states = [t.state for t in _study(out).trials]
     assert states.count(optuna.trial.TrialState.FAIL) == len(lines)
     # never queued again: the next command refuses nothing and trains nothing

@@ -110,7 +110,7 @@ def test_the_command_refuses_it_with_one_line_and_exit_2(tmp_path):
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cnnlab: error: --val-split 0.5 leaves "
-                                                   "class 'cat' (1 training images)"), lines
+                                                   "class 'cat' (1 training image)"), lines
 
 
 # ---------------------------------------------------------------- MNIST offline

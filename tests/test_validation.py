@@ -36,7 +36,7 @@ def test_hold_out_is_stratified_seeded_and_disjoint():
 
 
 @pytest.mark.parametrize("counts,fraction,message", [
-    ((30, 20, 1), 0.6, "leaves class 'c' \\(1 training images\\) with no training images"),
+    ((30, 20, 1), 0.6, "leaves class 'c' \\(1 training image\\) with no training images"),
     ((30, 20, 3), 0.1, "leaves class 'c' \\(3 training images\\) with no validation images"),
 ])
 def test_hold_out_refuses_a_class_left_empty(counts, fraction, message):

@@ -216,6 +216,16 @@ def _kind(row: dict, target: float | None) -> str:
     return "reached" if reached([row], target) else "below"
 
 
+def _no_importance(search, complete: int) -> str:
+    """Why a search has no importance.png, in a sentence."""
+    if len(search.space) < 2:
+        return "No parameter importances: one option is searched, nothing to weigh it against."
+    if complete < IMPORTANCE_TRIALS:
+        return (f"No parameter importances yet: they need {IMPORTANCE_TRIALS} complete trials "
+                f"({complete} so far).")
+    return "No parameter importances: the complete trials' values cannot tell them apart."
+
+
 def _plot_importance(importances: dict[str, float], complete: int, path: Path) -> Path:
     from .plots import _figure, _finish
 
@@ -326,6 +336,7 @@ def write_results(out: str | Path, search, where) -> dict:
         figures["importance.png"] = ("How much each searched option decides whether a "
                                      "trial is among the best")
     info["figures"] = figures
+    info["no_importance"] = None if importances else _no_importance(search, len(complete))
     write_json(out / TUNE_FILE, info)
 
     model, dataset = search.base.model, search.base.dataset
@@ -343,6 +354,8 @@ def write_results(out: str | Path, search, where) -> dict:
                   f"--config {out / 'best.toml'}`.", ""]
     for name, alt in info["figures"].items():
         lines += [f"![{alt}]({name})", ""]
+    if info["no_importance"]:
+        lines += [info["no_importance"], ""]
     header, table = trials_table(info)
     lines += ["## Trials", "", md_table(
         header, [[f"[{c[0]}]({c[0]}/)", *c[1:]] for c in table]), ""]

@@ -242,7 +242,7 @@ def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:
             high = min(math.floor(100 * (count - 1) / count) for count in counts) / 100
             fix = f"choose a --val-split from {low:g} to {high:g}, or drop it"
         raise CnnlabError(f"--val-split {fraction:g} leaves class '{data.classes[c]}' "
-                          f"({counts[c]} training images) with no "
+                          f"({counts[c]} training image{'' if counts[c] == 1 else 's'}) with no "
                           f"{'training' if takes[c] else 'validation'} images; {fix}")
     rng = np.random.default_rng(seed)
     val = np.zeros(len(data.train_y), dtype=bool)
