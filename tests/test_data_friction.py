@@ -75,7 +75,7 @@ def test_a_val_split_that_rounds_to_no_image_of_a_class_is_refused(tmp_path):
     root = write_folder(tmp_path / "pets", n_train=1, n_test=1)  # one image a class
     data = load_dataset(f"folder:{root}", "")
     with pytest.raises(CnnlabError, match=r"^--val-split 0.5 leaves class 'cat' \(1 training "
-                                          r"images\) with no validation images; a class needs "
+                                          r"image\) with no validation images; a class needs "
                                           r"2 training images or more for a validation split: "
                                           r"add images to it, or drop --val-split$"):
         hold_out(data, 0.5, seed=0)
