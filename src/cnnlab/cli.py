@@ -646,7 +646,7 @@ def _summary_parser(sub) -> None:
                     "(a folder's: its first training image and its class folders).")
     p.add_argument("model", help=models)
     p.add_argument("dataset", help=datasets)
-    add_use_options(p, "image_size", "pool")
+    add_use_options(p, "image_size", "pool", "data_dir")  # --data-dir as every command takes
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
