@@ -271,7 +271,7 @@ def postgres_server(host: Host | None = None, *, dbname: str = "cnnlab", user: s
                     timeout: float = 60) -> Iterator[str]:
     """A throwaway PostgreSQL cluster with database `dbname`, listening on `host`'s address
     (every host of its network may connect, without a password), or on 127.0.0.1 without
-    one. Yields its URL as the README writes it, postgresql://USER@ADDR:PORT/DBNAME (libpq's
+    one. Yields its URL as docs/sweeps.md writes it, postgresql://USER@ADDR:PORT/DBNAME (libpq's
     form, which SQLAlchemy reads with psycopg 3 and psql takes as it is); the server
     and its files are gone when the block ends."""
     with postgres(host, dbname=dbname, user=user, timeout=timeout) as server:

@@ -14,7 +14,7 @@ def _recipe(cfg):
 
 
 def test_seed_preset_is_the_report():
-    """The lab report's recipe (README "Presets", SEED.md): ToTensor only, batch 64, SGD
+    """The lab report's recipe (docs/training.md "Presets", SEED.md): ToTensor only, batch 64, SGD
     momentum 0.9, constant lr 0.001 for 64 epochs (MNIST) or 0.01 for 30 (CIFAR-10)."""
     mnist = resolve("lenet5", "mnist", overrides={"preset": "seed"})
     assert _recipe(mnist) == (64, 64, "sgd", 0.001, 0.9, False, 0.0, "constant", 0.0, "none",
@@ -25,9 +25,10 @@ def test_seed_preset_is_the_report():
 
 
 def test_fast_preset_defaults():
-    """README "Presets": LeNet-5 trains 1.5 epochs with SGD Nesterov, one-cycle lr 0.1, batch 64,
-    label smoothing 0.1; ResNet-18 on CIFAR-10 with crop+flip, one-cycle, label smoothing 0.1,
-    batch 512, scored with flip TTA; digits and folders are not mirrored."""
+    """docs/training.md, "Presets": LeNet-5 trains 1.5 epochs with SGD Nesterov, one-cycle lr
+    0.1, batch 64, label smoothing 0.1; ResNet-18 on CIFAR-10 with crop+flip, one-cycle,
+    label smoothing 0.1, batch 512, scored with flip TTA; digits and folders are not
+    mirrored."""
     lenet = resolve("lenet5", "mnist")
     assert lenet.preset == "fast"
     assert _recipe(lenet) == (1.5, 64, "sgd", 0.1, 0.9, True, 5e-4, "onecycle", 0.1, "none",

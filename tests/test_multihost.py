@@ -1,4 +1,4 @@
-"""Many machines for real, as network namespaces (hosts.py): the README's two-machine torchrun
+"""Many machines for real, as network namespaces (hosts.py): the two-machine torchrun
 command, run on two hosts, trains to the same weights as one process; a host that cannot
 reach the first gives up within the timeouts; a PostgreSQL server on one host serves the
 others."""
@@ -29,16 +29,16 @@ def data(tmp_path_factory):
 
 
 def readme_command(host: str, node_rank: int, *args: str) -> list[str]:
-    """The README's two-machine command as node `node_rank` runs it, one process a machine,
-    HOST the first machine's address, `args` for its `resnet18 cifar10`."""
-    section = (REPO / "README.md").read_text().split("## Many GPUs", 1)[1].split("\n## ")[0]
+    """The two-machine command of docs/many-machines.md as node `node_rank` runs it, one
+    process a machine, HOST the first machine's address, `args` for its `resnet18 cifar10`."""
+    section = (REPO / "docs" / "many-machines.md").read_text()
     found = re.search(r"^torchrun --nnodes=2 (?:.*\\\n)*.*$", section, re.M)
-    assert found, "the README's Many GPUs section shows no `torchrun --nnodes=2` command"
+    assert found, "docs/many-machines.md shows no `torchrun --nnodes=2` command"
     words = shlex.split(found[0].replace("\\\n", " "), comments=True)
     for old, new in (("--nproc_per_node=8", "--nproc_per_node=1"),
                      ("--node-rank=0", f"--node-rank={node_rank}"),
                      ("--master-addr=HOST", f"--master-addr={host}")):
-        assert old in words, f"the README's command has no {old}: {found[0]}"
+        assert old in words, f"the documented command has no {old}: {found[0]}"
         words[words.index(old)] = new
     assert words[0] == "torchrun" and words[-2:] == ["resnet18", "cifar10"], found[0]
     return [TORCHRUN, *words[1:-2], *args]
@@ -101,7 +101,7 @@ def test_a_host_that_cannot_reach_the_first_gives_up_in_time(data, tmp_path):
 @pytest.mark.parametrize("on_a_host", [True, False], ids=["host", "local"])
 def test_postgres_serves_other_hosts(on_a_host):
     """The server on one host; a client on another connects and queries it with the URL as
-    the README writes it (psql, and SQLAlchemy as Optuna's storage does: psycopg 3 from the
+    docs/sweeps.md writes it (psql, and SQLAlchemy as Optuna's storage does: psycopg 3 from the
     postgres extra), and with psycopg2's URL where that driver is installed."""
     if not on_a_host:
         with postgres_server() as url:

@@ -11,7 +11,7 @@ from .rank import env_rank
 
 
 class Exit(IntEnum):
-    """Every exit status of `cnnlab` (README: "When things go wrong")."""
+    """Every exit status of `cnnlab` (docs/troubleshooting.md)."""
 
     OK = 0
     SOME_FILES_UNREADABLE = 1  # `predict`: some images could not be read, the others were

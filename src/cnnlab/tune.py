@@ -10,7 +10,7 @@ ordinary run directory `trial-NNNN` under the tune directory, and feeds every ev
 epoch's validation accuracy to the pruner, which may stop the run there (its directory
 stays, with the epochs it trained and no summary.json). The objective is the run's best
 validation accuracy - the one best.pt was chosen on - never the test accuracy: choosing on
-test is optimistic (README: "Choosing the best checkpoint honestly").
+test is optimistic (docs/training.md: "Choosing the best checkpoint honestly").
 
 Optuna's loop records heartbeats; a worker that dies leaves its trial silent, the next worker
 to look fails it and the storage queues it again with the same values and the same run
@@ -297,7 +297,7 @@ def plan_tune(model: str, dataset: str, space: list[str], *,
                                     and (folder / "val").is_dir()):
         raise CnnlabError("tune chooses trials on validation accuracy and this search has no "
                           "validation split: choosing on the test split would make the best "
-                          "trial's test accuracy optimistic (README: Choosing the best "
+                          "trial's test accuracy optimistic (docs/training.md: Choosing the best "
                           "checkpoint honestly); pass --val-split 0.1")
     return Search(base, options, tuple(dims), trials, sampler, pruner, target)
 
