@@ -335,3 +335,18 @@ def test_training_shows_its_evaluation_and_the_eta_counts_it(tiny_mnist, tmp_pat
     bar.eval({"epoch": 1, "eval_seconds": 4.0, "test_loss": 1.0, "test_acc": 50.0})
     now[0], bar.step = 30.0, 2  # 26 s of training for 2 steps: 2 steps and 1 evaluation left
     assert bar.eta() == "30 s"
+
+
+def test_accuracy_fits_its_range_to_the_evaluations(tmp_path, drawn):
+    """98.85% to 99.20% is no flat line on the top edge: the frame spans the evaluations
+    (the best label inside it), and a small panel keeps the whole range of the curves."""
+    write_run(tmp_path / "run", epochs=2, evals=[(1.0, 98.85), (2.0, 99.20)],
+              train_steps=range(1, 2 * STEPS + 1))
+    plots.plot_run(tmp_path / "run")
+    fig = drawn["accuracy.png"]
+    low, high = fig.axes[0].get_ylim()
+    assert 97.5 < low < 98.85 and 99.20 < high <= 100
+    [label] = [t for t in fig.axes[0].texts if t.get_text().startswith("best on test")]
+    assert low < label.xy[1] < high
+    if len(fig.axes) > 1:  # the inset, where training accuracy starts below the frame
+        assert fig.axes[1].get_ylim()[0] < low

@@ -56,25 +56,53 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
     fig = _figure((7, 4.2))
     ax = fig.subplots()
     trained = [(x, r) for x, r in run.train if r.get("train_acc") is not None]
+    curves = []  # (xy, style, keyword arguments): drawn on the frame and in its inset
     if trained:  # on the augmented training images, as the model trained on them
-        ax.plot(*_xy(trained, "train_acc"), lw=1.2, alpha=0.8,
-                label="training accuracy (over each log window)")
+        curves.append((_xy(trained, "train_acc"), "-", dict(
+            lw=1.2, alpha=0.8, label="training accuracy (over each log window)")))
     if run.evals:
-        ax.plot(*_xy(run.evals, "test_acc"), "o-", lw=1.5, ms=4, label="test accuracy")
+        curves.append((_xy(run.evals, "test_acc"), "o-", dict(lw=1.5, ms=4,
+                                                                label="test accuracy")))
+    if validated:
+        curves.append((_xy(validated, "val_acc"), "s--", dict(lw=1.2, ms=3,
+                                                                label="validation accuracy")))
+    for xy, style, kw in curves:
+        ax.plot(*xy, style, **kw)
     if validated:  # best.pt: chosen on validation
-        ax.plot(*_xy(validated, "val_acc"), "s--", lw=1.2, ms=3, label="validation accuracy")
         x, best = max(validated, key=lambda p: p[1]["val_acc"])
-        ax.annotate(f"best.pt (validation {best['val_acc']:.2f}%): test {best['test_acc']:.2f}%",
-                    (x, best["test_acc"]), textcoords="offset points", xytext=(0, -16),
-                    ha="center")
+        text = f"best.pt (validation {best['val_acc']:.2f}%): test {best['test_acc']:.2f}%"
     elif run.evals:
         x, best = max(run.evals, key=lambda p: p[1]["test_acc"])
-        ax.annotate(f"best on test {best['test_acc']:.2f}%", (x, best["test_acc"]),
-                    textcoords="offset points", xytext=(0, -16), ha="center")
+        text = f"best on test {best['test_acc']:.2f}%"
+    if run.evals:
+        last = x >= max(px for px, _ in run.evals)  # at the right edge: the label leftwards
+        ax.annotate(text, (x, best["test_acc"]), textcoords="offset points", xytext=(0, -16),
+                    ha="right" if last else "center")
+        _fit_accuracy(ax, [r[k] for _, r in run.evals for k in ("test_acc", "val_acc")
+                           if r.get(k) is not None], curves)
     ax.set_ylim(top=min(100.0, ax.get_ylim()[1]))  # an accuracy axis stops at 100%
     written.append(_finish(fig, ax, out_dir / f"{prefix}accuracy.png", xlabel="epochs trained",
                            ylabel="accuracy (%)", title=f"Accuracy - {run_dir.name}"))
     return written
+
+
+def _fit_accuracy(ax, evaluated: list[float], curves: list) -> None:
+    """Fit the accuracy axis to the evaluations (98.85 to 99.20% is no flat line on the top
+    edge), room below for the labels; where that leaves part of a curve out (training's
+    first windows), the whole of every curve in a small panel."""
+    low, high = min(evaluated), max(evaluated)
+    span = max(high - low, 0.5)
+    bottom, top = max(0.0, low - 0.8 * span), min(100.0, high + 0.4 * span)
+    shown = [y for (_, ys), _, _ in curves for y in ys]
+    ax.set_ylim(bottom, top)
+    if shown and min(shown) < bottom:
+        inset = ax.inset_axes([0.09, 0.1, 0.34, 0.3])  # lower left: curves rise to the right
+        for xy, style, kw in curves:
+            inset.plot(*xy, style, lw=1, ms=2, alpha=kw.get("alpha", 1.0))
+        inset.set_ylim(top=100)
+        inset.set_title("the whole range", fontsize=7)
+        inset.tick_params(labelsize=6)
+        inset.grid(alpha=0.3)
 
 
 def _smoothing_notes(smoothing: float) -> tuple[str, str]:
