@@ -230,9 +230,14 @@ def plot_lr_find(result: dict, path: Path) -> Path:
     for key, name, color in marks:
         lr = result["suggestions"][key]
         ax.axvline(lr, color=color, ls="--", lw=1.2, label=f"{name}: lr {lr:.3g}")
-    # the loss of the last steps may soar: the y axis ends below the point that stopped it
-    shown = smoothed[:-1] if smoothed[-1] > STOP_FACTOR * min(smoothed) else smoothed
-    low, high = min(min(result["losses"]), min(smoothed)), max(shown)
+        at = min(range(len(lrs)), key=lambda i: abs(lrs[i] - lr))  # on the curve too
+        ax.plot([lrs[at]], [smoothed[at]], "o", color=color, ms=6)
+    # clipped as fastai does: the descent fills the frame, from the highest smoothed loss
+    # before its minimum (the first points left out) down to the minimum; the divergence
+    # after it leaves through the top instead of flattening the useful part into a line
+    first, bottom = int(SKIP_START * len(smoothed)), smoothed.index(min(smoothed))
+    high = max(smoothed[first:bottom + 1] or smoothed)
+    low = min([*smoothed, *result["losses"][first:bottom + 1]])
     margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
     ax.set_ylim(low - margin, high + margin)
     ax.set_xscale("log")
