@@ -128,3 +128,14 @@ def test_report_has_a_mistakes_section(trained, tmp_path):
     assert all((run / name).read_bytes().startswith(PNG) for name in images)
     html = written["html"].read_text()
     assert html.count('src="data:image/png;base64,') == len(images)  # every one embedded
+
+
+def test_top_loss_captions_show_what_they_are_ordered_by():
+    from cnnlab.mistakes import _caption
+
+    tops = [{"true": "7", "pred": "1", "prob": 0.62, "loss": 3.25},
+            {"true": "4", "pred": "9", "prob": 0.89, "loss": 2.5}]
+    captions = [_caption(t) for t in tops]
+    assert captions[0] == "loss 3.25, true 7\npredicted 1 (p 0.62)"
+    losses = [float(c.split(",")[0].removeprefix("loss ")) for c in captions]
+    assert losses == sorted(losses, reverse=True)

@@ -201,18 +201,21 @@ def _short(name: str, limit: int = 18) -> str:
 
 
 def _caption(top: dict) -> str:
-    return f"true {_short(top['true'])}\npredicted {_short(top['pred'])} ({top['prob']:.2f})"
+    """What a top loss is ordered by first (its loss), then what was predicted and how
+    surely (the probability the model gave the predicted class)."""
+    return (f"loss {top['loss']:.2f}, true {_short(top['true'])}\n"
+            f"predicted {_short(top['pred'])} (p {top['prob']:.2f})")
 
 
 def plot_top_losses(found: Mistakes, path: Path) -> Path:
-    """The top losses in a grid, each titled with its true and predicted class and the
-    predicted class's probability."""
+    """The top losses in a grid, highest first, each titled with its loss (what they are
+    ordered by), its true and predicted class and the predicted class's probability."""
     from .plots import _save
 
     n = len(found.top_losses)
     cols = math.ceil(math.sqrt(n))
     fig, axes = _grid(math.ceil(n / cols), cols, _aspect(found),
-                      "Top losses: the most confidently wrong")
+                      "Top losses, highest first: the most confidently wrong")
     for ax, top in zip(axes.ravel(), found.top_losses):
         _show(ax, found.pixels[top["index"]], _caption(top))
     return _save(fig, path)
