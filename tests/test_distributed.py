@@ -139,3 +139,5 @@ def test_nproc_needs_a_gpu_a_process_or_the_cpu(monkeypatch, capsys, tmp_path, g
         assert code == 2 and error in err and not launched
     else:
         assert code == 0 and launched == [2]
+        note = "cnnlab: note: no GPU here: the 2 processes train on the CPU"
+        assert (note in err) == (gpus == 0 and args == []), err

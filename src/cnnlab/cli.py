@@ -256,6 +256,9 @@ def _launch(args: argparse.Namespace) -> int:
             raise CnnlabError(f"--nproc {args.nproc}: this machine has {gpus} GPU(s) and each "
                               f"process needs its own; use --nproc {max(gpus, 1)}, or --device "
                               f"cpu to run {args.nproc} processes on the CPU")
+        if not gpus and args.nproc > 1:
+            print(f"cnnlab: note: no GPU here: the {args.nproc} processes train on the CPU, "
+                  "each with its share of the cores", file=sys.stderr)
     rest, skip = [], False
     for arg in args.argv:  # the launcher's own options do not reach the ranks
         if skip:
