@@ -324,14 +324,16 @@ def _use_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON array")
 
     p = sub.add_parser(
-        "export", help="export a trained model to ONNX or TorchScript",
-        description="Write the model as ONNX or TorchScript (input: the normalised images, "
-                    "output: logits), checked to match PyTorch within 1e-4, with the class "
-                    "names and preprocessing inside and in FILE.json.")
+        "export", help="export a trained model to ONNX, torch.export or TorchScript",
+        description="Write the model as ONNX, torch.export's ExportedProgram (.pt2) or "
+                    "TorchScript (deprecated by PyTorch: prefer export) - input: the "
+                    "normalised images, output: logits - checked to match PyTorch within 1e-4 "
+                    "of the logits' scale, with the class names and preprocessing inside and "
+                    "in FILE.json.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help=ckpt_help)
-    p.add_argument("--format", required=True, help="onnx | torchscript")
+    p.add_argument("--format", required=True, help="onnx | export | torchscript")
     p.add_argument("--out", metavar="FILE", help="default: beside the checkpoint, "
-                   "<name>.onnx or <name>.torchscript.pt")
+                   "<name>.onnx, <name>.pt2 or <name>.torchscript.pt")
 
 
 def _eval(args: argparse.Namespace) -> int:

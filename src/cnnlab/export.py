@@ -1,9 +1,11 @@
-"""Export a trained model to ONNX or TorchScript, checked against the PyTorch model.
+"""Export a trained model to ONNX, torch.export's ExportedProgram or TorchScript, checked
+against the PyTorch model.
 
 The exported model takes the normalised float input (N, C, H, W), any batch size, and
 returns the logits. How to get from an image to that input (colour mode, size,
-mean/std) and the class names travel with it: inside the file (ONNX metadata_props,
-TorchScript extra file `cnnlab.json`) and in `<file>.json` beside it."""
+mean/std) and the class names travel with it: inside the file (ONNX metadata_props, the
+extra file `cnnlab.json` of an ExportedProgram or a TorchScript file) and in `<file>.json`
+beside it."""
 
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ from .inference import preprocess
 from .predict import light_on_dark
 from .runs import RUN_FILES
 
-FORMATS = ("onnx", "torchscript")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+FORMATS = ("onnx", "export", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "export": ".pt2", "torchscript": ".torchscript.pt"}
+# the largest difference allowed between an export's logits and PyTorch's, relative to the
+# logits' scale (their largest magnitude, at least 1): float32 rounding grows with it
 TOLERANCE = 1e-4
 _CHECK_BATCHES = (16, 1)  # parity on a batch and on a single image: the batch axis is free
 
@@ -97,15 +101,24 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
             import onnxruntime
 
             checked_with = f"onnxruntime {onnxruntime.__version__}"
+        elif fmt == "export":
+            _export_program(model, info, inputs[0], tmp)
+            got = _run_program(tmp, inputs)
+            checked_with = f"torch.export.load, torch {torch.__version__}"
         else:
             _export_torchscript(model, info, inputs[0], tmp)
             got = _run_torchscript(tmp, inputs)
             checked_with = f"torch.jit.load, torch {torch.__version__}"
         diff = max(float((a - b).abs().max()) for a, b in zip(expected, got))
-        if not diff <= tolerance:
+        scale = max(1.0, max(float(a.abs().max()) for a in expected))
+        if not diff / scale <= tolerance:
             raise CnnlabError(f"the {fmt} export gives logits up to {diff:.3g} away from the "
-                              f"PyTorch model's (allowed {tolerance:g}); nothing written")
-        info["parity"] = {"max_abs_diff": diff, "tolerance": tolerance,
+                              f"PyTorch model's, {diff / scale:.3g} of their scale {scale:.3g} "
+                              f"(allowed {tolerance:g}); nothing written")
+        info["parity"] = {"max_abs_diff": diff, "max_rel_diff": diff / scale,
+                          "logit_scale": scale, "tolerance": tolerance,
+                          "tolerance_is": "relative to the logits' largest magnitude, at "
+                                          "least 1",
                           "checked_with": checked_with, "batch_sizes": list(_CHECK_BATCHES)}
         info["file"] = out.name
         try:  # both files complete beside their places before either is moved into it
@@ -193,6 +206,30 @@ def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
                 for x in inputs]
     except Exception as e:  # onnxruntime raises its own exception types
         raise CnnlabError(f"onnxruntime cannot run the ONNX export: {one_line(e)}") from None
+
+
+def _export_program(model: nn.Module, info: dict, example: torch.Tensor, path: Path) -> None:
+    """torch.export's ExportedProgram (the format TorchScript gives way to), the batch axis
+    free, the metadata inside as the extra file cnnlab.json."""
+    try:
+        with _quiet():
+            program = torch.export.export(model.eval(), (example,), dynamic_shapes=(
+                {0: torch.export.Dim("batch", min=1, max=1 << 16)},))
+            torch.export.save(program, str(path),
+                              extra_files={"cnnlab.json": json.dumps(info)})
+    except Exception as e:  # the exporter raises many types
+        raise CnnlabError(f"torch.export of {info['model']} failed: {one_line(e)}") from None
+
+
+def _run_program(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    try:
+        with _quiet():
+            loaded = torch.export.load(str(path)).module()
+        with torch.no_grad():
+            return [loaded(x) for x in inputs]
+    except Exception as e:  # torch.export raises many types
+        raise CnnlabError(f"the torch.export file cannot be loaded and run: "
+                          f"{one_line(e)}") from None
 
 
 def _export_torchscript(model: nn.Module, info: dict, example: torch.Tensor,
