@@ -310,7 +310,7 @@ def test_bench_refuses_gzipped_mnist_the_reference_cannot_read(tmp_path, capsys)
 
 @pytest.mark.parametrize("argv,keys", [
     (["--rows", "loop,lop"], "'lop' in --suite cpu; its keys are "
-                             "loop,process,fast,help,decode,resnet18,ablation"),
+                             "loop,process,fast,busy,help,decode,resnet18,ablation"),
     (["--suite", "gpu", "--rows", "loop"], "'loop' in --suite gpu; its keys are "
                                            "fastnet,resnet18-gpu,lenet5-gpu,steps")])
 def test_bench_refuses_unknown_rows_in_one_line(tmp_path, capsys, argv, keys):
@@ -364,7 +364,7 @@ def test_bench_prints_and_saves_each_row_as_it_comes_and_skips_absent_data(
 
     saved = []
 
-    def fake_process(cmd):  # the whole-process runs: cnnlab's leave a summary
+    def fake_process(cmd, env=None):  # the whole-process runs: cnnlab's leave a summary
         saved.append(json.loads((tmp_path / "b.json").read_text())["rows"])
         if "--out" in cmd:
             out = Path(cmd[cmd.index("--out") + 1])
@@ -380,11 +380,14 @@ def test_bench_prints_and_saves_each_row_as_it_comes_and_skips_absent_data(
                               str(tmp_path / "b.json"))
     out, err = capsys.readouterr()
     # the file grew row by row: the seed recipe, 5 seeds each after a reference, 5 more
-    # seeds, 5 x --help
-    assert [len(rows) for rows in saved] == [1, 1] + [2] * 15 + [5] * 5
+    # seeds, 18 runs quiet and busy, 5 x --help
+    assert [len(rows) for rows in saved] == [1, 1] + [2] * 15 + [5] * 18 + [9] * 5
     assert [r["name"][:20] for r in results["rows"]] == [
         "LeNet-5/MNIST seed r", "  same, whole proces", "LeNet-5/MNIST fast p",
-        "  same, against one ", "  fast preset on see", "`cnnlab --help` (s, "]
+        "  same, against one ", "  fast preset on see", *["LeNet-5 fast preset,"] * 4,
+        "`cnnlab --help` (s, "]
+    busy = results["rows"][5:9]
+    assert [r["ratio"] for r in busy] == [1.0] * 4 and "quiet: default" in busy[0]["name"]
     fast, paired, seeds = results["rows"][2:5]
     assert results["rows"][0]["ratio"] == 2.0 and "recorded, not run" in fast["name"]
     assert fast["accuracy"] == [99.1] * 5 and "lowest accuracy 99.10%" in fast["name"]
@@ -393,9 +396,9 @@ def test_bench_prints_and_saves_each_row_as_it_comes_and_skips_absent_data(
     assert paired["paired_ratios"] == [1.0] * 5 and "ratios, 1.00-1.00)" in paired["name"]
     assert seeds["accuracy"] == [99.1] * 10 and seeds["cnnlab"] == 99.1
     assert json.loads((tmp_path / "b.json").read_text()) == results
-    assert out.count("\n") == 3 + 6 and "ResNet-18" not in out
+    assert out.count("\n") == 3 + 10 and "ResNet-18" not in out
     assert "cnnlab bench: no CIFAR-10 image folder: the ResNet-18 rows are left out" in err
-    assert err.count("cnnlab bench: next: ") == 5
+    assert err.count("cnnlab bench: next: ") == 6
 
 
 def test_bench_times_a_first_decode_and_a_cached_read(tmp_path):

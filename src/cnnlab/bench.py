@@ -53,9 +53,9 @@ def cnnlab_epoch(model: str, dataset: str, data_dir: str, max_steps: int | None 
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in options}}
 
 
-def _process(cmd: list[str]) -> tuple[float, str]:
+def _process(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
     start = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if res.returncode != 0:
         raise CnnlabError(f"benchmark command failed: {' '.join(cmd)}: "
@@ -319,13 +319,10 @@ def _busy_rows(b: Bench) -> None:
             for i in range(BUSY_REPEATS):
                 for kind, options in kinds.items():
                     out = str(b.tmp / f"busy-{load}-{kind.split()[0]}-{i}")
-                    start = time.perf_counter()
-                    done = subprocess.run(b.train_cmd("lenet5", "mnist", "--epochs", "0.3",
-                                                      "--telemetry", "0", "--out", out,
-                                                      *options), env=env, capture_output=True)
-                    if done.returncode:
-                        raise CnnlabError(f"benchmark run failed: {done.stderr.decode()[-300:]}")
-                    seconds.setdefault((load, kind), []).append(time.perf_counter() - start)
+                    took, _ = _process(b.train_cmd("lenet5", "mnist", "--epochs", "0.3",
+                                                   "--telemetry", "0", "--out", out, *options),
+                                       env)
+                    seconds.setdefault((load, kind), []).append(took)
         finally:
             for spinner in spinners:
                 spinner.kill()
