@@ -9,7 +9,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cnnlab-installed
 
-.PHONY: setup train test lint bench
+.PHONY: setup train test test-fast lint bench
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ train: setup  ## train LeNet-5 on MNIST (extra options: make train ARGS="--epoch
 
 test: setup  ## the whole test suite
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: setup  ## the quick tests (under 3 minutes), every module touched
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests

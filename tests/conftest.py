@@ -23,6 +23,33 @@ os.environ["CNNLAB_DEVICE"] = "cpu"
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
+# The slow tests (`make test-fast` leaves them out; every module is still touched by the
+# rest): whole files of real processes on many hosts, kills at many moments, real data...
+SLOW_FILES = {"test_storage_faults.py", "test_multihost.py", "test_multihost_sweep.py",
+              "test_mnist_real.py", "test_lifecycle.py", "test_reliability.py",
+              "test_launch_output.py", "test_study.py", "test_distributed.py",
+              "test_bench_install.py", "test_attacks.py"}
+# ... and single tests of many seconds in files that are otherwise quick
+SLOW_TESTS = {"test_ctrl_c_stops_every_concurrent_run_and_the_same_command_continues",
+              "test_real_mnist_pooling_sweep", "test_gpu_suite_plumbing_on_the_cpu",
+              "test_the_fast_recipe_trains_evaluates_when_asked_and_resumes_bitwise",
+              "test_concurrent_runs_give_the_one_by_one_results",
+              "test_a_diverged_run_is_recorded_and_the_sweep_goes_on",
+              "test_a_dead_workers_trial_is_continued_from_its_checkpoint",
+              "test_the_suggestion_trains_better_than_a_hundredth_or_a_hundred_times_it",
+              "test_checkpoint_weights_are_plain_tensors_other_tools_save"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: left out of `make test-fast`")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_FILES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _signals_as_they_were():
     """A test that leaves cnnlab's signal handling in pytest's own process would keep
