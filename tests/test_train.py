@@ -194,3 +194,18 @@ def test_muon_trains_lenet5_and_resumes_bitwise(tiny_mnist, tmp_path, monkeypatc
     cnnlab.train(resume=out, progress=False)
     a, b = checkpoint.load(ref / "checkpoint.pt"), checkpoint.load(out / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_run_short_for_its_data_says_so_and_what_to_pass(tmp_path, capsys):
+    """A small folder under the fast preset (made for MNIST-sized data) trains a handful of
+    steps: one note says so, with the epochs that would give a few hundred."""
+    from conftest import write_folder
+
+    import cnnlab
+
+    root = write_folder(tmp_path / "pets", n_train=20, n_test=4)
+    cnnlab.train("lenet5", f"folder:{root}", out=tmp_path / "run", image_size="28x28",
+                 telemetry=0)
+    err = capsys.readouterr().err
+    assert ("cnnlab: note: this run is short for its data: 2 training steps (1.5 epochs of 60 "
+            "images in batches of 64); for a model that learns, pass --epochs 400 or more") in err

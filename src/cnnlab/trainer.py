@@ -10,6 +10,7 @@ import errno
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .config import (
     Config,
     Resume,
     checkpoint_interval,
+    format_value,
     parse_image_size,
     resolve_device,
     resolve_precision,
@@ -287,12 +289,13 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
 
 def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
         on_eval: Callable[[dict], None] | None = None,
-        resume: Resume | None = None) -> dict:
+        resume: Resume | None = None, alone: bool = True) -> dict:
     """Train as `cfg` says, write the run directory, return the summary. `resume` (from
     resume_config) continues the run in the directory `out`; a run whose training is done
     but whose plots or summary are missing is only finished. `on_eval(record)` is called
     with each evaluation's metrics record once its checkpoints are written (a search's
-    pruner may stop the run there by raising)."""
+    pruner may stop the run there by raising). `alone`: not one of a sweep's or search's runs
+    (which compare recipes chosen on purpose): a run too short for its data says so."""
     wall_start = time.perf_counter()
     if cfg.threads is None:  # chosen once, kept in the run's configuration: a resume uses it
         cfg = dataclasses.replace(cfg, threads=default_threads())
@@ -303,6 +306,8 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch_settings(cfg, device))
             training = build(cfg, device, dist, progress=progress)
+            if progress and alone and dist.main and resume is None:
+                _say_if_short(training)
             run = None
             if path is not None:  # a new run's config.json is its claim on the directory
                 claim = None if resume else _run_config(training)
@@ -331,6 +336,22 @@ def _unwritable(e: OSError, path: Path) -> CnnlabError:
     fix = ("free some space, then" if e.errno in (errno.ENOSPC, errno.EDQUOT)
            else "once it can be written,")
     return CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; {fix} {then}")
+
+
+SHORT_RUN = 200  # training steps below which a run is too short to learn much
+
+
+def _say_if_short(t: Training) -> None:
+    """A note where the run is short for its data (a small folder under a preset made for
+    MNIST-sized data: 1,437 images give 1.5 epochs of 34 steps), with what to pass."""
+    if t.total_steps >= SHORT_RUN:
+        return
+    per_epoch = max(1, round(t.total_steps / t.cfg.epochs))
+    enough = math.ceil(SHORT_RUN * 2 / per_epoch)
+    print(f"cnnlab: note: this run is short for its data: {t.total_steps} training steps "
+          f"({format_value(t.cfg.epochs)} epochs of {len(t.data.train_y):,} images in batches "
+          f"of {t.cfg.batch_size}); for a model that learns, pass --epochs {enough} or more",
+          file=sys.stderr)
 
 
 def _eval_steps(t: Training) -> float:

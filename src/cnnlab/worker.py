@@ -147,10 +147,11 @@ def train_or_continue(run_dir: Path, cfg: Config, tag: str, job: str, *, progres
         try:
             if not begun:
                 say(f"{tag}: training{job}")
-                return fit(cfg, run_dir, progress=progress, on_eval=on_eval)
+                return fit(cfg, run_dir, progress=progress, on_eval=on_eval, alone=False)
             say(f"{tag}: continuing from its checkpoint{job}")
             resumed, how = resume_config(run_dir, {"device": cfg.device})
-            return fit(resumed, run_dir, progress=progress, on_eval=on_eval, resume=how)
+            return fit(resumed, run_dir, progress=progress, on_eval=on_eval, resume=how,
+                       alone=False)
         except RunLocked:  # another worker took the run a moment before us: look again
             continue
 
