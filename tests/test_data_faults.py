@@ -486,7 +486,8 @@ def test_the_command_skips_bad_files_and_rebuilds_a_tampered_cache(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     lines = res.stderr.splitlines()
-    notes = [line for line in lines if line.startswith("cnnlab: note:")]
+    notes = [line for line in lines if line.startswith("cnnlab: note:")
+             and "short for its data" not in line]  # a 6-image folder: a short run
     assert len(notes) == 2 and all("labels outside 0..1" in line for line in notes), lines
     skipped = [line for line in lines if line.startswith("cnnlab: skipping: cannot read image")]
     assert len(skipped) == 3, lines  # reported again: the entries were decoded again

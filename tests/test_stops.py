@@ -41,3 +41,27 @@ def test_off_the_main_thread_it_takes_no_signals():
     thread.start()
     thread.join()
     assert seen == [signal.getsignal(signal.SIGINT)]
+
+
+def test_the_commands_own_signal_handling_makes_sigterm_an_interrupt():
+    """process.stop_on_signals (what the `cnnlab` command sets for itself): SIGTERM raises
+    StoppedAtOnce, a KeyboardInterrupt with the signal, so `finally` blocks run. Restored
+    after, as every test must leave pytest's own handlers."""
+    import os
+    import signal
+
+    import pytest
+
+    from cnnlab.errors import StoppedAtOnce
+    from cnnlab.process import stop_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop_on_signals()
+        with pytest.raises(StoppedAtOnce) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.1)  # the handler runs by the next bytecode
+        assert stopped.value.signum == signal.SIGTERM
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -348,8 +348,10 @@ def _say_if_short(t: Training) -> None:
         return
     per_epoch = max(1, round(t.total_steps / t.cfg.epochs))
     enough = math.ceil(SHORT_RUN * 2 / per_epoch)
-    print(f"cnnlab: note: this run is short for its data: {t.total_steps} training steps "
-          f"({format_value(t.cfg.epochs)} epochs of {len(t.data.train_y):,} images in batches "
+    steps, epochs = t.total_steps, t.cfg.epochs
+    print(f"cnnlab: note: this run is short for its data: {steps} training "
+          f"step{'' if steps == 1 else 's'} ({format_value(epochs)} "
+          f"epoch{'' if epochs == 1 else 's'} of {len(t.data.train_y):,} images in batches "
           f"of {t.cfg.batch_size}); for a model that learns, pass --epochs {enough} or more",
           file=sys.stderr)
 
