@@ -29,7 +29,7 @@ def test_resnet18_cifar_variant():
     assert count_parameters(model) == 11_173_962
     model.eval()
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    stem = model.stem[0]
+    stem = model.conv1  # torchvision's name, with the CIFAR stem's shape
     assert stem.kernel_size == (3, 3) and stem.stride == (1, 1) and stem.out_channels == 64
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -40,9 +40,9 @@ def test_resnet18_on_cifar10_shows_every_block():
     blocks = [layer for layer in summary["layers"] if layer["block"]]
     assert [b["output"] for b in blocks[1::2]] == [[64, 32, 32], [128, 16, 16],
                                                   [256, 8, 8], [512, 4, 4]]
-    assert sum(b["macs"] for b in blocks) + _layer(summary, "stem.0")["macs"] + \
+    assert sum(b["macs"] for b in blocks) + _layer(summary, "conv1")["macs"] + \
         _layer(summary, "fc")["macs"] == summary["macs"]
-    assert _layer(summary, "layers.2.conv1")["formula"] == ["(32 + 2*1 - 3)/2 + 1 = 16"]
+    assert _layer(summary, "layer2.0.conv1")["formula"] == ["(32 + 2*1 - 3)/2 + 1 = 16"]
 
 
 def test_folder_dataset_as_json(tmp_path, capsys):

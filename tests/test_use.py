@@ -577,3 +577,53 @@ def test_checkpoint_weights_are_plain_tensors_other_tools_save(tmp_path, model, 
     again = load_file(tmp_path / "model.safetensors")
     assert again.keys() == weights.keys()
     assert all(torch.equal(again[k], weights[k]) for k in weights)
+
+
+def _snippet(page: str, marker: str) -> str:
+    """The first Python block of docs/`page` that holds `marker`."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text()
+    return next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b)
+
+
+def test_torchvision_resnet18_loads_the_weights_as_the_docs_say(tmp_path):
+    """The docs' snippet, run as it is on a trained ResNet-18's best.pt: torchvision's model
+    loads the weights strictly and gives cnnlab's logits."""
+    root = write_cifar(tmp_path / "d", 40, 10)
+    run = tmp_path / "run"
+    cnnlab.train("resnet18", "cifar10", data_dir=str(root), out=run, epochs=0.2,
+                 batch_size=8, telemetry=0, progress=False)
+    code = _snippet("using-results.md", "torchvision.models.resnet18").replace(
+        "runs/RUN", str(run))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the documented snippet itself
+    ours = load_model(run / "best.pt").model
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(scope["model"](x), ours(x), atol=1e-5)
+
+
+def test_a_resnet_checkpoint_of_the_earlier_layer_names_still_loads(trained, tmp_path):
+    """Checkpoints written before the layers took torchvision's names (stem, layers.K,
+    shortcut) load under the new names, giving the same model."""
+    from cnnlab.models.resnet import resnet18
+
+    model = resnet18()
+    old = {}
+    for key, value in model.state_dict().items():  # today's names -> the earlier ones
+        key = key.replace("conv1.", "stem.0.", 1) if key.startswith("conv1.") else key
+        key = key.replace("bn1.", "stem.1.", 1) if key.startswith("bn1.") else key
+        if key.startswith("layer"):
+            stage, block, rest = key[5:].split(".", 2)
+            key = f"layers.{2 * (int(stage) - 1) + int(block)}.{rest}"
+        old[key.replace(".downsample.", ".shortcut.")] = value
+    assert "stem.0.weight" in old and "layers.2.shortcut.0.weight" in old
+    ckpt = checkpoint.load(trained.run / "best.pt")
+    ckpt["model"] = old
+    ckpt["model_meta"] = {**ckpt["model_meta"], "name": "resnet18", "in_channels": 3,
+                          "options": {}}
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded = checkpoint.load(tmp_path / "old.pt")["model"]
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())

@@ -148,7 +148,20 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not isinstance(version, int) or version > FORMAT:
         raise CnnlabError(f"{path} has checkpoint format {version!r}, newer than this cnnlab "
                           f"reads ({FORMAT}); upgrade cnnlab")
-    return ckpt
+    return _renamed(ckpt)
+
+
+def _renamed(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of a ResNet written before its layers took torchvision's names, with
+    those names (its weights, and those of its weight averages)."""
+    from .models.resnet import torchvision_names
+
+    meta = ckpt.get("model_meta")
+    if not isinstance(meta, dict) or not str(meta.get("name", "")).startswith("resnet"):
+        return ckpt
+    return ckpt | {key: torchvision_names(ckpt[key]) for key in ("model", "train_model",
+                                                                  "lookahead")
+                   if isinstance(ckpt.get(key), dict)}
 
 
 def find(path: str | Path) -> Path:
