@@ -476,8 +476,8 @@ def _refused(reasons: list[str], out: str | Path) -> int:
     if not reasons:
         return Exit.OK
     print(f"cnnlab: {len(reasons)} trial{'s' if len(reasons) > 1 else ''} of the study "
-          f"{'were' if len(reasons) > 1 else 'was'} refused: their stored values failed the "
-          f"check (the first: {reasons[0]}); see {Path(out) / 'results.md'}", file=sys.stderr)
+          f"{'were' if len(reasons) > 1 else 'was'} refused, the others ran (the first: "
+          f"{reasons[0]}); see {Path(out) / 'results.md'}", file=sys.stderr)
     return Exit.SOME_TRIALS_REFUSED
 
 

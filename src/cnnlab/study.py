@@ -248,7 +248,9 @@ class Study:
             try:
                 if self.patient(lambda t=trial: self.storage.set_trial_state_values(
                         t._trial_id, TrialState.RUNNING), "taking a trial"):
-                    return optuna.Trial(self.study, trial._trial_id)
+                    # optuna.Trial reads the storage too (the sampler's view of the study)
+                    return self.patient(lambda t=trial: optuna.Trial(self.study, t._trial_id),
+                                        "reading a trial")
             except UpdateFinishedTrialError:  # another worker took it meanwhile
                 continue
         return None

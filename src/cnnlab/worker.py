@@ -235,22 +235,19 @@ def work(study, job: Job, say: Callable[[str], None], poll: float = 1.0) -> None
         waiting_said = False
         try:
             point = job.check(study.stored(trial))
+            with study.heartbeat(trial._trial_id):
+                try:
+                    state, value = job.run(trial, point)
+                except Refused:  # what it found on disk: a run of other settings
+                    raise
+                except BaseException:
+                    study.finish(trial, None, "again")
+                    raise
         except Refused as e:
             study.refuse(trial, str(e))
             say(f"refused trial {trial.number} of the study: {e}")
             continue
-        with study.heartbeat(trial._trial_id):
-            try:
-                state, value = job.run(trial, point)
-            except Refused as e:  # what it found on disk: a run of other settings
-                state, value = str(e), None
-            except BaseException:
-                study.finish(trial, None, "again")
-                raise
-        if state not in ("complete", "pruned", "failed"):
-            study.refuse(trial, state)
-            say(f"refused trial {trial.number} of the study: {state}")
-        elif not study.finish(trial, value, state):
+        if not study.finish(trial, value, state):
             say(f"trial {trial.number} was taken over by another worker while this one had "
                 "no contact with the storage; its run directory's lock kept one writer")
     raise CnnlabError(shown(reason, 500))
