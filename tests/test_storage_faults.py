@@ -145,7 +145,12 @@ def _waited_out(data, out, fault: str, seconds: float) -> None:
         time.sleep(seconds)
         b.mend() if fault == "cut" else server.start()
         ended = time.monotonic()
-        worker.wait(timeout=300)
+        try:
+            worker.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+            pytest.fail(f"the worker did not end: {lines.text()[-3000:]}")
         err = lines.text()
     assert worker.returncode == 0, err
     assert "cnnlab: lost contact with the study storage while" in err, err
