@@ -317,3 +317,17 @@ def test_a_dead_workers_trial_is_continued_from_its_checkpoint(data, tmp_path):
     assert trials[1].user_attrs["run"] == "trial-0000" and trials[1].params == trials[0].params
     info = json.loads((out / "tune.json").read_text())
     assert [(r["run"], r["state"]) for r in info["rows"]] == [("trial-0000", "complete")]
+
+
+def test_hyperband_budgets_the_most_epochs_a_trial_trains():
+    """--pruner hyperband: its largest budget is the most epochs any trial trains."""
+    import optuna
+
+    from cnnlab.tune import _pruner, plan_tune
+
+    search = plan_tune("lenet5", "mnist", ["epochs=1:3.5", "lr=0.01:0.1"], pruner="hyperband",
+                       options={"val_split": 0.1})
+    assert search.max_epochs == 4
+    pruner = _pruner(search)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert pruner._max_resource == 4

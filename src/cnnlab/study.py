@@ -283,12 +283,12 @@ class Study:
 
     def stop_reason(self) -> str | None:
         return self.patient(lambda: self.storage.get_study_user_attrs(self.id),
-                       "reading the study").get(STOP)
+                            "reading the study").get(STOP)
 
     def stop_all(self, reason: str) -> None:
         """Tell every worker (on every machine) to take no more points."""
         self.patient(lambda: self.storage.set_study_user_attr(self.id, STOP, reason),
-                "stopping the study")
+                     "stopping the study")
 
     @contextlib.contextmanager
     def heartbeat(self, trial_id: int) -> Iterator[None]:

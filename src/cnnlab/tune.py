@@ -248,7 +248,7 @@ class Search:
                          "space": [d.to_json() for d in self.space], **target}}
 
     @property
-    def maxepochs_text(self) -> int:
+    def max_epochs(self) -> int:
         """The most epochs a trial trains in (the last maybe in part): Hyperband's budget."""
         epochs = next((d for d in self.space if d.key == "epochs"), None)
         most = self.base.epochs if epochs is None else max(epochs.values or (epochs.high,))
