@@ -40,7 +40,7 @@ def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path):
     checkpoint.save({"format": checkpoint.FORMAT, "model": model.state_dict(),
                      "model_meta": META.to_dict()}, tmp_path / "ok.pt")
     loaded = checkpoint.load_model(tmp_path / "ok.pt")
-    assert loaded.meta == META and loaded.config == {} and loaded.epoch is None
+    assert loaded.meta == META and loaded.config == {} and loaded.epochs_done is None
     checkpoint.save({"format": checkpoint.FORMAT + 1, "model": model.state_dict()},
                     tmp_path / "new.pt")
     with pytest.raises(CnnlabError, match="newer than this cnnlab reads"):

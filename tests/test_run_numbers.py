@@ -2,7 +2,10 @@
 fraction of the training split each record has seen, and the training time of a run
 interrupted mid-epoch and resumed."""
 
+import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 
 import cnnlab
 from cnnlab import trainer
+from cnnlab.checkpoint import load_model
 from cnnlab.config import OPTIONS, Config, config_fields, resume_config
 from cnnlab.errors import Interrupted
 from cnnlab.files import read_json
@@ -34,7 +38,31 @@ def test_records_place_each_point_at_the_fraction_of_the_split_seen(
     assert [r["epochs_done"] for r in train] == [round(r["step"] / 32, 4) for r in train]
     assert train[-1]["epochs_done"] <= evals[-1]
     assert summary["epochs_done"] == evals[-1]
-    assert summary["best_epochs_done"] == evals[summary["best_epoch"] - 1]
+    # one count of epochs: best_epoch is the fraction too, and best.pt says the same
+    assert summary["best_epoch"] == summary["best_epochs_done"] in evals
+    assert load_model(tmp_path / "run").epochs_done == summary["best_epoch"]
+
+
+def test_a_fractional_run_is_counted_in_the_same_epochs_everywhere(tiny_mnist, tmp_path):
+    """A 1.5-epoch run is at epoch 1.5 in train's lines, eval's header and the listing -
+    never "epoch 2"."""
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "cnnlab", "train", "lenet5", "mnist",
+                           "--data-dir", str(tiny_mnist), "--out", str(run), "--epochs", "1.5",
+                           "--batch-size", "16", "--log-every", "8", "--telemetry", "0",
+                           "--eval-every", "1"], capture_output=True, text=True, check=True)
+    lines = done.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines if re.match(r"epoch [\d.]+/1.5:", line)] == [
+        "epoch 1/1.5", "epoch 1.5/1.5"], done.stderr
+    assert any(re.match(r"epoch 0.25/1.5 step 8/48: loss", line) for line in lines), lines
+    best = read_json(run / "summary.json")["best_epoch"]
+    assert f"(epoch {best:g})" in lines[-1] and best in (1, 1.5)
+    header = subprocess.run([sys.executable, "-m", "cnnlab", "eval", str(run), "--data-dir",
+                             str(tiny_mnist)], capture_output=True, text=True, check=True)
+    assert header.stdout.startswith(f"lenet5 (best.pt, epoch {best:g}) on mnist test")
+    listed = subprocess.run([sys.executable, "-m", "cnnlab", "runs", str(run)],
+                            capture_output=True, text=True, check=True).stdout
+    assert " 1.5/1.5 " in listed and " 2/" not in listed
 
 
 def test_config_json_holds_the_options_as_asked_and_what_ran(tiny_mnist, tmp_path, monkeypatch):

@@ -191,7 +191,7 @@ class Trained:
     model: nn.Module               # in eval mode
     meta: ModelMeta
     config: dict[str, Any]         # the training config ({} for a bare checkpoint)
-    epoch: int | None
+    epochs_done: float | None      # the count the report uses: 1.5 after 1.5 epochs
     test_acc: float | None
 
 
@@ -207,8 +207,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Trained:
         raise CnnlabError(f"{file}: the stored weights do not fit {meta.name} "
                           f"({one_line(e, 200)}); the checkpoint is damaged") from None
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    return Trained(file, model.to(device).eval(), meta, config, ckpt.get("epoch"),
-                   ckpt.get("test_acc"))
+    # checkpoints written before they held epochs_done: the whole epochs they had finished
+    return Trained(file, model.to(device).eval(), meta, config,
+                   ckpt.get("epochs_done", ckpt.get("epoch")), ckpt.get("test_acc"))
 
 
 # ---- training state --------------------------------------------------------------------------

@@ -167,6 +167,7 @@ def train_options(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace) -> int:
     from . import train
     from .rank import env_rank
+    from .results import best_text
 
     if args.resume is None and (args.model is None or args.dataset is None):
         raise CnnlabError("train needs MODEL and DATASET (or --resume RUN_DIR)")
@@ -176,15 +177,9 @@ def _train(args: argparse.Namespace) -> int:
                     resume=args.resume, progress=not args.quiet, **train_options(args))
     if env_rank() != 0:  # under torchrun, rank 0 alone reports
         return Exit.OK
-    if summary["selected_on"] == "validation":
-        best = (f"best.pt chosen on validation: epoch {summary['best_epoch']}, validation "
-                f"{summary['best_val_acc']:.2f}%, test {summary['test_acc_at_best']:.2f}%")
-    else:
-        best = (f"best on test {summary['best_test_acc']:.2f}% (epoch "
-                f"{summary['best_epoch']})")
     if not args.quiet:
         print(f"{summary['model']} on {summary['dataset']}: final test accuracy "
-              f"{summary['final_test_acc']:.2f}%, {best}, {summary['train_seconds']:.1f} s "
+              f"{summary['final_test_acc']:.2f}%, {best_text(summary)}, {summary['train_seconds']:.1f} s "
               f"training, {summary['images_per_second']:,.0f} img/s on {summary['device']}",
               file=sys.stderr)
     print(summary["run_dir"])

@@ -55,7 +55,7 @@ def export_metadata(trained: Trained, fmt: str) -> dict:
             "mean": mean, "std": std, "normalize": normalize,
             "invert_light_background": light_on_dark(meta),
         },
-        "source": {"checkpoint": trained.path.name, "epoch": trained.epoch,
+        "source": {"checkpoint": trained.path.name, "epoch": trained.epochs_done,
                    "test_acc": trained.test_acc, "dataset": trained.config.get("dataset")},
         "cnnlab_version": __version__, "torch_version": torch.__version__,
     }

@@ -22,6 +22,7 @@ from .engine import Precision, logits
 from .errors import CnnlabError
 from .files import safe_name, write_json
 from .progress import Phase
+from .results import format_epochs
 from .runs import RUN_FILES
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     result = classification_metrics(scores, torch.from_numpy(y), meta.classes)
     if mistakes:  # of the logits just scored
         result["mistakes"] = _mistakes(trained, x, y, scores, mistakes, tta)
-    return {"checkpoint": str(file), "model": meta.name, "epoch": trained.epoch,
+    return {"checkpoint": str(file), "model": meta.name, "epoch": trained.epochs_done,
             "dataset": dataset, "split": split, "tta": tta, "precision": amp.name,
             "images": len(y), "classes": list(meta.classes), **result}
 
@@ -223,7 +224,7 @@ def save_eval(result: dict, out_dir: str | Path) -> dict[str, str]:
 def format_eval(result: dict) -> str:
     """The evaluation as text: accuracy, loss, per-class table, confusion matrix."""
     lines = [f"{result['model']} ({Path(result['checkpoint']).name}"
-             + (f", epoch {result['epoch']}" if result.get("epoch") is not None else "")
+             + (f", epoch {format_epochs(result['epoch'])}" if result.get("epoch") is not None else "")
              + f") on {result['dataset']} {result['split']}"
              + (f" with TTA {result['tta']}" if result.get("tta") else "")
              + f": {result['images']} images",

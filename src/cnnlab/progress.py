@@ -13,6 +13,8 @@ import time
 
 from tqdm import tqdm
 
+from .results import format_epochs
+
 QUIET_SECONDS = 10.0  # the longest a plain-line output stays silent while work goes on
 
 
@@ -80,13 +82,16 @@ class Phase:
 class Progress:
     """The training's progress: a bar or lines, and the time left - the steps to go at the
     pace so far, and the evaluations to come (`eval_every` epochs and the last; each as
-    long as the last one took, or before the first `eval_steps` training steps' time)."""
+    long as the last one took, or before the first `eval_steps` training steps' time).
+    Epochs are counted as the report counts them: those done of the `planned` (1.5 of 1.5,
+    not "epoch 2")."""
 
     def __init__(self, total_steps: int, *, epochs: int, enabled: bool = True,
                  initial: int = 0, eval_every: int = 1, eval_steps: float = 0.0,
-                 epoch: int = 1) -> None:
+                 epoch: int = 1, planned: float | None = None) -> None:
         self.tty = enabled and on_terminal()
         self.enabled, self.total, self.epochs = enabled, total_steps, epochs
+        self.planned = format_epochs(epochs if planned is None else planned)
         self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True,
                         leave=True, disable=not self.tty)
         self.step, self.start_step, self.start = initial, initial, time.perf_counter()
@@ -101,16 +106,16 @@ class Progress:
         return sum(1 for e in range(self.next_eval_epoch, self.epochs + 1)
                    if e % self.eval_every == 0 or e == self.epochs)
 
-    def advance(self, epoch: int) -> None:
-        """One step of `epoch` done (every step: a counter and, on a terminal, tqdm's
+    def advance(self, epochs_done: float) -> None:
+        """One step done, `epochs_done` epochs after it (every step: a counter and, on a terminal, tqdm's
         rate-limited redraw; elsewhere a line when none came for QUIET_SECONDS, as between
         the log steps of a slow model)."""
         self.step += 1
         if self.tty:
             self.bar.update(1)
         elif self.enabled and time.perf_counter() - self.last_line >= QUIET_SECONDS:
-            self._print(f"epoch {epoch}/{self.epochs} step {self.step}/{self.total}, "
-                        f"ETA {self.eta()}")
+            self._print(f"epoch {format_epochs(epochs_done)}/{self.planned} step "
+                        f"{self.step}/{self.total}, ETA {self.eta()}")
 
     def _print(self, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -128,7 +133,7 @@ class Progress:
 
     def train(self, record: dict) -> None:
         self.losses.append(record["loss"])
-        epoch = f"epoch {record['epoch']}/{self.epochs}"
+        epoch = f"epoch {self._done(record)}/{self.planned}"
         if self.tty:
             self.bar.set_postfix_str(f"{epoch} loss {record['loss']:.4f} {self.acc}"
                                      f"{record['images_per_second']:,.0f} img/s", refresh=False)
@@ -148,7 +153,7 @@ class Progress:
         self.acc = f"acc {record['test_acc']:.2f}% "
         val = (f", validation accuracy {record['val_acc']:.2f}%"
                if record.get("val_acc") is not None else "")
-        line = (f"epoch {record['epoch']}/{self.epochs}: {now - self.epoch_start:.1f} s, "
+        line = (f"epoch {self._done(record)}/{self.planned}: {now - self.epoch_start:.1f} s, "
                 f"{train_loss}test loss {record['test_loss']:.4f}, test accuracy "
                 f"{record['test_acc']:.2f}%{val}"
                 + (f", ETA {self.eta()}" if self.evals_left() else ""))
@@ -157,6 +162,10 @@ class Progress:
             self.bar.write(line, file=sys.stderr)
         elif self.enabled:
             self._print(line)
+
+    @staticmethod
+    def _done(record: dict) -> str:
+        return format_epochs(record.get("epochs_done", record["epoch"]))
 
     def close(self) -> None:
         self.bar.close()

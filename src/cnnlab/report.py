@@ -265,7 +265,7 @@ def outcome(run: RunInfo) -> dict:
     best = max(evals, key=lambda r: r[key])
     out = {"final_test_acc": evals[-1]["test_acc"],
            "best_test_acc": max(r["test_acc"] for r in evals),
-           "best_epoch": best["epoch"], "best_epochs_done": eval_epochs(best),
+           "best_epoch": eval_epochs(best), "best_epochs_done": eval_epochs(best),
            "epochs_done": eval_epochs(evals[-1]),
            "final_test_loss": evals[-1].get("test_loss"),
            "train_seconds": evals[-1].get("train_seconds")}
@@ -632,10 +632,10 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
     if isinstance(evaluation, dict):
         o = outcome(run)  # what the run recorded for best.pt (chosen on validation if any)
         recorded = o.get("test_acc_at_best", o.get("best_test_acc"))
-        best_at = metric(o, "best_epochs_done")  # the checkpoint counts whole epochs
-        at = (format_epochs(best_at) if evaluation["checkpoint"] == "best.pt"
-              and best_at is not None else evaluation["epoch"])
-        doc.add(Para(f"The {evaluation['checkpoint']} checkpoint (epoch {at}) "
+        at = evaluation["epoch"]  # older checkpoints hold whole epochs; the run knows better
+        if evaluation["checkpoint"] == "best.pt" and metric(o, "best_epochs_done") is not None:
+            at = metric(o, "best_epochs_done")
+        doc.add(Para(f"The {evaluation['checkpoint']} checkpoint (epoch {format_epochs(at)}) "
                      f"on the {evaluation['images']:,} test images: "
                      f"{evaluation['accuracy']:.2f}% accuracy"
                      + (f" (the run recorded {recorded:.2f}% for it)." if recorded is not None

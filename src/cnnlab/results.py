@@ -42,6 +42,15 @@ def metric(summary: dict, key: str) -> Any:
     return summary.get(_FALLBACKS[key]) if value is None and key in _FALLBACKS else value
 
 
+def best_text(summary: dict) -> str:
+    """Where best.pt was chosen and what it scored, in the count of epochs the report uses."""
+    at = format_epochs(metric(summary, "best_epochs_done"))
+    if summary.get("selected_on") == "validation":
+        return (f"best.pt chosen on validation: epoch {at}, validation "
+                f"{summary['best_val_acc']:.2f}%, test {summary['test_acc_at_best']:.2f}%")
+    return f"best on test {summary['best_test_acc']:.2f}% (epoch {at})"
+
+
 def eval_epochs(record: dict) -> float:
     """Where an eval record lies on the epoch axis: the fraction of the training split seen
     (epochs_done: 1.5 for the last evaluation of a 1.5-epoch run); the epoch number for runs

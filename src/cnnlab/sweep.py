@@ -68,6 +68,7 @@ from .progress import silent
 from .results import (
     METRICS,
     aggregate,
+    best_text,
     diverged_error,
     fixed_settings,
     format_epochs,
@@ -459,8 +460,8 @@ def _value(summary: dict) -> float:
 
 
 def _finished(tag: str, s: dict) -> str:
-    return (f"{tag}: final {s['final_test_acc']:.2f}%, best on test {s['best_test_acc']:.2f}% "
-            f"(epoch {s['best_epoch']}), {s['train_seconds']:.1f} s")
+    return (f"{tag}: final {s['final_test_acc']:.2f}%, {best_text(s)}, "
+            f"{s['train_seconds']:.1f} s")
 
 
 # ---- worker processes -----------------------------------------------------------------------

@@ -50,7 +50,7 @@ from .limits import default_threads
 from .models import count_parameters
 from .plots import plot_run, plot_utilization
 from .progress import Phase, Progress
-from .results import DIVERGED
+from .results import DIVERGED, format_epochs
 from .runs import RunDir, default_run_dir, new_dir
 from .stops import StopSignals
 from .telemetry import Sampler
@@ -392,7 +392,7 @@ def _run(t: Training, *, run: RunDir | None, resume: Resume | None,
             run.add_sink(tensorboard_sink(run.path))
     with StopSignals() as signals:
         if loop.epoch <= t.epoch_count:
-            with Progress(t.total_steps, epochs=t.epoch_count,
+            with Progress(t.total_steps, epochs=t.epoch_count, planned=cfg.epochs,
                           enabled=progress and dist.main, initial=loop.step,
                           eval_every=cfg.eval_every, eval_steps=_eval_steps(t),
                           epoch=loop.epoch) as bar, \
@@ -489,7 +489,7 @@ class Host:
 
     def after_step(self) -> None:
         loop = self.loop
-        self.bar.advance(loop.epoch)
+        self.bar.advance(loop.step / len(self.t.train_batches))
         if self.compiling:  # the first step compiled the model
             self.compiling, seconds = False, self.clock.lap()
             loop.compile_seconds = (loop.compile_seconds or 0.0) + seconds
@@ -533,7 +533,7 @@ class Host:
         started = time.perf_counter()
         splits = [("test", t.test_batches), ("validation", t.val_batches)]
         total = sum(len(b.labels) for _, b in splits if b) * t.dist.world_size
-        with Phase(f"epoch {self.loop.epoch}: evaluating", total, "images",
+        with Phase(f"epoch {format_epochs(t.epochs_done())}: evaluating", total, "images",
                    enabled=self.bar.enabled) as phase:
             result, val = (evaluate(eager, _counted(batches, phase, t.dist.world_size),
                                     precision=t.state.precision, tta=t.cfg.tta,
@@ -625,7 +625,7 @@ def save_checkpoint(t: Training, run: RunDir | None, *names: str) -> None:
         run.save_checkpoint({
             "format": checkpoint.FORMAT, **t.state.state_dict(),
             "model_meta": t.meta.to_dict(), "config": t.cfg.to_dict(),
-            "data_digest": t.data.digest,
+            "data_digest": t.data.digest, "epochs_done": t.epochs_done(),
             "test_acc": loop.history[-1] if loop.history else None,
             "val_acc": loop.last_val["accuracy"] if loop.last_val else None,
             "metrics_offset": run.metrics_offset(),
@@ -634,14 +634,15 @@ def save_checkpoint(t: Training, run: RunDir | None, *names: str) -> None:
 
 def _summary(t: Training, wall_start: float, run_dir: str | Path | None) -> dict:
     cfg, world, loop = t.cfg, t.dist.world_size, t.state.loop
+    best_done = round(min(loop.best_epoch, loop.step / len(t.train_batches)), 4)
     summary = {
         "model": cfg.model, "dataset": cfg.dataset, "preset": cfg.preset,
         "epochs": cfg.epochs, "epochs_done": t.epochs_done(),
         # the evaluation that chose best.pt ended its epoch, or the run (a fractional last one)
-        "best_epochs_done": round(min(loop.best_epoch, loop.step / len(t.train_batches)), 4),
+        "best_epochs_done": best_done,
         "final_test_acc": loop.history[-1],
         "best_test_acc": max(loop.history),  # best on test: an optimistic figure
-        "best_epoch": loop.best_epoch,       # best.pt's: chosen on validation if there is one
+        "best_epoch": best_done,  # the same count; best.pt's: chosen on validation if any
         "selected_on": "validation" if t.val_batches else "test",
         "final_test_loss": loop.last_eval["loss"],
         "train_seconds": round(loop.train_seconds, 3),
