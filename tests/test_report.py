@@ -108,11 +108,17 @@ def test_report_on_one_run(run):
     # the process's CPU as a share of all 4 cores, as utilization.png draws it
     assert "| CPU (process, % of 4 cores) | mean 38%, peak 39% |" in md
     assert f"| best on test (optimistic: no validation split) | {acc:.2f}% (epoch "\
-           f"{summary['best_epoch']}) |" in md
+           f"{summary['best_epoch']:g}) |" in md
     trained = [r["train_acc"] for r in read_metrics(run) if r["type"] == "train"][-1]
     assert f"| final training accuracy (last log window) | {trained:.2f}% |" in md
     assert f"| gap, training - test | {trained - summary['final_test_acc']:+.2f} points (" in md
     assert "| pool | max |" in md and "| torch |" in md
+    # the configuration shows what applies to the run and what ran
+    configuration = md.split("## Configuration")[1].split("## Environment")[0]
+    assert "muon" not in configuration and "| optimizer | sgd |" in configuration
+    assert "| channels-last | true (default) |" in configuration  # asked: none, ran: true
+    assert "| device | cpu" in configuration and "| processes | 1 |" in configuration
+    assert "resolved" not in configuration
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert images == ["loss.png", "accuracy.png", "utilization.png", "confusion.png",
                       "top_losses.png", "saliency.png", "confused.png"]  # the last: Mistakes
@@ -284,6 +290,13 @@ def test_muon_settings_are_listed_only_for_runs_trained_with_muon():
     muon = resolve("lenet5", "mnist", overrides={"optimizer": "muon", "muon_lr": 0.1}).to_dict()
     assert "muon" not in fixed_settings([sgd, sgd]) and "momentum=0.9" in fixed_settings([sgd])
     assert "muon-lr=0.1, muon-momentum=0.89" in fixed_settings([muon, muon])
+    assert "muon-lr=0.1" in fixed_settings([sgd, muon]) and "optimizer" not in \
+        fixed_settings([sgd, muon])  # muon-lr as the muon runs share it
+    ran = sgd | {"resolved": {"device": "cpu", "precision": "fp32", "world_size": 1,
+                              "channels_last": True}}  # what the runs' config.json say
+    assert "precision=fp32 (auto), channels-last=true (default)" in fixed_settings([ran, ran])
+    assert "precision" not in fixed_settings([ran, ran | {"resolved": ran["resolved"] | {
+        "precision": "bf16"}}])  # asked alike, ran differently: not one fixed setting
     assert _differing_keys([sgd, old]) == []
     assert _differing_keys([sgd, muon]) == ["optimizer"]
     assert _differing_keys([muon, {**muon, "muon_lr": 0.2}]) == ["muon_lr"]

@@ -179,8 +179,9 @@ def _train(args: argparse.Namespace) -> int:
         return Exit.OK
     if not args.quiet:
         print(f"{summary['model']} on {summary['dataset']}: final test accuracy "
-              f"{summary['final_test_acc']:.2f}%, {best_text(summary)}, {summary['train_seconds']:.1f} s "
-              f"training, {summary['images_per_second']:,.0f} img/s on {summary['device']}",
+              f"{summary['final_test_acc']:.2f}%, {best_text(summary)}, "
+              f"{summary['train_seconds']:.1f} s training, "
+              f"{summary['images_per_second']:,.0f} img/s on {summary['device']}",
               file=sys.stderr)
     print(summary["run_dir"])
     return Exit.OK

@@ -729,13 +729,15 @@ def resolve_precision(name: str, device: torch.device, model: str = "") -> str:
 
 
 def run_config(cfg: Config, device: torch.device | str, precision: str,
-               world_size: int) -> dict[str, Any]:
+               world_size: int, channels_last: bool) -> dict[str, Any]:
     """A run's config.json: every option as asked (device "auto", precision "auto", ...),
-    and under "resolved" what ran: the device, the precision and the number of processes.
+    and under "resolved" what ran: the device, the precision, the number of processes and
+    the memory format.
     (Earlier versions wrote the device that ran as "device", and "precision_used" and
     "world_size" beside the options.)"""
     return cfg.to_dict() | {"resolved": {"device": str(device), "precision": precision,
-                                         "world_size": world_size}}
+                                         "world_size": world_size,
+                                         "channels_last": channels_last}}
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,8 @@ def save_eval(result: dict, out_dir: str | Path) -> dict[str, str]:
 def format_eval(result: dict) -> str:
     """The evaluation as text: accuracy, loss, per-class table, confusion matrix."""
     lines = [f"{result['model']} ({Path(result['checkpoint']).name}"
-             + (f", epoch {format_epochs(result['epoch'])}" if result.get("epoch") is not None else "")
+             + (f", epoch {format_epochs(result['epoch'])}"
+                if result.get("epoch") is not None else "")
              + f") on {result['dataset']} {result['split']}"
              + (f" with TTA {result['tta']}" if result.get("tta") else "")
              + f": {result['images']} images",

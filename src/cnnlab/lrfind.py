@@ -202,7 +202,7 @@ def _range_test(cfg: Config, start_lr: float, end_lr: float, steps: int,
     if len(sweep.lrs) < 2:
         raise CnnlabError(f"the loss was NaN or infinite from the start ({sweep.stop}); "
                           "lower --start-lr")
-    return run_config(cfg, device, t.state.precision.name, 1), sweep
+    return run_config(cfg, device, t.state.precision.name, 1, t.channels_last), sweep
 
 
 def _batches(t: Training) -> Iterator[Batch]:

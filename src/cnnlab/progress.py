@@ -107,9 +107,9 @@ class Progress:
                    if e % self.eval_every == 0 or e == self.epochs)
 
     def advance(self, epochs_done: float) -> None:
-        """One step done, `epochs_done` epochs after it (every step: a counter and, on a terminal, tqdm's
-        rate-limited redraw; elsewhere a line when none came for QUIET_SECONDS, as between
-        the log steps of a slow model)."""
+        """One step done, `epochs_done` epochs after it (every step: a counter and, on a
+        terminal, tqdm's rate-limited redraw; elsewhere a line when none came for
+        QUIET_SECONDS, as between the log steps of a slow model)."""
         self.step += 1
         if self.tty:
             self.bar.update(1)

@@ -39,9 +39,10 @@ from .results import (
     md_table,
     mean_std,
     metric,
-    model_default,
     selection_note,
     shown_metrics,
+    shown_value,
+    value_text,
     verdict,
 )
 from .runs import read_metrics, unique_dir
@@ -369,19 +370,6 @@ def _fit_rows(run: RunInfo, o: dict) -> list[list[str]]:
             ["gap, training - test", f"{gap:+.2f} points ({reading})"]]
 
 
-def _option_value(config: dict, key: str) -> str:
-    """The value of option `key` that ran: one left to the model as the model's default."""
-    return model_default(config, key) or _value(config.get(key))
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, list):
-        return "; ".join(_value(v) for v in value) or "none"
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {_value(v)}" for k, v in value.items())
-    return format_value(value)
-
-
 def _utilisation(run: RunInfo) -> list[list[str]]:
     """Mean and peak of each line of utilization.png, in its units (the CPU as a share of all
     the machine's cores, as the chart beside the table draws it)."""
@@ -569,7 +557,7 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
                    *(["diverged"] if diverged else []),
                    *(title for _, title, _ in columns),
                    *(["lab report"] if any(lab) else [])],
-                  [[row["label"], *(_option_value(row["config"], k) for k in keys), str(row["n"]),
+                  [[row["label"], *(shown_value(row["config"], k) for k in keys), str(row["n"]),
                     *([str(row["diverged"])] if diverged else []),
                     *(mean_std(row, key, digits) for key, _, digits in columns),
                     *([figure or "-"] if any(lab) else [])]
@@ -660,15 +648,19 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
 
 
 def _config_table(config: dict, keys: list[str] | None = None) -> Table:
-    """The options `keys` (default: all) of `config`, whole: a value left to the model is
-    named by its model."""
-    return Table(["option", "value"], [[option_name(k), _option_value(config, k)]
-                                       for k in (config if keys is None else keys)]
-                 or [["-", "-"]])
+    """The options `keys` (default: all) of `config` that apply to the run, each as it ran
+    (results.shown_value), and the number of processes."""
+    keys = list(config if keys is None else keys)
+    rows = [[option_name(k), shown_value(config, k)]
+            for k in keys if k != "resolved" and applies(config, k)]
+    resolved = config.get("resolved") if "resolved" in keys else None
+    if isinstance(resolved, dict) and isinstance(world := resolved.get("world_size"), int):
+        rows.append(["processes", str(world)])
+    return Table(["option", "value"], rows or [["-", "-"]])
 
 
 def _env_table(env: dict) -> Table:
-    return Table(["", ""], [[k, _value(v)] for k, v in env.items()] or [["-", "-"]])
+    return Table(["", ""], [[k, value_text(v)] for k, v in env.items()] or [["-", "-"]])
 
 
 # The lab report's optimiser experiment (SEED.md): CIFAR-10, its recipe, 30 epochs; its

@@ -201,9 +201,9 @@ def mean_std(row: dict, key: str, digits: int) -> str:
 
 def _row_name(row: dict, keys: list[str]) -> str:
     if len(keys) == 1:
-        value = _shown(row["config"], keys[0])
+        value = shown_value(row["config"], keys[0])
         return f"{value} pooling" if keys[0] == "pool" else f"{option_name(keys[0])}={value}"
-    return ", ".join(f"{option_name(k)}={_shown(row['config'], k)}" for k in keys) \
+    return ", ".join(f"{option_name(k)}={shown_value(row['config'], k)}" for k in keys) \
         or row["label"]
 
 
@@ -256,19 +256,39 @@ def verdict(rows: list[dict], keys: list[str]) -> str | None:
 
 
 def fixed_settings(configs: list[dict], skip: tuple[str, ...] = ()) -> str:
-    """`option=value` for every recipe field (config.LISTED) that all runs share, but `skip`
-    and those that mean nothing for any of them (config.ONLY_WITH: muon-lr in sgd runs)."""
+    """`option=value` for every recipe field (config.LISTED) that all runs share as they ran
+    (shown_value: `precision=fp32 (auto)`), but `skip`: among the runs it means something for
+    (config.ONLY_WITH: muon-lr, in muon runs), none where it means nothing for any."""
     if not configs:
         return ""
-    shared = [k for k in LISTED if k in configs[0] and k not in skip
-              and all(c.get(k) == configs[0][k] for c in configs)
-              and any(applies(c, k) for c in configs)]
-    return ", ".join(f"{option_name(k)}={_shown(configs[0], k)}" for k in shared)
+    shown = {k: {shown_value(c, k) for c in configs if applies(c, k)}
+             for k in LISTED if k in configs[0] and k not in skip}
+    return ", ".join(f"{option_name(k)}={values.pop()}" for k, values in shown.items()
+                     if len(values) == 1 and all(k in c for c in configs))
 
 
-def _shown(config: dict, key: str) -> str:
-    """An option's value as a table or sentence names it: the value that ran."""
-    return model_default(config, key) or format_value(config.get(key))
+def shown_value(config: dict, key: str) -> str:
+    """An option's value as a table or sentence names it: what ran. One left to the model is
+    named by the model's default (`max (default)`); one the run resolved (device, precision,
+    channels-last: config.json's "resolved") by what it resolved to (`cpu (auto)`); one that
+    means nothing for the run (muon-lr in an sgd run) by `-`."""
+    if not applies(config, key):
+        return "-"
+    value = config.get(key)
+    resolved = config.get("resolved")
+    ran = resolved.get(key) if isinstance(resolved, dict) else None
+    if ran is not None and ran != value:
+        return f"{format_value(ran)} ({'default' if value is None else format_value(value)})"
+    return model_default(config, key) or value_text(value)
+
+
+def value_text(value: Any) -> str:
+    """A value of config.json or env.json as text: lists joined by `;`, dicts by `,`."""
+    if isinstance(value, list):
+        return "; ".join(value_text(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {value_text(v)}" for k, v in value.items())
+    return format_value(value)
 
 
 def _md_cell(text: Any) -> str:

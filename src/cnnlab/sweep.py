@@ -533,6 +533,16 @@ def write_results(out: str | Path, refused: list[str] = ()) -> dict:
         return _write_results(out, plan, refused)
 
 
+def _ran(run_dir: Path, config: dict) -> dict:
+    """`config` with what its run resolved (device, precision, channels-last), as the run's
+    config.json records it."""
+    try:
+        resolved = read_json(run_dir / "config.json").get("resolved")
+    except (OSError, ValueError, AttributeError):
+        resolved = None
+    return config | {"resolved": resolved} if isinstance(resolved, dict) else config
+
+
 def _stored_plan(out: Path) -> Plan:
     info = read_json(out / "sweep.json")
     return Plan(keys=info["keys"], seeds=info["seeds"],
@@ -559,7 +569,9 @@ def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
     table = _results_csv(plan.keys, rows)
     atomic_write(out / "results.csv", lambda f: f.write(table.encode()))
 
-    configs = [r.config.to_dict() for r in plan.runs]
+    # the fixed settings as they ran (config.json's "resolved": fp32 (auto)) where runs finished
+    configs = [_ran(out / r.name, r.config.to_dict()) for r in finished] or \
+        [r.config.to_dict() for r in plan.runs]
     models = sorted({c["model"] for c in configs})
     datasets = sorted({c["dataset"] for c in configs})
     diverged_note = (f" ({len(diverged)} more diverged: their loss became NaN; they are left "

@@ -367,7 +367,8 @@ def _eval_steps(t: Training) -> float:
 
 def _run_config(t: Training) -> dict:
     """config.json: the options as asked, and what they resolved to."""
-    return run_config(t.cfg, t.device, t.state.precision.name, t.dist.world_size)
+    return run_config(t.cfg, t.device, t.state.precision.name, t.dist.world_size,
+                      t.channels_last)
 
 
 def _run(t: Training, *, run: RunDir | None, resume: Resume | None,
