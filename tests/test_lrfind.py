@@ -144,3 +144,24 @@ def test_the_command_spells_switches_as_the_parser_takes_them():
                                                          "augment": "crop,flip"})
     assert command == ("cnnlab train fastnet cifar10 --lr 0.0123 --no-lookahead --compile "
                        "--no-download --augment crop,flip")
+
+
+def test_its_help_lists_only_the_options_the_test_uses(capsys):
+    """No --epochs, --ema, --tta ...: the test takes --steps at a constant rate and never
+    evaluates; the options that shape the model, the optimiser and the data are all there."""
+    from cnnlab.config import OPTIONS, option_name
+    from cnnlab.lrfind import NOT_USED
+
+    assert NOT_USED <= OPTIONS.keys()  # a renamed field would be left in silently
+    with pytest.raises(SystemExit):
+        main(["lr-find", "--help"])
+    text = capsys.readouterr().out
+    for name in NOT_USED:
+        assert f"--{option_name(name)} " not in text and f"--no-{option_name(name)} " \
+            not in text, name
+    for flag in ("--batch-size", "--optimizer", "--weight-decay", "--norm-lr-scale",
+                 "--label-smoothing", "--augment", "--pool", "--precision", "--data-dir"):
+        assert flag in text, flag
+    with pytest.raises(SystemExit) as refused:
+        main(["lr-find", "lenet5", "mnist", "--ema", "0.9"])
+    assert refused.value.code == 2 and "unrecognized arguments: --ema 0.9" in capsys.readouterr().err

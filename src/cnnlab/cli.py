@@ -30,14 +30,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(Exit.BAD_INPUT)
 
 
-def add_train_options(p: argparse.ArgumentParser) -> None:
+def add_train_options(p: argparse.ArgumentParser, leave_out: frozenset[str] = frozenset()
+                      ) -> None:
     """One option per Config field a user may set (`cnnlab train` and `cnnlab sweep`), made
-    from the field's metadata. Every default is None: an option given beats the config file,
-    which beats the preset."""
+    from the field's metadata, but those in `leave_out` (fields that mean nothing to the
+    command). Every default is None: an option given beats the config file, which beats the
+    preset."""
     from .config import ARGUMENT, OPTIONS
 
     for name, o in OPTIONS.items():
-        if o.kind != ARGUMENT:
+        if o.kind != ARGUMENT and name not in leave_out:
             _add_option(p, name)
 
 
@@ -664,7 +666,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _lr_find_parser(sub) -> None:
-    from .lrfind import END_LR, MAX_STEPS, MIN_STEPS, START_LR, STEPS
+    from .lrfind import END_LR, MAX_STEPS, MIN_STEPS, NOT_USED, START_LR, STEPS
 
     models, datasets = _names()
     p = sub.add_parser(
@@ -679,7 +681,7 @@ def _lr_find_parser(sub) -> None:
     p.add_argument("model", help=models)
     p.add_argument("dataset", help=datasets)
     p.add_argument("--config", help="TOML file with option values (keys as the option names)")
-    add_train_options(p)
+    add_train_options(p, leave_out=NOT_USED)
     p.add_argument("--start-lr", type=float, default=START_LR,
                    help=f"the first step's learning rate (default {START_LR:g})")
     p.add_argument("--end-lr", type=float, default=END_LR,

@@ -118,6 +118,16 @@ def train_command(model: str, dataset: str, lr: float, options: dict[str, Any],
     return shlex.join(words)
 
 
+# The options of `cnnlab train` that mean nothing to the test, which `cnnlab lr-find` does not
+# take: the length and schedule of a run (the test takes --steps at a constant rate), its
+# evaluations and checkpoints, what it records, the weight averages (see _range_test) and
+# what needs several processes.
+NOT_USED = frozenset({
+    "epochs", "schedule", "val_split", "eval_every", "eval_batch_size", "tta", "ema",
+    "lookahead", "checkpoint_every", "log_every", "telemetry", "tensorboard", "detect_anomaly",
+    "sync_bn"})
+
+
 def lr_find(model: str, dataset: str, *, config: str | Path | None = None,
             out: str | Path | None = None, start_lr: float = START_LR, end_lr: float = END_LR,
             steps: int = STEPS, progress: bool = True, **options: Any) -> dict:
