@@ -164,4 +164,5 @@ def test_its_help_lists_only_the_options_the_test_uses(capsys):
         assert flag in text, flag
     with pytest.raises(SystemExit) as refused:
         main(["lr-find", "lenet5", "mnist", "--ema", "0.9"])
-    assert refused.value.code == 2 and "unrecognized arguments: --ema 0.9" in capsys.readouterr().err
+    assert refused.value.code == 2
+    assert "unrecognized arguments: --ema 0.9" in capsys.readouterr().err

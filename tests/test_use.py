@@ -468,6 +468,19 @@ def test_cli_export_program_loads_in_a_process_without_cnnlab(trained, tmp_path,
     assert float((one - expected[:1]).abs().max()) / scale <= 1e-4
     beside = json.loads((tmp_path / "lenet.pt2.json").read_text())
     assert beside["format"] == "export" and beside["parity"]["max_rel_diff"] <= 1e-4
+    # export checked it on the data it was trained on, found where training read it
+    n = len(trained.y)
+    assert beside["parity"]["checked_on"] == (f"random images (batches of 16 and 1) and the "
+                                              f"first {n} mnist test images")
+    assert beside["parity"]["top1_agreement"] == f"{n}/{n}"
+    assert f"the same class for {n}/{n} images" in err[-1] and "W1" not in " ".join(err)
+    # where the data is not at hand: random images only, and it says so
+    code, _, err = _cli(capsys, "export", trained.run, "--format", "export", "--out",
+                        tmp_path / "again.pt2", "--data-dir", tmp_path / "empty")
+    assert code == 0, err
+    parity = json.loads((tmp_path / "again.pt2.json").read_text())["parity"]
+    assert parity["checked_on"].startswith("random images (batches of 16 and 1) only: no mnist")
+    assert "top1_agreement" not in parity and not (tmp_path / "empty").exists()
 
 
 @pytest.mark.parametrize("args,message", [

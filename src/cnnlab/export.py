@@ -34,6 +34,7 @@ SUFFIXES = {"onnx": ".onnx", "export": ".pt2", "torchscript": ".torchscript.pt"}
 # logits' scale (their largest magnitude, at least 1): float32 rounding grows with it
 TOLERANCE = 1e-4
 _CHECK_BATCHES = (16, 1)  # parity on a batch and on a single image: the batch axis is free
+REAL_IMAGES = 256  # and on the first test images of the model's dataset, where at hand
 
 
 def export_metadata(trained: Trained, fmt: str) -> dict:
@@ -66,11 +67,13 @@ def default_output(source: Path, fmt: str) -> Path:
 
 
 def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None, *,
-                 tolerance: float = TOLERANCE) -> dict:
+                 tolerance: float = TOLERANCE, data_dir: str | Path | None = None) -> dict:
     """Export the model of a checkpoint (or a run directory's best.pt) to `fmt`, check
-    that it gives the PyTorch model's logits within `tolerance`, and write it to `out`
-    (default beside the checkpoint) with `<out>.json`. Returns the metadata plus
-    "path", "metadata_path" and "max_abs_diff"."""
+    that it gives the PyTorch model's logits within `tolerance` of their scale - on random
+    images and, where the dataset it was trained on is at hand (in `data_dir`, default the
+    one it was trained from; never downloaded), on its first REAL_IMAGES test images - and
+    write it to `out` (default beside the checkpoint) with `<out>.json`. Returns the
+    metadata plus "path", "metadata_path" and "max_abs_diff"."""
     if fmt not in FORMATS:
         raise CnnlabError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
@@ -82,6 +85,8 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
     _check_output(out, sidecar, source)
     info = export_metadata(trained, fmt)
     inputs = _sample_inputs(trained.meta)
+    real, checked_on = _real_inputs(trained, data_dir)
+    inputs += [real] if real is not None else []
     with torch.no_grad():
         expected = [model(x) for x in inputs]
     temps: list[Path] = []
@@ -119,7 +124,11 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
                           "logit_scale": scale, "tolerance": tolerance,
                           "tolerance_is": "relative to the logits' largest magnitude, at "
                                           "least 1",
-                          "checked_with": checked_with, "batch_sizes": list(_CHECK_BATCHES)}
+                          "checked_with": checked_with, "batch_sizes": list(_CHECK_BATCHES),
+                          "checked_on": checked_on}
+        if real is not None:  # the same class, image by image (a near tie may differ)
+            same = int((expected[-1].argmax(1) == got[-1].argmax(1)).sum())
+            info["parity"]["top1_agreement"] = f"{same}/{len(real)}"
         info["file"] = out.name
         try:  # both files complete beside their places before either is moved into it
             write_synced(tmp_sidecar, (json.dumps(info, indent=2) + "\n").encode())
@@ -161,6 +170,31 @@ def _earlier_export(sidecar: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(info, dict) and info.get("format") in FORMATS and "cnnlab_version" in info
+
+
+def _real_inputs(trained: Trained, data_dir: str | Path | None
+                 ) -> tuple[torch.Tensor | None, str]:
+    """The model's input for the first REAL_IMAGES test images of the dataset it was trained
+    on, where that is at hand (else None), and what the parity was checked on."""
+    from .config import data_dir_for
+    from .data import load_dataset
+    from .inference import check_fits
+
+    random = f"random images (batches of {' and '.join(map(str, _CHECK_BATCHES))})"
+    meta, dataset = trained.meta, trained.config.get("dataset")
+    if not isinstance(dataset, str):
+        return None, f"{random} only: the checkpoint names no dataset"
+    try:
+        data = load_dataset(dataset, data_dir_for(data_dir, trained.config), download=False,
+                            image_size=meta.image_size if meta.fit == "crop" else None)
+        check_fits(data, meta, dataset)
+    except CnnlabError:
+        return None, (f"{random} only: no {dataset} test images at hand "
+                      f"(--data-dir gives their folder)")
+    if len(data.test_y) == 0:
+        return None, f"{random} only: {dataset} has no test images"
+    images = torch.from_numpy(data.test_x[:REAL_IMAGES])
+    return preprocess(images, meta), f"{random} and the first {len(images)} {dataset} test images"
 
 
 def _sample_inputs(meta: ModelMeta) -> list[torch.Tensor]:
@@ -215,8 +249,9 @@ def _export_program(model: nn.Module, info: dict, example: torch.Tensor, path: P
         with _quiet():
             program = torch.export.export(model.eval(), (example,), dynamic_shapes=(
                 {0: torch.export.Dim("batch", min=1, max=1 << 16)},))
-            torch.export.save(program, str(path),
-                              extra_files={"cnnlab.json": json.dumps(info)})
+            buffer = io.BytesIO()  # a path must end in .pt2, and the temporary file's does not
+            torch.export.save(program, buffer, extra_files={"cnnlab.json": json.dumps(info)})
+        write_synced(path, buffer.getvalue())
     except Exception as e:  # the exporter raises many types
         raise CnnlabError(f"torch.export of {info['model']} failed: {one_line(e)}") from None
 
@@ -224,7 +259,7 @@ def _export_program(model: nn.Module, info: dict, example: torch.Tensor, path: P
 def _run_program(path: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     try:
         with _quiet():
-            loaded = torch.export.load(str(path)).module()
+            loaded = torch.export.load(io.BytesIO(path.read_bytes())).module()
         with torch.no_grad():
             return [loaded(x) for x in inputs]
     except Exception as e:  # torch.export raises many types
