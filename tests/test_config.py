@@ -107,7 +107,7 @@ def test_cnnlab_device_replaces_the_default_device(monkeypatch):
     assert resolve("lenet5", "mnist").device == "cuda:1"
     assert resolve("lenet5", "mnist", file_values={"device": "cpu"}).device == "cpu"
     assert resolve("lenet5", "mnist", overrides={"device": "cpu"}).device == "cpu"
-    from cnnlab.config import default_device  # eval, predict and report too
+    from cnnlab.devices import default_device  # eval, predict and report too
 
     assert (default_device(), default_device("cpu")) == ("cuda:1", "cpu")
 
@@ -149,7 +149,7 @@ def test_muon_is_refused_where_torch_lacks_it_and_with_cuda_graph(monkeypatch):
 
 
 def test_old_runs_read_with_the_muon_options_at_their_defaults():
-    from cnnlab.config import config_fields
+    from cnnlab.checks import config_fields
 
     saved = resolve("lenet5", "mnist").to_dict()
     del saved["muon_lr"], saved["muon_momentum"]  # written before the options existed

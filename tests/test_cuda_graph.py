@@ -122,7 +122,8 @@ def test_cuda_graph_refuses_several_processes_before_launching(tiny_mnist, capsy
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_onecycle_keeps_the_momentum_it_is_given(tiny_mnist):
-    from cnnlab.config import resolve, resolve_device
+    from cnnlab.config import resolve
+    from cnnlab.devices import resolve_device
     from cnnlab.trainer import build
 
     cfg = resolve("lenet5", "mnist", overrides={"data_dir": str(tiny_mnist), "momentum": 0.8,

@@ -9,8 +9,8 @@ from PIL import Image
 
 import cnnlab
 from cnnlab import checkpoint
+from cnnlab.checks import parse_image_size
 from cnnlab.cli import main
-from cnnlab.config import parse_image_size
 from cnnlab.data.readers import decode_image
 from cnnlab.errors import CnnlabError
 

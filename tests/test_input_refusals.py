@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from cnnlab.cli import main
-from cnnlab.config import OPTIONS, resolve
+from cnnlab.config import resolve
 from cnnlab.errors import CnnlabError
+from cnnlab.options import OPTIONS
 from cnnlab.runs import new_dir
 
 HUGE = "1" + "0" * 400

@@ -177,3 +177,47 @@ def test_no_import_circle():
     assert not found, (f"{len(found)} import circles between cnnlab's modules:\n"
                        + "\n".join(describe(circle, graph, known) for circle in found))
 
+
+
+def run_directory_names() -> dict[str, str]:
+    """The file names of run, sweep and search directories as runs.py names them: its
+    module-level string constants (CONFIG = "config.json", ...)."""
+    names = {}
+    for node in parse(modules()[f"{PACKAGE}.runs"]).body:
+        if isinstance(node, ast.Assign):
+            targets = [t for target in node.targets
+                       for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+            values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            for target, value in zip(targets, values):
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    names[value.value] = target.id
+    return names
+
+
+def test_only_runs_spells_the_names_of_a_run_directorys_files():
+    """One owner names every file of a run, sweep or search directory: the other modules use
+    its names (runs.CONFIG, not "config.json"), also inside f-strings."""
+    from cnnlab.options import OPTIONS
+
+    names = {k: v for k, v in run_directory_names().items()
+             if k not in OPTIONS}  # "tensorboard" names a folder and an option
+    assert {"config.json", "summary.json", "metrics.jsonl", "best.pt", "sweep.json",
+            "tune.json", "diverged.json", "loss.png", ".cnnlab.lock"} <= names.keys()
+    spelled = [f"{name}:{node.lineno}: {node.value!r} (runs.{names[node.value]})"
+               for name, path in modules().items() if name != f"{PACKAGE}.runs"
+               for node in ast.walk(parse(path))
+               if isinstance(node, ast.Constant) and node.value in names]
+    assert not spelled, "\n".join(spelled)
+
+
+def test_the_architecture_table_names_every_module_and_nothing_else():
+    """ARCHITECTURE.md's table gives each module its one job: a new module gets a row, a
+    removed one loses it."""
+    import re
+
+    text = (REPO / "ARCHITECTURE.md").read_text()
+    rows = re.findall(r"^\| `([\w/]+\.py)` \|", text, re.M)
+    present = sorted(path.relative_to(SRC / PACKAGE).as_posix()
+                     for path in (SRC / PACKAGE).rglob("*.py"))
+    assert sorted(rows) == present, (sorted(set(present) - set(rows)),
+                                     sorted(set(rows) - set(present)))

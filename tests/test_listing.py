@@ -12,8 +12,7 @@ import pytest
 
 from cnnlab import listing
 from cnnlab.cli import main
-from cnnlab.results import DIVERGED
-from cnnlab.runs import RunDir
+from cnnlab.runs import DIVERGED, RunDir
 
 T0 = time.mktime((2026, 3, 1, 9, 30, 0, 0, 0, -1))  # local time: the table's 2026-03-01 09:30
 

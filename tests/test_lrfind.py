@@ -149,8 +149,8 @@ def test_the_command_spells_switches_as_the_parser_takes_them():
 def test_its_help_lists_only_the_options_the_test_uses(capsys):
     """No --epochs, --ema, --tta ...: the test takes --steps at a constant rate and never
     evaluates; the options that shape the model, the optimiser and the data are all there."""
-    from cnnlab.config import OPTIONS, option_name
     from cnnlab.lrfind import NOT_USED
+    from cnnlab.options import OPTIONS, option_name
 
     assert NOT_USED <= OPTIONS.keys()  # a renamed field would be left in silently
     with pytest.raises(SystemExit):

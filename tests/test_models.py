@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cnnlab.errors import CnnlabError
-from cnnlab.models import MODELS, builder, count_parameters, create_model, options_of
+from cnnlab.models import MODELS, builder, count_parameters, create_model, entry, options_of
 
 
 @pytest.mark.parametrize("pool", ["max", "avg"])
@@ -48,8 +48,29 @@ def test_the_registry_names_each_builders_options():
 
     shape = {"in_channels", "num_classes", "image_size"}
     for name in MODELS:
-        assert options_of(name) == tuple(
-            p for p in inspect.signature(builder(name)).parameters if p not in shape), name
+        parameters = inspect.signature(builder(name)).parameters
+        assert options_of(name) == tuple(p for p in parameters if p not in shape), name
+        for option, about in entry(name).options.items():  # the defaults the report names
+            assert about.default == parameters[option].default, (name, option)
+            assert about.default in about.choices, (name, option)
+
+
+def test_each_registry_entry_is_true_of_its_model():
+    """The parameter count at the input a model was designed for, and the smallest images
+    it takes (one pixel less is refused with the size it needs), as the registry states."""
+    for name in MODELS:
+        about = entry(name)
+        c, h, w = about.designed_for
+        model = create_model(name, in_channels=c, num_classes=10, image_size=(h, w))
+        assert count_parameters(model) == about.parameters, name
+        side = about.min_size
+        small = create_model(name, in_channels=c, num_classes=10, image_size=(side, side))
+        assert small(torch.zeros(2, c, side, side)).shape == (2, 10), name
+        if side > 1:
+            with pytest.raises((CnnlabError, RuntimeError)):
+                too_small = create_model(name, in_channels=c, num_classes=10,
+                                         image_size=(side - 1, side - 1))
+                too_small(torch.zeros(2, c, side - 1, side - 1))
 
 
 def test_registry_errors():

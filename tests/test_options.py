@@ -8,7 +8,10 @@ import re
 import pytest
 
 from cnnlab.cli import build_parser, train_options
-from cnnlab.config import (
+from cnnlab.config import default_data_dir, load_toml, resolve
+from cnnlab.errors import CnnlabError
+from cnnlab.models import MODELS
+from cnnlab.options import (
     ARGUMENT,
     COMPARED,
     LISTED,
@@ -18,15 +21,10 @@ from cnnlab.config import (
     PRESETS,
     RESUME_SAFE,
     SWITCH,
-    default_data_dir,
     format_value,
-    load_toml,
     option_name,
-    preset_values,
-    resolve,
 )
-from cnnlab.errors import CnnlabError
-from cnnlab.models import MODELS
+from cnnlab.presets import preset_values
 from cnnlab.specs import SPECS
 
 SETTABLE = [o for o in OPTIONS.values() if o.kind != ARGUMENT]

@@ -14,9 +14,11 @@ import torch
 import cnnlab
 from cnnlab import trainer
 from cnnlab.checkpoint import load_model
-from cnnlab.config import OPTIONS, Config, config_fields, resume_config
+from cnnlab.checks import config_fields
 from cnnlab.errors import Interrupted
 from cnnlab.files import read_json
+from cnnlab.options import OPTIONS, Config
+from cnnlab.resume import resume_config
 from cnnlab.runs import read_metrics
 
 
@@ -73,7 +75,8 @@ def test_config_json_holds_the_options_as_asked_and_what_ran(tiny_mnist, tmp_pat
                  telemetry=0, progress=False)
     saved = read_json(run / "config.json")
     assert (saved["device"], saved["precision"]) == ("auto", "auto")
-    assert saved["resolved"] == {"device": "cpu", "precision": "fp32", "world_size": 1}
+    assert saved["resolved"] == {"device": "cpu", "precision": "fp32", "world_size": 1,
+                                 "channels_last": True}
     assert set(saved) == {*OPTIONS, "resolved"}  # the old precision_used, world_size: gone
     assert Config(**config_fields(saved)).device == "auto"
     (run / "checkpoint.pt").unlink()  # resumed from config.json alone: the device as asked

@@ -32,7 +32,7 @@ def test_fp16_needs_a_gpu(tiny_mnist, tmp_path):
     (False, "resnet18", "fp32")])
 def test_auto_precision_on_cpu_picks_bf16_where_native_and_it_pays(monkeypatch, native, model,
                                                                    expected):
-    from cnnlab.config import resolve_precision
+    from cnnlab.devices import resolve_precision
 
     for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, check, lambda: native, raising=False)

@@ -119,7 +119,7 @@ def test_a_search_without_a_validation_split_is_refused(tmp_path, capsys):
 
 
 def test_a_search_end_to_end(data, tmp_path, capfd):
-    from cnnlab.config import COMPARED
+    from cnnlab.options import COMPARED
     from cnnlab.report import write_report
 
     out = tmp_path / "tune"

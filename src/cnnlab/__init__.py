@@ -23,7 +23,9 @@ def train(model: str | None = None, dataset: str | None = None, *,
     summary are missing (only options that cannot change the result may change).
     Raises CnnlabError on bad input.
     """
-    from .config import load_toml, option_values, resolve, resume_config
+    from .checks import option_values
+    from .config import load_toml, resolve
+    from .resume import resume_config
 
     file_values = option_values(load_toml(config), "config file key") if config else {}
     if resume is not None:

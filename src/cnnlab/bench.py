@@ -20,7 +20,7 @@ from pathlib import Path
 from .config import resolve
 from .errors import CnnlabError
 from .files import write_json
-from .runs import read_metrics
+from .runs import SUMMARY, read_metrics
 
 # torch and the trainer are imported where a benchmark runs: a missing input is reported
 # before that, in well under a second.
@@ -31,7 +31,7 @@ def cnnlab_epoch(model: str, dataset: str, data_dir: str, max_steps: int | None 
     """Time cnnlab's own training over one epoch or `max_steps` steps after `warmup` untimed
     ones: the training loop's own epoch runner and step (held parameters, weight averages
     and all), without its evaluation, records, checkpoints or the process's start."""
-    from .config import resolve_device
+    from .devices import resolve_device
     from .engine import Stopwatch
     from .trainer import build, torch_settings, train_epoch
 
@@ -144,7 +144,7 @@ def _fast_row(b: Bench) -> None:
         out = b.tmp / f"fast{seed}"
         wall = _process(b.train_cmd("lenet5", "mnist", "--seed", str(seed), "--out", str(out)))[0]
         walls += [wall] if seed < 5 else []
-        accuracies.append(json.loads((out / "summary.json").read_text())["final_test_acc"])
+        accuracies.append(json.loads((out / SUMMARY).read_text())["final_test_acc"])
     wall, ref = statistics.median(walls), statistics.median(refs)
     b.emit({"name": "LeNet-5/MNIST fast preset: whole process, median of seeds 0-4, lowest "
                     f"accuracy {min(accuracies[:5]):.2f}% (s; reference recorded, not run)",
@@ -262,7 +262,7 @@ def ablation(data_dir: str, folder: str | None) -> list[dict]:
         on = cnnlab_epoch(model, dataset, data_dir, **timed, **best)["images_per_second"]
         for key, value in changes:
             if (key, value) == ("precision", "other"):
-                from .config import cpu_has_bf16
+                from .devices import cpu_has_bf16
 
                 value = "fp32" if cpu_has_bf16() else "bf16"
             off = cnnlab_epoch(model, dataset, data_dir, **timed,
@@ -427,7 +427,7 @@ def _resnet18_gpu_rows(b: Bench) -> None:
     source = b.cifar if b.folder is None else f"folder:{_folder_view(b.folder, b.tmp / 'view')}"
     wall, _ = _process(b.train_cmd("resnet18", source, "--telemetry", "0.5", "--out", str(out),
                                    *(f"--{k}={v}" for k, v in b.augment("resnet18").items())))
-    s = json.loads((out / "summary.json").read_text())
+    s = json.loads((out / SUMMARY).read_text())
     b.emit({"name": "resnet18 fast preset: training time to 91% (s; best "
                     f"{s['best_test_acc']:.2f}%)",
             "reference": None, "cnnlab": time_to_accuracy(out, 91.0), "ratio": None,
@@ -446,7 +446,7 @@ def _lenet5_gpu_rows(b: Bench) -> None:
         b.say(f"next: LeNet-5's fast preset{flag}, as a whole process")
         out = b.tmp / f"lenet5{flag.strip()}"
         wall, _ = _process(b.train_cmd("lenet5", "mnist", "--out", str(out), *flag.split()))
-        s = json.loads((out / "summary.json").read_text())
+        s = json.loads((out / SUMMARY).read_text())
         b.emit({"name": f"lenet5 fast preset{flag}: training (s; {s['final_test_acc']:.2f}%)",
                 "reference": None, "cnnlab": s["train_seconds"], "ratio": None, "unit": "s",
                 "target": "<= 1.0 s, >= 99.0%"})

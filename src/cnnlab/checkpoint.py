@@ -39,9 +39,10 @@ from torch import nn
 
 from .errors import CnnlabError, one_line
 from .files import atomic_write
+from .runs import BEST, CHECKPOINT, CONFIG
 
 FORMAT = 1
-NAMES = ("best.pt", "checkpoint.pt")  # what a run directory holds, in the order eval prefers
+NAMES = (BEST, CHECKPOINT)  # what a run directory holds, in the order eval prefers
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def find(path: str | Path) -> Path:
         for name in NAMES:
             if (p / name).is_file():
                 return p / name
-        if (p / "config.json").is_file():
+        if (p / CONFIG).is_file():
             raise CnnlabError(f"run directory {p} has no checkpoint yet (best.pt or "
                               "checkpoint.pt); did its training stop before the first epoch "
                               "ended?")
@@ -216,7 +217,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Trained:
 
 def load_for_resume(run_dir: str | Path) -> dict[str, Any]:
     """The checkpoint.pt of a run directory, every field checked (`check_resumable`)."""
-    path = Path(run_dir) / "checkpoint.pt"
+    path = Path(run_dir) / CHECKPOINT
     ckpt = load(path)
     if "config" not in ckpt and "loop" not in ckpt:
         raise CnnlabError(f"{path} holds a model but not the state of a training run; "
@@ -240,7 +241,7 @@ class Run:
     total_steps: int
 
 
-def check_fits(ckpt: dict[str, Any], run: Run, path: str | Path = "checkpoint.pt") -> None:
+def check_fits(ckpt: dict[str, Any], run: Run, path: str | Path = CHECKPOINT) -> None:
     """Refuse a checkpoint (the file `path`, its fields' types checked) that does not fit
     `run`: another dataset or device, or a piece of state damaged - before anything is
     loaded, rather than failing in the middle of training after the run's files were

@@ -18,6 +18,7 @@ from .errors import (
     StoppedAtOnce,
     failure_message,
 )
+from .runs import RESULTS_MD
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +37,7 @@ def add_train_options(p: argparse.ArgumentParser, leave_out: frozenset[str] = fr
     from the field's metadata, but those in `leave_out` (fields that mean nothing to the
     command). Every default is None: an option given beats the config file, which beats the
     preset."""
-    from .config import ARGUMENT, OPTIONS
+    from .options import ARGUMENT, OPTIONS
 
     for name, o in OPTIONS.items():
         if o.kind != ARGUMENT and name not in leave_out:
@@ -66,7 +67,7 @@ def _add_option(p: argparse.ArgumentParser, name: str, dest: str | None = None,
     `default_help`: what the help says of the default, where not the field's."""
     from dataclasses import MISSING
 
-    from .config import OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
+    from .options import OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
 
     o, dest = OPTIONS[name], dest or name
     flag = f"--{option_name(dest)}"
@@ -161,7 +162,7 @@ def unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: li
 
 def train_options(args: argparse.Namespace) -> dict:
     """The config overrides among parsed arguments (those add_train_options defines)."""
-    from .config import ARGUMENT, OPTIONS
+    from .options import ARGUMENT, OPTIONS
 
     return {k: v for k, v in vars(args).items() if k in OPTIONS and OPTIONS[k].kind != ARGUMENT}
 
@@ -230,7 +231,8 @@ def _launch(args: argparse.Namespace) -> int:
     rank die)."""
     import contextlib
 
-    from .config import default_device, load_toml, resolve
+    from .config import load_toml, resolve
+    from .devices import default_device
     from .launch import launch
     from .runs import default_run_dir, new_dir
 
@@ -340,7 +342,7 @@ def _use_parsers(sub) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from .config import resolve_device
+    from .devices import resolve_device
     from .inference import evaluate_checkpoint, format_eval, save_eval
     from .mistakes import files_line
 
@@ -363,7 +365,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
-    from .config import resolve_device
+    from .devices import resolve_device
     from .predict import format_prediction, predict
 
     results = predict(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert,
@@ -381,7 +383,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _check_use_options(args: argparse.Namespace) -> None:
     """Refuse, as train does, a value out of the choices or range of an option that
     add_use_options made (before anything is loaded)."""
-    from .config import check_option, option_name
+    from .checks import check_option
+    from .options import option_name
 
     for dest, name in getattr(args, "use_options", {}).items():
         check_option(name, getattr(args, dest), option_name(dest))
@@ -481,7 +484,7 @@ def _refused(reasons: list[str], out: str | Path) -> int:
         return Exit.OK
     print(f"cnnlab: {len(reasons)} trial{'s' if len(reasons) > 1 else ''} of the study "
           f"{'were' if len(reasons) > 1 else 'was'} refused, the others ran (the first: "
-          f"{reasons[0]}); see {Path(out) / 'results.md'}", file=sys.stderr)
+          f"{reasons[0]}); see {Path(out) / RESULTS_MD}", file=sys.stderr)
     return Exit.SOME_TRIALS_REFUSED
 
 
@@ -662,7 +665,7 @@ def _summary_parser(sub) -> None:
 def _summary(args: argparse.Namespace) -> int:
     import json
 
-    from .config import parse_image_size
+    from .checks import parse_image_size
     from .summary import format_summary, summarize
 
     size = None if args.image_size is None else parse_image_size(args.image_size)

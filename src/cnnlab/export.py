@@ -26,7 +26,7 @@ from .errors import CnnlabError, one_line
 from .files import temp_file, write_synced
 from .inference import preprocess
 from .predict import light_on_dark
-from .runs import RUN_FILES
+from .runs import CONFIG, RUN_FILES
 
 FORMATS = ("onnx", "export", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "export": ".pt2", "torchscript": ".torchscript.pt"}
@@ -100,20 +100,7 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
         raise CnnlabError(f"cannot write into {out.parent}: {e.strerror or e}") from None
     tmp, tmp_sidecar = temps
     try:
-        if fmt == "onnx":
-            _export_onnx(model, inputs[0], info, tmp)
-            got = _run_onnx(tmp, inputs)
-            import onnxruntime
-
-            checked_with = f"onnxruntime {onnxruntime.__version__}"
-        elif fmt == "export":
-            _export_program(model, info, inputs[0], tmp)
-            got = _run_program(tmp, inputs)
-            checked_with = f"torch.export.load, torch {torch.__version__}"
-        else:
-            _export_torchscript(model, info, inputs[0], tmp)
-            got = _run_torchscript(tmp, inputs)
-            checked_with = f"torch.jit.load, torch {torch.__version__}"
+        got, checked_with = _export_and_run(fmt, model, info, inputs, tmp)
         diff = max(float((a - b).abs().max()) for a, b in zip(expected, got))
         scale = max(1.0, max(float(a.abs().max()) for a in expected))
         if not diff / scale <= tolerance:
@@ -142,6 +129,22 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
     return info | {"path": str(out), "metadata_path": str(sidecar), "max_abs_diff": diff}
 
 
+def _export_and_run(fmt: str, model: nn.Module, info: dict, inputs: list[torch.Tensor],
+                    path: Path) -> tuple[list[torch.Tensor], str]:
+    """Write `model` as `fmt` into `path` and run that file on `inputs`: (the logits it
+    gives, what ran it)."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        _export_onnx(model, inputs[0], info, path)
+        return _run_onnx(path, inputs), f"onnxruntime {onnxruntime.__version__}"
+    if fmt == "export":
+        _export_program(model, info, inputs[0], path)
+        return _run_program(path, inputs), f"torch.export.load, torch {torch.__version__}"
+    _export_torchscript(model, info, inputs[0], path)
+    return _run_torchscript(path, inputs), f"torch.jit.load, torch {torch.__version__}"
+
+
 def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401
@@ -159,7 +162,7 @@ def _check_output(out: Path, sidecar: Path, source: Path) -> None:
     for path in (out, sidecar):
         if path.resolve() == source.resolve() or (
                 path.exists() and not _earlier_export(sidecar)) or (
-                path.name in RUN_FILES and (path.parent / "config.json").is_file()):
+                path.name in RUN_FILES and (path.parent / CONFIG).is_file()):
             raise CnnlabError(f"--out {out} would overwrite {path}, which is not an earlier "
                               "export; choose another file name")
 

@@ -17,10 +17,14 @@ from torch import nn
 
 from . import checkpoint
 from .checkpoint import ModelMeta
-from .config import OPTIONS, TTAS, check_option, data_dir_for, flips, resolve_precision
+from .checks import check_option
+from .config import data_dir_for
+from .devices import resolve_precision
 from .engine import Precision, logits
 from .errors import CnnlabError
 from .files import safe_name, write_json
+from .options import OPTIONS, TTAS
+from .presets import flips
 from .progress import Phase
 from .results import format_epochs
 from .runs import RUN_FILES

@@ -29,6 +29,7 @@ from pathlib import Path
 from .errors import Exit
 from .limits import usable_cpus
 from .rank import env_rank
+from .runs import CHECKPOINT, CONFIG
 from .stops import StopSignals
 
 LAUNCH_DIR = "CNNLAB_LAUNCH_DIR"  # where each rank leaves its pid, exit status, last words
@@ -218,9 +219,9 @@ def _report_deaths(died: list[int], report: str, run_dir: Path, then: str = "") 
 
     if then:  # on many machines: every one resumes, each with its rank
         then = then.removeprefix("; ")
-    elif (run_dir / "checkpoint.pt").is_file():
+    elif (run_dir / CHECKPOINT).is_file():
         then = f"its last checkpoint is intact - resume with: cnnlab train --resume {run_dir}"
-    elif (run_dir / "config.json").is_file():
+    elif (run_dir / CONFIG).is_file():
         then = f"no checkpoint yet - start it over with: cnnlab train --resume {run_dir}"
     else:
         then = "nothing was written - run the same command again"

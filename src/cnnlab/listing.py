@@ -19,15 +19,24 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CnnlabError
-from .files import read_json
 from .report import RunInfo, outcome
-from .results import DIVERGED, diverged_error, format_epochs, metric
-from .runs import is_locked
-from .tune_results import TUNE_FILE
+from .results import diverged_error, format_epochs, metric
+from .runs import (
+    CHECKPOINT,
+    CONFIG,
+    DIVERGED,
+    ENV,
+    METRICS,
+    SUMMARY,
+    SWEEP_FILE,
+    TUNE_FILE,
+    DamagedFile,
+    is_locked,
+    read_object,
+)
 
-SWEEP_FILE = "sweep.json"  # marks a sweep directory (cnnlab sweep's plan)
 # Any of these makes a folder a run directory (a damaged one without config.json)
-_RUN_MARKS = ("config.json", "summary.json", "metrics.jsonl", "checkpoint.pt", DIVERGED)
+_RUN_MARKS = (CONFIG, SUMMARY, METRICS, CHECKPOINT, DIVERGED)
 TAIL_BYTES = 256 * 1024  # of metrics.jsonl read for an unfinished run
 _HEAD_BYTES = 4096       # of metrics.jsonl read for its first record's time
 _MAX_DEPTH = 3           # plain folders looked into below the one listed
@@ -126,22 +135,18 @@ def _entry(path: Path, name: str, kind: str) -> Entry:
 def _optional_json(path: Path) -> tuple[Any, str | None]:
     """(content, None) of a JSON file; (None, None) where it is missing; (None, what is
     wrong) where it cannot be read."""
-    if not path.exists():
-        return None, None
     try:
-        return read_json(path), None
-    except (OSError, ValueError):
-        return None, f"{path.name} is unreadable"
+        return read_object(path), None
+    except DamagedFile as e:
+        return None, f"{path.name} {e.what}"
 
 
 def _run_entry(path: Path, name: str, pruned: bool = False) -> Entry:
     """A run's row; `pruned`: its search stopped it early."""
-    config, error = _optional_json(path / "config.json")
-    if error is None and not isinstance(config, dict):
-        error = "config.json is missing" if config is None else "config.json is no object"
-    summary, summary_error = _optional_json(path / "summary.json")
-    if summary is not None and not isinstance(summary, dict):
-        summary_error = "summary.json is no object"
+    config, error = _optional_json(path / CONFIG)
+    if error is None and config is None:
+        error = f"{CONFIG} is missing"
+    summary, summary_error = _optional_json(path / SUMMARY)
     running = _live(path)
     entry = Entry(path=path, name=name, kind="run", status="running" if running else "damaged",
                   started=_started(path))
@@ -153,7 +158,7 @@ def _run_entry(path: Path, name: str, pruned: bool = False) -> Entry:
     if summary_error:
         entry.error = summary_error
         return entry
-    records = [] if summary is not None else _tail(path / "metrics.jsonl")
+    records = [] if summary is not None else _tail(path / METRICS)
     _fill_outcome(entry, RunInfo(path=path, name=name, group=name, config=config, env={},
                                  summary=summary, records=records))
     if running:
@@ -243,13 +248,13 @@ def _started(path: Path) -> float:
     """When the run started: the earliest of config.json's and env.json's times (a resume
     rewrites config.json) and its first telemetry record's; the folder's for none."""
     times = []
-    for name in ("config.json", "env.json"):
+    for name in (CONFIG, ENV):
         try:
             times.append((path / name).stat().st_mtime)
         except OSError:
             pass
     try:
-        with (path / "metrics.jsonl").open("rb") as f:
+        with (path / METRICS).open("rb") as f:
             head = f.read(_HEAD_BYTES)
         times += [r["time"] for r in _records(head.rpartition(b"\n")[0])
                   if isinstance(r.get("time"), (int, float))][:1]

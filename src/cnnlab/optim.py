@@ -47,7 +47,7 @@ SGD = without_dynamo_guards(torch.optim.SGD)
 Adam = without_dynamo_guards(torch.optim.Adam)
 AdamW = without_dynamo_guards(torch.optim.AdamW)
 Adamax = without_dynamo_guards(torch.optim.Adamax)
-# torch >= 2.9; None in older ones (config.validate refuses --optimizer muon there)
+# torch >= 2.9; None in older ones (checks.validate refuses --optimizer muon there)
 Muon = without_dynamo_guards(torch.optim.Muon) if hasattr(torch.optim, "Muon") else None
 
 

@@ -12,10 +12,19 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import format_value
-from .files import atomic_write, read_json
+from .files import atomic_write
+from .options import format_value
 from .results import confidence_interval, eval_epochs
-from .runs import read_metrics
+from .runs import (
+    ACCURACY_PLOT,
+    CONFIG,
+    ENV,
+    LOSS_PLOT,
+    UTILIZATION_PLOT,
+    DamagedFile,
+    read_metrics,
+    read_object,
+)
 
 
 def _figure(figsize: tuple[float, float], dpi: int = 110):
@@ -50,7 +59,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
     if validated:
         ax.plot(*_xy(validated, "val_loss"), "s--", lw=1.2, ms=3,
                 label=_named("validation loss", eval_note))
-    written.append(_finish(fig, ax, out_dir / f"{prefix}loss.png", xlabel="epochs trained",
+    written.append(_finish(fig, ax, out_dir / f"{prefix}{LOSS_PLOT}", xlabel="epochs trained",
                            ylabel="cross-entropy loss", title=f"Loss - {run_dir.name}"))
 
     fig = _figure((7, 4.2))
@@ -81,7 +90,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
         _fit_accuracy(ax, [r[k] for _, r in run.evals for k in ("test_acc", "val_acc")
                            if r.get(k) is not None], curves)
     ax.set_ylim(top=min(100.0, ax.get_ylim()[1]))  # an accuracy axis stops at 100%
-    written.append(_finish(fig, ax, out_dir / f"{prefix}accuracy.png", xlabel="epochs trained",
+    written.append(_finish(fig, ax, out_dir / f"{prefix}{ACCURACY_PLOT}", xlabel="epochs trained",
                            ylabel="accuracy (%)", title=f"Accuracy - {run_dir.name}"))
     return written
 
@@ -160,8 +169,8 @@ def _curves(run_dir: Path) -> _Curves:
     placed = [(r["epochs_done"] if "epochs_done" in r
                else r["step"] / steps_per_epoch if steps_per_epoch else None, r) for r in train]
     try:
-        smoothing = float(read_json(run_dir / "config.json").get("label_smoothing") or 0)
-    except (OSError, ValueError, AttributeError, TypeError):
+        smoothing = float((read_object(run_dir / CONFIG) or {}).get("label_smoothing") or 0)
+    except (DamagedFile, ValueError, TypeError):
         smoothing = 0.0
     return _Curves([(x, r) for x, r in placed if x is not None],
                    [(eval_epochs(r), r) for r in evals], smoothing)
@@ -198,7 +207,7 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
             name = f"{label} (mean of {len(runs)})" if len(runs) > 1 else label
             ax.plot([x for x, _ in runs[0].evals[:evals]], mean, "o-", color=color, lw=2,
                     ms=4, label=name)
-    written = [_finish(fig, ax, out_dir / f"{prefix}accuracy.png", legend_size=8,
+    written = [_finish(fig, ax, out_dir / f"{prefix}{ACCURACY_PLOT}", legend_size=8,
                        xlabel="epochs trained", ylabel="test accuracy (%)",
                        title=f"Test accuracy - {len(groups)} configurations, {n_runs} runs")]
 
@@ -214,7 +223,7 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
             if run.evals:
                 ax.plot(*_xy(run.evals, "test_loss"), "o--", color=color, lw=1.2, ms=4,
                         label=_named(f"{label} test", eval_note) if k == 0 else None)
-    written.append(_finish(fig, ax, out_dir / f"{prefix}loss.png", legend_size=8,
+    written.append(_finish(fig, ax, out_dir / f"{prefix}{LOSS_PLOT}", legend_size=8,
                            xlabel="epochs trained", ylabel="cross-entropy loss",
                            title=f"Loss - {len(groups)} configurations, {n_runs} runs"))
     return written
@@ -317,7 +326,7 @@ def plot_utilization(run_dir: str | Path, out_dir: str | Path | None = None, *,
     axes[0, 0].set_title(f"Utilisation - {run_dir.name}")
     fig.tight_layout()
     return _save(fig, (Path(out_dir) if out_dir is not None else run_dir)
-                 / f"{prefix}utilization.png")
+                 / f"{prefix}{UTILIZATION_PLOT}")
 
 
 def utilization_panels(run_dir: Path) -> list[tuple[str, str, list[tuple[str, list]]]]:
@@ -326,8 +335,8 @@ def utilization_panels(run_dir: Path) -> list[tuple[str, str, list[tuple[str, li
     counts one core as 100%; the cores from env.json), as the report's table gives it too."""
     telemetry = [r for r in read_metrics(run_dir) if r.get("type") == "telemetry"]
     try:
-        cores = int(read_json(run_dir / "env.json")["cpu_cores_logical"])
-    except (OSError, ValueError, KeyError, TypeError):
+        cores = int((read_object(run_dir / ENV) or {})["cpu_cores_logical"])
+    except (DamagedFile, ValueError, KeyError, TypeError):
         cores = os.cpu_count() or 1
     panels = []
     for ylabel, unit, series in _TELEMETRY_PANELS:

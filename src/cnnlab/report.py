@@ -20,17 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import (
-    COMPARED,
-    applies,
-    data_dir_for,
-    format_value,
-    option_name,
-    parse_image_size,
-    resolve_device,
-)
+from .checks import parse_image_size
+from .config import data_dir_for
+from .devices import resolve_device
 from .errors import CnnlabError, one_line
-from .files import atomic_write, read_json, safe_name
+from .files import atomic_write, safe_name
+from .options import COMPARED, applies, format_value, option_name
 from .results import (
     aggregate,
     diverged_error,
@@ -45,7 +40,24 @@ from .results import (
     value_text,
     verdict,
 )
-from .runs import read_metrics, unique_dir
+from .runs import (
+    ACCURACY_PLOT,
+    BEST,
+    BEST_OPTIONS,
+    COMPARISON_PLOT,
+    CONFIG,
+    CONFUSION_PLOT,
+    ENV,
+    LOSS_PLOT,
+    SUMMARY,
+    SWEEP_FILE,
+    TUNE_FILE,
+    UTILIZATION_PLOT,
+    DamagedFile,
+    read_metrics,
+    read_object,
+    unique_dir,
+)
 
 # ---- the document: blocks rendered as Markdown and as HTML ---------------------------------
 
@@ -206,15 +218,15 @@ class RunInfo:
 def _run_info(path: Path, group: str) -> RunInfo:
     def optional_json(name: str) -> dict | None:
         try:
-            return read_json(path / name)
-        except (OSError, ValueError):
+            return read_object(path / name)
+        except DamagedFile:
             return None
 
-    config = optional_json("config.json")
+    config = optional_json(CONFIG)
     if config is None:
         raise CnnlabError(f"{path}: config.json is missing or damaged; is it a run directory?")
     return RunInfo(path=path, name=path.name, group=group, config=config,
-                   env=optional_json("env.json") or {}, summary=optional_json("summary.json"),
+                   env=optional_json(ENV) or {}, summary=optional_json(SUMMARY),
                    records=read_metrics(path), diverged=diverged_error(path))
 
 
@@ -224,23 +236,23 @@ def find_runs(paths: list[str | Path]) -> tuple[list[RunInfo], list[Path]]:
     runs, sweeps = [], []
     for given in paths:
         path = Path(given)
-        if (path / "config.json").is_file():
+        if (path / CONFIG).is_file():
             runs.append(_run_info(path, path.name))
             continue
         if not path.is_dir():
             raise CnnlabError(f"no run or sweep directory at {path}")
-        children = sorted(d for d in path.iterdir() if (d / "config.json").is_file())
+        children = sorted(d for d in path.iterdir() if (d / CONFIG).is_file())
         if not children:
             raise CnnlabError(f"{path} is neither a run directory (no config.json) nor a sweep "
                               "directory (no run directories in it)")
         points = {}
         try:
-            plan = read_json(path / "sweep.json")
+            plan = read_object(path / SWEEP_FILE) or {"runs": []}
             points = {r["name"]: r["point"] for r in plan["runs"]}
             order = list(points)  # the sweep's runs, in its order; others are left-overs
             children = sorted((d for d in children if d.name in points),
                               key=lambda d: order.index(d.name)) or children
-        except (OSError, ValueError, KeyError, TypeError):
+        except (DamagedFile, KeyError, TypeError):
             pass
         prefix = f"{path.name}: " if len(paths) > 1 else ""
         for child in children:
@@ -457,7 +469,7 @@ class _Figures:
         if own.is_file():
             shutil.copyfile(own, target)
             return target
-        if name == "utilization.png":
+        if name == UTILIZATION_PLOT:
             return plot_utilization(run.path, self.out, prefix=self.prefix(run))
         plot_run(run.path, self.out, prefix=self.prefix(run))
         return target
@@ -491,16 +503,16 @@ def _search(path: Path, heading: Heading) -> tuple[list, frozenset[Path]]:
     """A search's section (cnnlab tune's tune.json) - what it searched and found, its best
     trial's options, every trial, the optimisation history and the parameter importances -
     and the trial runs its pruner stopped."""
-    from .tune_results import TUNE_FILE, summary_lines, trials_table
+    from .tune_results import summary_lines, trials_table
 
     try:
-        info = read_json(path / TUNE_FILE)
+        info = read_object(path / TUNE_FILE, missing_ok=False)
         if "rows" not in info:  # written when the search began
             return [heading, Para("The search has written no results yet; its command, run "
                                   "again, continues it and writes them.")], frozenset()
         header, rows = trials_table(info)
         lines = summary_lines(info)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (DamagedFile, KeyError, TypeError, AttributeError):
         return [heading, Para(f"{path / TUNE_FILE} is damaged: the search is not shown.")], \
             frozenset()
     blocks = [heading, Para(f"Searched: {'; '.join(info.get('searched', []))}."),
@@ -509,7 +521,7 @@ def _search(path: Path, heading: Heading) -> tuple[list, frozenset[Path]]:
     if best:
         searched = {d["option"] for d in info["plan"]["tune"]["space"]}
         blocks += [Para(f"The best trial's options, in best.toml (cnnlab train "
-                        f"{info['model']} {info['dataset']} --config {path / 'best.toml'}):"),
+                        f"{info['model']} {info['dataset']} --config {path / BEST_OPTIONS}):"),
                    Table(["option", "value"],
                          [[option_name(k), format_value(v) + (" (searched)" if option_name(k)
                                                               in searched else "")]
@@ -526,7 +538,7 @@ def _search(path: Path, heading: Heading) -> tuple[list, frozenset[Path]]:
 def _differing_keys(configs: list[dict]) -> list[str]:
     """The config fields that tell the runs apart; what cannot change a result (the runtime
     fields, and what config.json adds about the machine) is left out, and so is a field's
-    value in the runs where it means nothing (config.ONLY_WITH: muon-lr in sgd runs)."""
+    value in the runs where it means nothing (options.ONLY_WITH: muon-lr in sgd runs)."""
     return [k for k in COMPARED if len({repr(c.get(k)) for c in configs if applies(c, k)}) > 1]
 
 
@@ -571,7 +583,7 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
     groups = [r.group for r in finished]
     written = plot_overlay([r.path for r in finished], groups, figures.out, prefix=prefix)
     spread = plot_comparison([r.summary for r in finished], groups,
-                             figures.out / "comparison.png")
+                             figures.out / COMPARISON_PLOT)
     doc.add(Figures([(written[0], "Test accuracy of every run"),
                      (written[1], "Loss of every run"),
                      (spread, "Final and best test accuracy of each configuration's runs, "
@@ -605,11 +617,11 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
     shared = shared or {}
     doc = Document("")
     doc.add(Heading(level, "Outcome"), _outcome_table(run))
-    curves = [figures.run_figure(run, "loss.png"), figures.run_figure(run, "accuracy.png")]
+    curves = [figures.run_figure(run, LOSS_PLOT), figures.run_figure(run, ACCURACY_PLOT)]
     doc.add(Heading(level, "Loss and accuracy"),
             Figures([(curves[0], f"Loss of {run.name}"), (curves[1], f"Accuracy of {run.name}")]))
     doc.add(Heading(level, "Utilisation over time"))
-    utilisation = figures.run_figure(run, "utilization.png")
+    utilisation = figures.run_figure(run, UTILIZATION_PLOT)
     if utilisation is None:
         doc.add(Para("This run has no telemetry records in metrics.jsonl, so there is no "
                      "utilisation to show."))
@@ -621,7 +633,7 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
         o = outcome(run)  # what the run recorded for best.pt (chosen on validation if any)
         recorded = o.get("test_acc_at_best", o.get("best_test_acc"))
         at = evaluation["epoch"]  # older checkpoints hold whole epochs; the run knows better
-        if evaluation["checkpoint"] == "best.pt" and metric(o, "best_epochs_done") is not None:
+        if evaluation["checkpoint"] == BEST and metric(o, "best_epochs_done") is not None:
             at = metric(o, "best_epochs_done")
         doc.add(Para(f"The {evaluation['checkpoint']} checkpoint (epoch {format_epochs(at)}) "
                      f"on the {evaluation['images']:,} test images: "
@@ -630,8 +642,8 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
                         else ".")),
                 _per_class_table(evaluation))
         # beside the run's other figures; in the report's folder where the run's is read-only
-        target = (run.path / "confusion.png" if os.access(run.path, os.W_OK)
-                  else figures.out / f"{figures.prefix(run)}confusion.png")
+        target = (run.path / CONFUSION_PLOT if os.access(run.path, os.W_OK)
+                  else figures.out / f"{figures.prefix(run)}{CONFUSION_PLOT}")
         path = plot_confusion(evaluation["confusion"],
                               [c["class"] for c in evaluation["per_class"]], target,
                               title=f"Confusion matrix - {run.name} ({evaluation['checkpoint']})")
@@ -700,12 +712,10 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, *,
                  device: str | None = "auto") -> dict[str, Path]:
     """Write report.html and report.md for run and sweep directories into `out` (default: the
     one directory given, else reports/<time>), evaluating on `device` (None: the default
-    device, see config.resolve_device). Returns {"html": path, "md": path}."""
+    device, see devices.resolve_device). Returns {"html": path, "md": path}."""
     if not paths:
         raise CnnlabError("report needs at least one run or sweep directory")
     runs, sweeps = find_runs(paths)
-    from .tune_results import TUNE_FILE
-
     tunes = [s for s in sweeps if (s / TUNE_FILE).is_file()]
     searches = [_search(s, Heading(2, f"Search {s.name}" if len(tunes) > 1 else "Search"))
                 for s in tunes]

@@ -3,17 +3,15 @@ spread over seeds, which configuration won, and the numbers and tables that show
 
 from __future__ import annotations
 
-import ast
-import functools
-import importlib.util
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
-from .config import LISTED, applies, format_value, option_name
 from .errors import CnnlabError
-from .files import read_json
+from .models import entry
+from .options import LISTED, applies, format_value, option_name
+from .runs import DIVERGED, SUMMARY, DamagedFile, read_object
 
 METRICS = (  # summary key, column title, digits
     ("final_test_acc", "final test acc (%)", 2),
@@ -33,7 +31,6 @@ _VALIDATED_TITLES = {"test_acc_at_best": "test acc of best.pt, chosen on validat
 # run trained all its epochs; best_epoch counts whole epochs.
 _FALLBACKS = {"epochs_done": "epochs", "best_epochs_done": "best_epoch"}
 
-DIVERGED = "diverged.json"  # written into the directory of a run whose loss became NaN
 
 
 def metric(summary: dict, key: str) -> Any:
@@ -76,58 +73,32 @@ def confidence_interval(values: list[float]) -> tuple[float, float] | None:
 
 
 def model_default(config: dict, key: str) -> str | None:
-    """`max (default)` where option `key` was left to the model (None) and the model's builder
-    gives it a default (LeNet-5's pool), else None. The default is read from the builder's
-    source, so that a report that evaluates nothing imports no torch."""
-    from .models import _entry
-
+    """`max (default)` where option `key` was left to the model (None) and the model's registry
+    entry gives it a default (LeNet-5's pool), else None."""
     if config.get(key) is not None:
         return None
     try:
-        module, builder, options = _entry(str(config.get("model")))
+        option = entry(str(config.get("model"))).options.get(key)
     except CnnlabError:
         return None
-    if key not in options:
-        return None
-    default = _builder_defaults(module, builder).get(key)
-    return None if default is None else f"{format_value(default)} (default)"
-
-
-@functools.cache
-def _builder_defaults(module: str, builder: str) -> dict[str, Any]:
-    """The literal keyword defaults of function or class `builder` in cnnlab.models.`module`."""
-    def named(body: list[ast.stmt], name: str) -> ast.AST | None:
-        return next((n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
-                     and n.name == name), None)
-
-    spec = importlib.util.find_spec(f"{__package__}.models.{module}")
-    node = named(ast.parse(Path(spec.origin).read_text()).body, builder)
-    if isinstance(node, ast.ClassDef):
-        node = named(node.body, "__init__")
-    if node is None:
-        return {}
-    args = node.args
-    pairs = [*zip(args.args[len(args.args) - len(args.defaults):], args.defaults),
-             *zip(args.kwonlyargs, args.kw_defaults)]
-    return {a.arg: ast.literal_eval(d) for a, d in pairs if isinstance(d, ast.Constant)}
+    return None if option is None else f"{format_value(option.default)} (default)"
 
 
 def is_finished(run_dir: Path) -> bool:
     """Whether a run is done: it wrote summary.json, or it diverged (diverged.json)."""
-    return (run_dir / "summary.json").is_file() or (run_dir / DIVERGED).is_file()
+    return (run_dir / SUMMARY).is_file() or (run_dir / DIVERGED).is_file()
 
 
 def diverged_error(run_dir: Path) -> str | None:
     """How a run that diverged ended - "diverged at step N (epoch E)", from its
     diverged.json (the error itself where it does not say the step) - else None."""
-    path = run_dir / DIVERGED
-    if not path.is_file():
-        return None
     try:
-        info = read_json(path)
-        error, step, epoch = info.get("error"), info.get("step"), info.get("epoch")
-    except (OSError, ValueError, AttributeError):
-        error = step = epoch = None
+        info = read_object(run_dir / DIVERGED)
+    except DamagedFile:
+        info = {}
+    if info is None:
+        return None
+    error, step, epoch = info.get("error"), info.get("step"), info.get("epoch")
     if step is None:
         return f"diverged: {error or 'the loss became NaN or infinite'}"
     return f"diverged at step {step}" + (f" (epoch {epoch})" if epoch is not None else "")
@@ -256,9 +227,9 @@ def verdict(rows: list[dict], keys: list[str]) -> str | None:
 
 
 def fixed_settings(configs: list[dict], skip: tuple[str, ...] = ()) -> str:
-    """`option=value` for every recipe field (config.LISTED) that all runs share as they ran
+    """`option=value` for every recipe field (options.LISTED) that all runs share as they ran
     (shown_value: `precision=fp32 (auto)`), but `skip`: among the runs it means something for
-    (config.ONLY_WITH: muon-lr, in muon runs), none where it means nothing for any."""
+    (options.ONLY_WITH: muon-lr, in muon runs), none where it means nothing for any."""
     if not configs:
         return ""
     shown = {k: {shown_value(c, k) for c in configs if applies(c, k)}

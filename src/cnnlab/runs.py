@@ -27,18 +27,64 @@ from typing import IO, Any
 from .errors import CnnlabError
 from .files import remove_temp_files, safe_name, write_json
 
-LOCK_FILE = ".cnnlab.lock"  # held by the process writing the run (see RunDir)
-# What a training run writes (RUN_FILES names them all): evaluation and export never write
-# over these.
-RUN_FILES = frozenset({"config.json", "env.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
-                       "summary.json", "loss.png", "accuracy.png", "utilization.png", LOCK_FILE,
-                       "tensorboard", "diverged.json"})
+# The files of a run directory, named here alone (a test checks that no other module spells
+# them): everything else reads and writes them through these names.
+CONFIG = "config.json"        # the options as asked, and under "resolved" what ran
+ENV = "env.json"              # the machine and versions
+METRICS = "metrics.jsonl"     # the records, a line each
+CHECKPOINT = "checkpoint.pt"  # the latest training state
+BEST = "best.pt"              # the state best.pt was chosen for
+SUMMARY = "summary.json"      # the outcome: written last, so it marks a finished run
+DIVERGED = "diverged.json"    # written instead where the loss became NaN
+LOSS_PLOT, ACCURACY_PLOT, UTILIZATION_PLOT = "loss.png", "accuracy.png", "utilization.png"
+CONFUSION_PLOT = "confusion.png"  # drawn by the report
+TENSORBOARD = "tensorboard"   # the event files' folder (--tensorboard)
+LOCK_FILE = ".cnnlab.lock"    # held by the process writing the run (see RunDir)
+# What a training run writes: evaluation and export never write over these.
+RUN_FILES = frozenset({CONFIG, ENV, METRICS, CHECKPOINT, BEST, SUMMARY, LOSS_PLOT, ACCURACY_PLOT,
+                       UTILIZATION_PLOT, LOCK_FILE, TENSORBOARD, DIVERGED})
+
+# The files of a sweep's or a search's directory, beside its run directories
+SWEEP_FILE = "sweep.json"     # marks a sweep directory: its plan, whoever extended it
+TUNE_FILE = "tune.json"       # marks a search's: the plan, then every trial's outcome
+SWEEP_LOCK = ".cnnlab-sweep.lock"  # held while the plan or the results are written
+RESULTS_MD, RESULTS_CSV = "results.md", "results.csv"
+BEST_OPTIONS = "best.toml"    # a search's best trial's options, for `cnnlab train --config`
+COMPARISON_PLOT, HISTORY_PLOT, IMPORTANCE_PLOT = "comparison.png", "history.png", "importance.png"
+
+
+class DamagedFile(CnnlabError):
+    """A file of a run, sweep or search directory that is there but cannot be read as what it
+    should be; `what` says how ("is unreadable", "is no JSON object")."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(f"{path} {what}")
+        self.path, self.what = path, what
+
+
+def read_object(path: str | Path, *, missing_ok: bool = True) -> dict | None:
+    """The JSON object a file of a run, sweep or search directory holds (config.json,
+    summary.json, sweep.json ...) - the one policy for reading them: None where the file is
+    missing (DamagedFile too where not `missing_ok`), DamagedFile where it is there but
+    cannot be read, is no JSON or holds no object."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise DamagedFile(path, "is missing") from None
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        raise DamagedFile(path, "is unreadable") from None
+    if not isinstance(value, dict):
+        raise DamagedFile(path, "is no object")
+    return value
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All records of a run's metrics.jsonl (a torn last line from a crash is skipped)."""
     records = []
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.is_file():
         return records
     for line in path.read_text().splitlines():
@@ -103,8 +149,8 @@ class RunDir:
             self.check(self.path, resume=config is None, held=True)
             remove_temp_files(self.path)  # from a process killed while writing
             if config is not None:
-                write_json(self.path / "config.json", config)
-            self._metrics = (self.path / "metrics.jsonl").open("ab", buffering=0)
+                write_json(self.path / CONFIG, config)
+            self._metrics = (self.path / METRICS).open("ab", buffering=0)
         except BaseException:
             self._claim.close()
             raise
@@ -119,7 +165,7 @@ class RunDir:
         if not held and is_locked(path):
             raise RunLocked(f"another cnnlab process is writing to {path} and still runs; wait "
                             "for it to end or choose another --out")
-        if (path / "config.json").exists():
+        if (path / CONFIG).exists():
             raise CnnlabError(f"{path} already holds a run; choose another --out, "
                               f"remove it, or continue it with --resume {path}")
         if path.is_dir():
@@ -149,7 +195,7 @@ class RunDir:
             except OSError as e:
                 self._metrics.truncate(start)
                 self._metrics.seek(start)
-                raise OSError(e.errno, e.strerror, str(self.path / "metrics.jsonl")) from None
+                raise OSError(e.errno, e.strerror, str(self.path / METRICS)) from None
             for sink in self._sinks:
                 sink(record)
 
@@ -171,7 +217,7 @@ class RunDir:
         """Refuse to resume run `path` from a checkpoint written when metrics.jsonl held
         `offset` bytes if it holds fewer now: the records it lost are gone, and cutting it
         back to the checkpoint would pad it with NUL bytes, which no JSON Lines reader takes."""
-        file = path / "metrics.jsonl"
+        file = path / METRICS
         size = file.stat().st_size if file.is_file() else None
         if (size or 0) < offset:
             what = (f"is missing (it held {offset:,} bytes when checkpoint.pt was written)"
@@ -179,11 +225,6 @@ class RunDir:
                     "it had when checkpoint.pt was written: it was cut")
             raise CnnlabError(f"{file} {what}; restore it, or remove checkpoint.pt to train "
                               "the run again from the start")
-
-    def save_checkpoint(self, state: dict, *names: str) -> None:
-        from . import checkpoint  # torch: not for those that only read runs
-
-        checkpoint.save(state, *(self.path / name for name in names))
 
     def close(self) -> None:
         with self._lock:  # the telemetry thread may be logging

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import CnnlabError, one_line, unknown_choice
-from .models import create_model
+from .models import create_model, entry
 
 # The official files fix the image size of each built-in kind of dataset (height, width)
 _IMAGE_SIZES = {"idx": (28, 28), "cifar": (32, 32)}
@@ -168,8 +168,10 @@ def summarize(model_name: str, dataset: str, *, image_size: tuple[int, int] | No
         if isinstance(module, _WINDOWED) and s.input and s.output:
             layer["formula"] = _formula(module, s.input[-2:], s.output[-2:])
         layers.append(layer)
-    return {"model": model_name, "dataset": dataset, "input": list(shape), "classes": classes,
-            "layers": layers, "parameters": sum(p.numel() for p in model.parameters()),
+    about = entry(model_name)
+    return {"model": model_name, "title": about.title, "reference": about.reference,
+            "dataset": dataset, "input": list(shape), "classes": classes, "layers": layers,
+            "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters()
                                         if p.requires_grad),
             "macs": counter.get_total_flops() // 2}
@@ -226,7 +228,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             for layer in summary["layers"]]
     widths = [max(len(row[i]) for row in (head, *rows)) for i in range(len(head))]
     lines = [f"{summary['model']} on {summary['dataset']}: input "
-             f"{_text(tuple(summary['input']))}, {summary['classes']} classes", ""]
+             f"{_text(tuple(summary['input']))}, {summary['classes']} classes",
+             f"{summary['title']} ({summary['reference']})", ""]
     for row in (head, *rows):
         lines.append("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip())

@@ -41,28 +41,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import (
-    COMPARED,
-    OPTIONS,
-    Config,
-    field_name,
-    format_value,
-    load_toml,
-    nearest_option,
-    option_name,
-    resolve,
-    short,
-    typed_value,
-    validate,
-    with_defaults,
-)
+from .checks import nearest_option, short, typed_value, validate, with_defaults
+from .config import load_toml, resolve
 from .errors import (
     CnnlabError,
     did_you_mean,
     one_line,
     shown,
 )
-from .files import atomic_write, read_json, safe_name, write_json
+from .files import atomic_write, safe_name, write_json
+from .options import COMPARED, OPTIONS, Config, field_name, format_value, option_name
 from .progress import say as say_line
 from .progress import silent
 from .results import (
@@ -80,7 +68,18 @@ from .results import (
     shown_metrics,
     verdict,
 )
-from .runs import hold
+from .runs import (
+    COMPARISON_PLOT,
+    CONFIG,
+    RESULTS_CSV,
+    RESULTS_MD,
+    SUMMARY,
+    SWEEP_FILE,
+    SWEEP_LOCK,
+    DamagedFile,
+    hold,
+    read_object,
+)
 from .study import RUN, Study, run_workers
 from .worker import (
     Job,
@@ -293,7 +292,7 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
                         why := config_difference(out / run.name, run.config)):
                     raise CnnlabError(f"{out / run.name} is a finished run of another sweep "
                                       f"({why}); choose another --out or remove it")
-            write_json(out / "sweep.json", joined.to_json())
+            write_json(out / SWEEP_FILE, joined.to_json())
     except OSError as e:
         raise CnnlabError(f"cannot create sweep directory {out}: {e.strerror or e}") from None
     where = Where.of(out, _plan_digest(plan), storage, study_name)
@@ -316,10 +315,9 @@ def run_sweep(plan: Plan, out: str | Path, *, progress: bool = True, jobs: int =
 def sweep_lock(out: Path):
     """Held while a command reads and rewrites the sweep directory's own files (sweep.json,
     the results): two commands never interleave their changes."""
-    return hold(out / LOCK_FILE)
+    return hold(out / SWEEP_LOCK)
 
 
-LOCK_FILE = ".cnnlab-sweep.lock"
 
 
 def _identity(plan: Plan) -> dict:
@@ -335,12 +333,13 @@ def _joined(out: Path, plan: Plan) -> Plan:
     """`plan` with the points that the sweep in `out` (its sweep.json) already holds; a sweep
     with other fixed options or grid keys is refused, naming the differences."""
     try:
-        before = read_json(out / "sweep.json")
+        before = read_object(out / SWEEP_FILE)
+        if before is None:
+            return plan
         runs = [_stored_run(r) for r in before["runs"]] if "identity" in before else []
-    except FileNotFoundError:
-        return plan
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise CnnlabError(f"{out / 'sweep.json'} is damaged ({one_line(e, 80)}); remove it to "
+    except (DamagedFile, TypeError, KeyError) as e:
+        why = e.what if isinstance(e, DamagedFile) else one_line(e, 80)
+        raise CnnlabError(f"{out / SWEEP_FILE} is damaged ({why}); remove it to "
                           "start the sweep's plan again (its runs are kept)") from None
     if not runs:  # written by an earlier cnnlab: this command's plan replaces it
         return plan
@@ -537,14 +536,14 @@ def _ran(run_dir: Path, config: dict) -> dict:
     """`config` with what its run resolved (device, precision, channels-last), as the run's
     config.json records it."""
     try:
-        resolved = read_json(run_dir / "config.json").get("resolved")
-    except (OSError, ValueError, AttributeError):
+        resolved = (read_object(run_dir / CONFIG) or {}).get("resolved")
+    except DamagedFile:
         resolved = None
     return config | {"resolved": resolved} if isinstance(resolved, dict) else config
 
 
 def _stored_plan(out: Path) -> Plan:
-    info = read_json(out / "sweep.json")
+    info = read_object(out / SWEEP_FILE, missing_ok=False)
     return Plan(keys=info["keys"], seeds=info["seeds"],
                 runs=[_stored_run(r) for r in info["runs"]])
 
@@ -552,12 +551,12 @@ def _stored_plan(out: Path) -> Plan:
 def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
     from .plots import plot_comparison, plot_overlay  # matplotlib: only where it draws
 
-    finished = [r for r in plan.runs if (out / r.name / "summary.json").is_file()
+    finished = [r for r in plan.runs if (out / r.name / SUMMARY).is_file()
                 and config_difference(out / r.name, r.config) is None]
     done = {r.name for r in finished}
     diverged = {r.name: error for r in plan.runs if r.name not in done
                 and (error := diverged_error(out / r.name)) is not None}
-    entries = [(r.point, r.config.to_dict(), read_json(out / r.name / "summary.json"))
+    entries = [(r.point, r.config.to_dict(), read_object(out / r.name / SUMMARY, missing_ok=False))
                for r in finished]
     order = list(dict.fromkeys(r.point for r in plan.runs))
     rows = sorted(aggregate(entries, [(r.point, r.config.to_dict()) for r in plan.runs
@@ -567,7 +566,7 @@ def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
     columns = shown_metrics(rows)
 
     table = _results_csv(plan.keys, rows)
-    atomic_write(out / "results.csv", lambda f: f.write(table.encode()))
+    atomic_write(out / RESULTS_CSV, lambda f: f.write(table.encode()))
 
     # the fixed settings as they ran (config.json's "resolved": fp32 (auto)) where runs finished
     configs = [_ran(out / r.name, r.config.to_dict()) for r in finished] or \
@@ -596,7 +595,7 @@ def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
     if finished:
         points = [r.point for r in finished]
         plot_overlay([out / r.name for r in finished], points, out)
-        plot_comparison([s for _, _, s in entries], points, out / "comparison.png")
+        plot_comparison([s for _, _, s in entries], points, out / COMPARISON_PLOT)
         lines += ["![Test accuracy of every point](accuracy.png)", "",
                   "![Loss of every point](loss.png)", "",
                   "![Final and best test accuracy of each point's runs, their mean and 95% "
@@ -606,6 +605,6 @@ def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
     lines += _runs_section(shown, summaries, diverged,
                            {key: title for key, title, _ in columns})
     lines += refused_section(refused)
-    atomic_write(out / "results.md", lambda f: f.write("\n".join(lines).encode()))
+    atomic_write(out / RESULTS_MD, lambda f: f.write("\n".join(lines).encode()))
     return {"out": str(out), "rows": rows, "verdict": text, "finished": len(finished),
             "diverged": len(diverged), "total": len(plan.runs)}

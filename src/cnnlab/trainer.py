@@ -21,18 +21,11 @@ from torch import nn
 
 from . import checkpoint, distributed, optim
 from .checkpoint import ModelMeta
-from .config import (
-    Config,
-    Resume,
-    checkpoint_interval,
-    format_value,
-    parse_image_size,
-    resolve_device,
-    resolve_precision,
-    run_config,
-)
+from .checks import checkpoint_interval, parse_image_size
+from .config import run_config
 from .data import Dataset, hold_out, load_dataset
 from .data.loader import DeviceLoader
+from .devices import resolve_device, resolve_precision
 from .engine import (
     Batch,
     Lookahead,
@@ -48,10 +41,23 @@ from .envinfo import collect_env
 from .errors import CnnlabError, Interrupted, TrainingDiverged, one_line
 from .limits import default_threads
 from .models import count_parameters
+from .options import Config, format_value
 from .plots import plot_run, plot_utilization
 from .progress import Phase, Progress
-from .results import DIVERGED, format_epochs
-from .runs import RunDir, default_run_dir, new_dir
+from .results import format_epochs
+from .resume import Resume
+from .runs import (
+    BEST,
+    CHECKPOINT,
+    CONFIG,
+    DIVERGED,
+    ENV,
+    SUMMARY,
+    TENSORBOARD,
+    RunDir,
+    default_run_dir,
+    new_dir,
+)
 from .stops import StopSignals
 from .telemetry import Sampler
 
@@ -195,7 +201,7 @@ def load_data(cfg: Config, progress: bool = True) -> Dataset:
 
 def _check_graphable(cfg: Config, device: torch.device, dist: distributed.Dist,
                      precision: Precision) -> None:
-    """What --cuda-graph needs of the machine (config.validate checks the options)."""
+    """What --cuda-graph needs of the machine (checks.validate checks the options)."""
     if cfg.cuda_graph and (device.type != "cuda" or dist.enabled):
         raise CnnlabError("--cuda-graph needs a GPU and one process: " + (
             f"this run trains on {device.type}; use --device cuda or leave --cuda-graph out"
@@ -332,7 +338,7 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
 
 def _unwritable(e: OSError, path: Path) -> CnnlabError:
     then = (f"continue with: cnnlab train --resume {path}"
-            if (path / "config.json").is_file() else "run the same command again")
+            if (path / CONFIG).is_file() else "run the same command again")
     fix = ("free some space, then" if e.errno in (errno.ENOSPC, errno.EDQUOT)
            else "once it can be written,")
     return CnnlabError(f"cannot write {e.filename or path}: {e.strerror or e}; {fix} {then}")
@@ -377,7 +383,7 @@ def _run(t: Training, *, run: RunDir | None, resume: Resume | None,
     cfg, dist, loop = t.cfg, t.dist, t.state.loop
     resumed_from = None
     if resume is not None and resume.checkpoint is not None:  # rank 0 alone has the path
-        where = run.path / "checkpoint.pt" if run is not None else "checkpoint.pt"
+        where = run.path / CHECKPOINT if run is not None else CHECKPOINT
         offset = restore(t, resume.checkpoint, where)
         resumed_from = loop.step
         if run is not None:
@@ -386,9 +392,9 @@ def _run(t: Training, *, run: RunDir | None, resume: Resume | None,
         run.truncate_metrics(0)
     if run is not None:
         if resume is not None:  # with the changes --resume allowed
-            run.write_json("config.json", _run_config(t))
+            run.write_json(CONFIG, _run_config(t))
         if resume is None or resume.checkpoint is None:
-            run.write_json("env.json", collect_env(t.device))
+            run.write_json(ENV, collect_env(t.device))
         if cfg.tensorboard:
             run.add_sink(tensorboard_sink(run.path))
     with StopSignals() as signals:
@@ -406,14 +412,14 @@ def _run(t: Training, *, run: RunDir | None, resume: Resume | None,
             summary["resumed_from_step"] = resumed_from
         if run is not None:  # rank 0 alone writes
             for write in (plot_run, plot_utilization,
-                          lambda path: run.write_json("summary.json", summary)):
+                          lambda path: run.write_json(SUMMARY, summary)):
                 if signals.signum is not None:
                     raise _interrupted(signals.signum, loop, run, finishing=True)
                 write(run.path)
     return summary
 
 
-def restore(t: Training, ckpt: dict, path: str | Path = "checkpoint.pt") -> int:
+def restore(t: Training, ckpt: dict, path: str | Path = CHECKPOINT) -> int:
     """Put the training state back as `ckpt` (the file `path`) holds it, once checked to fit
     this run as built; returns the byte offset metrics.jsonl had when it was written."""
     shapes = [p.shape for group in t.state.optimizer.param_groups for p in group["params"]]
@@ -570,7 +576,7 @@ class Host:
         due = (self.unit == "step" or loop.epoch > t.epoch_count
                or (loop.epoch - 1) % self.every == 0)
         # best.pt first: a resume from an older checkpoint.pt writes it again
-        names = ("best.pt",) * best + ("checkpoint.pt",) * due
+        names = (BEST,) * best + (CHECKPOINT,) * due
         if names:
             self.checkpoint(*names)
 
@@ -623,14 +629,14 @@ def save_checkpoint(t: Training, run: RunDir | None, *names: str) -> None:
     if loop.window is not None:
         loop.check_finite(t.dist.reduce_sum(loop.window)[1].item())
     if run is not None:
-        run.save_checkpoint({
+        checkpoint.save({
             "format": checkpoint.FORMAT, **t.state.state_dict(),
             "model_meta": t.meta.to_dict(), "config": t.cfg.to_dict(),
             "data_digest": t.data.digest, "epochs_done": t.epochs_done(),
             "test_acc": loop.history[-1] if loop.history else None,
             "val_acc": loop.last_val["accuracy"] if loop.last_val else None,
             "metrics_offset": run.metrics_offset(),
-        }, *(names or ("checkpoint.pt",)))
+        }, *(run.path / name for name in names or (CHECKPOINT,)))
 
 
 def _summary(t: Training, wall_start: float, run_dir: str | Path | None) -> dict:
@@ -701,7 +707,7 @@ class tensorboard_sink:  # noqa: N801 - used like a function
         self.check()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_path / "tensorboard"))
+        self.writer = SummaryWriter(str(run_path / TENSORBOARD))
         self.step = 0
 
     @staticmethod

@@ -34,7 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import (
+from .checks import nearest_option, short, typed_value
+from .config import resolve
+from .errors import (
+    CnnlabError,
+    shown,
+    unknown_choice,
+)
+from .files import safe_name, write_json
+from .options import (
     ARGUMENT,
     COMPARED,
     MACHINE,
@@ -43,25 +51,15 @@ from .config import (
     Config,
     field_name,
     format_value,
-    nearest_option,
     option_name,
-    resolve,
-    short,
-    typed_value,
 )
-from .errors import (
-    CnnlabError,
-    shown,
-    unknown_choice,
-)
-from .files import read_json, safe_name, write_json
 from .progress import say as say_line
 from .progress import silent
 from .results import metric
+from .runs import RESULTS_MD, SUMMARY, TUNE_FILE, DamagedFile, read_object
 from .study import REFUSED, RUN, Study, run_workers
 from .tune_results import (
     TRIAL_NAME,
-    TUNE_FILE,
     epochs_text,
     retried,
     short_value,
@@ -346,8 +344,8 @@ def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: in
             "plan": search.plan()}
     if (out / TUNE_FILE).is_file():
         try:
-            same = read_json(out / TUNE_FILE).get("plan") == info["plan"]
-        except (OSError, ValueError, AttributeError):
+            same = (read_object(out / TUNE_FILE) or {}).get("plan") == info["plan"]
+        except DamagedFile:
             same = False
         if not same:
             raise CnnlabError(f"{out} holds another search (other model, dataset, fixed "
@@ -379,7 +377,7 @@ def run_tune(search: Search, out: str | Path, *, progress: bool = True, jobs: in
         what = ("completed" if search.target is None else
                 f"reached {search.target:g}% on validation")
         raise CnnlabError(f"no trial of the search {what} ({states(info['rows'])}); "
-                          f"nothing to choose from: see {out / 'results.md'}")
+                          f"nothing to choose from: see {out / RESULTS_MD}")
     return info
 
 
@@ -415,9 +413,9 @@ def _time_pruned(out: Path, search: Search, record: dict) -> str | None:
     if search.pruner != "time":
         return None
     best = math.inf
-    for path in out.glob("trial-*/summary.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            summary = read_json(path)
+    for path in out.glob(f"trial-*/{SUMMARY}"):
+        with contextlib.suppress(DamagedFile, ValueError, KeyError, TypeError):
+            summary = read_object(path, missing_ok=False)
             if summary["final_val_acc"] >= search.target:
                 best = min(best, float(summary["train_seconds"]))
     if record["train_seconds"] < best:

@@ -10,14 +10,24 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import ARGUMENT, COMPARED, OPTIONS, applies, format_value, option_name
-from .files import atomic_write, read_json, write_json
+from .files import atomic_write, write_json
+from .options import ARGUMENT, COMPARED, OPTIONS, applies, format_value, option_name
 from .results import diverged_error, fixed_settings, format_epochs, md_table, metric
-from .runs import read_metrics
+from .runs import (
+    BEST_OPTIONS,
+    CONFIG,
+    HISTORY_PLOT,
+    IMPORTANCE_PLOT,
+    RESULTS_MD,
+    SUMMARY,
+    TUNE_FILE,
+    DamagedFile,
+    read_metrics,
+    read_object,
+)
 from .study import REFUSED, RUN, Study
 from .worker import refused_section
 
-TUNE_FILE = "tune.json"   # in the tune directory: the plan, then every trial's outcome
 # Complete trials before parameter importances (over fewer they say nothing).
 IMPORTANCE_TRIALS = 4
 TRIAL_NAME = re.compile(r"trial-(\d{4,9})")  # a trial's run: trial-0000, trial-0001, ...
@@ -43,11 +53,10 @@ def _outcome(run_dir: Path) -> dict:
     or from the records of a run the pruner stopped (or one that diverged or still
     trains)."""
     try:
-        epochs = read_json(run_dir / "config.json")["epochs"]
-    except (OSError, ValueError, KeyError, TypeError):
+        epochs = (read_object(run_dir / CONFIG) or {}).get("epochs")
+    except DamagedFile:
         epochs = None
-    if (run_dir / "summary.json").is_file():
-        s = read_json(run_dir / "summary.json")
+    if (s := read_object(run_dir / SUMMARY)) is not None:
         return {"best_val_acc": s.get("best_val_acc"), "test_acc_at_best":
                 s.get("test_acc_at_best"), "final_val_acc": s.get("final_val_acc"),
                 "final_test_acc": s.get("final_test_acc"),
@@ -106,7 +115,7 @@ def _best_options(run_dir: Path) -> dict[str, Any]:
     """What a run trained with, as `cnnlab train --config` takes it: every option that can
     change the result (no model or dataset, no runtime option, no None: the default, none
     that means nothing for it, such as --muon-lr with sgd)."""
-    config = read_json(run_dir / "config.json")
+    config = read_object(run_dir / CONFIG, missing_ok=False)
     return {k: config[k] for k in COMPARED
             if OPTIONS[k].kind != ARGUMENT and config.get(k) is not None
             and applies(config, k)}
@@ -131,11 +140,11 @@ def _write_best(out: Path, search, best: dict) -> None:
              f"accuracy {best['final_val_acc']:.2f}% (test {best['final_test_acc']:.2f}%)")
     lines = [f"# cnnlab tune: {found}",
              f"# train it: cnnlab train {search.base.model} {search.base.dataset} --config "
-             f"{out / 'best.toml'}"]
+             f"{out / BEST_OPTIONS}"]
     for key, value in best["options"].items():
         note = f"  # searched: {searched[key].describe()}" if key in searched else ""
         lines.append(f"{option_name(key)} = {_toml_value(value)}{note}")
-    atomic_write(out / "best.toml", ("\n".join(lines) + "\n").encode())
+    atomic_write(out / BEST_OPTIONS, ("\n".join(lines) + "\n").encode())
 
 
 def _importances(study, search, complete: int) -> dict[str, float]:
@@ -327,13 +336,13 @@ def write_results(out: str | Path, search, where) -> dict:
             "epochs_unpruned": sum((r["epochs"] if r["state"] == "pruned" else
                                     r["epochs_done"]) or 0 for r in rows)}
     figures = {}
-    if _plot_history(rows, out / "history.png", search.target):
-        figures["history.png"] = ("Each trial's best validation accuracy and the best so far"
+    if _plot_history(rows, out / HISTORY_PLOT, search.target):
+        figures[HISTORY_PLOT] = ("Each trial's best validation accuracy and the best so far"
                                   if search.target is None else
                                   "Each trial's training time and the fastest to the target")
     if importances:
-        _plot_importance(importances, len(complete), out / "importance.png")
-        figures["importance.png"] = ("How much each searched option decides whether a "
+        _plot_importance(importances, len(complete), out / IMPORTANCE_PLOT)
+        figures[IMPORTANCE_PLOT] = ("How much each searched option decides whether a "
                                      "trial is among the best")
     info["figures"] = figures
     info["no_importance"] = None if importances else _no_importance(search, len(complete))
@@ -351,7 +360,7 @@ def write_results(out: str | Path, search, where) -> dict:
         lines += [text, ""]
     if best:
         lines += [f"The best trial's options are in best.toml: `cnnlab train {model} {dataset} "
-                  f"--config {out / 'best.toml'}`.", ""]
+                  f"--config {out / BEST_OPTIONS}`.", ""]
     for name, alt in info["figures"].items():
         lines += [f"![{alt}]({name})", ""]
     if info["no_importance"]:
@@ -365,5 +374,5 @@ def write_results(out: str | Path, search, where) -> dict:
                   f"![Accuracy of {best['run']}]({best['run']}/accuracy.png)", ""]
     refused = study.refused()
     lines += refused_section(refused)
-    atomic_write(out / "results.md", "\n".join(lines).encode())
+    atomic_write(out / RESULTS_MD, "\n".join(lines).encode())
     return info | {"out": str(out), "refused": refused}

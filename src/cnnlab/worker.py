@@ -25,19 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import (
-    COMPARED,
-    Config,
-    format_value,
-    option_name,
-    resume_config,
-    short,
-    with_defaults,
-)
+from .checks import short, with_defaults
 from .errors import CnnlabError, Interrupted, TrainingDiverged, failure_message, shown
-from .files import read_json
+from .options import COMPARED, Config, format_value, option_name
 from .results import diverged_error
-from .runs import RunLocked, wait_unlocked
+from .resume import resume_config
+from .runs import CONFIG, SUMMARY, DamagedFile, RunLocked, read_object, wait_unlocked
 from .study import default_storage, digest
 
 NAME_MAX = 200  # characters of a run name read from a study
@@ -113,9 +106,9 @@ def config_difference(run_dir: Path, cfg: Config) -> str | None:
     """What differs between the configuration of the run in `run_dir` and `cfg` (the options
     that change the result), or None where they agree."""
     try:
-        done = with_defaults(read_json(run_dir / "config.json"))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return "its config.json is missing or damaged"
+        done = with_defaults(read_object(run_dir / CONFIG, missing_ok=False))
+    except (DamagedFile, TypeError):
+        return f"its {CONFIG} is missing or damaged"
     for key, value in cfg.to_dict().items():
         if key in COMPARED and done.get(key) != value:
             return (f"it ran with {option_name(key)}={format_value(done.get(key))}, this "
@@ -137,13 +130,13 @@ def train_or_continue(run_dir: Path, cfg: Config, tag: str, job: str, *, progres
                                            "waiting for it to end"))
         if (error := diverged_error(run_dir)) is not None:
             raise TrainingDiverged(error)
-        begun = (run_dir / "config.json").is_file()
+        begun = (run_dir / CONFIG).is_file()
         if begun and (why := config_difference(run_dir, cfg)) is not None:
             raise Refused(f"{run_dir} holds a run with other settings ({why}); remove it or "
                           "choose another --out")
-        if (run_dir / "summary.json").is_file():
+        if (summary := read_object(run_dir / SUMMARY)) is not None:
             say(f"{tag}: finished before, skipped")
-            return read_json(run_dir / "summary.json")
+            return summary
         try:
             if not begun:
                 say(f"{tag}: training{job}")
