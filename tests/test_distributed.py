@@ -125,14 +125,14 @@ def test_nproc_checks_options_once_and_passes_the_ranks_status_through(data, tmp
 ])
 def test_nproc_needs_a_gpu_a_process_or_the_cpu(monkeypatch, capsys, tmp_path, gpus, args,
                                                 error):
-    from cnnlab import launch
+    from cnnlab import cli
     from cnnlab.cli import main
 
     monkeypatch.chdir(tmp_path)  # the launcher claims runs/<time>-... here
     monkeypatch.delenv("CNNLAB_DEVICE")  # the default device: auto
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     launched = []
-    monkeypatch.setattr(launch, "launch", lambda n, rest, run, nodes: launched.append(n) or 0)
+    monkeypatch.setattr(cli, "launch", lambda n, rest, run, nodes: launched.append(n) or 0)
     code = main(["train", "lenet5", "mnist", "--nproc", "2", *args])
     err = capsys.readouterr().err
     if error:

@@ -61,13 +61,13 @@ def write_run(path, *, epochs, evals, train_steps=(), smoothing=0.0, pool=None, 
 def drawn(monkeypatch):
     """The figures drawn, by file name (and still written)."""
     figures = {}
-    save = plots._save
+    save = plots.save_figure
 
     def keep(fig, path):
         figures[path.name] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(plots, "save_figure", keep)
     return figures
 
 

@@ -221,3 +221,66 @@ def test_the_architecture_table_names_every_module_and_nothing_else():
                      for path in (SRC / PACKAGE).rglob("*.py"))
     assert sorted(rows) == present, (sorted(set(present) - set(rows)),
                                      sorted(set(rows) - set(present)))
+
+
+# Third-party packages whose import takes long enough to matter at start-up
+HEAVY_PACKAGES = {"torch", "torchvision", "numpy", "optuna", "sqlalchemy", "matplotlib",
+                  "captum", "onnx", "onnxruntime", "onnxscript", "scipy", "PIL"}
+
+
+def top_level_imports(path: Path) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements a module runs when it is imported (not those in functions or
+    under `if TYPE_CHECKING:`)."""
+    found = []
+    for node in parse(path).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, ast.Try):  # try: import tomllib / except: import tomli
+            found += [n for n in node.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return found
+
+
+def heavy_modules() -> set[str]:
+    """The package's modules whose import loads a heavy package, themselves or through
+    another of the package's modules."""
+    known = modules()
+    direct, uses = set(), {}
+    for name, path in known.items():
+        uses[name] = set()
+        for node in top_level_imports(path):
+            if isinstance(node, ast.Import):
+                third = {alias.name.split(".")[0] for alias in node.names}
+            else:
+                third = {(node.module or "").split(".")[0]} if not node.level else set()
+            if third & HEAVY_PACKAGES:
+                direct.add(name)
+            uses[name].update(imported(name, node, known))
+    heavy, grew = set(direct), True
+    while grew:
+        grew = False
+        for name, targets in uses.items():
+            if name not in heavy and targets & heavy:
+                heavy.add(name)
+                grew = True
+    return heavy
+
+
+def test_the_package_imports_its_own_modules_at_the_top():
+    """A reader sees a module's dependencies at its top: an import of one of the package's
+    own modules inside a function is for a module whose import loads a heavy package
+    (torch, Optuna, matplotlib ...), which is deferred so that `cnnlab --help` stays fast."""
+    known, heavy = modules(), heavy_modules()
+    assert {"cnnlab.trainer", "cnnlab.engine", "cnnlab.models.lenet"} <= heavy
+    assert not {"cnnlab.cli", "cnnlab.config", "cnnlab.runs", "cnnlab.models"} & heavy
+    inside = []
+    for name, path in known.items():
+        tree = parse(path)
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    light = [t for t in imported(name, node, known) if t not in heavy]
+                    inside += [f"{name}:{node.lineno} imports {t} in {fn.name}()"
+                               for t in light if t != name]
+    assert not inside, "\n".join(sorted(set(inside)))

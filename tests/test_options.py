@@ -3,6 +3,7 @@ from the field's metadata, and they mean the same value."""
 
 import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -164,22 +165,35 @@ def test_version_prefixes_and_where_to_look(capsys):
                                                "'cnnlab train --help')")
 
 
-def test_help_and_argument_errors_do_not_import_torch():
+# The third-party packages cnnlab defers: `cnnlab --help`, every command's help and an
+# option error load none of them (start-up stays fast).
+HEAVY = ("torch", "numpy", "optuna", "sqlalchemy", "matplotlib", "captum", "onnx",
+         "onnxruntime", "scipy", "PIL", "torchvision")
+
+
+def test_help_and_argument_errors_do_not_import_heavy_packages():
     import subprocess
     import sys
 
-    check = ("import sys; from cnnlab.cli import main; code = main({argv}); "
-             "assert 'torch' not in sys.modules, 'torch imported'; print(code)")
+    check = ("import sys; from cnnlab.cli import main; code = main(ARGV); "
+             f"heavy = set({HEAVY!r}) & {{m.split('.')[0] for m in sys.modules}}; "
+             "assert not heavy, heavy; print(code)")
     for argv in (["train", "lenet5", "mnist", "--lr", "-1"], ["train", "vgg", "mnist"],
                  ["train", "lenet5", "mnist", "--pool", "mean"],
                  ["train", "resnet18", "mnist", "--pool", "avg"]):
-        res = subprocess.run([sys.executable, "-c", check.format(argv=argv)],
+        res = subprocess.run([sys.executable, "-c", check.replace("ARGV", repr(argv))],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and res.stdout.strip() == "2", res.stderr
     res = subprocess.run([sys.executable, "-c", "import sys; from cnnlab.cli import build_parser;"
                           " p = build_parser(); p.format_help();"
                           " [c.format_help() for c in p.commands.values()];"
-                          " heavy = {'torch', 'numpy', 'optuna', 'sqlalchemy'} & set(sys.modules);"
+                          f" heavy = set({HEAVY!r}) & {{m.split('.')[0] for m in sys.modules}};"
                           " assert not heavy, heavy"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+    res = subprocess.run([sys.executable, "-m", "cnnlab", "--help"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert res.returncode == 0 and "usage: cnnlab" in res.stdout, res.stderr
+    loaded = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert not set(HEAVY) & loaded, set(HEAVY) & loaded

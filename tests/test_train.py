@@ -107,8 +107,8 @@ def test_cli_trains_and_prints_the_run_directory_last(tiny_mnist, tmp_path):
     # plain lines when not on a terminal: the epochs done and the step of how many, the time
     # left, and a summary line an epoch
     steps = json.loads((run_dir / "summary.json").read_text())["steps"]
-    assert re.search(rf"epoch {2 / steps:g}/1 step 2/{steps}: loss [0-9.]+ lr [0-9.e-]+ [0-9,]+ img/s, "
-                     r"ETA [0-9.]+ (s|min)\n", res.stderr), res.stderr
+    assert re.search(rf"epoch {2 / steps:g}/1 step 2/{steps}: loss [0-9.]+ lr [0-9.e-]+ "
+                     r"[0-9,]+ img/s, ETA [0-9.]+ (s|min)\n", res.stderr), res.stderr
     assert re.search(r"epoch 1/1: [0-9.]+ s, train loss [0-9.]+, test loss [0-9.]+, "
                      r"test accuracy [0-9.]+%\n", res.stderr), res.stderr
 

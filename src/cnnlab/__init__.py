@@ -9,6 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .checks import option_values
+from .config import load_toml, resolve
+from .resume import resume_config
+
 __version__ = "0.1.0"
 
 
@@ -23,9 +27,6 @@ def train(model: str | None = None, dataset: str | None = None, *,
     summary are missing (only options that cannot change the result may change).
     Raises CnnlabError on bad input.
     """
-    from .checks import option_values
-    from .config import load_toml, resolve
-    from .resume import resume_config
 
     file_values = option_values(load_toml(config), "config file key") if config else {}
     if resume is not None:

@@ -18,9 +18,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .config import resolve
+from .devices import cpu_has_bf16, resolve_device
 from .errors import CnnlabError
 from .files import write_json
+from .limits import usable_cpus
 from .runs import SUMMARY, read_metrics
+from .specs import SPECS
 
 # torch and the trainer are imported where a benchmark runs: a missing input is reported
 # before that, in well under a second.
@@ -31,7 +34,6 @@ def cnnlab_epoch(model: str, dataset: str, data_dir: str, max_steps: int | None 
     """Time cnnlab's own training over one epoch or `max_steps` steps after `warmup` untimed
     ones: the training loop's own epoch runner and step (held parameters, weight averages
     and all), without its evaluation, records, checkpoints or the process's start."""
-    from .devices import resolve_device
     from .engine import Stopwatch
     from .trainer import build, torch_settings, train_epoch
 
@@ -262,7 +264,6 @@ def ablation(data_dir: str, folder: str | None) -> list[dict]:
         on = cnnlab_epoch(model, dataset, data_dir, **timed, **best)["images_per_second"]
         for key, value in changes:
             if (key, value) == ("precision", "other"):
-                from .devices import cpu_has_bf16
 
                 value = "fp32" if cpu_has_bf16() else "bf16"
             off = cnnlab_epoch(model, dataset, data_dir, **timed,
@@ -302,7 +303,6 @@ def _busy_rows(b: Bench) -> None:
     processes that the bench starts itself (one per usable CPU): with the threads cnnlab took
     before (every usable CPU), with its default now (fewer beside busy processes), and with
     --threads 1. Medians of BUSY_REPEATS runs, interleaved."""
-    from .limits import usable_cpus
 
     cpus = usable_cpus()
     kinds = {"before (every CPU)": ["--threads", str(cpus)], "default": [],
@@ -523,7 +523,6 @@ def check_inputs(suite: str, data_dir: str, folder: str,
     """Before anything is timed: refuse (CnnlabError) what the row groups `keys` (default:
     all of the suite's) cannot do without, and return the CIFAR-10 image folder, or None
     where it is absent (the cpu suite leaves its rows out)."""
-    from .specs import SPECS
 
     keys = set(row_keys(suite) if keys is None else keys)
     raw = Path(data_dir) / "MNIST" / "raw"

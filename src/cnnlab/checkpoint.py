@@ -39,6 +39,7 @@ from torch import nn
 
 from .errors import CnnlabError, one_line
 from .files import atomic_write
+from .models import create_model
 from .runs import BEST, CHECKPOINT, CONFIG
 
 FORMAT = 1
@@ -104,7 +105,6 @@ class ModelMeta:
 
     def build(self) -> nn.Module:
         """The model, with freshly initialised weights."""
-        from .models import create_model
 
         return create_model(self.name, in_channels=self.in_channels,
                             num_classes=self.num_classes, image_size=self.image_size,
@@ -227,7 +227,7 @@ def load_for_resume(run_dir: str | Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Run:
+class ResumeTarget:
     """What a checkpoint to resume must fit, of the run as built again: its training state
     (engine.TrainState.state_dict() before any step), the shapes of the optimiser's
     parameters in its order, the data's digest and size, and the run's length."""
@@ -241,7 +241,7 @@ class Run:
     total_steps: int
 
 
-def check_fits(ckpt: dict[str, Any], run: Run, path: str | Path = CHECKPOINT) -> None:
+def check_fits(ckpt: dict[str, Any], run: ResumeTarget, path: str | Path = CHECKPOINT) -> None:
     """Refuse a checkpoint (the file `path`, its fields' types checked) that does not fit
     `run`: another dataset or device, or a piece of state damaged - before anything is
     loaded, rather than failing in the middle of training after the run's files were
@@ -362,7 +362,7 @@ def _a_kind(kind: Any) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _misfit(ckpt: dict[str, Any], run: Run) -> str | None:
+def _misfit(ckpt: dict[str, Any], run: ResumeTarget) -> str | None:
     """What of a checkpoint does not fit the run as built: a model's weights, the optimiser's,
     schedule's or loss scaler's state, the random state, or where the loop was. None if all
     fits."""

@@ -12,6 +12,7 @@ from .errors import CnnlabError, did_you_mean, unknown_choice
 from .models import MODELS, options_of
 from .options import ARGUMENT, OPTIONS, Config, field_name, format_value, option_name
 from .presets import flips
+from .specs import SPECS
 
 # Other names users give options, for "did you mean" (difflib finds the mistypings)
 _SYNONYMS = {"learning_rate": "lr", "learningrate": "lr", "max_lr": "lr", "epoch": "epochs",
@@ -174,7 +175,6 @@ def validate(cfg: Config) -> None:
     """Reject impossible values with a message naming the option and the fix (before any
     data is read, so that a sweep fails before its first run)."""
 
-    from .specs import SPECS
 
     if cfg.model not in MODELS:
         raise CnnlabError(unknown_choice("model", cfg.model, MODELS))

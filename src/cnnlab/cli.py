@@ -9,7 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, train
+from .bench import CPU_ROWS, GPU_ROWS, run_bench
+from .checks import check_option, parse_image_size
+from .config import default_data_dir, load_toml, resolve
+from .devices import default_device, resolve_device
 from .errors import (
     INTERRUPTED,
     CnnlabError,
@@ -17,8 +21,23 @@ from .errors import (
     Interrupted,
     StoppedAtOnce,
     failure_message,
+    lost_contact,
 )
-from .runs import RESULTS_MD
+from .launch import Nodes, launch, leave_to_launcher, rank_finished, rank_started
+from .listing import format_table, list_runs
+from .lrfind import END_LR, MAX_STEPS, MIN_STEPS, NOT_USED, START_LR, STEPS, lr_find
+from .models import MODELS
+from .options import ARGUMENT, OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
+from .process import set_up_command
+from .progress import say as say_line
+from .rank import env_rank
+from .report import write_report
+from .results import best_text
+from .runs import RESULTS_MD, default_run_dir, new_dir
+from .specs import SPECS
+from .sweep import default_sweep_dir, load_sweep_file, parse_grid_arg, plan_sweep, run_sweep
+from .tune import default_tune_dir, plan_tune, run_tune
+from .tune_results import summary_lines
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +56,6 @@ def add_train_options(p: argparse.ArgumentParser, leave_out: frozenset[str] = fr
     from the field's metadata, but those in `leave_out` (fields that mean nothing to the
     command). Every default is None: an option given beats the config file, which beats the
     preset."""
-    from .options import ARGUMENT, OPTIONS
 
     for name, o in OPTIONS.items():
         if o.kind != ARGUMENT and name not in leave_out:
@@ -67,7 +85,6 @@ def _add_option(p: argparse.ArgumentParser, name: str, dest: str | None = None,
     `default_help`: what the help says of the default, where not the field's."""
     from dataclasses import MISSING
 
-    from .options import OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
 
     o, dest = OPTIONS[name], dest or name
     flag = f"--{option_name(dest)}"
@@ -91,8 +108,6 @@ def _add_option(p: argparse.ArgumentParser, name: str, dest: str | None = None,
 
 def _names() -> tuple[str, str]:
     """The MODEL and DATASET choices, from the registries."""
-    from .models import MODELS
-    from .specs import SPECS
 
     return ", ".join(MODELS), ", ".join([*SPECS, "folder:PATH"])
 
@@ -162,16 +177,11 @@ def unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: li
 
 def train_options(args: argparse.Namespace) -> dict:
     """The config overrides among parsed arguments (those add_train_options defines)."""
-    from .options import ARGUMENT, OPTIONS
 
     return {k: v for k, v in vars(args).items() if k in OPTIONS and OPTIONS[k].kind != ARGUMENT}
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import train
-    from .rank import env_rank
-    from .results import best_text
-
     if args.resume is None and (args.model is None or args.dataset is None):
         raise CnnlabError("train needs MODEL and DATASET (or --resume RUN_DIR)")
     if any(v is not None for v in (args.nproc, args.nnodes, args.node_rank, args.master_addr)):
@@ -196,7 +206,6 @@ LAUNCHER_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--ma
 
 def _nodes(args: argparse.Namespace):
     """The machines of a `--nnodes` run (launch.Nodes), checked; None for one machine."""
-    from .launch import Nodes
 
     if args.nnodes is None or args.nnodes == 1:
         for name in ("node_rank", "master_addr"):
@@ -231,10 +240,6 @@ def _launch(args: argparse.Namespace) -> int:
     rank die)."""
     import contextlib
 
-    from .config import load_toml, resolve
-    from .devices import default_device
-    from .launch import launch
-    from .runs import default_run_dir, new_dir
 
     args.nproc = 1 if args.nproc is None else args.nproc
     if not 1 <= args.nproc <= 1024:
@@ -342,7 +347,6 @@ def _use_parsers(sub) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from .devices import resolve_device
     from .inference import evaluate_checkpoint, format_eval, save_eval
     from .mistakes import files_line
 
@@ -365,7 +369,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
-    from .devices import resolve_device
     from .predict import format_prediction, predict
 
     results = predict(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert,
@@ -383,8 +386,6 @@ def _predict(args: argparse.Namespace) -> int:
 def _check_use_options(args: argparse.Namespace) -> None:
     """Refuse, as train does, a value out of the choices or range of an option that
     add_use_options made (before anything is loaded)."""
-    from .checks import check_option
-    from .options import option_name
 
     for dest, name in getattr(args, "use_options", {}).items():
         check_option(name, getattr(args, dest), option_name(dest))
@@ -451,8 +452,6 @@ def _study_options(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .progress import say as say_line
-    from .sweep import default_sweep_dir, load_sweep_file, parse_grid_arg, plan_sweep, run_sweep
 
     spec = load_sweep_file(args.config) if args.config else {}
     if args.model is not None and args.dataset is None:
@@ -535,8 +534,6 @@ def _tune_parser(sub) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .tune import default_tune_dir, plan_tune, run_tune
-    from .tune_results import summary_lines
 
     search = plan_tune(args.model, args.dataset, args.space, options=train_options(args),
                        trials=args.trials, sampler=args.sampler, pruner=args.pruner,
@@ -573,7 +570,6 @@ def _report_parser(sub) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
 
     written = write_report(args.dirs, args.out, evaluate=not args.no_eval,
                            data_dir=args.data_dir, device=args.device)
@@ -601,7 +597,6 @@ def _runs_parser(sub) -> None:
 def _runs(args: argparse.Namespace) -> int:
     import json
 
-    from .listing import format_table, list_runs
 
     dirs = args.dirs or ["runs"]
     entries = list_runs(dirs)
@@ -615,7 +610,6 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _bench_parser(sub) -> None:
-    from .bench import CPU_ROWS, GPU_ROWS
 
     p = sub.add_parser("bench", help="time-to-accuracy and throughput against the reference",
                        description="Benchmark cnnlab against the lab report's pipeline "
@@ -638,8 +632,6 @@ def _bench_parser(sub) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
-    from .config import default_data_dir
 
     data_dir = default_data_dir(args.data_dir)
     run_bench(args.suite, data_dir, args.cifar_folder or f"{data_dir}/cifar10-jpeg", args.out,
@@ -665,7 +657,6 @@ def _summary_parser(sub) -> None:
 def _summary(args: argparse.Namespace) -> int:
     import json
 
-    from .checks import parse_image_size
     from .summary import format_summary, summarize
 
     size = None if args.image_size is None else parse_image_size(args.image_size)
@@ -675,7 +666,6 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _lr_find_parser(sub) -> None:
-    from .lrfind import END_LR, MAX_STEPS, MIN_STEPS, NOT_USED, START_LR, STEPS
 
     models, datasets = _names()
     p = sub.add_parser(
@@ -704,7 +694,6 @@ def _lr_find_parser(sub) -> None:
 
 
 def _lr_find(args: argparse.Namespace) -> int:
-    from .lrfind import lr_find
 
     result = lr_find(args.model, args.dataset, config=args.config, out=args.out,
                      start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,
@@ -726,7 +715,6 @@ def main(argv: list[str] | None = None) -> int:
     settings - signal handlers, warnings, allocator - are left as they are)."""
     command = argv is None  # the process is this command: its settings are ours
     if command:
-        from .process import set_up_command
 
         set_up_command()
     try:
@@ -738,13 +726,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"cnnlab {args.command}")
         args.argv = argv
         if command:
-            from .launch import rank_started
 
             rank_started()
-        code = _run(args)
+        code = _dispatch(args)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside training, or a second one in it
         code = Exit.for_signal(e.signum) if isinstance(e, StoppedAtOnce) else INTERRUPTED
-        from .rank import env_rank
 
         if env_rank() == 0:  # under torchrun, every rank stops: one says so
             print("cnnlab: stopped at once; files already written are intact (a run "
@@ -755,7 +741,6 @@ def main(argv: list[str] | None = None) -> int:
     # modules down for about another second, and a signal meanwhile would print tracebacks
     # ("Exception ignored in atexit callback") and end the process by the signal rather
     # than with `code` (tests/test_reliability.py reproduces it).
-    from .launch import rank_finished
 
     rank_finished(code)
     sys.stdout.flush()
@@ -763,14 +748,13 @@ def main(argv: list[str] | None = None) -> int:
     os._exit(code)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         _check_use_options(args)
         return {"train": _train, "sweep": _sweep, "tune": _tune, "report": _report,
                 "runs": _runs, "eval": _eval, "predict": _predict, "summary": _summary,
                 "export": _export, "bench": _bench, "lr-find": _lr_find}[args.command](args)
     except Interrupted as e:
-        from .rank import env_rank
 
         if env_rank() == 0:
             print(f"cnnlab: {e}", file=sys.stderr)
@@ -783,8 +767,6 @@ def _run(args: argparse.Namespace) -> int:
         message = failure_message(e)
         if message is None:
             raise
-        from .errors import lost_contact
-        from .launch import leave_to_launcher
 
         if lost_contact(e) and leave_to_launcher(message):
             return Exit.BAD_INPUT

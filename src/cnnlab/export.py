@@ -21,6 +21,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import ModelMeta, Trained, load_model
+from .config import data_dir_for
 from .data.loader import mean_std
 from .errors import CnnlabError, one_line
 from .files import temp_file, write_synced
@@ -179,9 +180,8 @@ def _real_inputs(trained: Trained, data_dir: str | Path | None
                  ) -> tuple[torch.Tensor | None, str]:
     """The model's input for the first REAL_IMAGES test images of the dataset it was trained
     on, where that is at hand (else None), and what the parity was checked on."""
-    from .config import data_dir_for
     from .data import load_dataset
-    from .inference import check_fits
+    from .inference import check_dataset_fits
 
     random = f"random images (batches of {' and '.join(map(str, _CHECK_BATCHES))})"
     meta, dataset = trained.meta, trained.config.get("dataset")
@@ -190,7 +190,7 @@ def _real_inputs(trained: Trained, data_dir: str | Path | None
     try:
         data = load_dataset(dataset, data_dir_for(data_dir, trained.config), download=False,
                             image_size=meta.image_size if meta.fit == "crop" else None)
-        check_fits(data, meta, dataset)
+        check_dataset_fits(data, meta, dataset)
     except CnnlabError:
         return None, (f"{random} only: no {dataset} test images at hand "
                       f"(--data-dir gives their folder)")

@@ -24,6 +24,7 @@ from .engine import Precision, logits
 from .errors import CnnlabError
 from .files import safe_name, write_json
 from .options import OPTIONS, TTAS
+from .plots import plot_confusion
 from .presets import flips
 from .progress import Phase
 from .results import format_epochs
@@ -73,15 +74,15 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor,
     confusion = torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
     tp = confusion.diag().double()
     predicted, actual = confusion.sum(0).double(), confusion.sum(1).double()
-    per_class = [{"class": c, "precision": _pct(tp[i], predicted[i]),
-                  "recall": _pct(tp[i], actual[i]), "support": int(actual[i])}
+    per_class = [{"class": c, "precision": _share(tp[i], predicted[i]),
+                  "recall": _share(tp[i], actual[i]), "support": int(actual[i])}
                  for i, c in enumerate(classes)]
     return {"accuracy": 100.0 * tp.sum().item() / max(1, len(labels)),
             "loss": F.cross_entropy(scores, labels).item() if len(labels) else float("nan"),
             "per_class": per_class, "confusion": confusion.tolist()}
 
 
-def _pct(num: torch.Tensor, den: torch.Tensor) -> float:
+def _share(num: torch.Tensor, den: torch.Tensor) -> float:
     return 100.0 * num.item() / den.item() if den.item() else 0.0
 
 
@@ -135,7 +136,7 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     if data is None:
         data = load_dataset(dataset, data_dir_for(data_dir, config), download=download,
                             image_size=meta.image_size if meta.fit == "crop" else None)
-    check_fits(data, meta, dataset)
+    check_dataset_fits(data, meta, dataset)
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     if len(y) == 0:
         raise CnnlabError(f"{dataset} has no {split} images")
@@ -169,7 +170,7 @@ class DataMismatch(CnnlabError):
     """The images or classes of a dataset are not those the model was trained on."""
 
 
-def check_fits(data, meta: ModelMeta, dataset: str) -> None:
+def check_dataset_fits(data, meta: ModelMeta, dataset: str) -> None:
     """Refuse a dataset whose images or classes are not those the model was trained on."""
     shape = (data.channels, *data.image_size)
     expected = (meta.in_channels, *meta.image_size)
@@ -203,7 +204,6 @@ def save_eval(result: dict, out_dir: str | Path) -> dict[str, str]:
     as top_losses-, saliency- and confused-<...>.png, which it then lists in place of their
     data. Returns {"json": path, "png": path} and the pictures by mistakes.FIGURES' names."""
     from .mistakes import Mistakes
-    from .plots import plot_confusion
 
     out_dir = Path(out_dir)
     stem = eval_stem(result)

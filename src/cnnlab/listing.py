@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import CnnlabError
 from .report import RunInfo, outcome
-from .results import diverged_error, format_epochs, metric
+from .results import diverged_error, format_epochs, metric, pct_text
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -340,12 +340,8 @@ def _cells(entry: Entry, indent: str = "") -> tuple[str, ...]:
     epochs = "-" if entry.epochs_done is None and entry.epochs is None else \
         f"{format_epochs(entry.epochs_done)}/{format_epochs(entry.epochs)}"
     return (indent + entry.name, entry.kind, entry.model or "-", entry.dataset or "-",
-            status_text(entry), _pct(entry.best_test_acc), _pct(entry.final_test_acc),
+            status_text(entry), pct_text(entry.best_test_acc), pct_text(entry.final_test_acc),
             epochs, _duration(entry.train_seconds), _local_time(entry.started))
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{float(value):.2f}%"
 
 
 def _duration(seconds: float | None) -> str:

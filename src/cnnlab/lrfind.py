@@ -20,8 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checks import option_values
+from .config import load_toml, resolve, run_config
+from .devices import resolve_device
 from .errors import CnnlabError
 from .files import atomic_write, write_json
+from .options import OFF, ON, OPTIONS, SWITCH, field_name, format_value, option_name
+from .progress import Phase
 from .runs import default_run_dir, new_dir
 
 if TYPE_CHECKING:
@@ -100,7 +105,6 @@ def train_command(model: str, dataset: str, lr: float, options: dict[str, Any],
                   config: str | Path | None = None) -> str:
     """`cnnlab train MODEL DATASET --lr LR` with the train options given (as field names or
     option names, values typed; --lr replaced) and --config."""
-    from .options import OFF, ON, OPTIONS, SWITCH, field_name, format_value, option_name
 
     words = ["cnnlab", "train", model, dataset, "--lr", f"{lr:.3g}"]
     if config is not None:
@@ -136,8 +140,6 @@ def lr_find(model: str, dataset: str, *, config: str | Path | None = None,
     for the test) and write lr_find.json and lr_find.png into `out` (default
     runs/lr-find-<time>-<model>-<dataset>). Returns lr_find.json's content, with "out" and
     the "command" that trains at the steepest suggestion. Raises CnnlabError on bad input."""
-    from .checks import option_values
-    from .config import load_toml, resolve
 
     started = time.perf_counter()
     check_range(start_lr, end_lr, steps)
@@ -187,9 +189,6 @@ def _range_test(cfg: Config, start_lr: float, end_lr: float, steps: int,
     param group set before each (keeping the groups' ratios, e.g. --norm-lr-scale's), over
     as many epochs as it takes. The weight averages (--ema, --lookahead) are left out: they
     do not change the loss of the model being trained. (resolved config, points)"""
-    from .config import run_config
-    from .devices import resolve_device
-    from .progress import Phase
     from .trainer import build, torch_settings
 
     device = resolve_device(cfg.device)

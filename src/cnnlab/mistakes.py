@@ -26,6 +26,7 @@ from torch import nn
 
 from .checkpoint import ModelMeta
 from .engine import logits
+from .plots import new_figure, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -158,12 +159,11 @@ def _grid(rows: int, cols: int, aspect: float, heading: str, cell: float = _CELL
     """A Figure of rows x cols axes `cell` inches wide for images of height/width `aspect`,
     room above each for a two-line title and above all for `heading`; (figure, axes rows x
     cols)."""
-    from .plots import _figure
 
     image_h, band, head, gap, pad = cell * aspect, 2 * _LINE + 0.06, 0.32, 0.12, 0.1
     width = cols * cell + (cols - 1) * gap + 2 * pad
     height = rows * (image_h + band) + head + pad
-    fig = _figure((width, height))
+    fig = new_figure((width, height))
     axes = fig.subplots(rows, cols, squeeze=False)
     fig.subplots_adjust(left=pad / width, right=1 - pad / width, bottom=pad / height,
                         top=1 - (head + band) / height, wspace=gap / cell,
@@ -210,7 +210,6 @@ def _caption(top: dict) -> str:
 def plot_top_losses(found: Mistakes, path: Path) -> Path:
     """The top losses in a grid, highest first, each titled with its loss (what they are
     ordered by), its true and predicted class and the predicted class's probability."""
-    from .plots import _save
 
     n = len(found.top_losses)
     cols = math.ceil(math.sqrt(n))
@@ -218,12 +217,11 @@ def plot_top_losses(found: Mistakes, path: Path) -> Path:
                       "Top losses, highest first: the most confidently wrong")
     for ax, top in zip(axes.ravel(), found.top_losses):
         _show(ax, found.pixels[top["index"]], _caption(top))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_saliency(found: Mistakes, path: Path) -> Path:
     """Each top loss with a saliency map: the image beside its map overlaid on it."""
-    from .plots import _save
 
     shown = [t for t in found.top_losses if t["index"] in found.saliency]
     fig, axes = _grid(len(shown), 2, _aspect(found), "Integrated Gradients, predicted class")
@@ -232,13 +230,12 @@ def plot_saliency(found: Mistakes, path: Path) -> Path:
         _show(left, image, _caption(top))
         _show(right, image, f"attribution to\n{_short(top['pred'])}")
         right.imshow(found.saliency[top["index"]], cmap="inferno", vmin=0, vmax=1, alpha=0.6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confused(found: Mistakes, path: Path) -> Path:
     """A row per confused pair, titled `true -> predicted (count)` and the indices in the
     split of its examples, drawn side by side (one image a row: quicker than an axes each)."""
-    from .plots import _save
 
     fig, axes = _grid(len(found.pairs), 1, _aspect(found, EXAMPLES), "Most confused classes",
                       cell=EXAMPLES * _CELL)
@@ -248,7 +245,7 @@ def plot_confused(found: Mistakes, path: Path) -> Path:
               f"{_short(pair['true'], 30)} -> {_short(pair['pred'], 30)} ({pair['count']})\n"
               + ", ".join(f"#{i}" for i in pair["examples"]))
         ax.set_xlim(-0.5, full - 0.5)  # fewer examples: the same scale, left-aligned
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def files_line(files: dict[str, str]) -> str:

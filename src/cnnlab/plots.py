@@ -27,7 +27,7 @@ from .runs import (
 )
 
 
-def _figure(figsize: tuple[float, float], dpi: int = 110):
+def new_figure(figsize: tuple[float, float], dpi: int = 110):
     """A matplotlib Figure of its own, drawn without pyplot: no global backend is chosen or
     changed (a notebook's inline backend keeps working) and nothing needs closing."""
     from matplotlib.figure import Figure
@@ -48,7 +48,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
     validated = [(x, r) for x, r in run.evals if r.get("val_acc") is not None]
     written = []
 
-    fig = _figure((7, 4.2))
+    fig = new_figure((7, 4.2))
     ax = fig.subplots()
     if run.train:
         ax.plot(*_xy(run.train, "loss"), lw=1.2,
@@ -59,10 +59,11 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
     if validated:
         ax.plot(*_xy(validated, "val_loss"), "s--", lw=1.2, ms=3,
                 label=_named("validation loss", eval_note))
-    written.append(_finish(fig, ax, out_dir / f"{prefix}{LOSS_PLOT}", xlabel="epochs trained",
-                           ylabel="cross-entropy loss", title=f"Loss - {run_dir.name}"))
+    written.append(finish_figure(fig, ax, out_dir / f"{prefix}{LOSS_PLOT}",
+                                 xlabel="epochs trained", ylabel="cross-entropy loss",
+                                 title=f"Loss - {run_dir.name}"))
 
-    fig = _figure((7, 4.2))
+    fig = new_figure((7, 4.2))
     ax = fig.subplots()
     trained = [(x, r) for x, r in run.train if r.get("train_acc") is not None]
     curves = []  # (xy, style, keyword arguments): drawn on the frame and in its inset
@@ -90,8 +91,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
         _fit_accuracy(ax, [r[k] for _, r in run.evals for k in ("test_acc", "val_acc")
                            if r.get(k) is not None], curves)
     ax.set_ylim(top=min(100.0, ax.get_ylim()[1]))  # an accuracy axis stops at 100%
-    written.append(_finish(fig, ax, out_dir / f"{prefix}{ACCURACY_PLOT}", xlabel="epochs trained",
-                           ylabel="accuracy (%)", title=f"Accuracy - {run_dir.name}"))
+    written.append(finish_figure(fig, ax, out_dir / f"{prefix}{ACCURACY_PLOT}",
+                                 xlabel="epochs trained", ylabel="accuracy (%)",
+                                 title=f"Accuracy - {run_dir.name}"))
     return written
 
 
@@ -133,8 +135,8 @@ def _xy(points: list[tuple[float, dict]], key: str) -> tuple[list[float], list[f
     return [x for x, _ in points], [r[key] for _, r in points]
 
 
-def _finish(fig, ax, path: Path, *, legend_size: float | None = None, legend_aside: bool = False,
-            **labels) -> Path:
+def finish_figure(fig, ax, path: Path, *, legend_size: float | None = None,
+                  legend_aside: bool = False, **labels) -> Path:
     """Label, grid and legend the axes (beside them where the points fill the whole plot) and
     save the figure atomically."""
     ax.set(**labels)
@@ -143,10 +145,10 @@ def _finish(fig, ax, path: Path, *, legend_size: float | None = None, legend_asi
         ax.legend(fontsize=legend_size,
                   **(dict(loc="upper left", bbox_to_anchor=(1.02, 1)) if legend_aside else {}))
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return path
 
@@ -192,7 +194,7 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
     curves = {label: [_curves(d) for d in dirs] for label, dirs in groups.items()}
     n_runs = sum(len(dirs) for dirs in groups.values())
 
-    fig = _figure((7.5, 4.5))
+    fig = new_figure((7.5, 4.5))
     ax = fig.subplots()
     for i, (label, runs) in enumerate(curves.items()):
         color = colors[i % len(colors)]
@@ -207,11 +209,11 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
             name = f"{label} (mean of {len(runs)})" if len(runs) > 1 else label
             ax.plot([x for x, _ in runs[0].evals[:evals]], mean, "o-", color=color, lw=2,
                     ms=4, label=name)
-    written = [_finish(fig, ax, out_dir / f"{prefix}{ACCURACY_PLOT}", legend_size=8,
-                       xlabel="epochs trained", ylabel="test accuracy (%)",
-                       title=f"Test accuracy - {len(groups)} configurations, {n_runs} runs")]
+    written = [finish_figure(fig, ax, out_dir / f"{prefix}{ACCURACY_PLOT}", legend_size=8,
+                             xlabel="epochs trained", ylabel="test accuracy (%)",
+                             title=f"Test accuracy - {len(groups)} configurations, {n_runs} runs")]
 
-    fig = _figure((7.5, 4.5))
+    fig = new_figure((7.5, 4.5))
     ax = fig.subplots()
     for i, (label, runs) in enumerate(curves.items()):
         color = colors[i % len(colors)]
@@ -223,9 +225,9 @@ def plot_overlay(run_dirs: list[str | Path], labels: list[str], out_dir: str | P
             if run.evals:
                 ax.plot(*_xy(run.evals, "test_loss"), "o--", color=color, lw=1.2, ms=4,
                         label=_named(f"{label} test", eval_note) if k == 0 else None)
-    written.append(_finish(fig, ax, out_dir / f"{prefix}{LOSS_PLOT}", legend_size=8,
-                           xlabel="epochs trained", ylabel="cross-entropy loss",
-                           title=f"Loss - {len(groups)} configurations, {n_runs} runs"))
+    written.append(finish_figure(fig, ax, out_dir / f"{prefix}{LOSS_PLOT}", legend_size=8,
+                                 xlabel="epochs trained", ylabel="cross-entropy loss",
+                                 title=f"Loss - {len(groups)} configurations, {n_runs} runs"))
     return written
 
 
@@ -267,7 +269,7 @@ def plot_comparison(summaries: list[dict], labels: list[str], path: str | Path) 
 
     columns = comparison_data(summaries, labels)
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
-    fig = _figure((1.3 * len(columns) + 6, 4.5))
+    fig = new_figure((1.3 * len(columns) + 6, 4.5))
     ax = fig.subplots()
     named: set[str] = set()  # the legend names given so far: one entry each
     mean_name = "mean, 95% confidence interval\n(Student t over the runs)"
@@ -290,9 +292,9 @@ def plot_comparison(summaries: list[dict], labels: list[str], path: str | Path) 
                   rotation=20 if slanted else 0, ha="right" if slanted else "center")
     ax.set_xlim(-0.6, len(columns) - 0.4)
     ax.set_ylim(top=min(100.5, ax.get_ylim()[1]))
-    return _finish(fig, ax, Path(path), legend_size=8, legend_aside=True,
-                   ylabel="test accuracy (%)",
-                   title=f"Test accuracy per configuration - {len(summaries)} runs")
+    return finish_figure(fig, ax, Path(path), legend_size=8, legend_aside=True,
+                         ylabel="test accuracy (%)",
+                         title=f"Test accuracy per configuration - {len(summaries)} runs")
 
 
 _TELEMETRY_PANELS = (  # y label, unit, (record key, line name) per line
@@ -312,7 +314,7 @@ def plot_utilization(run_dir: str | Path, out_dir: str | Path | None = None, *,
     panels = utilization_panels(run_dir)
     if not panels:
         return None
-    fig = _figure((7.5, 2.2 * len(panels) + 0.6))
+    fig = new_figure((7.5, 2.2 * len(panels) + 0.6))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
     for ax, (ylabel, _, lines) in zip(axes[:, 0], panels):
         for name, points in lines:
@@ -325,8 +327,8 @@ def plot_utilization(run_dir: str | Path, out_dir: str | Path | None = None, *,
     axes[-1, 0].set_xlabel("seconds since training start")
     axes[0, 0].set_title(f"Utilisation - {run_dir.name}")
     fig.tight_layout()
-    return _save(fig, (Path(out_dir) if out_dir is not None else run_dir)
-                 / f"{prefix}{UTILIZATION_PLOT}")
+    return save_figure(fig, (Path(out_dir) if out_dir is not None else run_dir)
+                       / f"{prefix}{UTILIZATION_PLOT}")
 
 
 def utilization_panels(run_dir: Path) -> list[tuple[str, str, list[tuple[str, list]]]]:
@@ -362,7 +364,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     n = len(classes)
     size = min(12.0, max(4.5, 0.45 * n + 2))
-    fig = _figure((size + 1, size))
+    fig = new_figure((size + 1, size))
     ax = fig.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
@@ -377,4 +379,4 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
                     ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
                             color="white" if share[i, j] > 0.5 else "black")
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

@@ -26,14 +26,23 @@ from .devices import resolve_device
 from .errors import CnnlabError, one_line
 from .files import atomic_write, safe_name
 from .options import COMPARED, applies, format_value, option_name
+from .plots import (
+    plot_comparison,
+    plot_confusion,
+    plot_overlay,
+    plot_run,
+    plot_utilization,
+    utilization_panels,
+)
 from .results import (
     aggregate,
     diverged_error,
     eval_epochs,
     format_epochs,
     md_table,
-    mean_std,
+    mean_std_text,
     metric,
+    pct_text,
     selection_note,
     shown_metrics,
     shown_value,
@@ -58,6 +67,7 @@ from .runs import (
     read_object,
     unique_dir,
 )
+from .tune_results import summary_lines, trials_table
 
 # ---- the document: blocks rendered as Markdown and as HTML ---------------------------------
 
@@ -329,10 +339,6 @@ def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
     return result
 
 
-def _pct(value: Any, digits: int = 2) -> str:
-    return "-" if value is None else f"{float(value):.{digits}f}%"
-
-
 def _seconds(value: Any) -> str:
     return "-" if value is None else f"{float(value):,.1f} s"
 
@@ -345,13 +351,14 @@ def _outcome_table(run: RunInfo) -> Table:
               else f"did not finish: {done} epochs evaluated")
     best_at = format_epochs(metric(o, "best_epochs_done"))
     rows = [["status", status],
-            ["final test accuracy", _pct(o.get("final_test_acc"))],
+            ["final test accuracy", pct_text(o.get("final_test_acc"))],
             *([["best.pt: chosen on validation", f"epoch {best_at}: "
-                f"validation {_pct(o['best_val_acc'])}, test {_pct(o.get('test_acc_at_best'))}"],
-               ["best on test (optimistic)", _pct(o.get("best_test_acc"))]]
+                f"validation {pct_text(o['best_val_acc'])}, "
+                f"test {pct_text(o.get('test_acc_at_best'))}"],
+               ["best on test (optimistic)", pct_text(o.get("best_test_acc"))]]
               if o.get("best_val_acc") is not None else
               [["best on test (optimistic: no validation split)",
-                f"{_pct(o.get('best_test_acc'))} (epoch {best_at})"]]),
+                f"{pct_text(o.get('best_test_acc'))} (epoch {best_at})"]]),
             *_fit_rows(run, o),
             ["final test loss", "-" if o.get("final_test_loss") is None
              else f"{o['final_test_loss']:.4f}"],
@@ -378,14 +385,13 @@ def _fit_rows(run: RunInfo, o: dict) -> list[list[str]]:
                else "test above training (augmented training images, label smoothing or "
                     "dropout make training harder)" if gap < -2
                else "close: no sign of overfitting")
-    return [["final training accuracy (last log window)", _pct(trained[-1])],
+    return [["final training accuracy (last log window)", pct_text(trained[-1])],
             ["gap, training - test", f"{gap:+.2f} points ({reading})"]]
 
 
 def _utilisation(run: RunInfo) -> list[list[str]]:
     """Mean and peak of each line of utilization.png, in its units (the CPU as a share of all
     the machine's cores, as the chart beside the table draws it)."""
-    from .plots import utilization_panels
 
     telemetry = [r for r in run.records if r.get("type") == "telemetry"]
     rows = [["samples", f"{len(telemetry)} over {_seconds(telemetry[-1].get('elapsed'))}"]]
@@ -403,7 +409,7 @@ def _per_class_table(result: dict) -> Table:
     for i, c in enumerate(result["per_class"]):
         mistakes = [(n, j) for j, n in enumerate(confusion[i]) if j != i and n]
         worst = max(mistakes, default=None)
-        rows.append([c["class"], _pct(c["recall"]), _pct(c["precision"]), str(c["support"]),
+        rows.append([c["class"], pct_text(c["recall"]), pct_text(c["precision"]), str(c["support"]),
                      f"{result['per_class'][worst[1]]['class']} ({worst[0]})" if worst else "-"])
     return Table(["class", "accuracy (recall)", "precision", "test images",
                   "most often mistaken for"], rows)
@@ -432,7 +438,7 @@ def _mistakes_blocks(run: RunInfo, figures: _Figures, evaluation: dict, level: i
                  "examples. Images are shown as the model saw them."),
             Table(["true class", "predicted as", "test images", "share of the true class"],
                   [[p["true"], p["pred"], str(p["count"]),
-                    _pct(100 * p["count"] / max(1, support.get(p["true"], 0)))]
+                    pct_text(100 * p["count"] / max(1, support.get(p["true"], 0)))]
                    for p in found.pairs]),
             Figures([(drawn["top_losses"], f"Top losses of {run.name}"),
                      (drawn["saliency"], f"Saliency of the top losses of {run.name}"),
@@ -460,7 +466,6 @@ class _Figures:
 
     def run_figure(self, run: RunInfo, name: str) -> Path | None:
         """loss.png, accuracy.png or utilization.png of a run: its own file, or drawn anew."""
-        from .plots import plot_run, plot_utilization
 
         own = run.path / name
         if own.is_file() and self._under_out(own):
@@ -503,7 +508,6 @@ def _search(path: Path, heading: Heading) -> tuple[list, frozenset[Path]]:
     """A search's section (cnnlab tune's tune.json) - what it searched and found, its best
     trial's options, every trial, the optimisation history and the parameter importances -
     and the trial runs its pruner stopped."""
-    from .tune_results import summary_lines, trials_table
 
     try:
         info = read_object(path / TUNE_FILE, missing_ok=False)
@@ -547,7 +551,6 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
     """The comparison table, verdict, overlaid curves (named after `prefix`: "" in a sweep's
     own directory, where they are the sweep's accuracy.png and loss.png), comparison.png (each
     configuration's runs and their mean) and per-class accuracy side by side."""
-    from .plots import plot_comparison, plot_overlay
 
     finished = [r for r in runs if r.summary is not None]
     doc.add(Heading(2, "Comparison"))
@@ -571,7 +574,7 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
                    *(["lab report"] if any(lab) else [])],
                   [[row["label"], *(shown_value(row["config"], k) for k in keys), str(row["n"]),
                     *([str(row["diverged"])] if diverged else []),
-                    *(mean_std(row, key, digits) for key, _, digits in columns),
+                    *(mean_std_text(row, key, digits) for key, _, digits in columns),
                     *([figure or "-"] if any(lab) else [])]
                    for row, figure in zip(rows, lab)]))
     note = selection_note(rows)
@@ -599,7 +602,7 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
             for group in groups:
                 values = [e["per_class"][i]["recall"] for r, e in scored if r.group == group
                           and len(e["per_class"]) > i and e["per_class"][i]["class"] == name]
-                row.append(_pct(sum(values) / len(values)) if values else "-")
+                row.append(pct_text(sum(values) / len(values)) if values else "-")
             table.append(row)
         doc.add(Heading(3, "Per-class accuracy side by side"),
                 Para("Accuracy (recall) per class of each configuration's best checkpoints on "
@@ -612,7 +615,6 @@ def _run_blocks(run: RunInfo, figures: _Figures, evaluation: dict | str | None, 
     """A run's section: outcome, curves, utilisation, per-class results, configuration and
     environment, under headings of `level`. `shared` (several runs): the options all runs
     share, and "env" if they share the environment - left out here, shown once above."""
-    from .plots import plot_confusion
 
     shared = shared or {}
     doc = Document("")
@@ -696,7 +698,7 @@ def _run_line(run: RunInfo) -> str:
     if run.diverged:
         return f"Run {run.name}: {run.diverged}"
     end = "final" if run.summary else "unfinished, last"
-    return (f"Run {run.name}: {end} test accuracy {_pct(o.get('final_test_acc'))}"
+    return (f"Run {run.name}: {end} test accuracy {pct_text(o.get('final_test_acc'))}"
             if o else f"Run {run.name}: no evaluation yet")
 
 

@@ -55,6 +55,11 @@ def eval_epochs(record: dict) -> float:
     return record.get("epochs_done", record["epoch"])
 
 
+def pct_text(value: Any, digits: int = 2) -> str:
+    """A percentage as a table shows it: 98.73%; `-` for none."""
+    return "-" if value is None else f"{float(value):.{digits}f}%"
+
+
 def format_epochs(value: float | None) -> str:
     """Epochs trained, as read: 2, 1.5, 0.31; `-` for none."""
     return "-" if value is None else f"{round(float(value), 2):g}"
@@ -161,7 +166,7 @@ def selection_note(rows: list[dict]) -> str | None:
                "choice." if others else "."))
 
 
-def mean_std(row: dict, key: str, digits: int) -> str:
+def mean_std_text(row: dict, key: str, digits: int) -> str:
     """`mean ± std` of an aggregated metric with `digits` decimals; `-` without values."""
     mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
     if mean is None:
@@ -196,8 +201,8 @@ def verdict(rows: list[dict], keys: list[str]) -> str | None:
     seeds = (f"{counts[0]} seed{'s' if counts[0] > 1 else ''} each" if len(counts) == 1
              else f"{n1} and {n2} seeds")
     runner_up = "" if len(ranked) == 2 else f" for the runner-up, {_row_name(second, keys)}"
-    accuracies = (f"{mean_std(first, 'best_test_acc', 2)}% vs "
-                  f"{mean_std(second, 'best_test_acc', 2)}% best test accuracy{runner_up}")
+    accuracies = (f"{mean_std_text(first, 'best_test_acc', 2)}% vs "
+                  f"{mean_std_text(second, 'best_test_acc', 2)}% best test accuracy{runner_up}")
     if n1 < 2 or n2 < 2:
         return (f"{_row_name(first, keys)} scored higher: {accuracies} (difference {diff:.2f} "
                 f"points, {seeds}). With one seed there is no spread to test the difference "

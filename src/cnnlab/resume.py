@@ -11,7 +11,7 @@ from .checks import Damaged, config_fields, typed_value, validate
 from .config import default_data_dir
 from .errors import CnnlabError
 from .options import RESUME_SAFE, Config, option_name
-from .runs import CHECKPOINT, CONFIG, SUMMARY, DamagedFile, read_object
+from .runs import CHECKPOINT, CONFIG, SUMMARY, DamagedFile, RunDir, read_object
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,6 @@ def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = N
     options that would change the result - is refused, whether given as options, as
     `file_values` (a --config file) or as arguments."""
     from . import checkpoint
-    from .runs import RunDir
 
     path = Path(run_dir)
     if out is not None and Path(out).resolve() != path.resolve():

@@ -31,7 +31,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import CnnlabError, one_line, shown
+from .errors import CnnlabError, Interrupted, failure_message, one_line, shown
+from .launch import cores_per_process
+from .process import keep_freed_memory, stop_on_signals
+from .stops import StopSignals
 
 # Seconds between heartbeats, and of silence after which a running trial's worker counts as
 # dead. Tests shorten them with CNNLAB_HEARTBEAT (the grace period is three heartbeats).
@@ -399,9 +402,6 @@ def run_workers(work: Callable[..., None], args: tuple, jobs: int, say: Callable
 
     import torch
 
-    from .errors import Interrupted
-    from .launch import cores_per_process
-    from .stops import StopSignals
 
     gpus = torch.cuda.device_count()
     context = multiprocessing.get_context("spawn")
@@ -464,8 +464,6 @@ def _worker(work: Callable[..., None], args: tuple, say: Callable[[str], None], 
     when done, else why it stopped (the error)."""
     import traceback
 
-    from .errors import Interrupted, failure_message
-    from .process import keep_freed_memory, stop_on_signals
 
     os.environ["OMP_NUM_THREADS"] = str(threads)  # this worker's share, before torch loads
     parent = os.getppid()

@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import CnnlabError, one_line, unknown_choice
 from .models import create_model, entry
+from .specs import SPECS
 
 # The official files fix the image size of each built-in kind of dataset (height, width)
 _IMAGE_SIZES = {"idx": (28, 28), "cifar": (32, 32)}
@@ -110,7 +111,6 @@ def dataset_shape(dataset: str, image_size: tuple[int, int] | None = None
     `folder:PATH` from the first image of its train/ split (as training reads it, resized
     and centre-cropped to `image_size` if given) and its class folders."""
     from .data import DATASETS, FOLDER_PREFIX
-    from .specs import SPECS
 
     if not dataset.startswith(FOLDER_PREFIX):
         if dataset not in SPECS:

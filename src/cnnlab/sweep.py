@@ -51,6 +51,7 @@ from .errors import (
 )
 from .files import atomic_write, safe_name, write_json
 from .options import COMPARED, OPTIONS, Config, field_name, format_value, option_name
+from .plots import plot_comparison, plot_overlay
 from .progress import say as say_line
 from .progress import silent
 from .results import (
@@ -62,7 +63,7 @@ from .results import (
     format_epochs,
     is_finished,
     md_table,
-    mean_std,
+    mean_std_text,
     metric,
     selection_note,
     shown_metrics,
@@ -140,7 +141,7 @@ def point_label(values: dict[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
-class Run:
+class SweepRun:
     """One training run of a sweep: a grid point and a seed."""
 
     name: str                 # its directory name: `pool=max-seed=0`
@@ -153,7 +154,7 @@ class Run:
 class Plan:
     keys: list[str]           # the grid keys, in order
     seeds: int
-    runs: list[Run]           # seed-major: every point's first seed comes first
+    runs: list[SweepRun]           # seed-major: every point's first seed comes first
 
     def to_json(self) -> dict:
         """sweep.json: the plan, and what a second command into its directory is checked
@@ -233,7 +234,7 @@ def plan_sweep(model: str | None, dataset: str | None, *,
             raise CnnlabError(f"--{option_name(key)} is a grid key of this sweep; "
                               "give its values in the grid")
     combos = _combinations(grid, points)
-    runs: list[Run] = []
+    runs: list[SweepRun] = []
     for seed_index in range(seeds):
         for values in combos:
             point_model, point_dataset = values.get("model", model), values.get("dataset", dataset)
@@ -247,7 +248,7 @@ def plan_sweep(model: str | None, dataset: str | None, *,
             validate(cfg)  # the seeds after the first stay in range too
             label = point_label(values)
             name = f"{label}-seed={cfg.seed}" if label else f"seed={cfg.seed}"
-            runs.append(Run(name=name, point=label or "all", values=values, config=cfg))
+            runs.append(SweepRun(name=name, point=label or "all", values=values, config=cfg))
     names = [r.name for r in runs]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
@@ -364,9 +365,9 @@ def _differences(theirs: dict, ours: dict) -> str:
     return "; ".join(changed)
 
 
-def _stored_run(entry: dict) -> Run:
+def _stored_run(entry: dict) -> SweepRun:
     """A run of sweep.json's list."""
-    return Run(name=entry["name"], point=entry["point"], values=entry["values"],
+    return SweepRun(name=entry["name"], point=entry["point"], values=entry["values"],
                config=Config(**with_defaults(entry["config"])))
 
 
@@ -398,7 +399,7 @@ class SweepJob(Job):
     def __post_init__(self) -> None:
         self.index = {r.name: (i, r) for i, r in enumerate(self.plan.runs, 1)}
 
-    def check(self, trial) -> tuple[int, Run]:
+    def check(self, trial) -> tuple[int, SweepRun]:
 
         name = check_run_name(trial.user_attrs.get(RUN), self.where.out,
                               lambda n: n in self.index)
@@ -411,7 +412,7 @@ class SweepJob(Job):
                               f"point {name}")
         return i, run
 
-    def run(self, trial, point: tuple[int, Run]) -> tuple[str, float | None]:
+    def run(self, trial, point: tuple[int, SweepRun]) -> tuple[str, float | None]:
         """Train (or continue, or recognise as done) the point's run; ("complete", best
         accuracy) or ("failed", None) - a divergence, or a run that cannot train (which
         stops every worker: a bad configuration is bad everywhere)."""
@@ -435,7 +436,7 @@ class SweepJob(Job):
         return state, _value(summary)
 
 
-def _params(plan: Plan, run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+def _params(plan: Plan, run: SweepRun) -> tuple[dict[str, Any], dict[str, Any]]:
     """A run's grid values and seed as Optuna params, and their distributions (each key's
     values over the plan; the seeds' range)."""
     from optuna.distributions import CategoricalDistribution, IntDistribution
@@ -500,11 +501,11 @@ def _results_csv(keys: list[str], rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _runs_section(runs: list[Run], summaries: dict[str, dict], diverged: dict[str, str],
+def _runs_section(runs: list[SweepRun], summaries: dict[str, dict], diverged: dict[str, str],
                   titles: dict[str, str]) -> list[str]:
     """results.md's lines listing `runs`: each finished one (its summary in `summaries`) with
     its metrics, each diverged one with its error; `titles` are the shown metrics' titles."""
-    def run_row(r: Run) -> list[str]:
+    def run_row(r: SweepRun) -> list[str]:
         if r.name in diverged:
             return [f"[{r.name}]({r.name}/)", str(r.config.seed),
                     diverged[r.name], "-", "-", "-", "-"]
@@ -549,7 +550,6 @@ def _stored_plan(out: Path) -> Plan:
 
 
 def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
-    from .plots import plot_comparison, plot_overlay  # matplotlib: only where it draws
 
     finished = [r for r in plan.runs if (out / r.name / SUMMARY).is_file()
                 and config_difference(out / r.name, r.config) is None]
@@ -585,7 +585,7 @@ def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
                         *(title for _, title, _ in columns)],
                        [[*([format_value(row["config"][k]) for k in plan.keys] or [row["label"]]),
                          str(row["n"]), *([str(row["diverged"])] if diverged else []),
-                         *(mean_std(row, key, digits) for key, _, digits in columns)]
+                         *(mean_std_text(row, key, digits) for key, _, digits in columns)]
                         for row in rows]), ""]
     note = selection_note(rows)
     if note:

@@ -321,7 +321,7 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
                     path = new_dir(path)
                 run = stack.enter_context(RunDir(path, config=claim))
             try:
-                return _run(training, run=run, resume=resume, on_eval=on_eval,
+                return _train_and_finish(training, run=run, resume=resume, on_eval=on_eval,
                             progress=progress, wall_start=wall_start)
             except TrainingDiverged as e:  # reports show the run as diverged at its step
                 if run is not None:
@@ -377,7 +377,7 @@ def _run_config(t: Training) -> dict:
                       t.channels_last)
 
 
-def _run(t: Training, *, run: RunDir | None, resume: Resume | None,
+def _train_and_finish(t: Training, *, run: RunDir | None, resume: Resume | None,
          on_eval: Callable[[dict], None] | None, progress: bool, wall_start: float) -> dict:
     """Continue or start the training, then finish: plots and summary.json."""
     cfg, dist, loop = t.cfg, t.dist, t.state.loop
@@ -423,7 +423,7 @@ def restore(t: Training, ckpt: dict, path: str | Path = CHECKPOINT) -> int:
     """Put the training state back as `ckpt` (the file `path`) holds it, once checked to fit
     this run as built; returns the byte offset metrics.jsonl had when it was written."""
     shapes = [p.shape for group in t.state.optimizer.param_groups for p in group["params"]]
-    checkpoint.check_fits(ckpt, checkpoint.Run(
+    checkpoint.check_fits(ckpt, checkpoint.ResumeTarget(
         fresh=t.state.state_dict(), parameter_shapes=shapes, data_digest=t.data.digest,
         dataset=t.cfg.dataset, images=len(t.train_batches.labels),
         batches=len(t.train_batches), total_steps=t.total_steps), path)

@@ -12,6 +12,7 @@ from typing import Any
 
 from .files import atomic_write, write_json
 from .options import ARGUMENT, COMPARED, OPTIONS, applies, format_value, option_name
+from .plots import finish_figure, new_figure
 from .results import diverged_error, fixed_settings, format_epochs, md_table, metric
 from .runs import (
     BEST_OPTIONS,
@@ -173,13 +174,12 @@ def _plot_history(rows: list[dict], path: Path, target: float | None = None) -> 
     training seconds, those that reached it apart, and the fastest of them so far."""
     from matplotlib.ticker import MaxNLocator
 
-    from .plots import _figure, _finish
 
     score = "best_val_acc" if target is None else "train_seconds"
     scored = [r for r in rows if r[score] is not None]
     if not scored:
         return None
-    fig = _figure((7, 4.2))
+    fig = new_figure((7, 4.2))
     ax = fig.subplots()
     best_of = [r for r in scored if r["state"] == "complete"]
     kinds = [("complete", "o", "complete")]
@@ -206,10 +206,10 @@ def _plot_history(rows: list[dict], path: Path, target: float | None = None) -> 
         ax.step(xs + [rows[-1]["number"]], ys + [best], where="post", lw=1.5,
                 label="best so far" if target is None else "fastest to the target so far")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are counted
-    return _finish(fig, ax, path, xlabel="trial",
-                   ylabel="best validation accuracy (%)" if target is None
-                   else "training time (s)",
-                   title=f"Optimisation history - {path.parent.name}")
+    return finish_figure(fig, ax, path, xlabel="trial",
+                         ylabel="best validation accuracy (%)" if target is None
+                         else "training time (s)",
+                         title=f"Optimisation history - {path.parent.name}")
 
 
 def reached(rows: list[dict], target: float) -> list[dict]:
@@ -236,14 +236,13 @@ def _no_importance(search, complete: int) -> str:
 
 
 def _plot_importance(importances: dict[str, float], complete: int, path: Path) -> Path:
-    from .plots import _figure, _finish
 
-    fig = _figure((7, 1.2 + 0.5 * len(importances)))
+    fig = new_figure((7, 1.2 + 0.5 * len(importances)))
     ax = fig.subplots()
     names = list(importances)[::-1]  # the most important on top
     ax.barh(names, [importances[n] for n in names])
-    return _finish(fig, ax, path, xlabel="importance (PED-ANOVA, summing to 1)",
-                   title=f"Parameter importances ({complete} complete trials)")
+    return finish_figure(fig, ax, path, xlabel="importance (PED-ANOVA, summing to 1)",
+                         title=f"Parameter importances ({complete} complete trials)")
 
 
 def _scored(search) -> str:

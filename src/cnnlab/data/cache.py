@@ -56,6 +56,7 @@ import numpy as np
 
 from ..errors import one_line
 from ..files import Content, atomic_write
+from ..progress import Phase
 from .readers import show_path
 
 CACHE_VERSION = 5  # 2: images decoded by readers.decode_image; 3: content digest in KEY.json;
@@ -121,7 +122,6 @@ def content_key(root: Path, name: str, files: Sources, options: str = "",
     its bytes (a file that is no regular file to read counts by why, for its reader to
     report), with the entry's name and options - the same wherever the folder lies. Shown
     as progress phase `phase` when given (reading a large folder from a slow disk)."""
-    from ..progress import Phase  # here: tqdm's import would slow down every cached read
 
     within, parts = _within(root), []
     with Phase(phase or "", len(files), "files", enabled=phase is not None) as progress:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from ..errors import CnnlabError, one_line
+from ..progress import Phase
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -399,7 +400,6 @@ def read_folder_split(files: list[tuple[str | os.PathLike[str], int]], *, mode: 
 def _read_folder_split(files: list[tuple[str | os.PathLike[str], int]], mode: str | None,
                        size: tuple[int, int] | None, skip_bad: bool, crop: bool,
                        progress: str | None) -> tuple[np.ndarray, np.ndarray]:
-    from ..progress import Phase  # here: tqdm's import would slow down every cached read
 
     paths = [p for p, _ in files]
     with _pool(len(paths)) as pool, Phase(progress or "", len(paths), "images",
