@@ -11,8 +11,6 @@ import os
 import sys
 import time
 
-from tqdm import tqdm
-
 from .results import format_epochs
 
 QUIET_SECONDS = 10.0  # the longest a plain-line output stays silent while work goes on
@@ -49,6 +47,8 @@ class Phase:
         self.what, self.total, self.unit, self.done = what, total, unit, 0
         self.tty = enabled and on_terminal()
         self.enabled = enabled
+        from tqdm import tqdm  # here: `cnnlab --help` does without its 20 ms
+
         self.bar = tqdm(total=total, desc=what, unit=f" {unit}", unit_scale=False, delay=1.0,
                         leave=False, dynamic_ncols=True, disable=not self.tty)
         self.start = self.last = time.perf_counter()
@@ -92,6 +92,8 @@ class Progress:
         self.tty = enabled and on_terminal()
         self.enabled, self.total, self.epochs = enabled, total_steps, epochs
         self.planned = format_epochs(epochs if planned is None else planned)
+        from tqdm import tqdm
+
         self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True,
                         leave=True, disable=not self.tty)
         self.step, self.start_step, self.start = initial, initial, time.perf_counter()
