@@ -56,26 +56,49 @@ def test_the_registry_names_each_builders_options():
 
 
 def test_each_registry_entry_is_true_of_its_model():
-    """The parameter count at the input a model was designed for, and the smallest images
-    it takes (one pixel less is refused with the size it needs), as the registry states."""
+    """The parameter count at the input a model was designed for (and near the figure others
+    publish), and the smallest images it takes (one pixel less is refused), as the registry
+    states; built on the meta device, where shapes are checked and no weights are made."""
     for name in MODELS:
         about = entry(name)
         c, h, w = about.designed_for
-        model = create_model(name, in_channels=c, num_classes=10, image_size=(h, w))
-        assert count_parameters(model) == about.parameters, name
-        side = about.min_size
-        small = create_model(name, in_channels=c, num_classes=10, image_size=(side, side))
-        assert small(torch.zeros(2, c, side, side)).shape == (2, 10), name
-        if side > 1:
-            with pytest.raises((CnnlabError, RuntimeError)):
-                too_small = create_model(name, in_channels=c, num_classes=10,
-                                         image_size=(side - 1, side - 1))
-                too_small(torch.zeros(2, c, side - 1, side - 1))
+        with torch.device("meta"):
+            model = create_model(name, in_channels=c, num_classes=10, image_size=(h, w))
+            assert count_parameters(model) == about.parameters, name
+            if about.published_parameters:
+                assert abs(about.parameters / about.published_parameters - 1) < 0.1, name
+            side = about.min_size
+            small = create_model(name, in_channels=c, num_classes=10, image_size=(side, side))
+            assert small.eval()(torch.zeros(2, c, side, side)).shape == (2, 10), name
+            if side > 1:
+                with pytest.raises((CnnlabError, RuntimeError)):
+                    too_small = create_model(name, in_channels=c, num_classes=10,
+                                             image_size=(side - 1, side - 1))
+                    too_small.eval()(torch.zeros(2, c, side - 1, side - 1))
+
+
+def test_the_family_in_imagenet_form_is_torchvisions_model():
+    """On images above the small-image form's size the family's models are torchvision's
+    ImageNet models: the same state-dict keys and parameter count (3 channels, 1000
+    classes); built on the meta device."""
+    import torchvision
+
+    names = {"vgg11": "vgg11_bn", "vgg13": "vgg13_bn", "vgg16": "vgg16_bn",
+             "vgg19": "vgg19_bn", "mobilenetv2": "mobilenet_v2"}
+    family = [name for name in MODELS if entry(name).imagenet_form]
+    assert {"alexnet", "vgg16", "googlenet", "resnet50", "densenet121"} <= set(family)
+    with torch.device("meta"):
+        for name in family:
+            ours = create_model(name, in_channels=3, num_classes=1000, image_size=(224, 224))
+            extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+            theirs = getattr(torchvision.models, names.get(name, name))(**extra)
+            assert list(ours.state_dict()) == list(theirs.state_dict()), name
+            assert count_parameters(ours) == count_parameters(theirs), name
 
 
 def test_registry_errors():
-    with pytest.raises(CnnlabError, match="unknown model 'vgg'.*lenet5, resnet18"):
-        create_model("vgg", in_channels=1, num_classes=10, image_size=(28, 28))
+    with pytest.raises(CnnlabError, match="unknown model 'inception'.*lenet5, alexnet"):
+        create_model("inception", in_channels=1, num_classes=10, image_size=(28, 28))
     with pytest.raises(CnnlabError, match="resnet18 has no option 'pool'"):
         create_model("resnet18", in_channels=3, num_classes=10, image_size=(32, 32), pool="avg")
     with pytest.raises(CnnlabError, match="at least 12x12"):
@@ -101,3 +124,51 @@ def test_lenet5_pools_before_relu_with_the_same_function_and_gradients():
     # checkpoints name the same parameters in either order
     assert [k for k in model.state_dict() if k.startswith("features")] == [
         "features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias"]
+
+
+# The models whose step, resume and export take seconds each: in the whole suite, not in
+# `make test-fast` (which still runs the others through the same test)
+_HEAVY = {"densenet121", "resnet101", "resnet50", "resnet34", "googlenet", "vgg13", "vgg16",
+          "vgg19", "alexnet"}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from conftest import write_cifar, write_mnist
+
+    root = tmp_path_factory.mktemp("family")
+    return {"mnist": write_mnist(root / "mnist", n_train=8, n_test=4),
+            "cifar10": write_cifar(root / "cifar", n_train=10, n_test=4)}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n
+                                  for n in MODELS])
+def test_every_model_trains_resumes_and_exports(name, tiny_data, tmp_path):
+    """Every registered model, on the data it was designed for (LeNet-5 on MNIST-like
+    1x28x28, the others on CIFAR-like 3x32x32; test_every_model_takes_mnist_shaped_images
+    checks the other shape): one step, one more after --resume, then exported
+    (torch.export) and checked against PyTorch on the test images."""
+    import cnnlab
+    from cnnlab.export import export_model
+
+    dataset = "mnist" if entry(name).designed_for[0] == 1 else "cifar10"
+    run = tmp_path / "run"
+    assert cnnlab.train(name, dataset, data_dir=str(tiny_data[dataset]), out=run, epochs=1,
+                        batch_size=10, eval_batch_size=4, precision="fp32",
+                        schedule="constant", telemetry=0, progress=False)["steps"] == 1
+    resumed = cnnlab.train(resume=str(run), epochs=2, progress=False)
+    assert resumed["steps"] == 2 and resumed["resumed_from_step"] == 1
+    info = export_model(run, "export", data_dir=str(tiny_data[dataset]))
+    assert info["parity"]["max_rel_diff"] <= 1e-4 and "test images" in \
+        info["parity"]["checked_on"]
+
+
+def test_every_model_takes_mnist_and_cifar_shaped_images():
+    """1x28x28 and 3x32x32 give one score per class for every model (meta device: shapes
+    only), as the CIFAR literature adapts them."""
+    for name in MODELS:
+        with torch.device("meta"):
+            for c, side in ((1, 28), (3, 32)):
+                model = create_model(name, in_channels=c, num_classes=10,
+                                     image_size=(side, side)).eval()
+                assert model(torch.zeros(2, c, side, side)).shape == (2, 10), (name, c)

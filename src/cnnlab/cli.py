@@ -26,7 +26,7 @@ from .errors import (
 from .launch import Nodes, launch, leave_to_launcher, rank_finished, rank_started
 from .listing import format_table, list_runs
 from .lrfind import END_LR, MAX_STEPS, MIN_STEPS, NOT_USED, START_LR, STEPS, lr_find
-from .models import MODELS
+from .models import MODELS, describe
 from .options import ARGUMENT, OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
 from .process import set_up_command
 from .progress import say as say_line
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _use_parsers(sub)
     _bench_parser(sub)
     _summary_parser(sub)
+    _models_parser(sub)
     _lr_find_parser(sub)
     parser.commands = sub.choices  # command name -> its parser
     return parser
@@ -665,6 +666,31 @@ def _summary(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _models_parser(sub) -> None:
+    p = sub.add_parser(
+        "models", help="the networks cnnlab builds, with their papers and sizes",
+        description="Every model of the registry: what it is, its paper and year, its "
+                    "parameters (at the input it was designed for, 10 classes) and the images "
+                    "it takes. 'cnnlab summary MODEL DATASET' walks one layer by layer.")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+
+
+def _models(args: argparse.Namespace) -> int:
+    import json
+
+    rows = [describe(name) for name in MODELS]
+    if args.json:
+        print(json.dumps(rows))
+        return Exit.OK
+    head = ("model", "what it is", "paper", "parameters (10 classes)", "images")
+    cells = [(r["model"], r["title"], f"{r['paper'].split(',')[0]} {r['year']}",
+              f"{r['parameters']:,} at {r['at']}", r["images"]) for r in rows]
+    widths = [max(len(row[i]) for row in (head, *cells)) for i in range(len(head))]
+    for row in (head, *cells):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return Exit.OK
+
+
 def _lr_find_parser(sub) -> None:
 
     models, datasets = _names()
@@ -753,7 +779,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _check_use_options(args)
         return {"train": _train, "sweep": _sweep, "tune": _tune, "report": _report,
                 "runs": _runs, "eval": _eval, "predict": _predict, "summary": _summary,
-                "export": _export, "bench": _bench, "lr-find": _lr_find}[args.command](args)
+                "models": _models, "export": _export, "bench": _bench,
+                "lr-find": _lr_find}[args.command](args)
     except Interrupted as e:
 
         if env_rank() == 0:

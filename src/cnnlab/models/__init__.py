@@ -40,25 +40,72 @@ class ModelEntry:
     designed_for: tuple[int, int, int]  # the input (C, H, W) it was designed for
     parameters: int               # at that input, for 10 classes
     min_size: int                 # the smallest image side it takes
+    year: int = 0                 # of its paper
     options: Mapping[str, ModelOption] = field(default_factory=dict)
     cpu_bf16: bool = False        # precision "auto" on a CPU with native bf16 trains it in bf16
+    # the parameter count others publish for the small-image form (10 classes), where it
+    # is; `published` says where, and why ours differs where it does
+    published_parameters: int | None = None
+    published: str = ""
+    imagenet_form: bool = False   # above family.SMALL pixels a side: torchvision's model
+
+
+_CIFAR_REPO = "kuangliu/pytorch-cifar"  # the common CIFAR repository the counts are checked on
+_HE = "He et al., Deep residual learning for image recognition"
+_SIMONYAN = ("Simonyan & Zisserman, Very deep convolutional networks for large-scale image "
+             "recognition (with batch-norm)")
+
+
+def _family(name: str, title: str, reference: str, year: int, parameters: int,
+            min_size: int, published_parameters: int | None = None,
+            published: str = "") -> ModelEntry:
+    """An entry of the classic family (family.py): small images in the CIFAR form, larger
+    ones in torchvision's ImageNet form."""
+    return ModelEntry(name, "family", name.replace("-", "_"), title, reference, (3, 32, 32),
+                      parameters, min_size, year, cpu_bf16=True,
+                      published_parameters=published_parameters, published=published,
+                      imagenet_form=True)
 
 
 _ENTRIES = (
     ModelEntry("lenet5", "lenet", "LeNet5",
                "LeNet-5: two 5x5 convolutions with pooling, three linear layers",
-               "LeCun et al. 1998, Gradient-based learning applied to document recognition",
-               (1, 28, 28), 61_706, 12,
-               {"pool": ModelOption("max", ("max", "avg"), "the pooling after each convolution")}),
+               "LeCun et al., Gradient-based learning applied to document recognition",
+               (1, 28, 28), 61_706, 12, 1998,
+               {"pool": ModelOption("max", ("max", "avg"), "the pooling after each convolution")},
+               published_parameters=61_706, published="the lab report's LeNet-5"),
+    _family("alexnet", "AlexNet: five convolutions, three large linear layers", "Krizhevsky "
+            "et al., ImageNet classification with deep convolutional neural networks", 2012,
+            23_468_874, 15),
+    *(_family(f"vgg{depth}", f"VGG-{depth} with batch-norm", _SIMONYAN, 2015, count, 1,
+              count, f"{_CIFAR_REPO} VGG('VGG{depth}'): the same")
+      for depth, count in ((11, 9_231_114), (13, 9_416_010), (16, 14_728_266),
+                           (19, 20_040_522))),
+    _family("googlenet", "GoogLeNet: nine Inception blocks", "Szegedy et al., Going deeper "
+            "with convolutions", 2015, 5_602_474, 2, 6_166_250,
+            f"{_CIFAR_REPO} GoogLeNet: 6,166,250 - its Inception blocks take two 3x3 "
+            "convolutions where torchvision's (built on here) take one, and its convolutions "
+            "have biases"),
     ModelEntry("resnet18", "resnet", "resnet18",
-               "ResNet-18 with the CIFAR stem (a 3x3 convolution, no max-pool)",
-               "He et al. 2016, Deep residual learning for image recognition",
-               (3, 32, 32), 11_173_962, 1, cpu_bf16=True),
+               "ResNet-18 with the CIFAR stem (a 3x3 convolution, no max-pool)", _HE,
+               (3, 32, 32), 11_173_962, 1, 2016, cpu_bf16=True,
+               published_parameters=11_173_962, published=f"{_CIFAR_REPO} ResNet18: the same"),
+    *(_family(f"resnet{depth}", f"ResNet-{depth}", _HE, 2016, count, 1, count,
+              f"{_CIFAR_REPO} ResNet{depth}: the same")
+      for depth, count in ((34, 21_282_122), (50, 23_520_842), (101, 42_512_970))),
+    _family("densenet121", "DenseNet-121, growth rate 32", "Huang et al., Densely connected "
+            "convolutional networks", 2017, 6_956_426, 8, 6_956_298,
+            f"{_CIFAR_REPO} DenseNet121: 6,956,298 - torchvision's stem has a batch-norm "
+            "(128 parameters) that it has not"),
+    _family("mobilenetv2", "MobileNetV2: inverted residual blocks", "Sandler et al., "
+            "MobileNetV2: inverted residuals and linear bottlenecks", 2018, 2_236_682, 1,
+            2_296_922, f"{_CIFAR_REPO} MobileNetV2: 2,296,922 - it adds a 1x1 convolution "
+            "shortcut to stride-1 blocks that change the width; the paper and torchvision "
+            "have none"),
     ModelEntry("fastnet", "fastnet", "fastnet",
-               "a compact network for CIFAR-10's time-to-accuracy: a whitened 2x2 patch stem, "
-               "three conv groups",
-               "after the public CIFAR-10 speed records (airbench, Jordan 2024)",
-               (3, 32, 32), 1_972_792, 9, cpu_bf16=True),
+               "a compact CIFAR-10 network: a whitened 2x2 patch stem, three conv groups",
+               "Jordan, airbench: the public CIFAR-10 speed records (their ideas)",
+               (3, 32, 32), 1_972_792, 9, 2024, cpu_bf16=True),
 )
 REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
 MODELS = tuple(REGISTRY)  # the model names
@@ -69,6 +116,23 @@ def entry(name: str) -> ModelEntry:
     if name not in REGISTRY:
         raise CnnlabError(unknown_choice("model", name, MODELS))
     return REGISTRY[name]
+
+
+SMALL = 64  # family.py's: the largest image side of its small-image form
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Model `name`'s registry entry as plain data, as `cnnlab models` lists it."""
+    e = entry(name)
+    c, h, w = e.designed_for
+    images = f"{e.min_size}x{e.min_size} and larger"
+    if e.imagenet_form:
+        images += f"; ImageNet form above {SMALL}x{SMALL}"
+    return {"model": e.name, "title": e.title, "paper": e.reference, "year": e.year,
+            "parameters": e.parameters, "at": f"{c}x{h}x{w}", "images": images,
+            "options": {k: {"default": o.default, "choices": list(o.choices), "help": o.help}
+                        for k, o in e.options.items()},
+            "published": e.published}
 
 
 def builder(name: str) -> Callable[..., nn.Module]:
