@@ -115,7 +115,9 @@ def test_no_worker_outlives_a_killed_sweep(tiny_mnist, tmp_path):
     """SIGKILL of `cnnlab sweep --jobs 2`: its workers stop within seconds (checkpointing,
     their points back in the queue), and the same command continues both runs."""
     out = tmp_path / "sweep"
-    cmd = _sweep_cmd(tiny_mnist, out, "--grid", "pool=max,avg", "--epochs", "200",
+    # long enough that neither run ends before both have a checkpoint, short enough that
+    # the command run again finishes them soon
+    cmd = _sweep_cmd(tiny_mnist, out, "--grid", "pool=max,avg", "--epochs", "60",
                      "--log-every", "1", "--jobs", "2", "--quiet")
     sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = [out / "pool=max-seed=0", out / "pool=avg-seed=0"]
