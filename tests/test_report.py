@@ -300,3 +300,22 @@ def test_muon_settings_are_listed_only_for_runs_trained_with_muon():
     assert _differing_keys([sgd, old]) == []
     assert _differing_keys([sgd, muon]) == ["optimizer"]
     assert _differing_keys([muon, {**muon, "muon_lr": 0.2}]) == ["muon_lr"]
+
+
+def test_a_sweep_over_models_says_which_network(tmp_path):
+    """With the model as a grid key the report sets each network's accuracy beside its
+    paper, parameters, multiply-adds and training time, in a table and models.png."""
+    data = write_mnist(tmp_path / "data", n_train=64, n_test=32)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "lenet5", "mnist", "--data-dir", str(data), "--grid",
+                 "model=lenet5,mobilenetv2", "--epochs", "1", "--batch-size", "32",
+                 "--telemetry", "0", "--out", str(out), "--quiet"]) == 0
+    md = write_report([out], device="cpu", evaluate=False)["md"].read_text()
+    section = md.split("### Which network")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in section.splitlines()
+            if line.startswith("| lenet5") or line.startswith("| mobilenetv2")}
+    assert set(rows) == {"lenet5", "mobilenetv2"}, section
+    assert "| LeCun et al. 1998 | 61,706 | 416,520 |" in rows["lenet5"]
+    assert "| Sandler et al. 2018 |" in rows["mobilenetv2"]
+    assert "![Accuracy against parameters and training time](models.png)" in section
+    assert (out / "models.png").read_bytes().startswith(PNG)

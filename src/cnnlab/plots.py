@@ -259,6 +259,26 @@ def comparison_data(summaries: list[dict], labels: list[str]) -> list[dict]:
             for label, series in groups.items()]
 
 
+def plot_models(models: list[dict], path: str | Path) -> Path:
+    """Draw models.png: each model's test accuracy against its parameters (log scale) and
+    against its training time on this machine, named beside its point (`models`: dicts with
+    "model", "accuracy", "parameters", "train_seconds")."""
+    fig = new_figure((10, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, label in ((axes[0], "parameters", "parameters"),
+                           (axes[1], "train_seconds", "training time on this machine (s)")):
+        for m in models:
+            ax.scatter(m[key], m["accuracy"], s=30, color="tab:blue")
+            ax.annotate(m["model"], (m[key], m["accuracy"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy of best.pt (%)")
+    fig.suptitle("Which network: accuracy against size and time")
+    return save_figure(fig, Path(path))
+
+
 def plot_comparison(summaries: list[dict], labels: list[str], path: str | Path) -> Path:
     """Draw comparison.png: one column per configuration (`labels`: the runs' configurations),
     each run's final and best test accuracy as points (see comparison_data), beside them the

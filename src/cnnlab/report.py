@@ -14,6 +14,7 @@ import html
 import os
 import re
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,12 @@ from .config import data_dir_for
 from .devices import resolve_device
 from .errors import CnnlabError, one_line
 from .files import atomic_write, safe_name
+from .models import REGISTRY
 from .options import COMPARED, applies, format_value, option_name
 from .plots import (
     plot_comparison,
     plot_confusion,
+    plot_models,
     plot_overlay,
     plot_run,
     plot_utilization,
@@ -583,6 +586,8 @@ def _comparison(doc: Document, runs: list[RunInfo], figures: _Figures,
     text = verdict(rows, keys)
     if text:
         doc.add(Para(text, strong=True))
+    if "model" in keys:
+        _models_section(doc, finished, figures, prefix)
     groups = [r.group for r in finished]
     written = plot_overlay([r.path for r in finished], groups, figures.out, prefix=prefix)
     spread = plot_comparison([r.summary for r in finished], groups,
@@ -690,6 +695,54 @@ def _lab_report(config: dict) -> str | None:
         return None
     optimizer = config.get("optimizer")
     return _LAB_REPORT.get((optimizer, config.get("lr"))) or _LAB_REPORT.get((optimizer, None))
+
+
+def _models_section(doc: Document, runs: list[RunInfo], figures: _Figures,
+                    prefix: str) -> None:
+    """Which network for this task: each model's paper, size, work per image, training time
+    here and accuracy (the mean over its runs), as a table and models.png."""
+    by_model: dict[str, list[RunInfo]] = {}
+    for run in runs:
+        by_model.setdefault(str(run.config.get("model")), []).append(run)
+    models = []
+    for name, group in by_model.items():
+        accuracy = [r.summary.get("test_acc_at_best") or r.summary["best_test_acc"]
+                    for r in group]
+        about = REGISTRY.get(name)
+        models.append({"model": name, "paper": f"{about.reference.split(',')[0]} {about.year}"
+                       if about else "-", "parameters": group[0].summary.get("parameters"),
+                       "macs": _macs(group[0]),
+                       "train_seconds": statistics.fmean(r.summary["train_seconds"]
+                                                         for r in group),
+                       "accuracy": statistics.fmean(accuracy)})
+    doc.add(Heading(3, "Which network"),
+            Para("Each model's accuracy (the test accuracy of its best.pt, the mean over its "
+                 "runs) beside what it costs: its parameters, its multiply-adds per image and "
+                 "its training time on this machine."),
+            Table(["model", "paper", "parameters", "multiply-adds per image",
+                   "train time (s)", "test accuracy"],
+                  [[m["model"], m["paper"], f"{m['parameters']:,}" if m["parameters"] else "-",
+                    f"{m['macs']:,}" if m["macs"] else "-", f"{m['train_seconds']:,.1f}",
+                    pct_text(m["accuracy"])]
+                   for m in sorted(models, key=lambda m: -m["accuracy"])]))
+    if all(m["parameters"] for m in models):
+        path = plot_models(models, figures.out / f"{prefix}models.png")
+        doc.add(Figures([(path, "Accuracy against parameters and training time")]))
+
+
+def _macs(run: RunInfo) -> int | None:
+    """The multiply-adds per image of a run's model on its data (torch's flop counter, on
+    the meta device), or None where its data's shape cannot be read here."""
+    from .summary import summarize
+
+    config = run.config
+    size = config.get("image_size")
+    try:
+        return summarize(str(config["model"]), str(config["dataset"]),
+                         image_size=None if size is None else parse_image_size(size),
+                         pool=config.get("pool"))["macs"]
+    except (CnnlabError, OSError, KeyError, ValueError):
+        return None
 
 
 def _run_line(run: RunInfo) -> str:
