@@ -172,3 +172,24 @@ def test_every_model_takes_mnist_and_cifar_shaped_images():
                 model = create_model(name, in_channels=c, num_classes=10,
                                      image_size=(side, side)).eval()
                 assert model(torch.zeros(2, c, side, side)).shape == (2, 10), (name, c)
+
+
+def test_cnnlab_models_lists_every_model_with_its_paper_and_size(capsys):
+    import json
+
+    from cnnlab.cli import main
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "what", "it", "is", "paper", "parameters", "(10",
+                                "classes)", "images"]
+    for name in MODELS:
+        e = entry(name)
+        [line] = [line for line in lines if line.startswith(f"{name} ")]
+        assert f"{e.year}" in line and f"{e.parameters:,} at " in line, line
+    assert "vgg16 " in "\n".join(lines) and "ImageNet form above 64x64" in "\n".join(lines)
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [m["model"] for m in listed] == list(MODELS)
+    assert listed[0]["options"] == {"pool": {"default": "max", "choices": ["max", "avg"],
+                                             "help": "the pooling after each convolution"}}
