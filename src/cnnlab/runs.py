@@ -3,11 +3,15 @@
     config.json     the resolved configuration, and under "resolved" what ran (config.run_config)
     env.json        the machine and versions
     metrics.jsonl   one JSON record per line: `train` (every log_every steps), `eval` (per epoch)
-    checkpoint.pt   latest state; best.pt: the state with the best test accuracy
-    summary.json    the outcome
+    checkpoint.pt   latest state; best.pt: the state chosen on validation (else on test)
+    summary.json    the outcome (diverged.json instead where the loss became NaN)
     loss.png, accuracy.png, utilization.png
     tensorboard/    TensorBoard event files (with --tensorboard)
     .cnnlab.lock    locked by the process that writes the run
+
+A sweep's or a search's directory holds its run directories beside sweep.json or tune.json,
+results.md, results.csv and its figures. This module names every one of these files (no
+other module spells them) and reads the JSON ones with one policy (`read_object`).
 
 Every file is written atomically (temp file + rename) and metrics.jsonl a whole line at a
 time: a killed run, or one that ran out of disk space, never leaves half a file.
@@ -55,7 +59,7 @@ COMPARISON_PLOT, HISTORY_PLOT, IMPORTANCE_PLOT = "comparison.png", "history.png"
 
 class DamagedFile(CnnlabError):
     """A file of a run, sweep or search directory that is there but cannot be read as what it
-    should be; `what` says how ("is unreadable", "is no JSON object")."""
+    should be; `what` says how ("is missing", "is unreadable", "is no object")."""
 
     def __init__(self, path: Path, what: str) -> None:
         super().__init__(f"{path} {what}")
