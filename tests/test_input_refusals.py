@@ -12,6 +12,7 @@ import pytest
 from cnnlab.cli import main
 from cnnlab.config import resolve
 from cnnlab.errors import CnnlabError
+from cnnlab.models import MODELS
 from cnnlab.options import OPTIONS
 from cnnlab.runs import new_dir
 
@@ -86,8 +87,9 @@ def test_text_is_still_read_where_text_is_all_there_is():
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "lenet", "mnist"], "unknown model 'lenet'; did you mean lenet5? (choose one of "
-                                  "lenet5, resnet18, fastnet)"),
-    (["train", "vgg", "mnist"], "unknown model 'vgg'; choose one of lenet5, resnet18, fastnet"),
+                                  f"{', '.join(MODELS)})"),
+    (["train", "inception", "mnist"], "unknown model 'inception'; choose one of "
+                                      f"{', '.join(MODELS)}"),
     (["train", "lenet5", "mnsit"], "unknown dataset 'mnsit'; did you mean mnist?"),
     (["train", "lenet5", "mnist", "--optimizer", "adm"], "unknown optimizer 'adm'; did you "
                                                          "mean adam?"),

@@ -137,7 +137,7 @@ def test_choices_are_validated_from_the_metadata():
                                                   f"choose one of {', '.join(o.choices)}")):
                 resolve(MODEL, DATASET, overrides={o.name: "nonsense"})
     with pytest.raises(CnnlabError, match=f"choose one of {', '.join(MODELS)}"):
-        resolve("alexnet", DATASET)
+        resolve("inception", DATASET)
 
 
 def test_default_data_dir(monkeypatch, tmp_path):

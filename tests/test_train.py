@@ -114,7 +114,7 @@ def test_cli_trains_and_prints_the_run_directory_last(tiny_mnist, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["train", "vgg", "mnist"], "unknown model 'vgg'; choose one of lenet5, resnet18"),
+    (["train", "inception", "mnist"], "unknown model 'inception'; choose one of lenet5, alexnet"),
     (["train", "lenet5", "imagenet"], "unknown dataset 'imagenet'"),
     (["train", "lenet5", "mnist", "--lr", "0"], "--lr must be positive"),
     (["train", "lenet5", "mnist", "--batch-size", "-5"], "--batch-size must be positive"),
