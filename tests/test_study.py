@@ -117,7 +117,7 @@ def test_no_worker_outlives_a_killed_sweep(tiny_mnist, tmp_path):
     out = tmp_path / "sweep"
     # long enough that neither run ends before both have a checkpoint, short enough that
     # the command run again finishes them soon
-    cmd = _sweep_cmd(tiny_mnist, out, "--grid", "pool=max,avg", "--epochs", "60",
+    cmd = _sweep_cmd(tiny_mnist, out, "--grid", "pool=max,avg", "--epochs", "30",
                      "--log-every", "1", "--jobs", "2", "--quiet")
     sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = [out / "pool=max-seed=0", out / "pool=avg-seed=0"]

@@ -333,7 +333,7 @@ def test_ctrl_c_stops_every_concurrent_run_and_the_same_command_continues(tiny_m
     cmd = [sys.executable, "-m", "cnnlab", "sweep", "lenet5", "mnist", "--data-dir",
            str(tiny_mnist), "--grid", "pool=max,avg", "--batch-size", "16", "--log-every", "1",
            "--out", str(out), "--jobs", "2", "--quiet"]
-    proc = subprocess.Popen([*cmd, "--epochs", "60"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cmd, "--epochs", "30"], stderr=subprocess.PIPE, text=True)
     runs = [out / "pool=max-seed=0", out / "pool=avg-seed=0"]
     deadline = time.monotonic() + 120
     while not all((r / "metrics.jsonl").is_file() for r in runs):  # both are training
@@ -353,9 +353,9 @@ def test_ctrl_c_stops_every_concurrent_run_and_the_same_command_continues(tiny_m
     # A sweep with other options is refused though nothing finished; the same command
     # continues both runs from their checkpoints (no writer left: the workers ended).
     res = subprocess.run([*cmd, "--epochs", "1"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "holds another sweep (--epochs 60 there, 1 here)" \
+    assert res.returncode == 2 and "holds another sweep (--epochs 30 there, 1 here)" \
         in res.stderr
-    res = subprocess.run([*cmd, "--epochs", "60"], capture_output=True, text=True,
+    res = subprocess.run([*cmd, "--epochs", "30"], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert [(r["point"], r["seeds"]) for r in _results(out)] == [("pool=max", "1"),
