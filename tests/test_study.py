@@ -119,7 +119,9 @@ def test_no_worker_outlives_a_killed_sweep(tiny_mnist, tmp_path):
     # the command run again finishes them soon
     cmd = _sweep_cmd(tiny_mnist, out, "--grid", "pool=max,avg", "--epochs", "30",
                      "--log-every", "1", "--jobs", "2", "--quiet")
-    sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "CNNLAB_HEARTBEAT": "1"}  # a point of a dead worker: free in 3 s
+    sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
     runs = [out / "pool=max-seed=0", out / "pool=avg-seed=0"]
     for run in runs:
         _wait_for(run / "checkpoint.pt", sweep)
@@ -131,7 +133,7 @@ def test_no_worker_outlives_a_killed_sweep(tiny_mnist, tmp_path):
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     for run in runs:  # each stopped as on SIGTERM: a checkpoint, the lock let go
         assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert all((run / "summary.json").is_file() for run in runs)
 
