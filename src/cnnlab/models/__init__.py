@@ -81,6 +81,10 @@ _ENTRIES = (
               count, f"{_CIFAR_REPO} VGG('VGG{depth}'): the same")
       for depth, count in ((11, 9_231_114), (13, 9_416_010), (16, 14_728_266),
                            (19, 20_040_522))),
+    ModelEntry("nin", "nin", "nin",
+               "Network in Network: 1x1 convolutions, global average pooling for scores",
+               "Lin et al., Network in network (the paper's CIFAR-10 network)",
+               (3, 32, 32), 966_986, 4, 2014, cpu_bf16=True),
     _family("googlenet", "GoogLeNet: nine Inception blocks", "Szegedy et al., Going deeper "
             "with convolutions", 2015, 5_602_474, 2, 6_166_250,
             f"{_CIFAR_REPO} GoogLeNet: 6,166,250 - its Inception blocks take two 3x3 "
