@@ -683,7 +683,7 @@ def _models(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return Exit.OK
     head = ("model", "what it is", "paper", "parameters (10 classes)", "images")
-    cells = [(r["model"], r["title"], f"{r['paper'].split(',')[0]} {r['year']}",
+    cells = [(r["model"], r["title"], r["citation"],
               f"{r['parameters']:,} at {r['at']}", r["images"]) for r in rows]
     widths = [max(len(row[i]) for row in (head, *cells)) for i in range(len(head))]
     for row in (head, *cells):

@@ -709,8 +709,8 @@ def _models_section(doc: Document, runs: list[RunInfo], figures: _Figures,
         accuracy = [r.summary.get("test_acc_at_best") or r.summary["best_test_acc"]
                     for r in group]
         about = REGISTRY.get(name)
-        models.append({"model": name, "paper": f"{about.reference.split(',')[0]} {about.year}"
-                       if about else "-", "parameters": group[0].summary.get("parameters"),
+        models.append({"model": name, "paper": about.citation if about else "-",
+                       "parameters": group[0].summary.get("parameters"),
                        "macs": _macs(group[0]),
                        "train_seconds": statistics.fmean(r.summary["train_seconds"]
                                                          for r in group),

@@ -49,6 +49,11 @@ class ModelEntry:
     published: str = ""
     imagenet_form: bool = False   # above family.SMALL pixels a side: torchvision's model
 
+    @property
+    def citation(self) -> str:
+        """Its paper in short, as a table names it: "He et al. 2016"."""
+        return f"{self.reference.split(',')[0]} {self.year}"
+
 
 _CIFAR_REPO = "kuangliu/pytorch-cifar"  # the common CIFAR repository the counts are checked on
 _HE = "He et al., Deep residual learning for image recognition"
@@ -133,6 +138,7 @@ def describe(name: str) -> dict[str, Any]:
     if e.imagenet_form:
         images += f"; ImageNet form above {SMALL}x{SMALL}"
     return {"model": e.name, "title": e.title, "paper": e.reference, "year": e.year,
+            "citation": e.citation,
             "parameters": e.parameters, "at": f"{c}x{h}x{w}", "images": images,
             "options": {k: {"default": o.default, "choices": list(o.choices), "help": o.help}
                         for k, o in e.options.items()},
