@@ -16,6 +16,7 @@ from cnnlab.options import (
     ARGUMENT,
     COMPARED,
     LISTED,
+    MANY,
     OFF,
     ON,
     OPTIONS,
@@ -33,8 +34,14 @@ SETTABLE = [o for o in OPTIONS.values() if o.kind != ARGUMENT]
 # allowed and the default): every option can take a value other than the one it has there.
 MODEL, DATASET = "lenet5", "cifar10"
 TEXTS = {"device": "cuda:1", "checkpoint_every": "500steps", "data_dir": "/data/elsewhere",
-         "image_size": "64x48"}
+         "image_size": "64x48", "model_args": "width=64"}
 FOLDER_ONLY = {"image_size"}  # options of folder datasets: tried on one
+NAMED_ONLY = {"model_args", "pretrained"}  # options of models by name: tried on one
+NAMED = "torchvision:resnet18"
+
+
+def _flag(o) -> str:
+    return f"--{option_name(o.name).removesuffix('s') if o.kind == MANY else option_name(o.name)}"
 
 
 def _samples():
@@ -56,7 +63,7 @@ def _samples():
 
 
 def _argv(name: str, value) -> list[str]:
-    flag = f"--{option_name(name)}"
+    flag = _flag(OPTIONS[name])
     if isinstance(value, bool):
         return [flag if value else f"--no-{flag[2:]}"]
     return [flag, format_value(value)]
@@ -68,15 +75,16 @@ def _toml(value) -> str:
 
 @pytest.mark.parametrize("name,value,dataset", list(_samples()))
 def test_flag_field_and_toml_key_round_trip(name, value, dataset, tmp_path):
+    model = NAMED if name in NAMED_ONLY else MODEL
     for command in ("train", "sweep"):
-        args = build_parser().parse_args([command, MODEL, dataset, *_argv(name, value)])
+        args = build_parser().parse_args([command, model, dataset, *_argv(name, value)])
         given = {k: v for k, v in train_options(args).items() if v is not None}
         assert given == {name: value} and type(given[name]) is type(value)
-        assert getattr(resolve(MODEL, dataset, overrides=given), name) == value
+        assert getattr(resolve(model, dataset, overrides=given), name) == value
     for key in (option_name(name), name):
         path = tmp_path / "options.toml"
         path.write_text(f"{key} = {_toml(value)}\n")
-        assert getattr(resolve(MODEL, dataset, file_values=load_toml(path)), name) == value
+        assert getattr(resolve(model, dataset, file_values=load_toml(path)), name) == value
 
 
 @pytest.mark.parametrize("command", ["train", "sweep"])
@@ -97,7 +105,7 @@ def test_help_names_the_registries(capsys):
             build_parser().parse_args([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert all(name in text for name in [*MODELS, *SPECS, "fastnet"])
-        assert all(f"--{option_name(o.name)}" in text or f"--no-{option_name(o.name)}" in text
+        assert all(_flag(o) in text or f"--no-{option_name(o.name)}" in text
                    for o in SETTABLE)
 
 

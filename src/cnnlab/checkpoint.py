@@ -39,8 +39,8 @@ from torch import nn
 
 from .errors import CnnlabError, one_line
 from .files import atomic_write
-from .models import create_model
-from .runs import BEST, CHECKPOINT, CONFIG
+from .models import code, create_model
+from .runs import BEST, CHECKPOINT, CONFIG, MODEL_SOURCE
 
 FORMAT = 1
 NAMES = (BEST, CHECKPOINT)  # what a run directory holds, in the order eval prefers
@@ -59,9 +59,11 @@ class ModelMeta:
     mean: tuple[float, ...]        # per channel, of pixels scaled to [0, 1]
     std: tuple[float, ...]
     normalize: bool = True         # False: the input is pixel / 255 (the lab report's ToTensor)
-    options: dict[str, Any] = field(default_factory=dict)  # e.g. {"pool": "avg"}
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. {"pool": "avg"}; a model
+    #                                from code or by name: its constructor's arguments
     fit: str = "resize"            # how an image of another size is made image_size: "resize"
     #                                (stretched), "crop" (shorter side, then centre crop)
+    source: dict[str, Any] | None = None  # the user's own model: models.code.Source
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -87,7 +89,8 @@ class ModelMeta:
                          std=tuple(float(s) for s in meta["std"]),
                          normalize=bool(meta.get("normalize", True)),
                          options=dict(meta.get("options") or {}),
-                         fit=str(meta.get("fit", "resize")))
+                         fit=str(meta.get("fit", "resize")),
+                         source=meta.get("source"))
         except (TypeError, ValueError):
             parsed = None
         if parsed is None or not parsed.consistent():
@@ -103,12 +106,19 @@ class ModelMeta:
                 and len(self.mean) == len(self.std) == self.in_channels
                 and self.fit in ("resize", "crop"))
 
-    def build(self) -> nn.Module:
-        """The model, with freshly initialised weights."""
-
+    def build(self, run_dir: Path | None = None, *, trust: bool = False,
+              found: Any = None, pretrained: bool = False) -> nn.Module:
+        """The model, with freshly initialised weights (`pretrained`: torchvision's or timm's
+        published ones, with a new classifier). The user's own model is built from
+        `found` (its class or function), else from the copy of its source that `run_dir`
+        keeps (models.code.load_kept: refused unless it is the user's own file, unchanged,
+        or `trust`)."""
+        if self.source is not None and found is None:
+            copy = run_dir / MODEL_SOURCE if run_dir is not None else None
+            found = code.load_kept(code.Source.from_dict(self.source), copy, trust=trust)
         return create_model(self.name, in_channels=self.in_channels,
                             num_classes=self.num_classes, image_size=self.image_size,
-                            **self.options)
+                            pretrained=pretrained, found=found, **self.options)
 
 
 # ---- writing and reading files ---------------------------------------------------------------
@@ -196,12 +206,14 @@ class Trained:
     test_acc: float | None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Trained:
-    """The model of a checkpoint file or a run directory (its best.pt), ready to use."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", *,
+               trust_code: bool = False) -> Trained:
+    """The model of a checkpoint file or a run directory (its best.pt), ready to use; the
+    user's own model from the copy of its source beside the checkpoint (see ModelMeta.build)."""
     file = find(path)
     ckpt = load(file, map_location=device)
     meta = ModelMeta.from_dict(ckpt.get("model_meta"), file)
-    model = meta.build()
+    model = meta.build(file.parent, trust=trust_code)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as e:

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from .errors import CnnlabError, did_you_mean, unknown_choice
-from .models import MODELS, options_of
+from .models import code, entry, hub_of, is_code, options_of
 from .options import ARGUMENT, OPTIONS, Config, field_name, format_value, option_name
 from .presets import flips
 from .specs import SPECS
@@ -171,13 +171,27 @@ def short(value: Any) -> str:
     return repr(text) if isinstance(value, str) else text
 
 
+def _check_model(cfg: Config) -> None:
+    """The model's name and what only some models take: --model-arg, --pretrained."""
+    hub = hub_of(cfg.model)
+    if hub or is_code(cfg.model):
+        code.parse_args(cfg.model_args)
+    else:
+        entry(cfg.model)
+        if cfg.model_args:
+            raise CnnlabError(f"--model-arg is for your own, torchvision's and timm's models; "
+                              f"{cfg.model}'s options are flags (cnnlab models lists them)")
+    if cfg.pretrained and not hub:
+        raise CnnlabError(f"--pretrained loads the published weights of torchvision:NAME and "
+                          f"timm:NAME models; {cfg.model} has none")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values with a message naming the option and the fix (before any
     data is read, so that a sweep fails before its first run)."""
 
 
-    if cfg.model not in MODELS:
-        raise CnnlabError(unknown_choice("model", cfg.model, MODELS))
+    _check_model(cfg)
     if cfg.dataset not in SPECS and not cfg.dataset.startswith("folder:"):
         raise CnnlabError(unknown_choice("dataset", cfg.dataset, [*SPECS, "folder:PATH"]))
     if cfg.pool is not None and "pool" not in options_of(cfg.model):

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from . import __version__, train
@@ -27,7 +28,7 @@ from .launch import Nodes, launch, leave_to_launcher, rank_finished, rank_starte
 from .listing import format_table, list_runs
 from .lrfind import END_LR, MAX_STEPS, MIN_STEPS, NOT_USED, START_LR, STEPS, lr_find
 from .models import MODELS, describe
-from .options import ARGUMENT, OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
+from .options import ARGUMENT, MANY, OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
 from .process import set_up_command
 from .progress import say as say_line
 from .rank import env_rank
@@ -101,6 +102,9 @@ def _add_option(p: argparse.ArgumentParser, name: str, dest: str | None = None,
     elif o.kind == OFF:
         p.add_argument(f"--no-{flag[2:]}", dest=dest, action="store_false", default=None,
                        help=text)
+    elif o.kind == MANY:
+        p.add_argument(flag.removesuffix("s"), dest=dest, action="append", help=text,
+                       metavar="KEY=VALUE")
     else:
         p.add_argument(flag, type={"int": int, "float": number, "str": str}[o.type], help=text,
                        metavar="|".join(o.choices) if o.choices else None)
@@ -109,7 +113,8 @@ def _add_option(p: argparse.ArgumentParser, name: str, dest: str | None = None,
 def _names() -> tuple[str, str]:
     """The MODEL and DATASET choices, from the registries."""
 
-    return ", ".join(MODELS), ", ".join([*SPECS, "folder:PATH"])
+    return (", ".join([*MODELS, "torchvision:NAME", "timm:NAME", "path/to/net.py:Class",
+                       "module:function"]), ", ".join([*SPECS, "folder:PATH"]))
 
 
 def _train_parser(sub) -> None:
@@ -128,6 +133,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", help="run directory (default runs/<time>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its "
                    "last checkpoint (only safe options, e.g. --epochs, may change)")
+    _trust_option(p)
     p.add_argument("--nproc", type=int, help="launch N processes with torchrun on this machine")
     nodes = p.add_argument_group(
         "many machines", "run the same command on every machine, each with its --node-rank; "
@@ -179,7 +185,8 @@ def unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: li
 def train_options(args: argparse.Namespace) -> dict:
     """The config overrides among parsed arguments (those add_train_options defines)."""
 
-    return {k: v for k, v in vars(args).items() if k in OPTIONS and OPTIONS[k].kind != ARGUMENT}
+    return {k: ", ".join(v) if OPTIONS[k].kind == MANY and v else v
+            for k, v in vars(args).items() if k in OPTIONS and OPTIONS[k].kind != ARGUMENT}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -188,7 +195,8 @@ def _train(args: argparse.Namespace) -> int:
     if any(v is not None for v in (args.nproc, args.nnodes, args.node_rank, args.master_addr)):
         return _launch(args)
     summary = train(args.model, args.dataset, config=args.config, out=args.out,
-                    resume=args.resume, progress=not args.quiet, **train_options(args))
+                    resume=args.resume, progress=not args.quiet, trust_code=args.trust_code,
+                    **train_options(args))
     if env_rank() != 0:  # under torchrun, rank 0 alone reports
         return Exit.OK
     if not args.quiet:
@@ -285,6 +293,13 @@ def _launch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- use a trained model
 
+def _trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="a run of your own model: run the run's copy of its code (model_source"
+                        ".py) even where it does not come from your own, unchanged file - "
+                        "read it first: loading a model runs its code")
+
+
 def _use_parsers(sub) -> None:
     """`cnnlab eval`, `cnnlab predict` and `cnnlab export`."""
     ckpt_help = "a checkpoint (.pt) or a run directory (its best.pt)"
@@ -294,6 +309,7 @@ def _use_parsers(sub) -> None:
                     "a trained model; also written as eval-*.json and confusion-*.png beside "
                     "the checkpoint.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help=ckpt_help)
+    _trust_option(p)
     p.add_argument("--dataset", help="default: the dataset the model was trained on")
     p.add_argument("--split", default="test", help="test (default) or train")
     p.add_argument("--no-download", dest="download", action="store_false",
@@ -320,6 +336,7 @@ def _use_parsers(sub) -> None:
                     f"training. Exit status {Exit.SOME_FILES_UNREADABLE.value} if some files "
                     "could not be read.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help=ckpt_help)
+    _trust_option(p)
     p.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="+",
                    help="image files, and folders whose images (also in subfolders) to classify")
     p.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
@@ -338,6 +355,7 @@ def _use_parsers(sub) -> None:
                     "of the model's dataset where it is at hand, with the class names and "
                     "preprocessing inside and in FILE.json.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help=ckpt_help)
+    _trust_option(p)
     p.add_argument("--format", required=True, help="onnx | export | torchscript")
     p.add_argument("--out", metavar="FILE", help="default: beside the checkpoint, "
                    "<name>.onnx, <name>.pt2 or <name>.torchscript.pt")
@@ -355,7 +373,7 @@ def _eval(args: argparse.Namespace) -> int:
                                  data_dir=args.data_dir, download=args.download,
                                  tta=args.tta, batch_size=args.batch_size,
                                  precision=args.precision, device=resolve_device(args.device),
-                                 mistakes=args.mistakes)
+                                 mistakes=args.mistakes, trust_code=args.trust_code)
     files = save_eval(result, args.out_dir or Path(result["checkpoint"]).parent)
     if args.json:
         print(json.dumps(result | {"files": files}))
@@ -373,7 +391,8 @@ def _predict(args: argparse.Namespace) -> int:
     from .predict import format_prediction, predict
 
     results = predict(args.checkpoint, args.images, top_k=args.top_k, invert=args.invert,
-                      batch_size=args.batch_size, device=resolve_device(args.device))
+                      batch_size=args.batch_size, device=resolve_device(args.device),
+                      trust_code=args.trust_code)
     for r in results:
         if "error" in r:
             print(f"cnnlab: error: {r['error']}", file=sys.stderr)
@@ -395,7 +414,8 @@ def _check_use_options(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_model
 
-    info = export_model(args.checkpoint, args.format, args.out, data_dir=args.data_dir)
+    info = export_model(args.checkpoint, args.format, args.out, data_dir=args.data_dir,
+                        trust_code=args.trust_code)
     parity = info["parity"]
     agreement = (f", the same class for {parity['top1_agreement']} images"
                  if "top1_agreement" in parity else "")
@@ -568,12 +588,14 @@ def _report_parser(sub) -> None:
                     data_dir="default: where each run found its data")
     p.add_argument("--no-eval", action="store_true", help="leave out per-class accuracy and "
                    "the confusion matrix (needs no data)")
+    _trust_option(p)
 
 
 def _report(args: argparse.Namespace) -> int:
 
     written = write_report(args.dirs, args.out, evaluate=not args.no_eval,
-                           data_dir=args.data_dir, device=args.device)
+                           data_dir=args.data_dir, device=args.device,
+                           trust_code=args.trust_code)
     print(written["md"])
     print(written["html"])
     return Exit.OK
@@ -651,7 +673,8 @@ def _summary_parser(sub) -> None:
                     "(a folder's: its first training image and its class folders).")
     p.add_argument("model", help=models)
     p.add_argument("dataset", help=datasets)
-    add_use_options(p, "image_size", "pool", "data_dir")  # --data-dir as every command takes
+    add_use_options(p, "image_size", "pool", "model_args", "data_dir")  # --data-dir as every
+    #                                                                     command takes it
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -661,7 +684,8 @@ def _summary(args: argparse.Namespace) -> int:
     from .summary import format_summary, summarize
 
     size = None if args.image_size is None else parse_image_size(args.image_size)
-    summary = summarize(args.model, args.dataset, image_size=size, pool=args.pool)
+    summary = summarize(args.model, args.dataset, image_size=size, pool=args.pool,
+                        model_args=", ".join(args.model_args or ()) or None)
     print(json.dumps(summary) if args.json else format_summary(summary))
     return Exit.OK
 
@@ -673,6 +697,8 @@ def _models_parser(sub) -> None:
                     "parameters (at the input it was designed for, 10 classes) and the images "
                     "it takes. 'cnnlab summary MODEL DATASET' walks one layer by layer.")
     p.add_argument("--json", action="store_true", help="print one JSON array")
+    p.add_argument("--all", action="store_true", help="also the models torchvision and timm "
+                   "name, and how to name your own")
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -688,6 +714,17 @@ def _models(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in (head, *cells)) for i in range(len(head))]
     for row in (head, *cells):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if args.all:
+        from .models.hub import timm_count, torchvision_names
+
+        names = torchvision_names()
+        print(f"\ntorchvision:NAME ({len(names)} models; --pretrained: their ImageNet "
+              f"weights):\n" + textwrap.fill(", ".join(names), 100))
+        count = timm_count()
+        print("\ntimm:NAME: " + (f"{count:,} models (timm.list_models() names them)" if count
+                                 else "not installed (pip install 'cnnlab[timm]')"))
+        print("\nyour own: path/to/net.py:Class or package.module:function, an nn.Module "
+              "class or a function returning one")
     return Exit.OK
 
 

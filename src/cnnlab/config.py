@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .checks import option_values, typed_value, validate
 from .devices import default_device
 from .errors import CnnlabError
+from .models import checked_name
 from .options import OPTIONS, Config
 from .presets import fast_tta, preset_values
 
@@ -80,7 +81,7 @@ def resolve(model: str, dataset: str, *, file_values: dict[str, Any] | None = No
         values["tta"] = fast_tta(values["augment"]) if preset == "fast" else "none"
     values["data_dir"] = default_data_dir(values.get("data_dir"))
     values["device"] = default_device(values.get("device"))
-    cfg = Config(model=model, dataset=dataset, **values)
+    cfg = Config(model=checked_name(model), dataset=dataset, **values)
     validate(cfg)
     return cfg
 

@@ -68,7 +68,8 @@ def default_output(source: Path, fmt: str) -> Path:
 
 
 def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None, *,
-                 tolerance: float = TOLERANCE, data_dir: str | Path | None = None) -> dict:
+                 tolerance: float = TOLERANCE, data_dir: str | Path | None = None,
+                 trust_code: bool = False) -> dict:
     """Export the model of a checkpoint (or a run directory's best.pt) to `fmt`, check
     that it gives the PyTorch model's logits within `tolerance` of their scale - on random
     images and, where the dataset it was trained on is at hand (in `data_dir`, default the
@@ -79,7 +80,7 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path | None = None
         raise CnnlabError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         _require_onnx()
-    trained = load_model(checkpoint, "cpu")
+    trained = load_model(checkpoint, "cpu", trust_code=trust_code)
     model, source = trained.model, trained.path
     out = Path(out) if out else default_output(source, fmt)
     sidecar = out.with_name(out.name + ".json")

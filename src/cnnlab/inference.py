@@ -93,7 +93,8 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
                         download: bool = True, tta: str | None = None,
                         batch_size: int | None = None, precision: str = "fp32",
                         device: str | torch.device = "cpu", data=None,
-                        progress: bool | str = True, mistakes: int = 0) -> dict:
+                        progress: bool | str = True, mistakes: int = 0,
+                        trust_code: bool = False) -> dict:
     """Score a checkpoint (or a run directory's best.pt) on a labelled split.
 
     `dataset` and `data_dir` default to those the model was trained on; `data`, the
@@ -106,6 +107,7 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     QUIET_SECONDS - a ResNet-18 takes minutes on a CPU), named by the text given or after
     the checkpoint; False: nothing. `mistakes` > 0: also the model's mistakes (that many top
     losses, see mistakes.find_mistakes), as a mistakes.Mistakes under "mistakes".
+    `trust_code`: see checkpoint.load_model.
     Returns accuracy (%), loss, per_class, confusion and what was evaluated. Raises
     CnnlabError (DataMismatch where the data does not fit the model)."""
     from .data import load_dataset
@@ -118,7 +120,7 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
         raise CnnlabError(f"--batch-size must be positive, got {batch_size}")
     if mistakes < 0:
         raise CnnlabError(f"--mistakes must be 0 (none) or more, got {mistakes}")
-    trained = checkpoint.load_model(checkpoint_or_run, device)
+    trained = checkpoint.load_model(checkpoint_or_run, device, trust_code=trust_code)
     file, meta, config = trained.path, trained.meta, trained.config
     where = torch.device(device)
     amp = Precision(resolve_precision(precision, where, meta.name), where)

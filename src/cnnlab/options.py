@@ -39,6 +39,8 @@ VALUE = "value"        # --name VALUE
 SWITCH = "switch"      # --name / --no-name
 ON = "on"              # --name alone
 OFF = "off"            # --no-name alone
+MANY = "many"          # --name VALUE, repeatable (the field's name less its s): the values
+#                        joined with ", "
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,15 @@ class Config:
                                         "val/ is used when it has one, else best.pt is the "
                                         "best on test (optimistic)")
     pool: str | None = option(None, choices=POOLS, help="LeNet-5's pooling (default: the model's)")
+    model_args: str | None = option(None, kind=MANY,
+                                    help="your own, torchvision's or timm's model: an argument "
+                                         "its constructor takes, KEY=VALUE with a Python "
+                                         "literal or a word (repeat for more), e.g. "
+                                         "--model-arg width=64")
+    pretrained: bool = option(False, kind=ON,
+                              help="torchvision:NAME and timm:NAME: start from the published "
+                                   "ImageNet weights, with a new classifier for the "
+                                   "dataset's classes (fine-tuning)")
     seed: int = option(0, role=IDENTITY, help="random seed (0 to 2^32 - 1)",
                        limits=Limits(high=SEED_MAX))
     device: str = option("auto", role=RUNTIME, help="auto | cpu | cuda | cuda:N",

@@ -90,7 +90,7 @@ def _images_in(folder: Path) -> list[tuple[str, str | None]]:
 
 def predict(checkpoint: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3,
             invert: str = "auto", batch_size: int = 256,
-            device: str | torch.device = "cpu") -> list[dict]:
+            device: str | torch.device = "cpu", trust_code: bool = False) -> list[dict]:
     """The top-k classes of each image: one dict per image, in order,
     {"path", "top": [{"label", "probability"}, ...], "inverted"} or {"path", "error"}.
     A file that cannot be read gets an error entry; the others are still predicted."""
@@ -100,7 +100,7 @@ def predict(checkpoint: str | Path, inputs: Iterable[str | Path], *, top_k: int 
         raise CnnlabError(f"unknown --invert '{invert}'; choose one of {', '.join(INVERTS)}")
     if batch_size <= 0:
         raise CnnlabError(f"--batch-size must be positive, got {batch_size}")
-    trained = load_model(checkpoint, device)
+    trained = load_model(checkpoint, device, trust_code=trust_code)
     meta = trained.meta
     entries = collect_images(inputs)
     if not entries:

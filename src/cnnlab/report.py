@@ -26,7 +26,7 @@ from .config import data_dir_for
 from .devices import resolve_device
 from .errors import CnnlabError, one_line
 from .files import atomic_write, safe_name
-from .models import REGISTRY
+from .models import REGISTRY, is_code, label
 from .options import COMPARED, applies, format_value, option_name
 from .plots import (
     plot_comparison,
@@ -301,7 +301,7 @@ def outcome(run: RunInfo) -> dict:
 
 
 def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
-                 cache: dict) -> dict | str:
+                 cache: dict, trust_code: bool = False) -> dict | str:
     """Per-class accuracy, the confusion matrix and the mistakes (mistakes.SHOWN top losses)
     of the run's best checkpoint on the test split, or a sentence saying why they could not be
     computed."""
@@ -331,6 +331,7 @@ def evaluate_run(run: RunInfo, *, data_dir: str | Path | None, device: str,
     try:
         result = evaluate_checkpoint(
             ckpt_file, dataset=dataset, data=data, device=device, mistakes=SHOWN,
+            trust_code=trust_code,
             progress=f"report: evaluating {run.name} ({ckpt_file.name}) on the test split")
     except DataMismatch as e:
         return f"The test data under {root} does not fit the model ({e}); not evaluated."
@@ -709,7 +710,7 @@ def _models_section(doc: Document, runs: list[RunInfo], figures: _Figures,
         accuracy = [r.summary.get("test_acc_at_best") or r.summary["best_test_acc"]
                     for r in group]
         about = REGISTRY.get(name)
-        models.append({"model": name, "paper": about.citation if about else "-",
+        models.append({"model": label(name), "paper": about.citation if about else "-",
                        "parameters": group[0].summary.get("parameters"),
                        "macs": _macs(group[0]),
                        "train_seconds": statistics.fmean(r.summary["train_seconds"]
@@ -737,10 +738,12 @@ def _macs(run: RunInfo) -> int | None:
 
     config = run.config
     size = config.get("image_size")
+    if is_code(str(config.get("model"))):  # counting would run its code: eval's check first
+        return None
     try:
         return summarize(str(config["model"]), str(config["dataset"]),
                          image_size=None if size is None else parse_image_size(size),
-                         pool=config.get("pool"))["macs"]
+                         pool=config.get("pool"), model_args=config.get("model_args"))["macs"]
     except (CnnlabError, OSError, KeyError, ValueError):
         return None
 
@@ -764,7 +767,7 @@ def default_report_dir(paths: list[str | Path], root: str | Path = "reports") ->
 
 def write_report(paths: list[str | Path], out: str | Path | None = None, *,
                  evaluate: bool = True, data_dir: str | Path | None = None,
-                 device: str | None = "auto") -> dict[str, Path]:
+                 device: str | None = "auto", trust_code: bool = False) -> dict[str, Path]:
     """Write report.html and report.md for run and sweep directories into `out` (default: the
     one directory given, else reports/<time>), evaluating on `device` (None: the default
     device, see devices.resolve_device). Returns {"html": path, "md": path}."""
@@ -786,7 +789,7 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, *,
         cache: dict = {}
         for run in runs:
             evaluations[run.name] = evaluate_run(run, data_dir=data_dir, device=torch_device,
-                                                 cache=cache)
+                                                 cache=cache, trust_code=trust_code)
     figures = _Figures(out)
     if len(runs) == 1:
         run = runs[0]

@@ -20,11 +20,13 @@ class Resume:
     stopped before it wrote one."""
 
     checkpoint: dict | None
+    trust_code: bool = False  # run the run's copy of its model's code, whatever its file says
 
 
 def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = None,
                   dataset: str | None = None, file_values: dict | None = None,
-                  out: str | Path | None = None) -> tuple[Config, Resume]:
+                  out: str | Path | None = None, trust_code: bool = False
+                  ) -> tuple[Config, Resume]:
     """The run's own configuration, with only the changes that are safe to make, and where
     to continue from. What a resumed run cannot honour - another model, dataset or --out,
     options that would change the result - is refused, whether given as options, as
@@ -77,7 +79,7 @@ def resume_config(run_dir: str | Path, overrides: dict, *, model: str | None = N
     if epochs_done >= cfg.epochs and (path / SUMMARY).is_file():
         raise CnnlabError(f"{run_dir} already finished its {cfg.epochs} epochs; pass --epochs N "
                           "to train more (constant schedule only) or start a new run")
-    return cfg, Resume(ckpt)
+    return cfg, Resume(ckpt, trust_code)
 
 
 def _saved_config(path: Path) -> dict[str, Any]:

@@ -4,6 +4,8 @@
     env.json        the machine and versions
     metrics.jsonl   one JSON record per line: `train` (every log_every steps), `eval` (per epoch)
     checkpoint.pt   latest state; best.pt: the state chosen on validation (else on test)
+    model_source.py the user's own model: the source it was built from (its hash in the
+                    checkpoints' model_meta)
     summary.json    the outcome (diverged.json instead where the loss became NaN)
     loss.png, accuracy.png, utilization.png
     tensorboard/    TensorBoard event files (with --tensorboard)
@@ -40,13 +42,14 @@ CHECKPOINT = "checkpoint.pt"  # the latest training state
 BEST = "best.pt"              # the state best.pt was chosen for
 SUMMARY = "summary.json"      # the outcome: written last, so it marks a finished run
 DIVERGED = "diverged.json"    # written instead where the loss became NaN
+MODEL_SOURCE = "model_source.py"  # the user's own model: a copy of its source file
 LOSS_PLOT, ACCURACY_PLOT, UTILIZATION_PLOT = "loss.png", "accuracy.png", "utilization.png"
 CONFUSION_PLOT = "confusion.png"  # drawn by the report
 TENSORBOARD = "tensorboard"   # the event files' folder (--tensorboard)
 LOCK_FILE = ".cnnlab.lock"    # held by the process writing the run (see RunDir)
 # What a training run writes: evaluation and export never write over these.
 RUN_FILES = frozenset({CONFIG, ENV, METRICS, CHECKPOINT, BEST, SUMMARY, LOSS_PLOT, ACCURACY_PLOT,
-                       UTILIZATION_PLOT, LOCK_FILE, TENSORBOARD, DIVERGED})
+                       UTILIZATION_PLOT, LOCK_FILE, TENSORBOARD, DIVERGED, MODEL_SOURCE})
 
 # The files of a sweep's or a search's directory, beside its run directories
 SWEEP_FILE = "sweep.json"     # marks a sweep directory: its plan, whoever extended it
@@ -112,7 +115,16 @@ def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path
     """runs/<time>-<model>-<dataset>: the name a new run's directory starts from (new_dir
     makes it the first free one)."""
     name = safe_name(dataset.removeprefix("folder:"), "folder")
-    return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{name}"
+    return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{model_part(model)}-{name}"
+
+
+def model_part(model: str) -> str:
+    """A model's name as part of a folder's: net-Net for path/to/net.py:Net,
+    torchvision-resnet50 for torchvision:resnet50."""
+    where, colon, attr = model.rpartition(":")
+    if not colon:
+        return model
+    return safe_name(f"{Path(where).stem if where.endswith('.py') else where}-{attr}", "model")
 
 
 def new_dir(path: Path) -> Path:

@@ -2,8 +2,10 @@
 parameters and multiply-adds, and the output-size formula of each convolution and pooling
 layer worked as the lab report writes it - from the dataset's shape alone, without its data.
 
-Also `check_shapes`, which training calls: a model whose layers do not fit the images is
-refused in one line naming the layer where they stop fitting, before anything trains.
+Also `check_model`, which training calls: a model whose layers do not fit the images is
+refused in one line naming the layer where they stop fitting, before anything trains; so is
+one that returns another number of scores than the dataset has classes, and, for a model
+that is not built in, one whose forward creates parameters or prints.
 
 Multiply-adds are PyTorch's own count (`torch.utils.flop_counter.FlopCounterMode`, flops / 2):
 convolutions and matrix products only, without their bias additions; batch norm,
@@ -11,6 +13,8 @@ activations, pooling and the residual additions count as none, as is usual."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain, count
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import CnnlabError, one_line, unknown_choice
-from .models import create_model, entry
+from .models import REGISTRY, about, checked_name, code, create_model, label
 from .specs import SPECS
 
 # The official files fix the image size of each built-in kind of dataset (height, width)
@@ -105,6 +109,81 @@ def check_shapes(model: nn.Module, input_shape: tuple[int, ...], model_name: str
     _trace(model, input_shape, model_name)
 
 
+def check_model(model: nn.Module, input_shape: tuple[int, ...], classes: int, name: str,
+                dataset: str, *, built_in: bool) -> None:
+    """`check_shapes`, then the model's scores: one per class for each image. A model that is
+    not `built_in` is also run once as training runs it (its state and the random numbers
+    restored after): a forward that prints, or that creates parameters (new ones at each
+    call, which the optimiser never sees), is refused in one line."""
+    printed, before = io.StringIO(), dict(model.named_parameters())
+    with contextlib.redirect_stdout(printed):
+        seen = _trace(model, input_shape, name)
+    returned = seen[model].output
+    if returned is None:
+        raise CnnlabError(f"{name} returns no tensor of scores (a tuple or other value); its "
+                          "forward must return one tensor, images x classes")
+    if returned != (classes,):
+        scores = (f"{returned[0]} scores per image" if len(returned) == 1
+                  else f"scores of shape {_text(returned)} per image")
+        raise CnnlabError(f"{name} returns {scores}; {dataset} has {classes} classes (give its "
+                          f"last layer {classes} outputs: take a num_classes argument"
+                          f"{', and flatten' if len(returned) > 1 else ''})")
+    if not built_in:
+        _check_forward(model, input_shape, name, printed.getvalue(), before)
+
+
+def _check_forward(model: nn.Module, input_shape: tuple[int, ...], name: str, printed: str,
+                   before: dict[str, nn.Parameter]) -> None:
+    first = next(chain(model.parameters(), model.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {m: m.training for m in model.modules()}
+    out = io.StringIO()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                contextlib.redirect_stdout(out):
+            model.train()
+            scores = model(torch.zeros(2, *input_shape, device=device))
+        after = dict(model.named_parameters())
+        made = sorted(k for k, p in after.items() if before.get(k) is not p)
+        owned = {id(p) for p in after.values()}
+        strays = [v for v in _leaves(scores) if id(v) not in owned]
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if made:
+        raise CnnlabError(f"{name} creates {made[0].rsplit('.', 1)[0]} inside forward (its "
+                          "parameters appear only when forward runs, anew at each call, so "
+                          "the optimiser never trains them): create layers in __init__")
+    if strays:
+        shape = _text(tuple(strays[0].shape))
+        raise CnnlabError(f"{name} makes a tensor that requires gradients ({shape}) inside "
+                          "forward, new at each call, so the optimiser never trains it (an "
+                          "nn.Linear or nn.Parameter created in forward?): create layers in "
+                          "__init__")
+    model.load_state_dict(kept)
+    said = (printed or out.getvalue()).strip()
+    if said:
+        raise CnnlabError(f"{name}'s forward prints ({said.splitlines()[0][:60]!r}): it would "
+                          "print at every training step; remove the print")
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    """The tensors requiring gradients that `output` was computed from (autograd's leaves)."""
+    if not isinstance(output, torch.Tensor) or output.grad_fn is None:
+        return []
+    leaves, todo, seen = [], [output.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+            leaves.append(node.variable)
+        todo.extend(n for n, _ in node.next_functions)
+    return leaves
+
+
 def dataset_shape(dataset: str, image_size: tuple[int, int] | None = None
                   ) -> tuple[tuple[int, int, int], int]:
     """((channels, height, width), classes) of `dataset`'s images, from its spec, or for
@@ -141,7 +220,7 @@ def _folder_shape(root: Path, image_size: tuple[int, int] | None
 
 
 def summarize(model_name: str, dataset: str, *, image_size: tuple[int, int] | None = None,
-              pool: str | None = None) -> dict[str, Any]:
+              pool: str | None = None, model_args: str | None = None) -> dict[str, Any]:
     """The summary of model `model_name` on `dataset`'s images (built on the meta device: no
     weights are made), as plain data: the input, the layers in the order they finish (every
     leaf module and every block, a module with a forward of its own such as a ResNet
@@ -149,9 +228,11 @@ def summarize(model_name: str, dataset: str, *, image_size: tuple[int, int] | No
     from torch.utils.flop_counter import FlopCounterMode
 
     shape, classes = dataset_shape(dataset, image_size)
+    model_name = checked_name(model_name)
+    options = {"pool": pool} if model_name in REGISTRY else code.parse_args(model_args)
     with torch.device("meta"):
         model = create_model(model_name, in_channels=shape[0], num_classes=classes,
-                             image_size=shape[1:], pool=pool)
+                             image_size=shape[1:], **options)
     with FlopCounterMode(display=False) as counter:
         seen = _trace(model, shape, model_name)
     flops = counter.get_flop_counts()
@@ -168,8 +249,8 @@ def summarize(model_name: str, dataset: str, *, image_size: tuple[int, int] | No
         if isinstance(module, _WINDOWED) and s.input and s.output:
             layer["formula"] = _formula(module, s.input[-2:], s.output[-2:])
         layers.append(layer)
-    about = entry(model_name)
-    return {"model": model_name, "title": about.title, "reference": about.reference,
+    title, reference = about(model_name)
+    return {"model": label(model_name), "title": title, "reference": reference,
             "dataset": dataset, "input": list(shape), "classes": classes, "layers": layers,
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters()

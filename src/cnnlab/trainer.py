@@ -39,8 +39,9 @@ from .engine import (
 )
 from .envinfo import collect_env
 from .errors import CnnlabError, Interrupted, TrainingDiverged, one_line
+from .files import atomic_write
 from .limits import default_threads
-from .models import count_parameters
+from .models import REGISTRY, code, count_parameters, label
 from .options import Config, format_value
 from .plots import plot_run, plot_utilization
 from .progress import Phase, Progress
@@ -52,6 +53,7 @@ from .runs import (
     CONFIG,
     DIVERGED,
     ENV,
+    MODEL_SOURCE,
     SUMMARY,
     TENSORBOARD,
     RunDir,
@@ -151,6 +153,7 @@ class Training:
     val_batches: DeviceLoader | None  # the validation split best.pt is chosen on
     channels_last: bool
     total_steps: int           # epochs x batches per epoch, rounded: the last epoch may be cut
+    own: OwnModel | None = None  # the user's own model: its code
 
     @property
     def epoch_count(self) -> int:
@@ -233,17 +236,64 @@ def _loaders(cfg: Config, data: Dataset, device: torch.device, dist: distributed
     return train, test, val
 
 
-def model_meta(cfg: Config, data: Dataset) -> ModelMeta:
+@dataclass(frozen=True)
+class OwnModel:
+    """The user's own model as a run builds it: its class or function, or the instance given
+    from Python; where its code comes from; and the bytes a new run keeps of it."""
+
+    source: code.Source
+    found: Callable[..., nn.Module] | None = None
+    instance: nn.Module | None = None
+    text: bytes | None = None  # None: the run has its copy already
+
+
+def own_model(cfg: Config, resume: Resume | None = None, run_dir: str | Path | None = None,
+              instance: nn.Module | None = None) -> OwnModel | None:
+    """The code of the user's own model, for a new run or a resumed one (whose copy of the
+    code is checked as eval's is: code.load_kept); None for other models."""
+    if instance is None and not code.is_code(cfg.model):
+        return None
+    if resume is not None and resume.checkpoint is not None and instance is None:
+        source = code.Source.from_dict(resume.checkpoint["model_meta"].get("source"))
+        return OwnModel(source, code.load_kept(source, Path(run_dir) / MODEL_SOURCE,
+                                               trust=resume.trust_code))
+    if instance is not None:
+        source, text = code.of_instance(instance)
+        return OwnModel(source, type(instance), instance, text)
+    found, source, text = code.load_new(cfg.model)
+    return OwnModel(source, found, text=text)
+
+
+def model_meta(cfg: Config, data: Dataset, own: OwnModel | None = None) -> ModelMeta:
     """What rebuilds the model `cfg` trains on `data`, and prepares its input, without them."""
+    options = ({"pool": cfg.pool} if cfg.pool else {}) if cfg.model in REGISTRY else \
+        code.parse_args(cfg.model_args)
     return ModelMeta(name=cfg.model, in_channels=data.channels, num_classes=len(data.classes),
                      image_size=data.image_size, classes=tuple(data.classes),
                      mean=tuple(data.mean), std=tuple(data.std), normalize=cfg.normalize,
-                     options={"pool": cfg.pool} if cfg.pool else {},
-                     fit="crop" if cfg.image_size else "resize")
+                     options=options, fit="crop" if cfg.image_size else "resize",
+                     source=own.source.to_dict() if own else None)
+
+
+def _model(cfg: Config, meta: ModelMeta, own: OwnModel | None) -> nn.Module:
+    """The model a run trains: built from its meta, or the instance given from Python, which
+    its class must rebuild (eval, export and --resume rebuild it)."""
+    if own is None or own.instance is None:
+        return meta.build(found=own.found if own else None, pretrained=cfg.pretrained)
+    if own.text is not None:
+        rebuilt = meta.build(found=own.found)
+        shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()}
+                  for m in (rebuilt, own.instance)]
+        if shapes[0] != shapes[1]:
+            raise CnnlabError(f"{type(own.instance).__name__}(...) built by cnnlab with "
+                              f"{', '.join(code.FACTS)} and model_args does not have the "
+                              "layers of the model given; pass the arguments it was built with "
+                              "as model_args={...}")
+    return own.instance
 
 
 def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None, *,
-          progress: bool = True) -> Training:
+          progress: bool = True, own: OwnModel | None = None) -> Training:
     """Load the data and build the model, loaders, optimiser and schedule (seeded by cfg)."""
     dist = dist or distributed.Dist()
     torch.manual_seed(cfg.seed)
@@ -256,10 +306,11 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     data = load_data(cfg, progress and dist.main)
     if dist.main:
         dist.barrier()
-    meta = model_meta(cfg, data)
-    model = meta.build().to(device)
-    from .summary import check_shapes  # the layer where the images stop fitting, if any
-    check_shapes(model, (meta.in_channels, *meta.image_size), cfg.model)
+    meta = model_meta(cfg, data, own)
+    model = _model(cfg, meta, own).to(device)
+    from .summary import check_model  # the layer where the images stop fitting, if any
+    check_model(model, (meta.in_channels, *meta.image_size), meta.num_classes,
+                label(cfg.model), cfg.dataset, built_in=cfg.model in REGISTRY)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.enabled:
@@ -290,18 +341,20 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
                     state=state, train_step=train_step, held=held,
                     early=list(getattr(model, "early_parameters", list)()),
                     train_batches=train, test_batches=test, val_batches=val,
-                    channels_last=channels_last, total_steps=total_steps)
+                    channels_last=channels_last, total_steps=total_steps, own=own)
 
 
 def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
         on_eval: Callable[[dict], None] | None = None,
-        resume: Resume | None = None, alone: bool = True) -> dict:
+        resume: Resume | None = None, alone: bool = True,
+        instance: nn.Module | None = None) -> dict:
     """Train as `cfg` says, write the run directory, return the summary. `resume` (from
     resume_config) continues the run in the directory `out`; a run whose training is done
     but whose plots or summary are missing is only finished. `on_eval(record)` is called
     with each evaluation's metrics record once its checkpoints are written (a search's
     pruner may stop the run there by raising). `alone`: not one of a sweep's or search's runs
-    (which compare recipes chosen on purpose): a run too short for its data says so."""
+    (which compare recipes chosen on purpose): a run too short for its data says so.
+    `instance`: the user's own model given as a module (from Python) rather than by name."""
     wall_start = time.perf_counter()
     if cfg.threads is None:  # chosen once, kept in the run's configuration: a resume uses it
         cfg = dataclasses.replace(cfg, threads=default_threads())
@@ -311,7 +364,8 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
         path = _run_path(cfg, out, resume, dist)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch_settings(cfg, device))
-            training = build(cfg, device, dist, progress=progress)
+            own = own_model(cfg, resume, out, instance)
+            training = build(cfg, device, dist, progress=progress, own=own)
             if progress and alone and dist.main and resume is None:
                 _say_if_short(training)
             run = None
@@ -395,6 +449,8 @@ def _train_and_finish(t: Training, *, run: RunDir | None, resume: Resume | None,
             run.write_json(CONFIG, _run_config(t))
         if resume is None or resume.checkpoint is None:
             run.write_json(ENV, collect_env(t.device))
+            if t.own is not None and t.own.text is not None:
+                atomic_write(run.path / MODEL_SOURCE, t.own.text)
         if cfg.tensorboard:
             run.add_sink(tensorboard_sink(run.path))
     with StopSignals() as signals:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CnnlabError, unknown_choice
+from . import code
 
 if TYPE_CHECKING:
     from torch import nn
@@ -146,18 +147,82 @@ def describe(name: str) -> dict[str, Any]:
 
 
 def builder(name: str) -> Callable[..., nn.Module]:
-    """The function (or class) that builds model `name`."""
+    """The function (or class) that builds registered model `name`."""
     found = entry(name)
     return getattr(importlib.import_module(f".{found.module}", __name__), found.builder)
 
 
 def options_of(name: str) -> tuple[str, ...]:
     """The options model `name` takes besides the data's shape (e.g. ("pool",))."""
-    return tuple(entry(name).options)
+    return tuple(entry(name).options) if name in REGISTRY else ()
+
+
+HUBS = ("torchvision", "timm")  # torchvision:NAME, timm:NAME
+
+
+def hub_of(name: str) -> str | None:
+    """"torchvision" or "timm" for a model named from one of them, else None."""
+    prefix, colon, _ = name.partition(":")
+    return prefix if colon and prefix in HUBS else None
+
+
+def is_code(name: str) -> bool:
+    """Whether model `name` is the user's own code: path/to/net.py:Net or module:build."""
+    return ":" in name and hub_of(name) is None
+
+
+def checked_name(name: str) -> str:
+    """Model `name` as a run records it (a model file's path made absolute), or an error
+    naming the models there are."""
+    if is_code(name):
+        return code.absolute(name)
+    if hub_of(name):
+        if not name.partition(":")[2]:
+            raise CnnlabError(f"model {name!r}: name the model, e.g. torchvision:resnet50")
+        return name
+    entry(name)
+    return name
+
+
+def about(name: str) -> tuple[str, str]:
+    """What model `name` is and where it comes from, in a few words each."""
+    hub = hub_of(name)
+    if hub:
+        return f"{hub}'s {name.partition(':')[2]}", f"{hub}.models" if hub == "torchvision" \
+            else "timm"
+    if is_code(name):
+        return f"your own model {label(name)}", name.rpartition(":")[0]
+    found = entry(name)
+    return found.title, found.reference
+
+
+def label(name: str) -> str:
+    """A model's name as tables and folder names show it (net.py:Net for a model file)."""
+    if is_code(name):
+        return code.label(name)
+    return name
 
 
 def create_model(name: str, *, in_channels: int, num_classes: int,
-                 image_size: tuple[int, int], **options) -> nn.Module:
+                 image_size: tuple[int, int], pretrained: bool = False,
+                 found: Callable[..., nn.Module] | None = None, **options) -> nn.Module:
+    """Model `name` for images of `in_channels` x `image_size` and `num_classes` classes:
+    a registered one (its `options` the registry's), torchvision's or timm's (`options`
+    their keyword arguments; `pretrained`: the published weights), or the user's own
+    (`found`: its class or function, else loaded from `name`; `options` its arguments)."""
+    if hub_of(name) or is_code(name):
+        options = {k: v for k, v in options.items() if v is not None}
+    if hub_of(name):
+        from . import hub
+
+        build = hub.torchvision_model if hub_of(name) == "torchvision" else hub.timm_model
+        return build(name.partition(":")[2], in_channels=in_channels,
+                     num_classes=num_classes, pretrained=pretrained, args=options)
+    if is_code(name):
+        found = found or code.load_new(name)[0]
+        facts = {"in_channels": in_channels, "num_classes": num_classes,
+                 "image_size": tuple(image_size)}
+        return code.construct(found, name, facts, options)
     build = builder(name)
     options = {k: v for k, v in options.items() if v is not None}
     for key in options:
