@@ -27,7 +27,7 @@ from .errors import (
 from .launch import Nodes, launch, leave_to_launcher, rank_finished, rank_started
 from .listing import format_table, list_runs
 from .lrfind import END_LR, MAX_STEPS, MIN_STEPS, NOT_USED, START_LR, STEPS, lr_find
-from .models import MODELS, describe
+from .models import MODELS, describe, label
 from .options import ARGUMENT, MANY, OFF, ON, OPTIONS, SWITCH, format_value, number, option_name
 from .process import set_up_command
 from .progress import say as say_line
@@ -200,7 +200,7 @@ def _train(args: argparse.Namespace) -> int:
     if env_rank() != 0:  # under torchrun, rank 0 alone reports
         return Exit.OK
     if not args.quiet:
-        print(f"{summary['model']} on {summary['dataset']}: final test accuracy "
+        print(f"{label(summary['model'])} on {summary['dataset']}: final test accuracy "
               f"{summary['final_test_acc']:.2f}%, {best_text(summary)}, "
               f"{summary['train_seconds']:.1f} s training, "
               f"{summary['images_per_second']:,.0f} img/s on {summary['device']}",

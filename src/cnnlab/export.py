@@ -276,6 +276,9 @@ def _export_torchscript(model: nn.Module, info: dict, example: torch.Tensor,
     with _quiet():
         try:
             scripted = torch.jit.script(model)
+            with torch.no_grad():  # scripted, torchvision's GoogLeNet returns a tuple
+                if not isinstance(scripted(example), torch.Tensor):
+                    raise TypeError("the scripted model returns no tensor")
         except Exception:  # noqa: BLE001 - a model scripting cannot handle: trace it
             try:
                 scripted = torch.jit.trace(model, example)

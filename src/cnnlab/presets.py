@@ -30,6 +30,10 @@ _FAST_BY_MODEL = {
                     schedule="triangle", label_smoothing=0.2, norm_lr_scale=64.0,
                     lookahead=True),
 }
+# Models that are not built in (your own, torchvision's, timm's): a plain starting recipe of
+# the same kind, in smaller batches and a lower lr than the CIFAR ResNet-18's - not tuned for
+# any one model: find a better lr with `cnnlab lr-find`.
+_FAST_OTHER = dict(epochs=10, batch_size=128, lr=0.05, label_smoothing=0.1)
 
 
 # What the fast preset augments natural images (CIFAR-10) with, by model.
@@ -64,8 +68,9 @@ def preset_values(preset: str, model: str, dataset: str,
         return dict(_LAB_RECIPE, lr=lr, epochs=epochs)
     # Crop+flip suits natural images; digits must not be mirrored, and folders opt in.
     augment = _FAST_AUGMENT.get(model, "crop,flip") if dataset == "cifar10" else "none"
-    values = dict(_FAST_RECIPE, **_FAST_BY_MODEL.get(model, _FAST_BY_MODEL["resnet18"]),
-                  augment=augment)
+    built_in = ":" not in model  # not your own code, nor torchvision's or timm's
+    recipe = _FAST_BY_MODEL.get(model, _FAST_BY_MODEL["resnet18"]) if built_in else _FAST_OTHER
+    values = dict(_FAST_RECIPE, **recipe, augment=augment)
     if optimizer == "muon":
         values.update(_FAST_MUON, **_FAST_MUON_BY_MODEL.get(model, {}))
     return values

@@ -100,6 +100,12 @@ _ENTRIES = (
                "ResNet-18 with the CIFAR stem (a 3x3 convolution, no max-pool)", _HE,
                (3, 32, 32), 11_173_962, 1, 2016, cpu_bf16=True,
                published_parameters=11_173_962, published=f"{_CIFAR_REPO} ResNet18: the same"),
+    ModelEntry("preact-resnet18", "preact", "preact_resnet18",
+               "pre-activation ResNet-18: batch-norm and ReLU before each convolution",
+               "He et al., Identity mappings in deep residual networks", (3, 32, 32),
+               11_172_170, 1, 2016, cpu_bf16=True, published_parameters=11_171_146,
+               published=f"{_CIFAR_REPO} PreActResNet18: 11,171,146 - it has no batch-norm "
+                         "after the last block, which the paper has (1,024 parameters)"),
     *(_family(f"resnet{depth}", f"ResNet-{depth}", _HE, 2016, count, 1, count,
               f"{_CIFAR_REPO} ResNet{depth}: the same")
       for depth, count in ((34, 21_282_122), (50, 23_520_842), (101, 42_512_970))),
