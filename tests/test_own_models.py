@@ -264,3 +264,15 @@ def test_model_options_are_refused_where_they_mean_nothing(tiny_mnist):
             ("torchvision:", {}, "name the model")):
         with pytest.raises(CnnlabError, match=message):
             cnnlab.train(name, "mnist", data_dir=str(tiny_mnist), progress=False, **options)
+
+
+def test_a_sweep_and_lr_find_take_a_model_file(net, tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "lenet5", "mnist", "--data-dir", str(tiny_mnist), "--grid",
+                 f"model=lenet5,{net}:Net", "--epochs", "0.2", "--telemetry", "0", "--quiet",
+                 "--out", str(out)]) == 0
+    results = (out / "results.md").read_text()
+    assert "# Sweep: lenet5, net.py:Net on mnist" in results and "| net.py:Net | 1 |" in results
+    assert main(["lr-find", f"{net}:Net", "mnist", "--data-dir", str(tiny_mnist), "--steps",
+                 "20", "--quiet", "--out", str(tmp_path / "lr")]) == 0
+    assert (tmp_path / "lr" / "lr_find.json").is_file()

@@ -259,7 +259,14 @@ ONLY_WITH = {"muon_lr": ("optimizer", "muon"), "muon_momentum": ("optimizer", "m
 
 
 def applies(config: dict[str, Any], key: str) -> bool:
-    """Whether field `key` means something for a run of `config` (a Config's dict)."""
+    """Whether field `key` means something for a run of `config` (a Config's dict): the
+    ONLY_WITH fields where theirs has its value; --model-arg for the models that are not built
+    in (named with a colon), --pretrained for torchvision's and timm's."""
+    model = str(config.get("model"))
+    if key == "model_args":
+        return ":" in model
+    if key == "pretrained":
+        return model.startswith(("torchvision:", "timm:"))
     other, value = ONLY_WITH.get(key, (None, None))
     return other is None or config.get(other) == value
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import CnnlabError
 from .models import entry
+from .models import label as model_label
 from .options import LISTED, applies, format_value, option_name
 from .runs import DIVERGED, SUMMARY, DamagedFile, read_object
 
@@ -255,6 +256,8 @@ def shown_value(config: dict, key: str) -> str:
     ran = resolved.get(key) if isinstance(resolved, dict) else None
     if ran is not None and ran != value:
         return f"{format_value(ran)} ({'default' if value is None else format_value(value)})"
+    if key == "model":
+        return model_label(str(value))
     return model_default(config, key) or value_text(value)
 
 

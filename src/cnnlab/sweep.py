@@ -50,6 +50,7 @@ from .errors import (
     shown,
 )
 from .files import atomic_write, safe_name, write_json
+from .models import label as model_label
 from .options import COMPARED, OPTIONS, Config, field_name, format_value, option_name
 from .plots import plot_comparison, plot_overlay
 from .progress import say as say_line
@@ -571,7 +572,7 @@ def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
     # the fixed settings as they ran (config.json's "resolved": fp32 (auto)) where runs finished
     configs = [_ran(out / r.name, r.config.to_dict()) for r in finished] or \
         [r.config.to_dict() for r in plan.runs]
-    models = sorted({c["model"] for c in configs})
+    models = sorted({model_label(c["model"]) for c in configs})
     datasets = sorted({c["dataset"] for c in configs})
     diverged_note = (f" ({len(diverged)} more diverged: their loss became NaN; they are left "
                      "out of the mean and std)" if diverged else "")
@@ -583,7 +584,9 @@ def _write_results(out: Path, plan: Plan, refused: list[str]) -> dict:
              md_table([*([option_name(k) for k in plan.keys] or ["point"]), "seeds",
                         *(["diverged"] if diverged else []),
                         *(title for _, title, _ in columns)],
-                       [[*([format_value(row["config"][k]) for k in plan.keys] or [row["label"]]),
+                       [[*([model_label(row["config"][k]) if k == "model"
+                            else format_value(row["config"][k]) for k in plan.keys]
+                           or [row["label"]]),
                          str(row["n"]), *([str(row["diverged"])] if diverged else []),
                          *(mean_std_text(row, key, digits) for key, _, digits in columns)]
                         for row in rows]), ""]
