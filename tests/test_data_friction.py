@@ -15,7 +15,7 @@ from conftest import write_folder, write_mnist
 
 import cnnlab
 from cnnlab import progress
-from cnnlab.data import cache, hold_out, load_dataset, readers
+from cnnlab.data import cache, formats, hold_out, load_dataset, readers
 from cnnlab.errors import CnnlabError
 
 # ---------------------------------------------------------------- progress while decoding
@@ -149,10 +149,10 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _count(monkeypatch, name: str) -> list:
-    """Calls of readers.`name` (the decoder), counted."""
-    calls, real = [], getattr(readers, name)
-    monkeypatch.setattr(readers, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+def _count(monkeypatch, name: str, module=readers) -> list:
+    """Calls of `module`.`name` (a decoder), counted."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a) or real(*a, **k))
     return calls
 
 
@@ -185,7 +185,7 @@ def test_a_copied_or_moved_folder_dataset_reuses_its_cache(tmp_path, monkeypatch
 
 def test_a_copied_mnist_reuses_its_cache(tmp_path, monkeypatch):
     root = write_mnist(tmp_path / "data", 40, 20, gz=True)
-    decodes = _count(monkeypatch, "read_idx_split")
+    decodes = _count(monkeypatch, "read_split", formats)
     first = load_dataset("mnist", root, download=False)
     _same(load_dataset("mnist", _copy(root, tmp_path / "copy"), download=False), first)
     assert len(decodes) == 2
@@ -312,7 +312,7 @@ def test_real_mnist_copied_elsewhere_is_not_decoded_again(real_data, tmp_path, m
     first = load_dataset("mnist", tmp_path / "a", download=False)
     shutil.copytree(tmp_path / "a" / "MNIST" / "raw" / ".cnnlab-cache",
                     tmp_path / "b" / "MNIST" / "raw" / ".cnnlab-cache")
-    monkeypatch.setattr(readers, "read_idx_split", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(formats, "read_split", lambda *a: pytest.fail("decoded again"))
     again = load_dataset("mnist", tmp_path / "b", download=False)
     assert again.train_x.shape == (60000, 1, 28, 28)
     _same(again, first)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .errors import CnnlabError, one_line
-from .files import atomic_write
+from .files import atomic_link, atomic_write
 from .models import code, create_model
 from .runs import BEST, CHECKPOINT, CONFIG, MODEL_SOURCE
 
@@ -126,11 +126,15 @@ class ModelMeta:
 def save(ckpt: dict[str, Any], *paths: str | Path) -> None:
     """Write `ckpt` to each of `paths` atomically: a reader sees the previous file or this
     one. It is serialised once, in memory, so that a full disk is an OSError naming the path
-    (torch.save writing to the disk itself reports it as a RuntimeError)."""
+    (torch.save writing to the disk itself reports it as a RuntimeError), and written once:
+    the other paths are hard links to the first where the file system has them."""
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
-    for path in paths:
-        atomic_write(path, buffer.getbuffer())
+    first, *others = paths
+    atomic_write(first, buffer.getbuffer())
+    for path in others:
+        if not atomic_link(first, path):
+            atomic_write(path, buffer.getbuffer())
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -59,6 +59,27 @@ def atomic_write(path: str | Path, content: Content) -> None:
         raise
 
 
+def atomic_link(source: str | Path, path: str | Path) -> bool:
+    """Make `path` a second name of the file `source` in one step (readers see the old file or
+    the new one), so that the same bytes are not written twice; False where the file system
+    has no hard links. Every file cnnlab writes is replaced, never changed in place, so the
+    two names stay the same bytes until one of them is replaced."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+    return True
+
+
 def remove_temp_files(folder: Path) -> None:
     """Delete what `atomic_write` left in `folder` when a process was killed mid-write."""
     for tmp in folder.glob(".*.tmp"):

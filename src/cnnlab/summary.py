@@ -28,8 +28,6 @@ from .errors import CnnlabError, one_line, unknown_choice
 from .models import REGISTRY, about, checked_name, code, create_model, label
 from .specs import SPECS
 
-# The official files fix the image size of each built-in kind of dataset (height, width)
-_IMAGE_SIZES = {"idx": (28, 28), "cifar": (32, 32)}
 _WINDOWED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)  # layers with an output-size formula
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -198,7 +196,7 @@ def dataset_shape(dataset: str, image_size: tuple[int, int] | None = None
             raise CnnlabError(f"--image-size resizes the images of folder datasets; "
                               f"{dataset}'s images come in one size already")
         spec = SPECS[dataset]
-        return (len(spec.mean), *_IMAGE_SIZES[spec.kind]), len(spec.classes)
+        return spec.shape, len(spec.classes)
     return _folder_shape(Path(dataset[len(FOLDER_PREFIX):]).expanduser(), image_size)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import CnnlabError, one_line
 from ..limits import memory_available, size_text
 from ..specs import SPECS, DatasetSpec
-from . import readers
+from . import formats, readers
 from .cache import Split, cached
 from .readers import show_path
 
@@ -69,7 +69,7 @@ class Dataset:
 def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
                  skip_bad_files: bool = False, image_size: tuple[int, int] | None = None,
                  progress: bool = True) -> Dataset:
-    """Load `mnist`, `fashion-mnist`, `cifar10` (under data_dir, torchvision's layout) or
+    """Load a named dataset (specs.SPECS: under data_dir, torchvision's layout) or
     `folder:PATH` (PATH/train/<class>/*, PATH/test/<class>/*, optionally PATH/val/<class>/*),
     a folder's images resized and centre-cropped to `image_size` (height, width) if given.
     With `progress`, the long phases of a first load (decoding a folder of images, reading
@@ -81,45 +81,50 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
     if spec is None:
         raise CnnlabError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     root = Path(data_dir).expanduser()
-    folder = root / spec.folder / ("raw" if spec.kind == "idx" else "")
+    folder = root / spec.folder / ("raw" if spec.kind in _IDX_KINDS else "")
     if not _present(spec, folder):
         if not download:
             raise CnnlabError(f"{name} not found: expected {_expected(spec)} in "
                               f"{show_path(folder)}; "
                               "run without --no-download to fetch it, or point --data-dir "
-                              f"(or CNNLAB_DATA) at the folder that holds {spec.folder}/")
+                              f"(or CNNLAB_DATA) at the folder that holds "
+                              f"{spec.folder + '/' if spec.folder else 'them'}")
         _download(spec, root, folder)
-    n = len(spec.classes)
     splits = {}
     for split, files in spec.files.items():
-        if spec.kind == "idx":
-            sources = [readers.find_idx(folder, f) for f in files]
-            decode = lambda fs=files: readers.read_idx_split(folder, *fs, n)  # noqa: E731
-        else:
-            sources = [folder / f for f in files]
-            decode = lambda fs=files: readers.read_cifar_split(folder, fs, n)  # noqa: E731
-        splits[split] = cached(folder, f"{spec.name}-{split}", sources, "", n, decode,
+        sources = [(readers.find_idx(folder, f) if spec.kind in _IDX_KINDS else folder / f)
+                   for f in files]
+        splits[split] = cached(folder, f"{spec.name}-{split}", sources, "", len(spec.classes),
+                               lambda s=split: formats.read_split(spec, folder, s),
                                phase=f"hashing {name}/{split}" if progress else None)
-    return Dataset.of(name, list(spec.classes), spec.mean, spec.std,
-                      splits["train"], splits["test"])
+    train = splits["train"]
+    return Dataset.of(name, list(spec.classes), spec.mean or train.mean,
+                      spec.std or train.std, train, splits["test"])
+
+
+_IDX_KINDS = ("idx", "qmnist", "emnist")  # IDX files in raw/, each raw or gzipped
+
+
+def _files(spec: DatasetSpec) -> list[str]:
+    return list(dict.fromkeys(f for files in spec.files.values() for f in files))
 
 
 def _expected(spec: DatasetSpec) -> str:
     """The official files' names; an IDX file may as well be gzipped, as it is downloaded."""
-    gz = " (or .gz)" if spec.kind == "idx" else ""
-    return ", ".join(f"{f}{gz}" for files in spec.files.values() for f in files)
+    gz = " (or .gz)" if spec.kind in _IDX_KINDS else ""
+    return ", ".join(f"{f}{gz}" for f in _files(spec))
 
 
 def _present(spec: DatasetSpec, folder: Path) -> bool:
     """Whether all official files are there; one there that is no file to read (a link to
     nothing, a folder) is an error naming it."""
-    names = [f for files in spec.files.values() for f in files]
-    gz = [f"{f}.gz" for f in names] if spec.kind == "idx" else []
+    names = _files(spec)
+    gz = [f"{f}.gz" for f in names] if spec.kind in _IDX_KINDS else []
     for path in (folder / f for f in names + gz):
         if os.path.lexists(path) and (problem := readers.file_problem(path)):
             raise CnnlabError(f"{show_path(path)} cannot be read ({problem}); remove it, or put "
                               "the real file there")
-    if spec.kind == "idx":
+    if spec.kind in _IDX_KINDS:
         return all(readers.find_idx(folder, f) for f in names)
     return all((folder / f).is_file() for f in names)
 
@@ -128,12 +133,11 @@ def _download(spec: DatasetSpec, root: Path, folder: Path) -> None:
     """Fetch the official files with torchvision (its mirrors, checksums verified)."""
     from torchvision import datasets
 
-    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
-           "cifar10": datasets.CIFAR10}[spec.name]
+    dataset, splits = spec.download
     new = [p for p in (folder, *folder.parents) if not p.exists()]  # what a download creates
     try:
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
+        for arguments in splits.values():
+            getattr(datasets, dataset)(str(root), download=True, **arguments)
     except Exception as e:  # network errors come in many types; all mean the same here
         for path in new:  # a failed download leaves no empty folders behind (a wrong
             try:          # --data-dir would otherwise keep an empty MNIST/raw)

@@ -86,8 +86,12 @@ def find_idx(folder: Path, name: str) -> Path | None:
     return None
 
 
+_IDX_TYPES = {0x08: np.dtype(np.uint8), 0x0C: np.dtype(">i4")}  # QMNIST's labels: int32
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read an unsigned-byte IDX file (optionally .gz) into an array of its declared shape.
+    """Read an IDX file of unsigned bytes or 32-bit integers (optionally .gz) into an array
+    of its declared shape.
     Reads at most one byte more than the header declares, so a .gz that inflates without end
     cannot fill the memory."""
     shown = show_path(path)
@@ -97,14 +101,15 @@ def read_idx(path: Path) -> np.ndarray:
             head = f.read(4)
             if len(head) < 4 or head[0] != 0 or head[1] != 0:
                 raise CnnlabError(f"{shown} is not an IDX file (bad magic number); {again}")
-            if head[2] != 0x08:
+            if head[2] not in _IDX_TYPES:
                 raise CnnlabError(f"{shown} holds IDX type 0x{head[2]:02x}; only unsigned "
-                                  "bytes (0x08) are supported")
+                                  "bytes (0x08) and 32-bit integers (0x0c) are supported")
+            dtype = _IDX_TYPES[head[2]]
             raw_dims = f.read(4 * head[3])
             if len(raw_dims) < 4 * head[3]:
                 raise CnnlabError(f"{shown} is truncated (header incomplete); {again}")
             dims = [int.from_bytes(raw_dims[i:i + 4], "big") for i in range(0, len(raw_dims), 4)]
-            expected = int(np.prod(dims, dtype=object))
+            expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
             if expected > MAX_IDX_BYTES:
                 raise CnnlabError(f"{shown} declares a {'x'.join(map(str, dims))} array, more "
                                   f"than {MAX_IDX_BYTES >> 30} GiB; {again}")
@@ -117,7 +122,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) > expected:
         raise CnnlabError(f"{shown} is longer than its header says ({expected} bytes of "
                           f"data); {again}")
-    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+    return np.frombuffer(data, dtype=dtype).reshape(dims)
 
 
 def _read_at_most(f: BinaryIO, limit: int, chunk: int = 1 << 26) -> bytes:
@@ -127,20 +132,6 @@ def _read_at_most(f: BinaryIO, limit: int, chunk: int = 1 << 26) -> bytes:
         parts.append(part)
         limit -= len(part)
     return b"".join(parts)
-
-
-def read_idx_split(folder: Path, images: str, labels: str, num_classes: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    paths = [find_idx(folder, images), find_idx(folder, labels)]
-    if None in paths:
-        raise CnnlabError(f"missing {images} or {labels} in {show_path(folder)}")
-    x, y = read_idx(paths[0]), read_idx(paths[1])
-    if x.ndim != 3 or 0 in x.shape or y.shape != (len(x),):
-        raise CnnlabError(f"{show_path(paths[0])} and {show_path(paths[1])} do not match: "
-                          f"images {x.shape}, labels {y.shape}, expected (N, H, W) and (N,) "
-                          "with N, H, W > 0; delete them and download again")
-    _check_labels(y, num_classes, paths[1])
-    return x[:, None].copy(), y.astype(np.int64)  # copy: frombuffer arrays are read-only
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -156,11 +147,16 @@ class _SafeUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def safe_unpickle(path: Path):
+    """The plain data and numpy arrays a CIFAR python file holds (_SafeUnpickler)."""
+    with path.open("rb") as f:
+        return _SafeUnpickler(f, encoding="bytes").load()
+
+
 def read_cifar_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR-10 python batch (a pickled dict with b'data' and b'labels')."""
     try:
-        with path.open("rb") as f:
-            batch = _SafeUnpickler(f, encoding="bytes").load()
+        batch = safe_unpickle(path)
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
     except FileNotFoundError:
         raise CnnlabError(f"missing CIFAR batch {show_path(path)}") from None
@@ -174,7 +170,7 @@ def read_cifar_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarr
                           f"{labels.dtype} {labels.shape}; expected uint8 (N, 3072) and N "
                           "integers, N > 0; delete it and download again")
     labels = labels.astype(np.int64)
-    _check_labels(labels, num_classes, path)
+    check_labels(labels, num_classes, path)
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -184,7 +180,7 @@ def read_cifar_split(folder: Path, names: tuple[str, ...], num_classes: int
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+def check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise CnnlabError(f"{show_path(path)} has labels outside 0..{num_classes - 1} "
                           f"(found {labels.min()}..{labels.max()}); delete it and download "

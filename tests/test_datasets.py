@@ -1,0 +1,164 @@
+"""torchvision's named datasets, each from tiny files written here in its official format
+(IDX with QMNIST's int32 rows and EMNIST's transposed images, CIFAR-100's pickles, SVHN's
+MATLAB files, STL-10's column-major binaries, USPS's bzip2 text): the pixels the right way
+up, the labels from 0, one line for each missing or damaged file."""
+
+from __future__ import annotations
+
+import bz2
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_idx
+
+import cnnlab
+from cnnlab.data import load_dataset
+from cnnlab.errors import CnnlabError
+from cnnlab.specs import SPECS
+
+N = {"train": 12, "test": 6}
+
+
+def _images(split: str, c: int, side: int) -> np.ndarray:
+    """Images with a mark that shows their orientation: row 1 is bright from column 3 on,
+    and each image's first pixel is its index."""
+    x = np.zeros((N[split], c, side, side), dtype=np.uint8)
+    x[:, :, 1, 3:] = 200
+    x[:, :, 0, 0] = np.arange(N[split])[:, None]
+    return x
+
+
+def _labels(split: str, classes: int) -> np.ndarray:
+    return np.arange(N[split]) % classes
+
+
+def _idx_files(folder: Path, prefix: str, test: str, split: str, x: np.ndarray,
+               labels: np.ndarray, label_kind: str = "labels-idx1-ubyte") -> None:
+    name = "train" if split == "train" else test
+    write_idx(folder / f"{prefix}{name}-images-idx3-ubyte", x[:, 0], gz=split == "test")
+    path = folder / f"{prefix}{name}-{label_kind}"
+    if label_kind.endswith("int"):  # QMNIST: a row of 8 int32 facts, the class first
+        rows = np.zeros((len(labels), 8), dtype=">i4")
+        rows[:, 0], rows[:, 5] = labels, 1999
+        path.write_bytes(bytes([0, 0, 0x0C, 2]) + len(labels).to_bytes(4, "big")
+                         + (8).to_bytes(4, "big") + rows.tobytes())
+    else:
+        write_idx(path, labels.astype(np.uint8))
+
+
+def write(name: str, root: Path) -> None:
+    """Dataset `name`'s official files under `root`, as torchvision lays them out."""
+    spec = SPECS[name]
+    folder = root / spec.folder
+    c, side, _ = spec.shape
+    n = len(spec.classes)
+    for split in N:
+        x, y = _images(split, c, side), _labels(split, n)
+        if spec.kind in ("idx", "qmnist", "emnist"):
+            folder.joinpath("raw").mkdir(parents=True, exist_ok=True)
+            prefix = {"idx": "", "qmnist": "qmnist-", "emnist": f"emnist-{spec.option}-"}
+            stored = x.transpose(0, 1, 3, 2) if spec.kind == "emnist" else x
+            _idx_files(folder / "raw", prefix[spec.kind], "t10k" if spec.kind == "idx"
+                       else "test", split, stored, y + (spec.option == "letters"),
+                       "labels-idx2-int" if spec.kind == "qmnist" else "labels-idx1-ubyte")
+        elif spec.kind == "cifar100":
+            folder.mkdir(parents=True, exist_ok=True)
+            fine = _labels(split, 100)
+            batch = {b"data": x.reshape(len(x), -1), b"fine_labels": fine.tolist(),
+                     b"coarse_labels": (fine % 20).tolist()}
+            (folder / split).write_bytes(pickle.dumps(batch))
+            (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": []}))
+        elif spec.kind == "svhn":
+            from scipy.io import savemat
+
+            root.mkdir(parents=True, exist_ok=True)
+            stored = y.copy()
+            stored[stored == 0] = 10  # SVHN's label of the digit 0
+            for file in spec.files[split]:
+                savemat(root / file, {"X": x.transpose(2, 3, 1, 0), "y": stored[:, None]})
+        elif spec.kind == "stl10":
+            folder.mkdir(parents=True, exist_ok=True)
+            images, labels = spec.files[split]
+            (folder / images).write_bytes(x.transpose(0, 1, 3, 2).tobytes())  # column-major
+            (folder / labels).write_bytes((y + 1).astype(np.uint8).tobytes())
+        elif spec.kind == "usps":
+            root.mkdir(parents=True, exist_ok=True)
+            lines = [f"{label + 1} " + " ".join(f"{i + 1}:{v / 255 * 2 - 1:.6f}"
+                                               for i, v in enumerate(image.reshape(-1)))
+                     for image, label in zip(x, y)]
+            (root / spec.files[split][0]).write_bytes(bz2.compress("\n".join(lines).encode()))
+
+
+NEW = [n for n in SPECS if n not in ("mnist", "fashion-mnist", "cifar10")]
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_each_named_dataset_reads_its_official_files(name, tmp_path):
+    spec = SPECS[name]
+    write(name, tmp_path)
+    data = load_dataset(name, tmp_path, download=False)
+    c, side, _ = spec.shape
+    for x, y, split in ((data.train_x, data.train_y, "train"), (data.test_x, data.test_y, "test")):
+        extra = 2 if name == "svhn-extra" and split == "train" else 1  # train + extra
+        assert x.shape == (extra * N[split], c, side, side) and x.dtype == np.uint8
+        assert (x[:, :, 1, 3:] == 200).all() and (x[:, :, 1, :3] == 0).all()  # upright
+        assert x[: N[split], 0, 0, 0].tolist() == list(range(N[split]))
+        expected = _labels(split, 100) % 20 if name == "cifar100-coarse" else \
+            _labels(split, len(spec.classes))
+        assert y.tolist() == np.tile(expected, extra).tolist(), name
+    assert len(data.classes) == len(spec.classes) and len(data.mean) == c
+
+
+def test_the_class_lists_are_torchvisions():
+    assert [len(SPECS[f"emnist-{s}"].classes) for s in
+            ("balanced", "byclass", "bymerge", "letters", "digits", "mnist")] == \
+        [47, 62, 47, 26, 10, 10]
+    assert len(SPECS["cifar100"].classes) == 100 == len(set(SPECS["cifar100"].classes))
+    assert len(SPECS["cifar100-coarse"].classes) == 20
+    assert SPECS["cifar100"].classes[:3] == ("apple", "aquarium_fish", "baby")
+
+
+def test_a_model_trains_on_a_named_dataset(tmp_path):
+    write("usps", tmp_path)
+    summary = cnnlab.train("lenet5", "usps", data_dir=str(tmp_path), epochs=1, batch_size=4,
+                           telemetry=0, progress=False, out=tmp_path / "run")
+    assert summary["steps"] == 3
+
+
+@pytest.mark.parametrize("name,damage,message", [
+    ("stl10", lambda root: (root / "stl10_binary" / "train_X.bin").write_bytes(b"\0" * 100),
+     "holds 100 bytes and .* 12 labels; expected 27,648 bytes an image"),
+    ("svhn", lambda root: (root / "test_32x32.mat").write_bytes(b"MATLAB? no"),
+     "test_32x32.mat is not a valid SVHN file"),
+    ("usps", lambda root: (root / "usps.bz2").write_bytes(b"not bzip2"),
+     "usps.bz2 is not a valid USPS file"),
+    ("cifar100", lambda root: (root / "cifar-100-python" / "test").write_bytes(
+        b"cos\nsystem\n(S'echo pwned'\ntR."), "refusing to load os.system"),
+    ("qmnist", lambda root: (root / "QMNIST" / "raw" / "qmnist-train-labels-idx2-int")
+     .write_bytes(bytes([0, 0, 0x0C, 1]) + (12).to_bytes(4, "big") + b"\0" * 48),
+     "expected QMNIST's \\(N, 8\\) label rows"),
+    ("kmnist", lambda root: (root / "KMNIST" / "raw" / "train-images-idx3-ubyte").unlink(),
+     r"kmnist not found: expected train-images-idx3-ubyte \(or .gz\), .* in "),
+])
+def test_a_damaged_or_missing_file_is_one_line(name, damage, message, tmp_path):
+    write(name, tmp_path)
+    damage(tmp_path)
+    with pytest.raises(CnnlabError, match=message):
+        load_dataset(name, tmp_path, download=False)
+
+
+def test_a_failed_download_names_the_files_and_the_folder(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "STL10", offline)
+    with pytest.raises(CnnlabError, match=r"could not download stl10 \(Name or service not "
+                                          r"known\); without a network, put train_X.bin, "
+                                          r"train_y.bin, test_X.bin, test_y.bin into .*"
+                                          r"stl10_binary"):
+        load_dataset("stl10", tmp_path)
+    assert not (tmp_path / "stl10_binary").exists()
