@@ -493,18 +493,18 @@ def test_the_command_skips_bad_files_and_rebuilds_a_tampered_cache(tmp_path):
     assert len(skipped) == 3, lines  # reported again: the entries were decoded again
 
 
-def test_a_folder_larger_than_the_memory_left_is_refused_before_decoding(tmp_path, monkeypatch):
+def test_a_folder_too_large_for_memory_is_refused_with_in_memory_yes(tmp_path, monkeypatch):
     import cnnlab.data as data
 
     root = write_folder(tmp_path / "pets", n_train=4, n_test=2, size=64)
     monkeypatch.setattr(data, "memory_available",
                         lambda: (1 << 20, "this process's cgroup memory limit"))
     with pytest.raises(CnnlabError) as refused:
-        load_dataset(f"folder:{root}", tmp_path, image_size=(256, 256))
+        load_dataset(f"folder:{root}", tmp_path, image_size=(256, 256), in_memory="yes")
     assert str(refused.value) == (
         "pets decodes to 3.4 MiB (18 images of 256x256 pixels, 5.6 MiB while decoding), more "
         "than this process's cgroup memory limit leaves (1.0 MiB); pass a smaller "
-        "--image-size, or free memory")
+        "--image-size, free memory, or --in-memory auto to train from the disk cache")
     load_dataset(f"folder:{root}", tmp_path, image_size=(16, 16))  # 22 kB: it fits
 
 

@@ -162,3 +162,149 @@ def test_a_failed_download_names_the_files_and_the_folder(tmp_path, monkeypatch)
                                           r"stl10_binary"):
         load_dataset("stl10", tmp_path)
     assert not (tmp_path / "stl10_binary").exists()
+
+
+# ---- data from Python ----------------------------------------------------------------------
+
+def _arrays(seed: int = 0):
+    from conftest import synthetic_images
+
+    train, test = synthetic_images(64, 28, 1, seed), synthetic_images(32, 28, 1, seed + 1)
+    return train[0], train[1], test[0], test[1]
+
+
+def test_arrays_and_tensors_from_python_train_and_resume_with_the_same_data(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from cnnlab.cli import main
+
+    x, y, tx, ty = _arrays()
+    run = tmp_path / "run"
+    first = cnnlab.train("lenet5", (x, y, tx, ty), epochs=1, batch_size=16, progress=False,
+                         schedule="constant", telemetry=0, out=run)
+    assert first["dataset"].startswith("python:") and first["steps"] == 4
+    info = json.loads((run / "data.json").read_text())
+    assert info["train"] == [64, 1, 28, 28] and info["test"] == [32, 1, 28, 28]
+    assert info["classes"] == [str(i) for i in range(10)]
+    # the same data as float tensors in [0, 1] (ToTensor's scale), (N, H, W, C)
+    as_floats = (torch.from_numpy(x).float().div(255).permute(0, 2, 3, 1), torch.from_numpy(y),
+                 torch.from_numpy(tx).float().div(255).permute(0, 2, 3, 1), torch.from_numpy(ty))
+    again = cnnlab.train(resume=run, dataset=as_floats, epochs=2, progress=False)
+    assert again["steps"] == 8 and again["resumed_from_step"] == 4
+    with pytest.raises(CnnlabError, match="DATASET python:.* differs from the run's"):
+        cnnlab.train(resume=run, dataset=_arrays(5), epochs=3, progress=False)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
+    assert "was handed over from Python and is not on disk" in capsys.readouterr().err
+
+
+def test_torch_datasets_from_python_keep_their_class_names(tmp_path):
+    import torch
+
+    x, y, tx, ty = _arrays()
+
+    class Pairs(torch.utils.data.Dataset):
+        classes = [f"class {i}" for i in range(10)]
+
+        def __init__(self, images, labels):
+            self.images, self.labels = images, labels
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):  # as ToTensor gives them: float (C, H, W) in [0, 1]
+            return torch.from_numpy(self.images[i]).float() / 255, int(self.labels[i])
+
+    summary = cnnlab.train("lenet5", (Pairs(x, y), Pairs(tx, ty)), epochs=0.25, batch_size=16,
+                           progress=False, telemetry=0, out=tmp_path / "run")
+    from cnnlab.checkpoint import load
+
+    assert load(tmp_path / "run" / "best.pt")["model_meta"]["classes"][:2] == [
+        "class 0", "class 1"]
+    assert summary["steps"] == 1
+
+
+@pytest.mark.parametrize("data,message", [
+    (5, None),
+    ((np.zeros((4, 28, 28)), np.zeros(4, dtype=int)), "items must be"),
+    ((np.zeros((4, 28, 28), np.uint8), np.zeros(3, dtype=int), np.zeros((2, 28, 28), np.uint8),
+      np.zeros(2, dtype=int)), "4 training images but labels of shape"),
+    ((np.full((4, 28, 28), 2.0), np.zeros(4, dtype=int), np.zeros((2, 28, 28)),
+      np.zeros(2, dtype=int)), "run from 2 to 2; give uint8"),
+    ((np.zeros((4, 5, 28, 28), np.uint8), np.zeros(4, dtype=int),
+      np.zeros((2, 5, 28, 28), np.uint8), np.zeros(2, dtype=int)), "with 1 or 3 channels"),
+    ((np.zeros((4, 28, 28), np.uint8), np.full(4, -1), np.zeros((2, 28, 28), np.uint8),
+      np.zeros(2, dtype=int)), "labels must be integers from 0"),
+    ((np.zeros((4, 28, 28), np.uint8), np.zeros(4, dtype=int), np.zeros((2, 32, 32), np.uint8),
+      np.zeros(2, dtype=int)), "training images are 1x28x28 and the test images 1x32x32"),
+])
+def test_data_from_python_that_does_not_fit_is_one_line(data, message):
+    with pytest.raises(CnnlabError, match=message or "dataset: give"):
+        cnnlab.train("lenet5", data, progress=False)
+
+
+# ---- larger than memory ----------------------------------------------------------------------
+
+def test_a_folder_streamed_into_the_cache_is_the_data_decoded_in_memory(tmp_path, monkeypatch,
+                                                                      capsys):
+    from conftest import write_folder
+
+    import cnnlab.data as data
+
+    root = write_folder(tmp_path / "pets", n_train=20, n_test=6, size=16)
+    held = load_dataset(f"folder:{root}", tmp_path, in_memory="yes")
+    for folder in (root / ".cnnlab-cache",):  # decoded again, the other way
+        for f in folder.iterdir():
+            f.unlink()
+    monkeypatch.setattr(data, "memory_available", lambda: (1000, "this process's cgroup "
+                                                                 "memory limit"))
+    streamed = load_dataset(f"folder:{root}", tmp_path)
+    assert "decoding it into the disk cache a block at a time" in capsys.readouterr().err
+    assert streamed.streamed and not held.streamed
+    assert isinstance(streamed.train_x, np.memmap)
+    for name in ("train_x", "train_y", "test_x", "test_y", "mean", "std", "digest"):
+        assert np.array_equal(getattr(held, name), getattr(streamed, name)), name
+    with pytest.raises(CnnlabError, match="--in-memory auto to train from the disk cache"):
+        load_dataset(f"folder:{root}", tmp_path, in_memory="yes", image_size=(20, 20))
+
+
+def test_training_from_the_disk_cache_is_bitwise_the_same_and_resumes(tmp_path):
+    import torch
+    from conftest import write_folder
+
+    from cnnlab.checkpoint import load
+
+    root = write_folder(tmp_path / "pets", n_train=20, n_test=6, size=16)
+    runs = {}
+    for how, epochs in (("yes", 2), ("no", 1)):
+        runs[how] = tmp_path / how
+        cnnlab.train("lenet5", f"folder:{root}", epochs=epochs, batch_size=8,
+                     schedule="constant", in_memory=how, telemetry=0, progress=False,
+                     out=runs[how])
+    cnnlab.train(resume=runs["no"], epochs=2, progress=False)  # read ahead, and resumed
+    weights = [load(runs[how] / "checkpoint.pt")["model"] for how in ("yes", "no")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_streamed_split_leaves_out_bad_files_and_needs_disk(tmp_path, monkeypatch):
+    from conftest import write_folder
+
+    import cnnlab.data.cache as cache
+
+    root = write_folder(tmp_path / "pets", n_train=5, n_test=2, size=16)
+    (root / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    found = load_dataset(f"folder:{root}", tmp_path, in_memory="no", skip_bad_files=True)
+    assert found.train_x.shape == (15, 3, 16, 16) and len(found.train_y) == 15
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: shutil_usage(10 << 20))
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "user-cache"))
+    with pytest.raises(CnnlabError, match=r"the decoded images need .* of disk, and no cache "
+                                          r"folder has room \(.* has 10.0 MiB free"):
+        load_dataset(f"folder:{root}", tmp_path, in_memory="no", image_size=(24, 24))
+
+
+def shutil_usage(free: int):
+    from collections import namedtuple
+
+    return namedtuple("usage", "total used free")(free * 2, free, free)

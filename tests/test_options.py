@@ -130,7 +130,7 @@ def test_roles_classify_the_fields():
     """What a resumed run may change, what sweeps and reports compare and what a results
     table lists, as the roles in the field metadata give them."""
     runtime = {"log_every", "checkpoint_every", "device", "data_dir", "download", "telemetry",
-               "tensorboard", "detect_anomaly", "eval_every", "threads"}
+               "tensorboard", "detect_anomaly", "eval_every", "threads", "in_memory"}
     assert set(RESUME_SAFE) == runtime | {"epochs"}
     assert set(COMPARED) == set(OPTIONS) - runtime
     assert set(LISTED) == set(COMPARED) - {"model", "dataset", "seed", "eval_batch_size", "compile",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -131,6 +132,12 @@ def test_code_that_is_not_the_users_own_is_refused_unless_trusted(net, tiny_mnis
     assert "which is not on this machine" in refused()
     assert main(["eval", str(run), "--trust-code"]) == 0
     net.write_text(original)
+    assert main(["eval", str(run)]) == 0
+    trained_with = Path(os.environ["CNNLAB_CACHE"]) / "trained-models.txt"
+    kept = trained_with.read_text()
+    trained_with.write_text("")  # a run sent by someone else, naming a file here
+    assert "which this user has not trained with on this machine" in refused()
+    trained_with.write_text(kept)
     (run / MODEL_SOURCE).write_text(original + "\nimport os  # tampered\n")
     assert "is not the source the run recorded" in refused()
 

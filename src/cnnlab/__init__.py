@@ -25,6 +25,10 @@ def train(model: Any = None, dataset: str | None = None, *,
           **options: Any) -> dict:
     """Train `model` on `dataset` exactly as `cnnlab train` does and return the summary dict.
 
+    `dataset` is a name as the command line takes it, or data a notebook holds:
+    `(x_train, y_train, x_test, y_test)` arrays or tensors (images uint8 or floats in [0, 1]),
+    or `(train, test)` torch Datasets of (image, label); resuming such a run takes the same
+    data again.
     `model` is a name as the command line takes it ("lenet5", "torchvision:resnet50",
     "path/to/net.py:Net") or an nn.Module instance: it trains that instance, and the run
     rebuilds it later from its class (the dataset's facts and `model_args` its arguments).
@@ -37,9 +41,14 @@ def train(model: Any = None, dataset: str | None = None, *,
     it came from is not the user's own or has changed.
     Raises CnnlabError on bad input.
     """
-    instance = None
+    instance = data = None
     if model is not None and not isinstance(model, str):
         instance, model = model, _instance_name(model)
+    if dataset is not None and not isinstance(dataset, str):  # arrays or torch Datasets
+        from .data import from_python
+
+        data = from_python(dataset)
+        dataset = data.name
     if isinstance(options.get("model_args"), dict):
         options["model_args"] = code.args_text(options["model_args"])
 
@@ -49,11 +58,11 @@ def train(model: Any = None, dataset: str | None = None, *,
 
         cfg, how = resume_config(resume, options, model=model, dataset=dataset,
                                  file_values=file_values, out=out, trust_code=trust_code)
-        return fit(cfg, resume, progress=progress, resume=how, instance=instance)
+        return fit(cfg, resume, progress=progress, resume=how, instance=instance, data=data)
     cfg = resolve(model, dataset, file_values=file_values, overrides=options)
     from .trainer import fit  # torch: only once the options are known to be good
 
-    return fit(cfg, out, progress=progress, instance=instance)
+    return fit(cfg, out, progress=progress, instance=instance, data=data)
 
 
 def _instance_name(model: Any) -> str:

@@ -192,7 +192,7 @@ def validate(cfg: Config) -> None:
 
 
     _check_model(cfg)
-    if cfg.dataset not in SPECS and not cfg.dataset.startswith("folder:"):
+    if cfg.dataset not in SPECS and not cfg.dataset.startswith(("folder:", "python:")):
         raise CnnlabError(unknown_choice("dataset", cfg.dataset, [*SPECS, "folder:PATH"]))
     if cfg.pool is not None and "pool" not in options_of(cfg.model):
         raise CnnlabError(f"model {cfg.model} has no option 'pool'")

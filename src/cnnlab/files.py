@@ -17,6 +17,15 @@ Writer = Callable[[IO[bytes]], None]
 Content = bytes | memoryview | Writer
 
 
+def user_cache_dir() -> Path:
+    """cnnlab's folder in the user's cache: $CNNLAB_CACHE, else $XDG_CACHE_HOME/cnnlab, else
+    ~/.cache/cnnlab."""
+    base = os.environ.get("CNNLAB_CACHE")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnlab"
+
+
 def temp_file(path: Path) -> Path:
     """A new, empty file beside `path` (the same file system, so a rename over `path` is
     atomic) with the permissions a plain `open` would give it (0666 less the umask)."""

@@ -23,6 +23,7 @@ AUGMENTS = ("none", "crop", "flip", "crop,flip", "translate", "altflip", "transl
 PRESETS = ("fast", "seed")
 POOLS = ("max", "avg")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+IN_MEMORY = ("auto", "yes", "no")
 TTAS = ("none", "flip", "flip,translate")
 
 # Roles: what a field's value means for the result of a run.
@@ -191,6 +192,11 @@ class Config:
                                                       "reruns, slower on GPU)")
     detect_anomaly: bool = option(False, role=RUNTIME, kind=ON,
                                   help="find the operation that produced a NaN (slow)")
+    in_memory: str = option("auto", role=RUNTIME, choices=IN_MEMORY,
+                            help="folder datasets: yes = decode each split into memory; no = "
+                                 "decode it a block at a time into the disk cache and train "
+                                 "from there, memory-mapped, read ahead in the background (for "
+                                 "data larger than memory); auto = yes where it fits")
     skip_bad_files: bool = option(False, role=MACHINE, kind=ON,
                                   help="folder datasets: skip unreadable images instead of "
                                        "stopping")

@@ -6,6 +6,7 @@
     checkpoint.pt   latest state; best.pt: the state chosen on validation (else on test)
     model_source.py the user's own model: the source it was built from (its hash in the
                     checkpoints' model_meta)
+    data.json       data handed over from Python: its shapes, classes and digest
     summary.json    the outcome (diverged.json instead where the loss became NaN)
     loss.png, accuracy.png, utilization.png
     tensorboard/    TensorBoard event files (with --tensorboard)
@@ -43,13 +44,15 @@ BEST = "best.pt"              # the state best.pt was chosen for
 SUMMARY = "summary.json"      # the outcome: written last, so it marks a finished run
 DIVERGED = "diverged.json"    # written instead where the loss became NaN
 MODEL_SOURCE = "model_source.py"  # the user's own model: a copy of its source file
+DATA_INFO = "data.json"       # data handed over from Python: its shapes, classes and digest
 LOSS_PLOT, ACCURACY_PLOT, UTILIZATION_PLOT = "loss.png", "accuracy.png", "utilization.png"
 CONFUSION_PLOT = "confusion.png"  # drawn by the report
 TENSORBOARD = "tensorboard"   # the event files' folder (--tensorboard)
 LOCK_FILE = ".cnnlab.lock"    # held by the process writing the run (see RunDir)
 # What a training run writes: evaluation and export never write over these.
 RUN_FILES = frozenset({CONFIG, ENV, METRICS, CHECKPOINT, BEST, SUMMARY, LOSS_PLOT, ACCURACY_PLOT,
-                       UTILIZATION_PLOT, LOCK_FILE, TENSORBOARD, DIVERGED, MODEL_SOURCE})
+                       UTILIZATION_PLOT, LOCK_FILE, TENSORBOARD, DIVERGED, MODEL_SOURCE,
+                       DATA_INFO})
 
 # The files of a sweep's or a search's directory, beside its run directories
 SWEEP_FILE = "sweep.json"     # marks a sweep directory: its plan, whoever extended it

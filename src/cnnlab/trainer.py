@@ -25,6 +25,7 @@ from .checks import checkpoint_interval, parse_image_size
 from .config import run_config
 from .data import Dataset, hold_out, load_dataset
 from .data.loader import DeviceLoader
+from .data.python import is_python
 from .devices import resolve_device, resolve_precision
 from .engine import (
     Batch,
@@ -51,6 +52,7 @@ from .runs import (
     BEST,
     CHECKPOINT,
     CONFIG,
+    DATA_INFO,
     DIVERGED,
     ENV,
     MODEL_SOURCE,
@@ -198,7 +200,7 @@ def load_data(cfg: Config, progress: bool = True) -> Dataset:
     size = parse_image_size(cfg.image_size) if cfg.image_size else None
     return hold_out(load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
                                  skip_bad_files=cfg.skip_bad_files, image_size=size,
-                                 progress=progress),
+                                 progress=progress, in_memory=cfg.in_memory),
                     cfg.val_split, cfg.seed)
 
 
@@ -220,7 +222,8 @@ def _loaders(cfg: Config, data: Dataset, device: torch.device, dist: distributed
     """The training, test and (if there is one) validation batches, on the device."""
     augment = frozenset() if cfg.augment == "none" else frozenset(cfg.augment.split(","))
     common = dict(mean=data.mean, std=data.std, device=device, normalize=cfg.normalize,
-                  channels_last=channels_last, rank=dist.rank, world_size=dist.world_size)
+                  channels_last=channels_last, rank=dist.rank, world_size=dist.world_size,
+                  on_disk=data.streamed)
 
     def loader(x, y, **kwargs) -> DeviceLoader:
         return DeviceLoader(torch.from_numpy(x), torch.from_numpy(y), **common, **kwargs)
@@ -281,7 +284,8 @@ def _model(cfg: Config, meta: ModelMeta, own: OwnModel | None) -> nn.Module:
     if own is None or own.instance is None:
         return meta.build(found=own.found if own else None, pretrained=cfg.pretrained)
     if own.text is not None:
-        rebuilt = meta.build(found=own.found)
+        with torch.random.fork_rng(devices=[]):  # the run's random numbers as they were
+            rebuilt = meta.build(found=own.found)
         shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()}
                   for m in (rebuilt, own.instance)]
         if shapes[0] != shapes[1]:
@@ -293,8 +297,10 @@ def _model(cfg: Config, meta: ModelMeta, own: OwnModel | None) -> nn.Module:
 
 
 def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = None, *,
-          progress: bool = True, own: OwnModel | None = None) -> Training:
-    """Load the data and build the model, loaders, optimiser and schedule (seeded by cfg)."""
+          progress: bool = True, own: OwnModel | None = None,
+          data: Dataset | None = None) -> Training:
+    """Load the data (or take `data`, handed over from Python) and build the model, loaders,
+    optimiser and schedule (seeded by cfg)."""
     dist = dist or distributed.Dist()
     torch.manual_seed(cfg.seed)
     precision = Precision(resolve_precision(cfg.precision, device, cfg.model), device)
@@ -303,7 +309,8 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     channels_last = cfg.channels_last if cfg.channels_last is not None else True
     if not dist.main:
         dist.barrier()  # rank 0 downloads and decodes first; the others then read its cache
-    data = load_data(cfg, progress and dist.main)
+    data = load_data(cfg, progress and dist.main) if data is None else \
+        hold_out(data, cfg.val_split, cfg.seed)
     if dist.main:
         dist.barrier()
     meta = model_meta(cfg, data, own)
@@ -347,14 +354,15 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
 def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
         on_eval: Callable[[dict], None] | None = None,
         resume: Resume | None = None, alone: bool = True,
-        instance: nn.Module | None = None) -> dict:
+        instance: nn.Module | None = None, data: Dataset | None = None) -> dict:
     """Train as `cfg` says, write the run directory, return the summary. `resume` (from
     resume_config) continues the run in the directory `out`; a run whose training is done
     but whose plots or summary are missing is only finished. `on_eval(record)` is called
     with each evaluation's metrics record once its checkpoints are written (a search's
     pruner may stop the run there by raising). `alone`: not one of a sweep's or search's runs
     (which compare recipes chosen on purpose): a run too short for its data says so.
-    `instance`: the user's own model given as a module (from Python) rather than by name."""
+    `instance`: the user's own model given as a module (from Python) rather than by name;
+    `data`: the dataset handed over from Python (cfg.dataset names it)."""
     wall_start = time.perf_counter()
     if cfg.threads is None:  # chosen once, kept in the run's configuration: a resume uses it
         cfg = dataclasses.replace(cfg, threads=default_threads())
@@ -365,7 +373,7 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch_settings(cfg, device))
             own = own_model(cfg, resume, out, instance)
-            training = build(cfg, device, dist, progress=progress, own=own)
+            training = build(cfg, device, dist, progress=progress, own=own, data=data)
             if progress and alone and dist.main and resume is None:
                 _say_if_short(training)
             run = None
@@ -416,6 +424,14 @@ def _say_if_short(t: Training) -> None:
           file=sys.stderr)
 
 
+def _python_data(data: Dataset) -> dict:
+    """data.json: the shapes, classes and digest of data handed over from Python."""
+    return {"dataset": data.name, "digest": data.digest, "classes": data.classes,
+            "train": list(data.train_x.shape), "test": list(data.test_x.shape),
+            "resume": "from Python with the same data: cnnlab.train(resume=RUN_DIR, "
+                      "dataset=DATA)"}
+
+
 def _eval_steps(t: Training) -> float:
     """What one evaluation costs, in training steps, before one has been timed: its images
     (times the views test-time averaging takes) at a third of a training step's time each
@@ -451,6 +467,9 @@ def _train_and_finish(t: Training, *, run: RunDir | None, resume: Resume | None,
             run.write_json(ENV, collect_env(t.device))
             if t.own is not None and t.own.text is not None:
                 atomic_write(run.path / MODEL_SOURCE, t.own.text)
+                code.remember(t.own.source)
+            if is_python(cfg.dataset):  # what can be told of data that is not on disk
+                run.write_json(DATA_INFO, _python_data(t.data))
         if cfg.tensorboard:
             run.add_sink(tensorboard_sink(run.path))
     with StopSignals() as signals:

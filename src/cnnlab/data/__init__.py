@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import CnnlabError, one_line
 from ..limits import memory_available, size_text
 from ..specs import SPECS, DatasetSpec
-from . import formats, readers
+from . import formats, python, readers
 from .cache import Split, cached
 from .readers import show_path
 
@@ -45,6 +45,7 @@ class Dataset:
     val_x: np.ndarray | None = None
     val_y: np.ndarray | None = None
     val_source: str | None = None  # "val/" (a folder's own) or "held out"
+    streamed: bool = False  # larger than memory: decoded into the disk cache, read from there
 
     @classmethod
     def of(cls, name: str, classes: list[str], mean: tuple[float, ...],
@@ -66,17 +67,27 @@ class Dataset:
         return int(self.train_x.shape[2]), int(self.train_x.shape[3])
 
 
+def from_python(data: object) -> Dataset:
+    """A dataset handed over from Python (data/python.py), named `python:<digest>`."""
+    train, test, classes = python.arrays(data)
+    found = Dataset.of(python.PREFIX, classes, train.mean, train.std, train, test)
+    return dataclasses.replace(found, name=f"{python.PREFIX}{found.digest[:12]}")
+
+
 def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
                  skip_bad_files: bool = False, image_size: tuple[int, int] | None = None,
-                 progress: bool = True) -> Dataset:
+                 progress: bool = True, in_memory: str = "auto") -> Dataset:
     """Load a named dataset (specs.SPECS: under data_dir, torchvision's layout) or
     `folder:PATH` (PATH/train/<class>/*, PATH/test/<class>/*, optionally PATH/val/<class>/*),
     a folder's images resized and centre-cropped to `image_size` (height, width) if given.
     With `progress`, the long phases of a first load (decoding a folder of images, reading
-    a moved dataset to find its cache) show their progress on stderr."""
+    a moved dataset to find its cache) show their progress on stderr. `in_memory` (a
+    folder's): "yes", "no" or "auto" - see _streams."""
+    if python.is_python(name):
+        raise python.not_on_disk(name)
     if name.startswith(FOLDER_PREFIX):
         return _load_folder(name, Path(name[len(FOLDER_PREFIX):]).expanduser(), skip_bad_files,
-                            image_size, progress)
+                            image_size, progress, in_memory)
     spec = SPECS.get(name)
     if spec is None:
         raise CnnlabError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
@@ -159,7 +170,8 @@ def check_folder(root: Path) -> None:
 
 
 def _load_folder(name: str, root: Path, skip_bad_files: bool,
-                 image_size: tuple[int, int] | None = None, progress: bool = True) -> Dataset:
+                 image_size: tuple[int, int] | None = None, progress: bool = True,
+                 in_memory: str = "auto") -> Dataset:
     check_folder(root)
     classes = readers.folder_classes(root)
     n = len(classes)
@@ -170,17 +182,21 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
     fit = None if image_size is None else (image_size[1], image_size[0])  # Pillow's (w, h)
     if fit:
         extra += f":crop={fit}"
-    _check_memory(root.name, len(train_files), len(test_files), image_size or
-                  readers.header_size(train_files[0][0]))
+    shape = image_size or readers.header_size(train_files[0][0])
+    stream = _streams(root.name, len(train_files), len(test_files), shape, in_memory)
+    pixels = 3 * math.prod(shape) if shape else 0
     shown = show_path(os.path.basename(os.path.realpath(root)))
 
     def split_of(split: str, files: list, options: str, **how) -> Split:
-        """The split cached, or decoded as `how` says (read_folder_split's options)."""
+        """The split cached, or decoded as `how` says (read_folder_split's options): into
+        memory, or with `stream` straight into the cache."""
+        said = dict(crop=bool(fit), skip_bad=skip_bad_files,
+                    progress=f"decoding {shown}/{split}" if progress else None, **how)
         return cached(root, f"folder-{split}", [p for p, _ in files], options, n,
-                      lambda: readers.read_folder_split(
-                          files, crop=bool(fit), skip_bad=skip_bad_files,
-                          progress=f"decoding {shown}/{split}" if progress else None, **how),
-                      phase=f"hashing {shown}/{split}" if progress else None)
+                      lambda: readers.read_folder_split(files, **said),
+                      phase=f"hashing {shown}/{split}" if progress else None,
+                      stream=(lambda path: readers.stream_folder_split(files, path, **said))
+                      if stream else None, size=len(files) * pixels)
 
     train = split_of("train", train_files, extra, size=fit)
     empty = [c for c, count in zip(classes, np.bincount(train.labels, minlength=n)) if not count]
@@ -196,29 +212,41 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
     if (root / "val").is_dir():  # a validation split of its own
         val = split_of("val", readers.folder_files(root / "val", classes, require_all=False),
                        f"{extra}:{mode}{size}", mode=mode, size=size)
-    return Dataset.of(name, classes, train.mean, train.std, train, test, val)
+    found = Dataset.of(name, classes, train.mean, train.std, train, test, val)
+    return dataclasses.replace(found, streamed=stream)
 
 
-def _check_memory(name: str, train: int, test: int, image_size: tuple[int, int] | None
-                  ) -> None:
-    """Before decoding a folder: refuse in one line when its splits (uint8, three channels
-    at most; the training split twice while it is put together) would take more memory than
-    this process may use, and say how much a large one takes. `image_size`: (H, W), None
-    where the first image's header could not be read (its error comes when it is decoded)."""
+def _streams(name: str, train: int, test: int, image_size: tuple[int, int] | None,
+             in_memory: str) -> bool:
+    """Before decoding a folder, whether its splits go to the disk cache a block at a time
+    (and train from there) rather than into memory, said in one line: with `in_memory`
+    "no", or "auto" where they (uint8, three channels at most; the training split twice
+    while it is put together) would take more memory than this process may use - which
+    "yes" refuses in one line. A large split in memory says how much it takes.
+    `image_size`: (H, W), None where the first image's header could not be read (its error
+    comes when it is decoded)."""
     if image_size is None:
-        return
+        return in_memory == "no"
     pixels = 3 * image_size[0] * image_size[1]
     size, peak = (train + test) * pixels, (2 * train + test) * pixels
     available, bound = memory_available()
     shape = f"{image_size[0]}x{image_size[1]}"
+    what = (f"{name} decodes to {size_text(size)} ({train + test:,} images of {shape} "
+            f"pixels, {size_text(peak)} while decoding)")
+    if in_memory == "no" or (peak > available and in_memory == "auto"):
+        why = ("--in-memory no" if in_memory == "no" else
+               f"more than {bound} leaves ({size_text(available)})")
+        print(f"cnnlab: note: {what}, {why}: decoding it into the disk cache a block at a "
+              "time and training from there, memory-mapped", file=sys.stderr)
+        return True
     if peak > available:
-        raise CnnlabError(f"{name} decodes to {size_text(size)} ({train + test:,} images of "
-                          f"{shape} pixels, {size_text(peak)} while decoding), more than "
-                          f"{bound} leaves ({size_text(available)}); pass a smaller "
-                          "--image-size, or free memory")
+        raise CnnlabError(f"{what}, more than {bound} leaves ({size_text(available)}); pass "
+                          "a smaller --image-size, free memory, or --in-memory auto to train "
+                          "from the disk cache")
     if size >= 2**30:
         print(f"cnnlab: note: {train + test:,} images of {shape} pixels will take up to "
               f"{size_text(size)} of memory", file=sys.stderr)
+    return False
 
 
 def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:

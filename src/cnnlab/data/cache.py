@@ -41,10 +41,12 @@ and 0.2-0.3 s for CIFAR-10 (185 MB), where loading the arrays takes 0.02 s and 0
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import re
+import shutil
 import stat
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -54,8 +56,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import one_line
-from ..files import Content, atomic_write
+from ..errors import CnnlabError, one_line
+from ..files import Content, atomic_write, temp_file, user_cache_dir
+from ..limits import size_text
 from ..progress import Phase
 from .readers import show_path
 
@@ -76,13 +79,6 @@ class Split(NamedTuple):
     digest: str
     mean: tuple[float, ...]   # channel_stats(images)
     std: tuple[float, ...]
-
-
-def user_cache_dir() -> Path:
-    base = os.environ.get("CNNLAB_CACHE")
-    if base:
-        return Path(base)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnlab"
 
 
 def _within(root: str | os.PathLike[str]) -> Callable[[str | os.PathLike[str]], str]:
@@ -173,11 +169,14 @@ def _blake2b(data: np.ndarray) -> bytes:
 
 def cached(root: Path, name: str, files: Sources, options: str, num_classes: int,
            decode: Callable[[], tuple[np.ndarray, np.ndarray]], *,
-           phase: str | None = None) -> Split:
+           phase: str | None = None, stream: Stream | None = None, size: int = 0) -> Split:
     """The split `name` (e.g. "mnist-train") of `files` under data folder `root`, decoded
     with `decode` and `options` (what else shapes the arrays), from the cache entry of their
     content when there is one that passes the checks (see the module's notes), else decoded
-    and stored. `phase`: the progress shown while the files are read for their fingerprint."""
+    and stored. `phase`: the progress shown while the files are read for their fingerprint.
+    `stream` instead of `decode`, for a split larger than memory: stream(path) decodes the
+    images straight into the .npy file `path` in the cache (`size` bytes of it), never
+    holding them all, and returns them memory-mapped with the labels."""
     folders = (root / ".cnnlab-cache", user_cache_dir())
     ref = f"{name}-{state_key(root, name, files, options)}.ref"
     key = next(filter(None, (_read_ref(folder / ref) for folder in folders)), None)
@@ -196,14 +195,59 @@ def cached(root: Path, name: str, files: Sources, options: str, num_classes: int
             problems.append(f"cached data {show_path(folder / entry)} {found}")
     for problem in problems:
         print(f"cnnlab: note: {problem}; decoding the data again", file=sys.stderr)
+    if stream is not None:
+        return _streamed(folders, entry, (ref, key.encode()), stream, size)
     x, y = decode()
     split = Split(x, y, content_digest(x, y), *channel_stats(x))
-    manifest = json.dumps({"digest": split.digest, "mean": split.mean, "std": split.std})
+    manifest = _manifest(split)
     _store(folders, [(f"{entry}.y.npy", lambda f: np.save(f, y, allow_pickle=False)),
                      (f"{entry}.x.npy", lambda f: np.save(f, x, allow_pickle=False)),
-                     (f"{entry}.json", manifest.encode()), (ref, key.encode())],
+                     (f"{entry}.json", manifest), (ref, key.encode())],
            "decoded data not cached")
     return split
+
+
+Stream = Callable[[Path], tuple[np.ndarray, np.ndarray]]
+_DISK_RESERVE = 1 << 30  # bytes a streamed entry leaves free on its disk
+
+
+def _manifest(split: Split) -> bytes:
+    return json.dumps({"digest": split.digest, "mean": split.mean, "std": split.std}).encode()
+
+
+def _streamed(folders: Iterable[Path], entry: str, ref: tuple[str, bytes], stream: Stream,
+              size: int) -> Split:
+    """A split decoded straight into a cache entry, in the first cache folder that may be
+    written and has room for it; one line where none has."""
+    errors = []
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(folder).free
+        except OSError as e:
+            errors.append(f"{show_path(folder)}: {e.strerror or one_line(e)}")
+            continue
+        if free < size + _DISK_RESERVE:
+            errors.append(f"{show_path(folder)} has {size_text(free)} free")
+            continue
+        images = folder / f"{entry}.x.npy"
+        tmp = temp_file(images)
+        try:
+            x, y = stream(tmp)
+            split = Split(x, y, content_digest(x, y), *channel_stats(x))
+            os.replace(tmp, images)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        labels = io.BytesIO()
+        np.save(labels, y, allow_pickle=False)
+        for file, content in ((f"{entry}.y.npy", labels.getvalue()),
+                              (f"{entry}.json", _manifest(split)), ref):
+            atomic_write(folder / file, content)
+        return split._replace(images=np.load(images, mmap_mode="c"))
+    raise CnnlabError(f"the decoded images need {size_text(size)} of disk, and no cache folder "
+                      f"has room ({'; '.join(errors)}); free some, or set CNNLAB_CACHE to a "
+                      "folder with room")
 
 
 def _read_ref(path: Path) -> str | None:
@@ -272,11 +316,14 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     to 4 decimals: from exact integer sums of the pixels and of their squares (which fit
     uint16), without torch and in a fraction of a second for CIFAR-10."""
     means, stds = [], []
+    block = max(1, (1 << 26) // max(1, x[0, 0].size))  # images a pass: 64 MiB of one channel
     for c in range(x.shape[1]):
-        channel = x[:, c]
-        n = channel.size
-        total = int(channel.sum(dtype=np.uint64))
-        squares = int((channel.astype(np.uint16) ** 2).sum(dtype=np.uint64))
+        n = x[:, c].size
+        total = squares = 0
+        for i in range(0, len(x), block):  # a split larger than memory: a block at a time
+            channel = x[i:i + block, c]
+            total += int(channel.sum(dtype=np.uint64))
+            squares += int((channel.astype(np.uint16) ** 2).sum(dtype=np.uint64))
         variance = (squares - total * total / n) / max(n - 1, 1)
         means.append(round(total / n / 255, 4))
         stds.append(round(max(math.sqrt(max(variance, 0.0)) / 255, 1e-3), 4))

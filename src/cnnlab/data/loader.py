@@ -1,13 +1,18 @@
 """The in-memory loader: the whole split lives on the training device as one uint8 tensor;
 batches are drawn by shuffled index, augmented and normalised as whole batches there.
-No worker processes, no per-sample Python, no PIL in the training loop."""
+No worker processes, no per-sample Python, no PIL in the training loop. A split larger than
+memory stays in its memory-mapped cache file: each batch is gathered from it a few batches
+ahead by a thread, so that reading the disk overlaps training."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+READ_AHEAD = 4  # batches of a split on disk gathered ahead of the one training
 
 def mean_std(mean: Sequence[float], std: Sequence[float], normalize: bool = True
              ) -> tuple[list[float], list[float]]:
@@ -44,12 +49,17 @@ class DeviceLoader:
                  shuffle: bool = False, augment: frozenset[str] = frozenset(),
                  generator: torch.Generator | None = None, normalize: bool = True,
                  channels_last: bool = False, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, resident: bool | None = None) -> None:
+                 drop_last: bool = False, resident: bool | None = None,
+                 on_disk: bool = False) -> None:
         # The split on the device when it fits there (half its free memory at most; on the
         # CPU it is there already, memory-mapped or not); else in pinned host memory, each
-        # batch gathered there and copied over
-        self.resident = resident if resident is not None else fits(images, device)
-        self.images = images.to(device) if self.resident else _pinned(images, device)
+        # batch gathered there and copied over. `on_disk`: larger than memory - it stays in
+        # its file, each batch read ahead (`_gathered`)
+        self.on_disk = on_disk
+        self.resident = resident if resident is not None else \
+            fits(images, device) and not (on_disk and device.type == "cuda")
+        self.images = images.to(device) if self.resident or on_disk else \
+            _pinned(images, device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.device = device
@@ -94,17 +104,11 @@ class DeviceLoader:
         mid-epoch). With several ranks, each yields its own contiguous slice of every global
         batch."""
         n = self._end()
-        host_order = None
-        for start in range(start_batch * self.batch_size, n, self.batch_size):
+        starts = range(start_batch * self.batch_size, n, self.batch_size)
+        for start, x in zip(starts, self._gathered(order, starts, n)):
             stop = min(start + self.batch_size, n)
             idx = torch.arange(start, stop, device=self.device) if order is None \
                 else order[start:stop]
-            if self.resident:
-                x = self.images[idx]
-            else:  # the order's slice comes to the host once an epoch
-                if host_order is None:
-                    host_order = (torch.arange(n) if order is None else order.cpu())
-                x = self.images[host_order[start:stop]].to(self.device, non_blocking=True)
             y = self.labels[idx]
             # Augment the whole global batch on every rank, then slice: the ranks' random
             # streams stay in step and their union is exactly the single-process batch.
@@ -120,6 +124,35 @@ class DeviceLoader:
                 x = x.tensor_split(self.world_size)[self.rank]
                 y = y.tensor_split(self.world_size)[self.rank]
             yield self.normalize(x), y
+
+    def _gathered(self, order: torch.Tensor | None, starts: range, n: int
+                  ) -> Iterator[torch.Tensor]:
+        """The uint8 images of each batch, on the device: indexed there (resident), or
+        gathered on the host and copied over, the order's slice coming to the host once an
+        epoch; from a split on disk, each gathered READ_AHEAD batches ahead in a thread (the
+        order and so the result are the same)."""
+        if self.resident and not self.on_disk:
+            for start in starts:
+                stop = min(start + self.batch_size, n)
+                yield self.images[torch.arange(start, stop, device=self.device)
+                                  if order is None else order[start:stop]]
+            return
+        host_order = torch.arange(n) if order is None else order.cpu()
+
+        def gather(start: int) -> torch.Tensor:
+            return self.images[host_order[start:min(start + self.batch_size, n)]]
+
+        if not self.on_disk:
+            for start in starts:
+                yield gather(start).to(self.device, non_blocking=True)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = deque(pool.submit(gather, s) for s in starts[:READ_AHEAD])
+            for i in range(len(starts)):
+                batch = ahead.popleft().result()
+                if i + READ_AHEAD < len(starts):
+                    ahead.append(pool.submit(gather, starts[i + READ_AHEAD]))
+                yield batch.to(self.device, non_blocking=True)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:  # .to, not .contiguous: a one-channel batch must get NHWC

@@ -364,9 +364,10 @@ def _pixels(im, mode: str, size: tuple[int, int] | None = None, *, crop: bool = 
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _decode(path: str | os.PathLike[str], mode: str, size: tuple[int, int]) -> np.ndarray | str:
+def _decode(path: str | os.PathLike[str], mode: str, size: tuple[int, int], crop: bool = False
+            ) -> np.ndarray | str:
     try:
-        return decode_image(path, mode, size)  # size: a header that lied cannot break stack
+        return decode_image(path, mode, size, crop=crop)  # size: a lying header breaks nothing
     except Exception as e:  # Pillow raises many types for bad files; all mean the same here
         return image_error(path, e)
 
@@ -478,8 +479,95 @@ def _first_look_all(paths: list[Path], mode: str | None, crop: tuple[int, int] |
     return [_first_look(p, mode, crop) for p in paths]
 
 
-def _decode_all(paths: list[Path], mode: str, size: tuple[int, int]) -> list:
-    return [_decode(p, mode, size) for p in paths]
+def _decode_all(paths: list[Path], mode: str, size: tuple[int, int], crop: bool = False
+                ) -> list:
+    return [_decode(p, mode, size, crop) for p in paths]
+
+
+def _header(path: str | os.PathLike[str]) -> tuple[str, tuple[int, int]] | str:
+    """An image's mode and (width, height) as decode_image turns it, from its header alone,
+    or why it cannot be read."""
+    try:
+        with open_image(path) as im:
+            width, height = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):
+                width, height = height, width
+            return im.mode, (width, height)
+    except Exception as e:  # Pillow raises many types; all mean the same here
+        return image_error(path, e)
+
+
+def _headers(paths: list[Path]) -> list:
+    return [_header(p) for p in paths]
+
+
+def stream_folder_split(files: list[tuple[str | os.PathLike[str], int]], out: Path, *,
+                        mode: str | None = None, size: tuple[int, int] | None = None,
+                        skip_bad: bool = False, crop: bool = False,
+                        progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """read_folder_split for a split larger than memory: the images decoded straight into
+    the .npy file `out` (uint8 (N, C, H, W)), a block at a time, so that memory holds one
+    block whatever the split's size; returns it memory-mapped, and the labels. `mode` and
+    `size` (width, height) where not given come from the images' headers (read first,
+    without decoding): "L" if all are grayscale, and their one size - images of several
+    sizes need `crop` (--image-size)."""
+    paths = [p for p, _ in files]
+    with _pool(len(paths)) as pool, Phase(progress or "", len(paths), "images",
+                                          enabled=progress is not None) as phase:
+        problems: dict = {}
+        if mode is None or size is None:
+            heads = dict(zip(paths, _in_chunks(pool, _headers, paths, lambda part: None)))
+            problems = {p: h for p, h in heads.items() if isinstance(h, str)}
+            good = [h for h in heads.values() if not isinstance(h, str)]
+            mode = mode or ("L" if good and all(m in _GRAYSCALE for m, _ in good) else "RGB")
+            sizes = Counter(s for _, s in good)
+            if size is None and sizes:
+                size = sizes.most_common(1)[0][0]
+                if len(sizes) > 1:
+                    raise CnnlabError(f"the images are of {len(sizes)} sizes (the most common "
+                                      f"{size[0]}x{size[1]}); pass --image-size HxW to resize "
+                                      "and centre-crop them all")
+        _refuse_or_skip(problems, skip_bad)
+        if size is None:
+            raise CnnlabError(f"no readable images among the {len(files)} files")
+        x = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
+                                      shape=(len(files), 1 if mode == "L" else 3, size[1],
+                                             size[0]))
+        labels, kept, failed = np.empty(len(files), np.int64), 0, {}
+        block = _CHUNK_FILES * 4 * _cores()  # the images in memory at once, at most
+        for start in range(0, len(files), block):
+            part = [(p, label) for p, label in files[start:start + block] if p not in problems]
+            phase.update(min(block, len(files) - start) - len(part))
+            decoded = _in_chunks(pool, functools.partial(_decode_all, mode=mode, size=size,
+                                                         crop=crop), [p for p, _ in part],
+                                 lambda done: phase.update(len(done)))
+            for (path, label), image in zip(part, decoded):
+                if isinstance(image, str):
+                    failed[path] = image
+                    continue
+                x[kept], labels[kept] = image, label
+                kept += 1
+        _refuse_or_skip(failed, skip_bad)
+    if not kept:
+        raise CnnlabError(f"no readable images among the {len(files)} files")
+    x.flush()
+    if kept < len(files):  # files left out: a file of the rows that hold images
+        x = _first_rows(x, kept, out)
+    return x, labels[:kept]
+
+
+def _first_rows(x: np.ndarray, count: int, out: Path) -> np.ndarray:
+    """The .npy file `out` of array `x` cut to its first `count` rows (copied a block at a
+    time into a file of that size, which then takes its place)."""
+    smaller = out.with_name(f"{out.name}.rows")
+    rows = np.lib.format.open_memmap(smaller, mode="w+", dtype=x.dtype,
+                                     shape=(count, *x.shape[1:]))
+    for i in range(0, count, 4096):
+        rows[i:i + 4096] = x[i:min(i + 4096, count)]
+    rows.flush()
+    del rows, x
+    os.replace(smaller, out)
+    return np.load(out, mmap_mode="c")
 
 
 _SMALL = 2000  # fewer files than this are read in this process: workers would cost more

@@ -2,11 +2,13 @@
 a function that returns one.
 
 Loading code is running code. A new run reads the model's source file once, runs exactly
-those bytes and keeps them in the run directory with their SHA-256 (`Source`); whatever
+those bytes and keeps them in the run directory with their SHA-256 (`Source`); the user's
+cache folder remembers each file and hash this user has trained with (`remember`). Whatever
 rebuilds the model later (eval, predict, export, report, --resume) runs that copy, and only
-while the user's own file at the recorded path still has the recorded hash - a run someone
-sent, or one whose file has changed since, is refused in one line unless the user says
-`--trust-code` after reading the copy."""
+while the file at the recorded path still has the recorded hash and is one the user trained
+with here - a run someone sent (whose checkpoint may name any file), or one whose file has
+changed since, is refused in one line unless the user says `--trust-code` after reading the
+copy."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CnnlabError, one_line
+from ..files import user_cache_dir
 
 # the dataset's facts a constructor may take, by these names
 FACTS = ("in_channels", "num_classes", "image_size")
@@ -207,6 +210,39 @@ def load_new(name: str) -> tuple[Any, Source, bytes]:
     return found, source, text
 
 
+_TRAINED_WITH = "trained-models.txt"  # in the user's cache folder: "sha256 path" a line
+
+
+def remember(source: Source) -> None:
+    """Note that this user trains with `source` (its file and hash) on this machine."""
+    if source.file is None or _known(source):
+        return
+    path = user_cache_dir() / _TRAINED_WITH
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:  # one short line: appended whole
+            f.write(f"{source.sha256} {source.file}\n")
+    except OSError:  # an unwritable cache: later commands ask for --trust-code
+        pass
+
+
+def _known(source: Source) -> bool:
+    try:
+        lines = (user_cache_dir() / _TRAINED_WITH).read_text().splitlines()
+    except OSError:
+        return False
+    return f"{source.sha256} {source.file}" in lines
+
+
+def _origin(module: str) -> Path | None:
+    """The file module `module` would be imported from (its packages are imported to tell)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).resolve() if spec and spec.origin else None
+
+
 def load_kept(source: Source, copy: Path | None, *, trust: bool) -> Any:
     """The class or function a run was trained with, from the copy of its source it keeps
     (`copy`, the run directory's). Only the user's own, unchanged file is run without
@@ -226,6 +262,10 @@ def load_kept(source: Source, copy: Path | None, *, trust: bool) -> Any:
                    "from elsewhere?)")
     elif current != source.sha256:
         problem = f"{source.file} has changed since the run was trained"
+    elif not _known(source) or (source.module and _origin(source.module) != mine.resolve()):
+        # a checkpoint from elsewhere may name any file here, and any module
+        problem = (f"its model comes from {source.file}, which this user has not trained "
+                   "with on this machine (a run from elsewhere?)")
     if problem is None:  # the user's own file, as it was
         text = kept if kept is not None else _read(mine)
         return import_module(source) if source.module else run_text(source, text)
