@@ -258,6 +258,10 @@ def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:
     dataset's: the split follows from it and the config."""
     if not fraction:
         return data
+    if data.streamed:
+        raise CnnlabError(f"--val-split {fraction:g}: {data.name} trains from the disk cache, "
+                          "and holding images out would copy it into memory; give the folder "
+                          "a val/ split of its own instead")
     if data.val_x is not None:
         raise CnnlabError(f"--val-split {fraction:g}: {data.name} has a val/ folder of its own, "
                           "which is the validation split; drop --val-split (or remove val/)")
