@@ -283,3 +283,11 @@ def test_a_sweep_and_lr_find_take_a_model_file(net, tiny_mnist, tmp_path, capsys
     assert main(["lr-find", f"{net}:Net", "mnist", "--data-dir", str(tiny_mnist), "--steps",
                  "20", "--quiet", "--out", str(tmp_path / "lr")]) == 0
     assert (tmp_path / "lr" / "lr_find.json").is_file()
+
+
+def test_cnnlab_models_all_names_torchvisions_and_timms(capsys):
+    assert main(["models", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "torchvision:NAME (" in out and "resnet50, resnext101_32x8d" in out
+    assert "your own: path/to/net.py:Class" in out
+    assert "timm:NAME: " in out
