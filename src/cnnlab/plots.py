@@ -260,23 +260,54 @@ def comparison_data(summaries: list[dict], labels: list[str]) -> list[dict]:
 
 
 def plot_models(models: list[dict], path: str | Path) -> Path:
-    """Draw models.png: each model's test accuracy against its parameters (log scale) and
-    against its training time on this machine, named beside its point (`models`: dicts with
-    "model", "accuracy", "parameters", "train_seconds")."""
-    fig = new_figure((10, 4.2))
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, key, label in ((axes[0], "parameters", "parameters"),
-                           (axes[1], "train_seconds", "training time on this machine (s)")):
-        for m in models:
-            ax.scatter(m[key], m["accuracy"], s=30, color="tab:blue")
-            ax.annotate(m["model"], (m[key], m["accuracy"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
+    """Draw models.png: each model's test accuracy against its parameters, its multiply-adds
+    per image and its training time on this machine (log scales), named beside its point
+    where the name does not cover another (`models`: dicts with "model", "accuracy",
+    "parameters", "macs" and "train_seconds"; None where unknown)."""
+    panels = (("parameters", "parameters"), ("macs", "multiply-adds per image"),
+              ("train_seconds", "training time on this machine (s)"))
+    fig = new_figure((14, 4.4))
+    axes = fig.subplots(1, len(panels), sharey=True)
+    for ax, (key, label) in zip(axes, panels):
+        shown = [m for m in models if m.get(key)]
+        ax.scatter([m[key] for m in shown], [m["accuracy"] for m in shown], s=30,
+                   color="tab:blue")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
+        _name_points(ax, [(m[key], m["accuracy"], m["model"]) for m in shown])
     axes[0].set_ylabel("test accuracy of best.pt (%)")
-    fig.suptitle("Which network: accuracy against size and time")
+    fig.suptitle("Which network: accuracy against size, work and time")
     return save_figure(fig, Path(path))
+
+
+# Where a point's name may go, in points from it: right or left of it, level, above, below
+_NAME_PLACES = ((4, 3), (4, -10), (-4, 3), (-4, -10), (4, 13), (4, -20), (-4, 13), (-4, -20),
+                (10, 24), (10, -31), (-10, 24), (-10, -31))
+
+
+def _name_points(ax, points: list[tuple[float, float, str]]) -> None:
+    """Each point's name beside it, at the first of _NAME_PLACES where it covers no name
+    placed before (greedily, from the top; the first place where every one does), a thin
+    line leading from a name set further off to its point."""
+    ax.autoscale_view()
+    scale = ax.figure.dpi / 72  # pixels a point
+    placed: list[tuple[float, float, float, float]] = []
+    for x, y, name in sorted(points, key=lambda p: -p[1]):
+        px, py = ax.transData.transform((x, y))
+        width, height = 5.2 * len(name) * scale * 8 / 10, 9 * scale
+        boxes = []
+        for dx, dy in _NAME_PLACES:
+            left = px + dx * scale - (width if dx < 0 else 0)
+            boxes.append((left, py + dy * scale, left + width, py + dy * scale + height))
+        box = next((b for b in boxes if not any(b[0] < o[2] and o[0] < b[2] and b[1] < o[3]
+                                                and o[1] < b[3] for o in placed)), boxes[0])
+        placed.append(box)
+        dx, dy = _NAME_PLACES[boxes.index(box)]
+        far = abs(dy) > 10 or dx < 0
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                    ha="right" if dx < 0 else "left",
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if far else None)
 
 
 def plot_comparison(summaries: list[dict], labels: list[str], path: str | Path) -> Path:
