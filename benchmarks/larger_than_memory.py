@@ -78,7 +78,8 @@ def train(folder: Path, out: Path, epochs: float, in_memory: str, cgroup: Path |
     its summary, and the peak memory of its process tree, sampled every 0.1 s (anonymous:
     resident less file-backed pages, which the kernel may drop)."""
     command = [sys.executable, "-m", "cnnlab", "train", "lenet5", f"folder:{folder}",
-               "--epochs", str(epochs), "--batch-size", "256", "--in-memory", in_memory,
+               "--epochs", str(epochs), "--batch-size", "128", "--eval-batch-size", "128",
+               "--in-memory", in_memory,
                "--telemetry", "0", "--quiet", "--out", str(out), "--data-dir", str(data_dir)]
 
     def join() -> None:

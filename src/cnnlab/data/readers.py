@@ -534,7 +534,8 @@ def stream_folder_split(files: list[tuple[str | os.PathLike[str], int]], out: Pa
                                       shape=(len(files), 1 if mode == "L" else 3, size[1],
                                              size[0]))
         labels, kept, failed = np.empty(len(files), np.int64), 0, {}
-        block = _CHUNK_FILES * 4 * _cores()  # the images in memory at once, at most
+        # the images decoded at once: _BLOCK_BYTES of them, enough to keep every core busy
+        block = max(4 * _cores(), min(_CHUNK_FILES * _cores(), _BLOCK_BYTES // x[0].nbytes))
         for start in range(0, len(files), block):
             part = [(p, label) for p, label in files[start:start + block] if p not in problems]
             phase.update(min(block, len(files) - start) - len(part))
@@ -547,6 +548,7 @@ def stream_folder_split(files: list[tuple[str | os.PathLike[str], int]], out: Pa
                     continue
                 x[kept], labels[kept] = image, label
                 kept += 1
+            x.flush()  # written out: pages the kernel may drop, not dirty ones it must keep
         _refuse_or_skip(failed, skip_bad)
     if not kept:
         raise CnnlabError(f"no readable images among the {len(files)} files")
@@ -572,6 +574,7 @@ def _first_rows(x: np.ndarray, count: int, out: Path) -> np.ndarray:
 
 _SMALL = 2000  # fewer files than this are read in this process: workers would cost more
 _CHUNK_FILES = 500  # files a chunk of work at most (_in_chunks)
+_BLOCK_BYTES = 64 << 20  # decoded images held at once while a split goes to the disk cache
 
 
 @contextlib.contextmanager
