@@ -161,7 +161,7 @@ def _waited_out(data, out, fault: str, seconds: float) -> None:
 
 def test_the_link_cut_as_a_point_finishes_is_waited_out(data, tmp_path):
     # longer than the kernel's patience with unanswered data (15 s)
-    _waited_out(data, tmp_path / "sweep", "cut", 25)
+    _waited_out(data, tmp_path / "sweep", "cut", 18)
 
 
 def test_postgres_stopped_for_30_s_around_a_points_end_is_waited_out(data, tmp_path):

@@ -66,7 +66,7 @@ def _idx_split(spec: DatasetSpec, folder: Path, images: str, labels: str
     check_labels(y, len(spec.classes), paths[1])
     if spec.kind == "emnist":  # stored transposed: upright, as a user's own images are
         x = x.transpose(0, 2, 1)
-    return np.ascontiguousarray(x[:, None]), y
+    return np.array(x[:, None]), y  # a copy: read_idx's array is read-only
 
 
 def _cifar100(spec: DatasetSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
