@@ -317,5 +317,6 @@ def test_a_sweep_over_models_says_which_network(tmp_path):
     assert set(rows) == {"lenet5", "mobilenetv2"}, section
     assert "| LeCun et al. 1998 | 61,706 | 416,520 |" in rows["lenet5"]
     assert "| Sandler et al. 2018 |" in rows["mobilenetv2"]
-    assert "![Accuracy against parameters and training time](models.png)" in section
+    assert ("![Accuracy against parameters, multiply-adds and training time](models.png)"
+            in section)
     assert (out / "models.png").read_bytes().startswith(PNG)

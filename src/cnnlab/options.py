@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .models import hub_of, is_code
+
 # muon: torch.optim.Muon for the hidden layers' weights, SGD for the rest (optim.MuonSGD)
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamax", "muon")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "triangle")
@@ -270,9 +272,9 @@ def applies(config: dict[str, Any], key: str) -> bool:
     in (named with a colon), --pretrained for torchvision's and timm's."""
     model = str(config.get("model"))
     if key == "model_args":
-        return ":" in model
+        return bool(hub_of(model)) or is_code(model)
     if key == "pretrained":
-        return model.startswith(("torchvision:", "timm:"))
+        return bool(hub_of(model))
     other, value = ONLY_WITH.get(key, (None, None))
     return other is None or config.get(other) == value
 

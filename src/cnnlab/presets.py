@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import CnnlabError, unknown_choice
+from .models import hub_of, is_code
 from .options import PRESETS
 
 # The lab report's recipe (SEED.md): ToTensor only, batch 64, SGD momentum 0.9, constant lr.
@@ -73,7 +74,7 @@ def preset_values(preset: str, model: str, dataset: str,
         return dict(_LAB_RECIPE, lr=lr, epochs=epochs)
     # Crop+flip suits natural images; digits must not be mirrored, and folders opt in.
     augment = _FAST_AUGMENT.get(model, "crop,flip") if dataset == "cifar10" else "none"
-    built_in = ":" not in model  # not your own code, nor torchvision's or timm's
+    built_in = not (hub_of(model) or is_code(model))  # not your own, torchvision's or timm's
     recipe = _FAST_BY_MODEL.get(model, _FAST_BY_MODEL["resnet18"]) if built_in else _FAST_OTHER
     values = dict(_FAST_RECIPE, **recipe, augment=augment)
     if optimizer == "muon":

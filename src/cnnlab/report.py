@@ -728,7 +728,8 @@ def _models_section(doc: Document, runs: list[RunInfo], figures: _Figures,
                    for m in sorted(models, key=lambda m: -m["accuracy"])]))
     if all(m["parameters"] for m in models):
         path = plot_models(models, figures.out / f"{prefix}models.png")
-        doc.add(Figures([(path, "Accuracy against parameters and training time")]))
+        doc.add(Figures([(path, "Accuracy against parameters, multiply-adds and training "
+                                "time")]))
 
 
 def _macs(run: RunInfo) -> int | None:

@@ -42,7 +42,7 @@ from .envinfo import collect_env
 from .errors import CnnlabError, Interrupted, TrainingDiverged, one_line
 from .files import atomic_write
 from .limits import default_threads
-from .models import REGISTRY, code, count_parameters, label
+from .models import REGISTRY, code, count_parameters, is_code, label
 from .options import Config, format_value
 from .plots import plot_run, plot_utilization
 from .progress import Phase, Progress
@@ -254,7 +254,7 @@ def own_model(cfg: Config, resume: Resume | None = None, run_dir: str | Path | N
               instance: nn.Module | None = None) -> OwnModel | None:
     """The code of the user's own model, for a new run or a resumed one (whose copy of the
     code is checked as eval's is: code.load_kept); None for other models."""
-    if instance is None and not code.is_code(cfg.model):
+    if instance is None and not is_code(cfg.model):
         return None
     if resume is not None and resume.checkpoint is not None and instance is None:
         source = code.Source.from_dict(resume.checkpoint["model_meta"].get("source"))

@@ -54,7 +54,7 @@ class DeviceLoader:
         # The split on the device when it fits there (half its free memory at most; on the
         # CPU it is there already, memory-mapped or not); else in pinned host memory, each
         # batch gathered there and copied over. `on_disk`: larger than memory - it stays in
-        # its file, each batch read ahead (`_gathered`)
+        # its file, each batch read ahead (`_host_batches`)
         self.on_disk = on_disk
         self.resident = resident if resident is not None else \
             fits(images, device) and not (on_disk and device.type == "cuda")
@@ -105,10 +105,13 @@ class DeviceLoader:
         batch."""
         n = self._end()
         starts = range(start_batch * self.batch_size, n, self.batch_size)
-        for start, x in zip(starts, self._gathered(order, starts, n)):
+        host = None if self.resident and not self.on_disk else \
+            self._host_batches(order, starts, n)
+        for start in starts:
             stop = min(start + self.batch_size, n)
             idx = torch.arange(start, stop, device=self.device) if order is None \
                 else order[start:stop]
+            x = self.images[idx] if host is None else next(host)
             y = self.labels[idx]
             # Augment the whole global batch on every rank, then slice: the ranks' random
             # streams stay in step and their union is exactly the single-process batch.
@@ -125,18 +128,12 @@ class DeviceLoader:
                 y = y.tensor_split(self.world_size)[self.rank]
             yield self.normalize(x), y
 
-    def _gathered(self, order: torch.Tensor | None, starts: range, n: int
-                  ) -> Iterator[torch.Tensor]:
-        """The uint8 images of each batch, on the device: indexed there (resident), or
-        gathered on the host and copied over, the order's slice coming to the host once an
-        epoch; from a split on disk, each gathered READ_AHEAD batches ahead in a thread (the
-        order and so the result are the same)."""
-        if self.resident and not self.on_disk:
-            for start in starts:
-                stop = min(start + self.batch_size, n)
-                yield self.images[torch.arange(start, stop, device=self.device)
-                                  if order is None else order[start:stop]]
-            return
+    def _host_batches(self, order: torch.Tensor | None, starts: range, n: int
+                      ) -> Iterator[torch.Tensor]:
+        """The uint8 images of each batch of a split not on the device, gathered on the
+        host and copied over, the order's slice coming to the host once an epoch; from a
+        split on disk, each gathered READ_AHEAD batches ahead in a thread (the order and so
+        the result are the same)."""
         host_order = torch.arange(n) if order is None else order.cpu()
 
         def gather(start: int) -> torch.Tensor:

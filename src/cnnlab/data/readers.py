@@ -294,15 +294,20 @@ def _first_look(path: str | os.PathLike[str], mode: str | None, crop: tuple[int,
     decoded; or why it cannot be read."""
     try:
         with open_image(path) as im:
-            width, height = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):
-                width, height = height, width
+            width, height = _oriented_size(im)
             if width * height > _FIRST_PASS_PIXELS and crop is None:
                 return im.mode, (width, height)
             own = mode or ("L" if im.mode in _GRAYSCALE else "RGB")
             return _pixels(im, own, crop, crop=crop is not None)
     except Exception as e:  # Pillow raises many types (a decompression bomb's is neither an
         return image_error(path, e)  # OSError nor a ValueError); all mean the same here
+
+
+def _oriented_size(im) -> tuple[int, int]:
+    """An open image's (width, height) as decode_image turns it: EXIF orientations 5-8 swap
+    them."""
+    width, height = im.size
+    return (height, width) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
 
 
 def header_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
@@ -489,10 +494,7 @@ def _header(path: str | os.PathLike[str]) -> tuple[str, tuple[int, int]] | str:
     or why it cannot be read."""
     try:
         with open_image(path) as im:
-            width, height = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):
-                width, height = height, width
-            return im.mode, (width, height)
+            return im.mode, _oriented_size(im)
     except Exception as e:  # Pillow raises many types; all mean the same here
         return image_error(path, e)
 
@@ -552,7 +554,6 @@ def stream_folder_split(files: list[tuple[str | os.PathLike[str], int]], out: Pa
         _refuse_or_skip(failed, skip_bad)
     if not kept:
         raise CnnlabError(f"no readable images among the {len(files)} files")
-    x.flush()
     if kept < len(files):  # files left out: a file of the rows that hold images
         x = _first_rows(x, kept, out)
     return x, labels[:kept]

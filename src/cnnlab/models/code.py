@@ -33,12 +33,6 @@ FACTS = ("in_channels", "num_classes", "image_size")
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
-def is_code(name: str) -> bool:
-    """Whether model `name` is the user's own code (path.py:Attr or module:attr)."""
-    prefix = name.partition(":")[0]
-    return ":" in name and prefix not in ("torchvision", "timm")
-
-
 def _split(name: str) -> tuple[str, str]:
     where, _, attr = name.rpartition(":")
     if not attr.isidentifier() or not where:
