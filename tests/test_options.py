@@ -56,10 +56,13 @@ def _samples():
             values = [c for c in o.choices if c != getattr(base, o.name)]
         else:
             values = [{"int": 7, "float": 0.25}.get(o.type) or TEXTS[o.name]]
-        dataset = "folder:x" if o.name in FOLDER_ONLY else DATASET
         for value in values:
             assert o.kind == SWITCH or value != getattr(base, o.name), o.name
-            yield pytest.param(o.name, value, dataset, id=f"{o.name}={format_value(value)}")
+            # photos' resized crops: of a folder, at a size
+            needs = {"image_size": "32"} if "resized-crop" in str(value) else {}
+            dataset = "folder:x" if o.name in FOLDER_ONLY or needs else DATASET
+            yield pytest.param(o.name, value, dataset, needs,
+                               id=f"{o.name}={format_value(value)}")
 
 
 def _argv(name: str, value) -> list[str]:
@@ -73,18 +76,20 @@ def _toml(value) -> str:
     return json.dumps(value) if isinstance(value, (bool, str)) else repr(value)
 
 
-@pytest.mark.parametrize("name,value,dataset", list(_samples()))
-def test_flag_field_and_toml_key_round_trip(name, value, dataset, tmp_path):
+@pytest.mark.parametrize("name,value,dataset,needs", list(_samples()))
+def test_flag_field_and_toml_key_round_trip(name, value, dataset, needs, tmp_path):
     model = NAMED if name in NAMED_ONLY else MODEL
+    also = [a for k, v in needs.items() for a in _argv(k, v)]
     for command in ("train", "sweep"):
-        args = build_parser().parse_args([command, model, dataset, *_argv(name, value)])
+        args = build_parser().parse_args([command, model, dataset, *_argv(name, value), *also])
         given = {k: v for k, v in train_options(args).items() if v is not None}
-        assert given == {name: value} and type(given[name]) is type(value)
+        assert given == {name: value, **needs} and type(given[name]) is type(value)
         assert getattr(resolve(model, dataset, overrides=given), name) == value
     for key in (option_name(name), name):
         path = tmp_path / "options.toml"
         path.write_text(f"{key} = {_toml(value)}\n")
-        assert getattr(resolve(model, dataset, file_values=load_toml(path)), name) == value
+        values = load_toml(path) | needs
+        assert getattr(resolve(model, dataset, file_values=values), name) == value
 
 
 @pytest.mark.parametrize("command", ["train", "sweep"])
@@ -130,7 +135,7 @@ def test_roles_classify_the_fields():
     """What a resumed run may change, what sweeps and reports compare and what a results
     table lists, as the roles in the field metadata give them."""
     runtime = {"log_every", "checkpoint_every", "device", "data_dir", "download", "telemetry",
-               "tensorboard", "detect_anomaly", "eval_every", "threads", "in_memory"}
+               "tensorboard", "detect_anomaly", "eval_every", "threads", "in_memory", "workers"}
     assert set(RESUME_SAFE) == runtime | {"epochs"}
     assert set(COMPARED) == set(OPTIONS) - runtime
     assert set(LISTED) == set(COMPARED) - {"model", "dataset", "seed", "eval_batch_size", "compile",

@@ -203,6 +203,12 @@ def validate(cfg: Config) -> None:
         if not cfg.dataset.startswith("folder:"):
             raise CnnlabError(f"--image-size resizes the images of folder datasets; "
                               f"{cfg.dataset}'s images come in one size already")
+    if "resized-crop" in cfg.augment and (cfg.image_size is None
+                                          or not cfg.dataset.startswith("folder:")):
+        raise CnnlabError("--augment resized-crop cuts its crops from full-resolution photos, "
+                          "decoded each epoch: it needs a folder: dataset and the --image-size "
+                          "to train at (e.g. 224)" + ("" if cfg.dataset.startswith("folder:")
+                                                      else f"; for {cfg.dataset} use crop"))
     if not 0 <= cfg.val_split < 1:
         raise CnnlabError(f"--val-split must be a fraction in [0, 1), e.g. 0.1, got "
                           f"{cfg.val_split}")

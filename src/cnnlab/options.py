@@ -19,9 +19,11 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "adamax", "muon")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "triangle")
 # crop: random crops of the image padded by 4 zero pixels; translate: by up to 2 pixels,
 # the border mirrored; flip: a random half of each batch mirrored; altflip: each image
-# mirrored every other epoch (a random half in odd epochs, the other half in even ones)
+# mirrored every other epoch (a random half in odd epochs, the other half in even ones);
+# resized-crop: a random 8-100% of a full-resolution photo resized to --image-size (folders)
 AUGMENTS = ("none", "crop", "flip", "crop,flip", "translate", "altflip", "translate,flip",
-            "crop,altflip", "translate,altflip")
+            "crop,altflip", "translate,altflip", "resized-crop", "resized-crop,flip",
+            "resized-crop,altflip")
 PRESETS = ("fast", "seed")
 POOLS = ("max", "avg")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -131,7 +133,10 @@ class Config:
     augment: str = option(choices=AUGMENTS, help="training batches: crop (4 pixels of zero "
                                                  "padding) or translate (2 pixels, mirrored "
                                                  "border); flip (random) or altflip "
-                                                 "(alternating epochs)")
+                                                 "(alternating epochs); folders with "
+                                                 "--image-size: resized-crop (a random 8-100 "
+                                                 "percent of each full-resolution photo, "
+                                                 "decoded each epoch)")
     normalize: bool = option(help="scale images by the dataset's mean and std")
     image_size: str | None = option(None, help="folder datasets: resize each image's shorter "
                                                "side and centre-crop it to N x N or H x W "
@@ -199,6 +204,13 @@ class Config:
                                  "decode it a block at a time into the disk cache and train "
                                  "from there, memory-mapped, read ahead in the background (for "
                                  "data larger than memory); auto = yes where it fits")
+    workers: int | None = option(None, role=RUNTIME,
+                                 help="--augment resized-crop: DataLoader worker processes "
+                                      "that decode the photos, per process (0: in the "
+                                      "training process)",
+                                 default_text="on a GPU all CPUs but one (16 at most), on "
+                                              "the CPU half of them",
+                                 limits=Limits(high=256))
     skip_bad_files: bool = option(False, role=MACHINE, kind=ON,
                                   help="folder datasets: skip unreadable images instead of "
                                        "stopping")

@@ -24,7 +24,8 @@ from .checkpoint import ModelMeta
 from .checks import checkpoint_interval, parse_image_size
 from .config import run_config
 from .data import Dataset, hold_out, load_dataset
-from .data.loader import DeviceLoader
+from .data.loader import DeviceLoader, Loader
+from .data.photos import PhotoLoader, Photos, default_workers
 from .data.python import is_python
 from .devices import resolve_device, resolve_precision
 from .engine import (
@@ -150,7 +151,7 @@ class Training:
     train_step: Callable[[Batch], torch.Tensor]  # engine.make_train_step's, on `held`
     held: list[nn.Parameter]   # the parameters this epoch leaves as they are
     early: list[tuple[nn.Parameter, int]]  # (parameter, epochs): trained in those only
-    train_batches: DeviceLoader
+    train_batches: Loader       # DeviceLoader, or PhotoLoader for photos decoded each epoch
     test_batches: DeviceLoader
     val_batches: DeviceLoader | None  # the validation split best.pt is chosen on
     channels_last: bool
@@ -200,7 +201,8 @@ def load_data(cfg: Config, progress: bool = True) -> Dataset:
     size = parse_image_size(cfg.image_size) if cfg.image_size else None
     return hold_out(load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
                                  skip_bad_files=cfg.skip_bad_files, image_size=size,
-                                 progress=progress, in_memory=cfg.in_memory),
+                                 progress=progress, in_memory=cfg.in_memory,
+                                 photos="resized-crop" in cfg.augment),
                     cfg.val_split, cfg.seed)
 
 
@@ -218,21 +220,29 @@ def _check_graphable(cfg: Config, device: torch.device, dist: distributed.Dist,
 
 def _loaders(cfg: Config, data: Dataset, device: torch.device, dist: distributed.Dist,
              generator: torch.Generator, channels_last: bool
-             ) -> tuple[DeviceLoader, DeviceLoader, DeviceLoader | None]:
+             ) -> tuple[Loader, DeviceLoader, DeviceLoader | None]:
     """The training, test and (if there is one) validation batches, on the device."""
     augment = frozenset() if cfg.augment == "none" else frozenset(cfg.augment.split(","))
     common = dict(mean=data.mean, std=data.std, device=device, normalize=cfg.normalize,
-                  channels_last=channels_last, rank=dist.rank, world_size=dist.world_size,
-                  on_disk=data.streamed)
+                  channels_last=channels_last, rank=dist.rank, world_size=dist.world_size)
 
     def loader(x, y, **kwargs) -> DeviceLoader:
-        return DeviceLoader(torch.from_numpy(x), torch.from_numpy(y), **common, **kwargs)
+        return DeviceLoader(torch.from_numpy(x), torch.from_numpy(y), on_disk=data.streamed,
+                            **common, **kwargs)
 
     # --compile, --cuda-graph: every training batch the same shape, or the last one would
     # recompile or not fit the graph
-    train = loader(data.train_x, data.train_y, batch_size=cfg.batch_size, shuffle=True,
-                   augment=augment, generator=generator,
-                   drop_last=cfg.compile or cfg.cuda_graph)
+    shuffled = dict(batch_size=cfg.batch_size, shuffle=True, augment=augment,
+                    generator=generator, drop_last=cfg.compile or cfg.cuda_graph)
+    if isinstance(data.train_x, Photos):
+        workers = default_workers(device, torch.get_num_threads()) if cfg.workers is None \
+            else cfg.workers
+        train = PhotoLoader(data.train_x, torch.from_numpy(data.train_y), seed=cfg.seed,
+                            workers=workers, skip_bad=cfg.skip_bad_files, **shuffled, **common)
+        if device.type == "cpu" and cfg.threads is None:  # the workers' CPUs: not the loop's
+            torch.set_num_threads(max(1, torch.get_num_threads() - workers))
+    else:
+        train = loader(data.train_x, data.train_y, **shuffled)
     test = loader(data.test_x, data.test_y, batch_size=cfg.eval_batch_size)
     val = None if data.val_x is None else loader(data.val_x, data.val_y,
                                                  batch_size=cfg.eval_batch_size)
@@ -325,7 +335,7 @@ def build(cfg: Config, device: torch.device, dist: distributed.Dist | None = Non
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     train, test, val = _loaders(cfg, data, device, dist, generator, channels_last)
     if hasattr(model, "init_from_data"):  # e.g. fastnet's whitening stem (a resume reloads)
-        model.init_from_data(train.normalize(train.images[:10_000]))
+        model.init_from_data(train.normalize(train.first_images(10_000)))
     optimizer = build_optimizer(cfg, model)
     total_steps = max(1, round(cfg.epochs * len(train)))
     scheduler = build_scheduler(cfg, optimizer, total_steps)

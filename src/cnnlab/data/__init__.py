@@ -18,7 +18,8 @@ from ..errors import CnnlabError, one_line
 from ..limits import memory_available, size_text
 from ..specs import SPECS, DatasetSpec
 from . import formats, python, readers
-from .cache import Split, cached
+from .cache import Split, cached, fingerprint
+from .photos import Photos, photos
 from .readers import show_path
 
 FOLDER_PREFIX = "folder:"
@@ -37,7 +38,7 @@ class Dataset:
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    train_x: np.ndarray
+    train_x: np.ndarray | Photos  # Photos: files decoded each epoch (data/photos.py)
     train_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
@@ -76,18 +77,20 @@ def from_python(data: object) -> Dataset:
 
 def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
                  skip_bad_files: bool = False, image_size: tuple[int, int] | None = None,
-                 progress: bool = True, in_memory: str = "auto") -> Dataset:
+                 progress: bool = True, in_memory: str = "auto", photos: bool = False
+                 ) -> Dataset:
     """Load a named dataset (specs.SPECS: under data_dir, torchvision's layout) or
     `folder:PATH` (PATH/train/<class>/*, PATH/test/<class>/*, optionally PATH/val/<class>/*),
     a folder's images resized and centre-cropped to `image_size` (height, width) if given.
     With `progress`, the long phases of a first load (decoding a folder of images, reading
     a moved dataset to find its cache) show their progress on stderr. `in_memory` (a
-    folder's): "yes", "no" or "auto" - see _streams."""
+    folder's): "yes", "no" or "auto" - see _streams. `photos` (a folder's, with
+    `image_size`): its training images stay files, decoded each epoch (data/photos.py)."""
     if python.is_python(name):
         raise python.not_on_disk(name)
     if name.startswith(FOLDER_PREFIX):
         return _load_folder(name, Path(name[len(FOLDER_PREFIX):]).expanduser(), skip_bad_files,
-                            image_size, progress, in_memory)
+                            image_size, progress, in_memory, photos)
     spec = SPECS.get(name)
     if spec is None:
         raise CnnlabError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
@@ -171,21 +174,26 @@ def check_folder(root: Path) -> None:
 
 def _load_folder(name: str, root: Path, skip_bad_files: bool,
                  image_size: tuple[int, int] | None = None, progress: bool = True,
-                 in_memory: str = "auto") -> Dataset:
+                 in_memory: str = "auto", as_photos: bool = False) -> Dataset:
     check_folder(root)
     classes = readers.folder_classes(root)
     n = len(classes)
     train_files = readers.folder_files(root / "train", classes, require_all=True)
     test_files = readers.folder_files(root / "test", classes, require_all=False)
+    val_files = readers.folder_files(root / "val", classes, require_all=False) \
+        if (root / "val").is_dir() else None  # a validation split of its own
     # the class names in order: which label each class folder's images get
     extra = f"{json.dumps(classes)}:skip={skip_bad_files}"
     fit = None if image_size is None else (image_size[1], image_size[0])  # Pillow's (w, h)
     if fit:
         extra += f":crop={fit}"
     shape = image_size or readers.header_size(train_files[0][0])
-    stream = _streams(root.name, len(train_files), len(test_files), shape, in_memory)
-    pixels = 3 * math.prod(shape) if shape else 0
     shown = show_path(os.path.basename(os.path.realpath(root)))
+    # photos: the training split stays files; a sample of it is decoded (its statistics)
+    decoded = _sample(train_files) if as_photos else train_files
+    stream = _streams(shown, len(decoded), len(test_files) + len(val_files or ()), shape,
+                      in_memory, None if not as_photos else len(train_files))
+    pixels = 3 * math.prod(shape) if shape else 0
 
     def split_of(split: str, files: list, options: str, **how) -> Split:
         """The split cached, or decoded as `how` says (read_folder_split's options): into
@@ -198,33 +206,46 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
                       stream=(lambda path: readers.stream_folder_split(files, path, **said))
                       if stream else None, size=len(files) * pixels)
 
-    train = split_of("train", train_files, extra, size=fit)
+    train = split_of("sample" if as_photos else "train", decoded, extra, size=fit)
     empty = [c for c, count in zip(classes, np.bincount(train.labels, minlength=n)) if not count]
-    if empty:
+    if empty and not as_photos:
         raise CnnlabError(f"class folder {show_path(root / 'train' / empty[0])} has no readable "
                           "images left; fix its files or remove the folder")
     # the other splits are read as the training split was: same mode, same size
     mode = "L" if train.images.shape[1] == 1 else "RGB"
     size = (train.images.shape[3], train.images.shape[2])
-
     test = split_of("test", test_files, f"{extra}:{mode}{size}", mode=mode, size=size)
-    val = None
-    if (root / "val").is_dir():  # a validation split of its own
-        val = split_of("val", readers.folder_files(root / "val", classes, require_all=False),
-                       f"{extra}:{mode}{size}", mode=mode, size=size)
+    val = None if val_files is None else \
+        split_of("val", val_files, f"{extra}:{mode}{size}", mode=mode, size=size)
+    if as_photos:  # the files as they are, named by their content
+        key = fingerprint(root, "folder-photos", [p for p, _ in train_files], extra,
+                          f"hashing {shown}/train" if progress else None)
+        train = Split(photos([p for p, _ in train_files], size[::-1], mode, train.images),
+                      np.array([label for _, label in train_files], dtype=np.int64), key,
+                      train.mean, train.std)
     found = Dataset.of(name, classes, train.mean, train.std, train, test, val)
     return dataclasses.replace(found, streamed=stream)
 
 
+SAMPLE = 1000  # training photos decoded once: their channel statistics normalise the data
+
+
+def _sample(files: list) -> list:
+    """SAMPLE files spread evenly over a split's (every class's) files; all of a small one."""
+    return files[::max(1, len(files) // SAMPLE)][:SAMPLE]
+
+
 def _streams(name: str, train: int, test: int, image_size: tuple[int, int] | None,
-             in_memory: str) -> bool:
+             in_memory: str, photos: int | None = None) -> bool:
     """Before decoding a folder, whether its splits go to the disk cache a block at a time
-    (and train from there) rather than into memory, said in one line: with `in_memory`
-    "no", or "auto" where they (uint8, three channels at most; the training split twice
-    while it is put together) would take more memory than this process may use - which
-    "yes" refuses in one line. A large split in memory says how much it takes.
-    `image_size`: (H, W), None where the first image's header could not be read (its error
-    comes when it is decoded)."""
+    (and train from there) rather than into memory: with `in_memory` "no", or "auto" where
+    they (uint8, three channels at most; the training split twice while it is put together)
+    would take more memory than this process may use - which "yes" refuses in one line.
+    Said in one line, with why, where it is not the default (or takes a GiB of memory or
+    more): which way the data comes to training. `image_size`: (H, W),
+    None where the first image's header could not be read (its error comes when it is
+    decoded); `photos`: the count of training photos decoded each epoch, whose sample of
+    `train` images is decoded once."""
     if image_size is None:
         return in_memory == "no"
     pixels = 3 * image_size[0] * image_size[1]
@@ -233,19 +254,25 @@ def _streams(name: str, train: int, test: int, image_size: tuple[int, int] | Non
     shape = f"{image_size[0]}x{image_size[1]}"
     what = (f"{name} decodes to {size_text(size)} ({train + test:,} images of {shape} "
             f"pixels, {size_text(peak)} while decoding)")
+    if photos is not None:
+        what = (f"{name}: its {photos:,} training photos are decoded each epoch by worker "
+                "processes (--workers), as random resized crops are cut from the "
+                f"full-resolution images; a sample of {train:,} and the {test:,} test images "
+                f"decode to {size_text(size)} at {shape} pixels")
     if in_memory == "no" or (peak > available and in_memory == "auto"):
         why = ("--in-memory no" if in_memory == "no" else
                f"more than {bound} leaves ({size_text(available)})")
-        print(f"cnnlab: note: {what}, {why}: decoding it into the disk cache a block at a "
-              "time and training from there, memory-mapped", file=sys.stderr)
+        print(f"cnnlab: note: {what}, {why}: decoding {'them' if photos else 'it'} into the "
+              "disk cache a block at a time and training from there, memory-mapped",
+              file=sys.stderr)
         return True
     if peak > available:
         raise CnnlabError(f"{what}, more than {bound} leaves ({size_text(available)}); pass "
                           "a smaller --image-size, free memory, or --in-memory auto to train "
                           "from the disk cache")
-    if size >= 2**30:
-        print(f"cnnlab: note: {train + test:,} images of {shape} pixels will take up to "
-              f"{size_text(size)} of memory", file=sys.stderr)
+    if photos is not None or size >= 2**30:  # the default way, quiet unless it takes much
+        print(f"cnnlab: note: {what}, held in memory ({size_text(available)} free)",
+              file=sys.stderr)
     return False
 
 
@@ -258,10 +285,12 @@ def hold_out(data: Dataset, fraction: float, seed: int) -> Dataset:
     dataset's: the split follows from it and the config."""
     if not fraction:
         return data
-    if data.streamed:
-        raise CnnlabError(f"--val-split {fraction:g}: {data.name} trains from the disk cache, "
-                          "and holding images out would copy it into memory; give the folder "
-                          "a val/ split of its own instead")
+    if data.streamed or isinstance(data.train_x, Photos):
+        where = "photos decoded each epoch" if isinstance(data.train_x, Photos) \
+            else "the disk cache"
+        raise CnnlabError(f"--val-split {fraction:g}: {data.name} trains from {where}, "
+                          "of which no images are held out; give the folder a val/ split of "
+                          "its own instead")
     if data.val_x is not None:
         raise CnnlabError(f"--val-split {fraction:g}: {data.name} has a val/ folder of its own, "
                           "which is the validation split; drop --val-split (or remove val/)")

@@ -177,9 +177,7 @@ def cached(root: Path, name: str, files: Sources, options: str, num_classes: int
     `stream` instead of `decode`, for a split larger than memory: stream(path) decodes the
     images straight into the .npy file `path` in the cache (`size` bytes of it), never
     holding them all, and returns them memory-mapped with the labels."""
-    folders = (root / ".cnnlab-cache", user_cache_dir())
-    ref = f"{name}-{state_key(root, name, files, options)}.ref"
-    key = next(filter(None, (_read_ref(folder / ref) for folder in folders)), None)
+    folders, ref, key = _reference(root, name, files, options)
     known = key is not None
     key = key or content_key(root, name, files, options, phase)
     entry = f"{name}-{key}"
@@ -205,6 +203,29 @@ def cached(root: Path, name: str, files: Sources, options: str, num_classes: int
                      (f"{entry}.json", manifest), (ref, key.encode())],
            "decoded data not cached")
     return split
+
+
+def _reference(root: Path, name: str, files: Sources, options: str
+               ) -> tuple[tuple[Path, Path], str, str | None]:
+    """The cache folders, the name of the reference for the files as they look now, and the
+    content key it holds (None: none yet)."""
+    folders = (root / ".cnnlab-cache", user_cache_dir())
+    ref = f"{name}-{state_key(root, name, files, options)}.ref"
+    return folders, ref, next(filter(None, (_read_ref(folder / ref) for folder in folders)),
+                              None)
+
+
+def fingerprint(root: Path, name: str, files: Sources, options: str,
+                phase: str | None = None) -> str:
+    """The content key of files that are never cached (photos decoded each epoch): from
+    their reference when they are as a run last saw them, else read (shown as `phase`) and
+    the reference written."""
+    folders, ref, key = _reference(root, name, files, options)
+    if key is None:
+        key = content_key(root, name, files, options, phase)
+        _store(folders, [(ref, key.encode())], "reference to the data's fingerprint not "
+               "written")
+    return key
 
 
 Stream = Callable[[Path], tuple[np.ndarray, np.ndarray]]

@@ -34,45 +34,26 @@ def normalization(mean: Sequence[float], std: Sequence[float], normalize: bool =
     return 1 / (255 * s), -m / s
 
 
-class DeviceLoader:
-    """Yields (images, labels) batches: float images normalised with mean/std, on `device`.
+class Loader:
+    """What every training and evaluation loader shares: the labels on the device, the epoch's
+    length and sample order, each rank's slice of a global batch and the normalisation.
+    Subclasses yield the batches: DeviceLoader from a split in memory (or on disk),
+    photos.PhotoLoader from image files decoded each epoch."""
 
-    `augment` is a subset of {"crop", "translate", "flip", "altflip"}, drawn per image from
-    `generator`: a random crop after zero padding of 4 pixels, or a random translation by up
-    to 2 pixels with a mirrored border; a random horizontal flip, or alternating flips (each
-    image is mirrored in every other epoch, half of them in odd epochs and the rest in even
-    ones, which halves the repeats of a view between consecutive epochs).
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
-                 shuffle: bool = False, augment: frozenset[str] = frozenset(),
+    def __init__(self, labels: torch.Tensor, *, batch_size: int, mean: tuple[float, ...],
+                 std: tuple[float, ...], device: torch.device, shuffle: bool = False,
                  generator: torch.Generator | None = None, normalize: bool = True,
                  channels_last: bool = False, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, resident: bool | None = None,
-                 on_disk: bool = False) -> None:
-        # The split on the device when it fits there (half its free memory at most; on the
-        # CPU it is there already, memory-mapped or not); else in pinned host memory, each
-        # batch gathered there and copied over. `on_disk`: larger than memory - it stays in
-        # its file, each batch read ahead (`_host_batches`)
-        self.on_disk = on_disk
-        self.resident = resident if resident is not None else \
-            fits(images, device) and not (on_disk and device.type == "cuda")
-        self.images = images.to(device) if self.resident or on_disk else \
-            _pinned(images, device)
+                 drop_last: bool = False) -> None:
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.device = device
         self.shuffle = shuffle
-        self.augment = augment
         self.generator = generator
         self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last  # every batch the same shape (a compiled step's need)
         self.scale, self.shift = normalization(mean, std, normalize, device)
-        # which images alternating flips mirror in odd epochs; the others in even ones
-        self.odd_flips = (torch.rand(len(self.labels), device=device, generator=generator) < 0.5
-                          if "altflip" in augment else None)
 
     def __len__(self) -> int:
         return len(range(0, self._end(), self.batch_size))
@@ -100,6 +81,55 @@ class DeviceLoader:
 
     def batches(self, order: torch.Tensor | None, start_batch: int = 0, epoch: int = 1
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def own_part(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch (all of it with one process)."""
+        return x if self.world_size == 1 else x.tensor_split(self.world_size)[self.rank]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:  # .to, not .contiguous: a one-channel batch must get NHWC
+            x = x.to(memory_format=torch.channels_last)  # strides too, or oneDNN answers NCHW
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+
+class DeviceLoader(Loader):
+    """Yields (images, labels) batches: float images normalised with mean/std, on `device`.
+
+    `augment` is a subset of {"crop", "translate", "flip", "altflip"}, drawn per image from
+    `generator`: a random crop after zero padding of 4 pixels, or a random translation by up
+    to 2 pixels with a mirrored border; a random horizontal flip, or alternating flips (each
+    image is mirrored in every other epoch, half of them in odd epochs and the rest in even
+    ones, which halves the repeats of a view between consecutive epochs).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *,
+                 augment: frozenset[str] = frozenset(), resident: bool | None = None,
+                 on_disk: bool = False, **common) -> None:
+        super().__init__(labels, **common)
+        device = self.device
+        # The split on the device when it fits there (half its free memory at most; on the
+        # CPU it is there already, memory-mapped or not); else in pinned host memory, each
+        # batch gathered there and copied over. `on_disk`: larger than memory - it stays in
+        # its file, each batch read ahead (`_host_batches`)
+        self.on_disk = on_disk
+        self.resident = resident if resident is not None else \
+            fits(images, device) and not (on_disk and device.type == "cuda")
+        self.images = images.to(device) if self.resident or on_disk else \
+            _pinned(images, device)
+        self.augment = augment
+        # which images alternating flips mirror in odd epochs; the others in even ones
+        self.odd_flips = (torch.rand(len(self.labels), device=device,
+                                     generator=self.generator) < 0.5
+                          if "altflip" in augment else None)
+
+    def first_images(self, count: int) -> torch.Tensor:
+        """The first `count` images of the split, uint8 on the device (a model's
+        init_from_data)."""
+        return self.images[:count].to(self.device)
+
+    def batches(self, order: torch.Tensor | None, start_batch: int = 0, epoch: int = 1
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of epoch `epoch` in `order`, from batch `start_batch` on (to resume
         mid-epoch). With several ranks, each yields its own contiguous slice of every global
         batch."""
@@ -123,10 +153,7 @@ class DeviceLoader:
                 x = random_flip(x, self.generator)
             if self.odd_flips is not None:
                 x = flip_where(x, self.odd_flips[idx] == (epoch % 2 == 1))
-            if self.world_size > 1:
-                x = x.tensor_split(self.world_size)[self.rank]
-                y = y.tensor_split(self.world_size)[self.rank]
-            yield self.normalize(x), y
+            yield self.normalize(self.own_part(x)), self.own_part(y)
 
     def _host_batches(self, order: torch.Tensor | None, starts: range, n: int
                       ) -> Iterator[torch.Tensor]:
@@ -150,11 +177,6 @@ class DeviceLoader:
                 if i + READ_AHEAD < len(starts):
                     ahead.append(pool.submit(gather, starts[i + READ_AHEAD]))
                 yield batch.to(self.device, non_blocking=True)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:  # .to, not .contiguous: a one-channel batch must get NHWC
-            x = x.to(memory_format=torch.channels_last)  # strides too, or oneDNN answers NCHW
-        return torch.addcmul(self.shift, x.float(), self.scale)
 
 
 def fits(images: torch.Tensor, device: torch.device) -> bool:

@@ -362,7 +362,7 @@ def _pixels(im, mode: str, size: tuple[int, int] | None = None, *, crop: bool = 
         if crop:  # the centred part of the image with the target's aspect ratio
             (w, h), (tw, th) = im.size, size
             scale = max(tw / w, th / h)
-            cw, ch = tw / scale, th / scale
+            cw, ch = min(w, tw / scale), min(h, th / scale)  # never past it by rounding
             box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
         im = im.resize(tuple(size), Image.Resampling.BILINEAR, box=box)
     arr = np.asarray(im, dtype=np.uint8)
