@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, one_line
 from .loader import Loader
-from .readers import decode_image, image_error, show_path
+from .readers import decode_image, file_problem, image_error
 
 SCALE = (0.08, 1.0)       # the part of an image's area a crop covers
 RATIO = (3 / 4, 4 / 3)    # a crop's width / height
@@ -154,6 +154,8 @@ class _Files(torch.utils.data.Dataset):
         index, epoch = key
         path = self.photos.path(index)
         try:
+            if problem := file_problem(path):  # a FIFO would block, a device never end
+                raise OSError(problem)
             with open(path, "rb") as f:
                 data = f.read()
             if self.raw and data.startswith(_JPEG):
@@ -190,8 +192,14 @@ def decode_jpegs(data: torch.Tensor | list[torch.Tensor], mode: str, **options):
                            **options)
 
 
-def _collate(items: list) -> list:
-    return items
+def _collate(items: list) -> tuple[torch.Tensor | list, list[int], list[tuple[str, int]]]:
+    """A batch as a worker hands it over: the views stacked (what `raw` leaves to cut, a
+    list), their images' indices, and (why, index) of each unreadable file."""
+    good = [(what, i) for what, i in items if not isinstance(what, str)]
+    views = [what for what, _ in good]
+    if views and all(isinstance(v, torch.Tensor) and v.shape == views[0].shape for v in views):
+        views = torch.stack(views)
+    return views, [i for _, i in good], [(what, i) for what, i in items if isinstance(what, str)]
 
 
 class PhotoLoader(Loader):
@@ -213,9 +221,7 @@ class PhotoLoader(Loader):
         self._skipped: set[int] = set()
         self._loader = torch.utils.data.DataLoader(
             _Files(photos, self.view, self.on_device), batch_sampler=self._keys,
-            collate_fn=_collate,
-            num_workers=workers, persistent_workers=workers > 0,
-            prefetch_factor=4 if workers else None)
+            collate_fn=_collate, num_workers=workers, persistent_workers=workers > 0)
 
     def first_images(self, count: int) -> torch.Tensor:
         """The first `count` images of the decoded sample, uint8 on the device."""
@@ -230,52 +236,55 @@ class PhotoLoader(Loader):
         self._keys.batches = [[(int(i), epoch) for i in
                                self.own_part(order[s:min(s + self.batch_size, n)])]
                               for s in range(start_batch * self.batch_size, n, self.batch_size)]
-        for items in self._loader:
-            x, indices = self._stack(items, epoch)
+        ready = iter(self._loader)
+        while True:
+            try:
+                views, indices, bad = next(ready)
+            except StopIteration:
+                return
+            except RuntimeError as e:  # a worker killed: for memory, or by a full /dev/shm
+                if "DataLoader worker" not in str(e):
+                    raise
+                raise CnnlabError(f"a worker process decoding the photos stopped "
+                                  f"({one_line(e, 160)}); pass fewer --workers, or give "
+                                  "/dev/shm more room (docker run --shm-size)") from None
+            self._say_bad(bad, len(indices))
+            if self.on_device:
+                views = torch.stack(self._views_here(views, indices, epoch))
             y = self.labels[torch.tensor(indices, device=self.device)]
-            yield self.normalize(x), y
+            yield self.normalize(views.to(self.device, non_blocking=True)), y
 
-    def _stack(self, items: list, epoch: int) -> tuple[torch.Tensor, list[int]]:
-        """One batch's views stacked on the device, and their images' indices: unreadable
-        files refused in one line, or (skip_bad) left out; with on_device, the JPEGs decoded
-        there and the views cut."""
-        bad = [(what, i) for what, i in items if isinstance(what, str)]
-        if bad and not self.skip_bad:
+    def _say_bad(self, bad: list[tuple[str, int]], good: int) -> None:
+        """Unreadable files of a batch refused in one line, or (skip_bad) each said once and
+        left out."""
+        if bad and (not self.skip_bad or not good):
             more = f" (and {len(bad) - 1} more in its batch)" if len(bad) > 1 else ""
-            raise CnnlabError(f"{bad[0][0]}{more}; fix or remove it, or pass --skip-bad-files")
+            fix = "fix or remove it, or pass --skip-bad-files" if not self.skip_bad else \
+                "no image of its batch is left: fix the files"
+            raise CnnlabError(f"{bad[0][0]}{more}; {fix}")
         for what, i in bad:
             if i not in self._skipped:
                 self._skipped.add(i)
                 print(f"cnnlab: skipping: {what}", file=sys.stderr)
-        items = [(what, i) for what, i in items if not isinstance(what, str)]
-        if not items:
-            raise CnnlabError(f"no readable images in a batch of {show_path(self.photos.path(0))}"
-                              "'s folder; fix its files")
-        indices = [i for _, i in items]
-        if not self.on_device:
-            return torch.stack([what for what, _ in items]).to(self.device, non_blocking=True), \
-                indices
-        return torch.stack(self._views_here(items, epoch)), indices
 
-    def _views_here(self, items: list, epoch: int) -> list[torch.Tensor]:
-        """The views of a batch the workers only read: its JPEGs decoded together by nvJPEG
-        (turned upright here: nvJPEG does not), the other images as decoded, cut here."""
-        jpegs = [(k, what) for k, (what, _) in enumerate(items) if isinstance(what, tuple)]
-        images = [what.to(self.device, non_blocking=True) if not isinstance(what, tuple)
-                  else None for what, _ in items]
+    def _views_here(self, items: list, indices: list[int], epoch: int) -> list[torch.Tensor]:
+        """The views of a batch the workers only read: its JPEGs decoded together on the
+        device (turned upright here: nvJPEG does not), the other images as decoded, all cut
+        here."""
+        jpegs = [k for k, what in enumerate(items) if isinstance(what, tuple)]
+        images = [None if isinstance(what, tuple) else what.to(self.device, non_blocking=True)
+                  for what in items]
         if jpegs:
             try:
-                decoded = decode_jpegs([data for _, (data, _) in jpegs], self.photos.mode,
+                decoded = decode_jpegs([items[k][0] for k in jpegs], self.photos.mode,
                                        device=self.device)
-            except RuntimeError:  # one nvJPEG cannot decode (CMYK...): the CPU decodes them
-                decoded = [decode(data.numpy().tobytes(), self.photos.path(items[k][1]),
-                                  self.photos.mode).to(self.device) for k, (data, _) in jpegs]
-                orientations = [1] * len(jpegs)  # decode turns them upright
-            else:
-                orientations = [orientation for _, (_, orientation) in jpegs]
-            for (k, _), image, orientation in zip(jpegs, decoded, orientations):
-                images[k] = upright(image, orientation)
-        return [self.view(image, i, epoch) for image, (_, i) in zip(images, items)]
+                decoded = [upright(image, items[k][1]) for k, image in zip(jpegs, decoded)]
+            except RuntimeError:  # one it cannot decode (CMYK...): the CPU decodes them all
+                decoded = [decode(items[k][0].numpy().tobytes(), self.photos.path(indices[k]),
+                                  self.photos.mode).to(self.device) for k in jpegs]
+            for k, image in zip(jpegs, decoded):
+                images[k] = image
+        return [self.view(image, i, epoch) for image, i in zip(images, indices)]
 
 
 class _Keys:
