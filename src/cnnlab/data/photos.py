@@ -233,9 +233,10 @@ class PhotoLoader(Loader):
         of each, decoded by the workers while the ones before train."""
         n = self._end()
         order = torch.arange(n) if order is None else order.cpu()
-        self._keys.batches = [[(int(i), epoch) for i in
-                               self.own_part(order[s:min(s + self.batch_size, n)])]
-                              for s in range(start_batch * self.batch_size, n, self.batch_size)]
+        starts = range(start_batch * self.batch_size, n, self.batch_size)
+        self._keys.count = len(starts)
+        self._keys.batches = ([(i, epoch) for i in self.own_part(
+            order[s:min(s + self.batch_size, n)]).tolist()] for s in starts)
         ready = iter(self._loader)
         while True:
             try:
@@ -288,17 +289,19 @@ class PhotoLoader(Loader):
 
 
 class _Keys:
-    """The DataLoader's batch sampler: the keys of each batch of the epoch the loader set
-    (read anew each time the DataLoader starts an epoch, its workers staying)."""
+    """The DataLoader's batch sampler: the keys of each batch of the epoch the loader set,
+    made as the DataLoader asks for them (an epoch of ImageNet's would take 150 MB), from
+    the iterator it takes each time it starts an epoch, its workers staying."""
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int]]] = []
+        self.batches: Iterator[list[tuple[int, int]]] = iter(())
+        self.count = 0
 
-    def __iter__(self):
-        return iter(self.batches)
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return self.batches
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self.count
 
 
 def default_workers(device: torch.device, threads: int) -> int:
