@@ -19,7 +19,7 @@ from ..limits import memory_available, size_text
 from ..specs import SPECS, DatasetSpec
 from . import formats, python, readers
 from .cache import Split, cached, fingerprint
-from .photos import Photos, photos
+from .photos import Photos
 from .readers import show_path
 
 FOLDER_PREFIX = "folder:"
@@ -220,7 +220,7 @@ def _load_folder(name: str, root: Path, skip_bad_files: bool,
     if as_photos:  # the files as they are, named by their content
         key = fingerprint(root, "folder-photos", [p for p, _ in train_files], extra,
                           f"hashing {shown}/train" if progress else None)
-        train = Split(photos([p for p, _ in train_files], size[::-1], mode, train.images),
+        train = Split(Photos.of([p for p, _ in train_files], size[::-1], mode, train.images),
                       np.array([label for _, label in train_files], dtype=np.int64), key,
                       train.mean, train.std)
     found = Dataset.of(name, classes, train.mean, train.std, train, test, val)

@@ -60,9 +60,9 @@ class Photos:
     def path(self, index: int) -> str:
         return os.fsdecode(self.paths[index])
 
-
-def photos(paths: list, size: tuple[int, int], mode: str, sample: np.ndarray) -> Photos:
-    return Photos(np.array([os.fsencode(p) for p in paths]), size, mode, sample)
+    @classmethod
+    def of(cls, paths: list, size: tuple[int, int], mode: str, sample: np.ndarray) -> Photos:
+        return cls(np.array([os.fsencode(p) for p in paths]), size, mode, sample)
 
 
 def crop_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
