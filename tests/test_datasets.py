@@ -6,6 +6,7 @@ up, the labels from 0, one line for each missing or damaged file."""
 from __future__ import annotations
 
 import bz2
+import os
 import pickle
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from conftest import write_idx
 
 import cnnlab
 from cnnlab.data import load_dataset
+from cnnlab.data.disk import DiskArray
 from cnnlab.errors import CnnlabError
 from cnnlab.specs import SPECS
 
@@ -263,7 +265,7 @@ def test_a_folder_streamed_into_the_cache_is_the_data_decoded_in_memory(tmp_path
     streamed = load_dataset(f"folder:{root}", tmp_path)
     assert "decoding it into the disk cache a block at a time" in capsys.readouterr().err
     assert streamed.streamed and not held.streamed
-    assert isinstance(streamed.train_x, np.memmap)
+    assert isinstance(streamed.train_x, DiskArray)
     for name in ("train_x", "train_y", "test_x", "test_y", "mean", "std", "digest"):
         assert np.array_equal(getattr(held, name), getattr(streamed, name)), name
     with pytest.raises(CnnlabError, match="--in-memory auto to train from the disk cache"):
@@ -308,3 +310,48 @@ def shutil_usage(free: int):
     from collections import namedtuple
 
     return namedtuple("usage", "total used free")(free * 2, free, free)
+
+
+# A folder that decodes to three times the address space the limit leaves (ulimit -v): it
+# goes to the disk cache a block at a time, then one epoch reads it back a few batches
+# ahead - never mapped whole, which the limit would refuse.
+_LIMITED = """
+import resource, sys
+import psutil, torch
+import cnnlab.data.readers as readers
+from cnnlab.data import load_dataset
+from cnnlab.data.loader import DeviceLoader
+readers._BLOCK_BYTES = 8 << 20  # the decoding's block, scaled down as the limit is
+room = int(sys.argv[2]) << 20
+resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + room,
+                                        resource.RLIM_INFINITY))
+data = load_dataset("folder:" + sys.argv[1], sys.argv[1], progress=False)
+assert data.streamed and data.train_x.nbytes > 3 * room, data.train_x.nbytes
+loader = DeviceLoader(data.train_x, torch.from_numpy(data.train_y), batch_size=8, mean=data.mean,
+                      std=data.std, device=torch.device("cpu"), shuffle=True, on_disk=True,
+                      generator=torch.Generator().manual_seed(0), augment=frozenset({"flip"}))
+print(sum(len(y) for _, y in loader), data.train_x.shape[0])
+"""
+
+
+def test_a_folder_three_times_the_address_space_left_trains_from_disk(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for k in range(2):  # 1,600 flat photos of 320x320: 469 MiB decoded, quick to write
+        folder = tmp_path / "big" / "train" / f"c{k}"
+        folder.mkdir(parents=True)
+        for i in range(800):
+            Image.new("RGB", (320, 320), (i % 256, 80 * k, 7)).save(folder / f"{i}.png")
+        (tmp_path / "big" / "test" / f"c{k}").mkdir(parents=True)
+        Image.new("RGB", (320, 320)).save(tmp_path / "big" / "test" / f"c{k}" / "0.png")
+    done = subprocess.run([sys.executable, "-c", _LIMITED, str(tmp_path / "big"), "150"],
+                          capture_output=True, text=True, timeout=300,
+                          # glibc gives each thread a heap that reserves 64 MiB of address
+                          # space: how a process under `ulimit -v` keeps its threads' share
+                          env={**os.environ, "MALLOC_ARENA_MAX": "2"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1600", "1600"]
+    assert "more than its address-space limit (ulimit -v) leaves" in done.stderr

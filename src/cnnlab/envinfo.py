@@ -31,7 +31,9 @@ def collect_env(device: torch.device | None = None) -> dict:
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),  # importing it would cost 1-3 s
         "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        # of a GPU run only: on a CPU, loading cuDNN (a GiB of address space) may fail
+        "cudnn": torch.backends.cudnn.version() if device is not None and
+        device.type == "cuda" and torch.backends.cudnn.is_available() else None,
         "device": str(device) if device is not None else None,
         "device_name": cpu,
         "cpu_model": cpu,

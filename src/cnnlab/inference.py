@@ -19,6 +19,7 @@ from . import checkpoint
 from .checkpoint import ModelMeta
 from .checks import check_option
 from .config import data_dir_for
+from .data.disk import DiskArray
 from .devices import resolve_precision
 from .engine import Precision, logits
 from .errors import CnnlabError
@@ -46,7 +47,7 @@ def preprocess(images: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, meta: ModelMeta, *,
+def predict_logits(model: nn.Module, images: torch.Tensor | DiskArray, meta: ModelMeta, *,
                    batch_size: int = 1000, tta: str | None = None,
                    precision: Precision | None = None,
                    on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -56,7 +57,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, meta: ModelMeta, *,
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        x = preprocess(images[start:start + batch_size].to(device), meta)
+        x = preprocess(torch.as_tensor(images[start:start + batch_size]).to(device), meta)
         with precision.autocast() if precision else contextlib.nullcontext():
             out.append(logits(model, x, tta).cpu())  # to the host: the batch is done
         if on_batch is not None:
@@ -147,7 +148,8 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     what = (progress if isinstance(progress, str)
             else f"evaluating {file} on the {dataset} {split} split")
     with Phase(what, len(y), "images", enabled=bool(progress)) as phase:
-        scores = predict_logits(trained.model, torch.from_numpy(x), meta,
+        scores = predict_logits(trained.model, x if isinstance(x, DiskArray) else
+                                torch.from_numpy(x), meta,
                                 batch_size=batch_size, tta=tta, precision=amp,
                                 on_batch=phase.update)
     result = classification_metrics(scores, torch.from_numpy(y), meta.classes)

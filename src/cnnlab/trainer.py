@@ -227,8 +227,8 @@ def _loaders(cfg: Config, data: Dataset, device: torch.device, dist: distributed
                   channels_last=channels_last, rank=dist.rank, world_size=dist.world_size)
 
     def loader(x, y, **kwargs) -> DeviceLoader:
-        return DeviceLoader(torch.from_numpy(x), torch.from_numpy(y), on_disk=data.streamed,
-                            **common, **kwargs)
+        return DeviceLoader(x if data.streamed else torch.from_numpy(x), torch.from_numpy(y),
+                            on_disk=data.streamed, **common, **kwargs)
 
     # --compile, --cuda-graph: every training batch the same shape, or the last one would
     # recompile or not fit the graph

@@ -263,7 +263,7 @@ def _streams(name: str, train: int, test: int, image_size: tuple[int, int] | Non
         why = ("--in-memory no" if in_memory == "no" else
                f"more than {bound} leaves ({size_text(available)})")
         print(f"cnnlab: note: {what}, {why}: decoding {'them' if photos else 'it'} into the "
-              "disk cache a block at a time and training from there, memory-mapped",
+              "disk cache a block at a time and training from there, a few batches read ahead",
               file=sys.stderr)
         return True
     if peak > available:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -60,6 +61,7 @@ from ..errors import CnnlabError, one_line
 from ..files import Content, atomic_write, temp_file, user_cache_dir
 from ..limits import size_text
 from ..progress import Phase
+from .disk import DiskArray
 from .readers import show_path
 
 CACHE_VERSION = 5  # 2: images decoded by readers.decode_image; 3: content digest in KEY.json;
@@ -153,13 +155,18 @@ def _file_digest(path: str | os.PathLike[str]) -> str:
 def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
     """Hex blake2b digest (128 bits) of both arrays' dtypes, shapes and bytes."""
     h = hashlib.blake2b(digest_size=16)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    threads = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for a in (images, labels):
             h.update(f"{a.dtype.str}{a.shape};".encode())
-            data = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-            chunks = (data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK))
-            for part in pool.map(_blake2b, chunks):
-                h.update(part)
+            if isinstance(a, DiskArray):  # read a chunk at a time (a few threads ahead)
+                chunks = a.byte_chunks(_CHUNK)
+            else:
+                data = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                chunks = iter([data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)])
+            while window := list(itertools.islice(chunks, 2 * threads)):  # read a few at once
+                for part in pool.map(_blake2b, window):
+                    h.update(part)
     return h.hexdigest()
 
 
@@ -176,14 +183,15 @@ def cached(root: Path, name: str, files: Sources, options: str, num_classes: int
     and stored. `phase`: the progress shown while the files are read for their fingerprint.
     `stream` instead of `decode`, for a split larger than memory: stream(path) decodes the
     images straight into the .npy file `path` in the cache (`size` bytes of it), never
-    holding them all, and returns them memory-mapped with the labels."""
+    holding them all, and returns them as a DiskArray (read, never mapped) with the
+    labels."""
     folders, ref, key = _reference(root, name, files, options)
     known = key is not None
     key = key or content_key(root, name, files, options, phase)
     entry = f"{name}-{key}"
     problems = []
     for folder in folders:
-        found = _read_entry(folder, entry, num_classes)
+        found = _read_entry(folder, entry, num_classes, on_disk=stream is not None)
         if isinstance(found, Split):
             if not known:  # the next run on these files finds the entry without reading them
                 _store(folders, [(ref, key.encode())], "reference to the cached data not "
@@ -265,7 +273,7 @@ def _streamed(folders: Iterable[Path], entry: str, ref: tuple[str, bytes], strea
         for file, content in ((f"{entry}.y.npy", labels.getvalue()),
                               (f"{entry}.json", _manifest(split)), ref):
             atomic_write(folder / file, content)
-        return split._replace(images=np.load(images, mmap_mode="c"))
+        return split._replace(images=DiskArray(images))
     raise CnnlabError(f"the decoded images need {size_text(size)} of disk, and no cache folder "
                       f"has room ({'; '.join(errors)}); free some, or set CNNLAB_CACHE to a "
                       "folder with room")
@@ -284,8 +292,10 @@ def _read_ref(path: Path) -> str | None:
     return text if _KEY.fullmatch(text) else None
 
 
-def _read_entry(folder: Path, key: str, num_classes: int) -> Split | str | None:
-    """The entry's split, or what is wrong with it, or None when there is none."""
+def _read_entry(folder: Path, key: str, num_classes: int, on_disk: bool = False
+                ) -> Split | str | None:
+    """The entry's split, or what is wrong with it, or None when there is none; `on_disk`:
+    its images left in their file (a DiskArray)."""
     paths = [folder / f"{key}{suffix}" for suffix in (".json", ".x.npy", ".y.npy")]
     if not any(os.path.lexists(p) for p in paths):
         return None
@@ -297,7 +307,9 @@ def _read_entry(folder: Path, key: str, num_classes: int) -> Split | str | None:
         # it, the shapes are checked before anything is read, and the images stay mapped -
         # read from the page cache as batches need them, so a split larger than RAM still
         # trains (copy-on-write: a tensor made from them may be written, the file never)
-        x, y = (np.load(p, mmap_mode="c", allow_pickle=False) for p in paths[1:])
+        x = DiskArray(paths[1]) if on_disk else \
+            np.load(paths[1], mmap_mode="c", allow_pickle=False)
+        y = np.load(paths[2], mmap_mode="c", allow_pickle=False)
     except (OSError, ValueError) as e:
         return f"cannot be read ({one_line(e, 120)})"
     if x.dtype != np.uint8 or x.ndim != 4 or y.dtype != np.int64 or y.shape != (len(x),):
@@ -336,16 +348,18 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (sample) std of uint8 images (N, C, H, W), as fractions of 255,
     to 4 decimals: from exact integer sums of the pixels and of their squares (which fit
     uint16), without torch and in a fraction of a second for CIFAR-10."""
+    channels, pixels = x.shape[1], math.prod(x.shape[2:])
+    totals, squares = [0] * channels, [0] * channels
+    block = max(1, (1 << 24) // max(1, channels * pixels))  # images a pass: 16 MiB
+    for i in range(0, len(x), block):  # a split larger than memory: a block at a time
+        rows = x[i:i + block]
+        for c in range(channels):
+            totals[c] += int(rows[:, c].sum(dtype=np.uint64))
+            squares[c] += int((rows[:, c].astype(np.uint16) ** 2).sum(dtype=np.uint64))
+    n = len(x) * pixels
     means, stds = [], []
-    block = max(1, (1 << 26) // max(1, x[0, 0].size))  # images a pass: 64 MiB of one channel
-    for c in range(x.shape[1]):
-        n = x[:, c].size
-        total = squares = 0
-        for i in range(0, len(x), block):  # a split larger than memory: a block at a time
-            channel = x[i:i + block, c]
-            total += int(channel.sum(dtype=np.uint64))
-            squares += int((channel.astype(np.uint16) ** 2).sum(dtype=np.uint64))
-        variance = (squares - total * total / n) / max(n - 1, 1)
+    for total, square in zip(totals, squares):
+        variance = (square - total * total / n) / max(n - 1, 1)
         means.append(round(total / n / 255, 4))
         stds.append(round(max(math.sqrt(max(variance, 0.0)) / 255, 1e-3), 4))
     return tuple(means), tuple(stds)

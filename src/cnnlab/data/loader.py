@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .disk import DiskArray
+
 READ_AHEAD = 4  # batches of a split on disk gathered ahead of the one training
 
 def mean_std(mean: Sequence[float], std: Sequence[float], normalize: bool = True
@@ -103,7 +105,7 @@ class DeviceLoader(Loader):
     ones, which halves the repeats of a view between consecutive epochs).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *,
+    def __init__(self, images: torch.Tensor | DiskArray, labels: torch.Tensor, *,
                  augment: frozenset[str] = frozenset(), resident: bool | None = None,
                  on_disk: bool = False, **common) -> None:
         super().__init__(labels, **common)
@@ -111,11 +113,11 @@ class DeviceLoader(Loader):
         # The split on the device when it fits there (half its free memory at most; on the
         # CPU it is there already, memory-mapped or not); else in pinned host memory, each
         # batch gathered there and copied over. `on_disk`: larger than memory - it stays in
-        # its file, each batch read ahead (`_host_batches`)
+        # its file (a DiskArray), each batch read ahead (`_host_batches`)
         self.on_disk = on_disk
         self.resident = resident if resident is not None else \
-            fits(images, device) and not (on_disk and device.type == "cuda")
-        self.images = images.to(device) if self.resident or on_disk else \
+            not (on_disk and device.type == "cuda") and fits(images, device)
+        self.images = images if on_disk else images.to(device) if self.resident else \
             _pinned(images, device)
         self.augment = augment
         # which images alternating flips mirror in odd epochs; the others in even ones
@@ -126,7 +128,7 @@ class DeviceLoader(Loader):
     def first_images(self, count: int) -> torch.Tensor:
         """The first `count` images of the split, uint8 on the device (a model's
         init_from_data)."""
-        return self.images[:count].to(self.device)
+        return torch.as_tensor(self.images[:count]).to(self.device)
 
     def batches(self, order: torch.Tensor | None, start_batch: int = 0, epoch: int = 1
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -164,7 +166,8 @@ class DeviceLoader(Loader):
         host_order = torch.arange(n) if order is None else order.cpu()
 
         def gather(start: int) -> torch.Tensor:
-            return self.images[host_order[start:min(start + self.batch_size, n)]]
+            return torch.as_tensor(self.images[host_order[start:min(start + self.batch_size,
+                                                                    n)]])
 
         if not self.on_disk:
             for start in starts:

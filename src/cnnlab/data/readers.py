@@ -13,6 +13,7 @@ import contextlib
 import errno
 import functools
 import gzip
+import math
 import multiprocessing
 import os
 import pickle
@@ -30,6 +31,7 @@ import numpy as np
 
 from ..errors import CnnlabError, one_line
 from ..progress import Phase
+from .disk import DiskArray, write_header
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -509,7 +511,8 @@ def stream_folder_split(files: list[tuple[str | os.PathLike[str], int]], out: Pa
                         progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """read_folder_split for a split larger than memory: the images decoded straight into
     the .npy file `out` (uint8 (N, C, H, W)), a block at a time, so that memory holds one
-    block whatever the split's size; returns it memory-mapped, and the labels. `mode` and
+    block whatever the split's size; returns it as a DiskArray (read, never mapped), and the
+    labels. `mode` and
     `size` (width, height) where not given come from the images' headers (read first,
     without decoding): "L" if all are grayscale, and their one size - images of several
     sizes need `crop` (--image-size)."""
@@ -532,45 +535,37 @@ def stream_folder_split(files: list[tuple[str | os.PathLike[str], int]], out: Pa
         _refuse_or_skip(problems, skip_bad)
         if size is None:
             raise CnnlabError(f"no readable images among the {len(files)} files")
-        x = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
-                                      shape=(len(files), 1 if mode == "L" else 3, size[1],
-                                             size[0]))
+        shape = (len(files), 1 if mode == "L" else 3, size[1], size[0])
         labels, kept, failed = np.empty(len(files), np.int64), 0, {}
         # the images decoded at once: _BLOCK_BYTES of them, enough to keep every core busy
-        block = max(4 * _cores(), min(_CHUNK_FILES * _cores(), _BLOCK_BYTES // x[0].nbytes))
-        for start in range(0, len(files), block):
-            part = [(p, label) for p, label in files[start:start + block] if p not in problems]
-            phase.update(min(block, len(files) - start) - len(part))
-            decoded = _in_chunks(pool, functools.partial(_decode_all, mode=mode, size=size,
-                                                         crop=crop), [p for p, _ in part],
-                                 lambda done: phase.update(len(done)))
-            for (path, label), image in zip(part, decoded):
-                if isinstance(image, str):
-                    failed[path] = image
-                    continue
-                x[kept], labels[kept] = image, label
-                kept += 1
-            x.flush()  # written out: pages the kernel may drop, not dirty ones it must keep
+        block = max(4 * _cores(), min(_CHUNK_FILES * _cores(),
+                                      _BLOCK_BYTES // math.prod(shape[1:])))
+        with open(out, "wb") as f:
+            start = write_header(f, shape)
+            f.seek(start)
+            for first in range(0, len(files), block):
+                part = [(p, label) for p, label in files[first:first + block]
+                        if p not in problems]
+                phase.update(min(block, len(files) - first) - len(part))
+                decoded = _in_chunks(pool, functools.partial(_decode_all, mode=mode, size=size,
+                                                             crop=crop), [p for p, _ in part],
+                                     lambda done: phase.update(len(done)))
+                for (path, label), image in zip(part, decoded):
+                    if isinstance(image, str):
+                        failed[path] = image
+                        continue
+                    f.write(np.ascontiguousarray(image))
+                    labels[kept] = label
+                    kept += 1
+                f.flush()  # on the disk: pages the kernel may drop, not dirty ones it must keep
+                os.fdatasync(f.fileno())
+            if kept < len(files):  # files left out: the header says the rows there are
+                f.truncate(start + kept * math.prod(shape[1:]))
+                write_header(f, (kept, *shape[1:]), start)
         _refuse_or_skip(failed, skip_bad)
     if not kept:
         raise CnnlabError(f"no readable images among the {len(files)} files")
-    if kept < len(files):  # files left out: a file of the rows that hold images
-        x = _first_rows(x, kept, out)
-    return x, labels[:kept]
-
-
-def _first_rows(x: np.ndarray, count: int, out: Path) -> np.ndarray:
-    """The .npy file `out` of array `x` cut to its first `count` rows (copied a block at a
-    time into a file of that size, which then takes its place)."""
-    smaller = out.with_name(f"{out.name}.rows")
-    rows = np.lib.format.open_memmap(smaller, mode="w+", dtype=x.dtype,
-                                     shape=(count, *x.shape[1:]))
-    for i in range(0, count, 4096):
-        rows[i:i + 4096] = x[i:min(i + 4096, count)]
-    rows.flush()
-    del rows, x
-    os.replace(smaller, out)
-    return np.load(out, mmap_mode="c")
+    return DiskArray(out), labels[:kept]
 
 
 _SMALL = 2000  # fewer files than this are read in this process: workers would cost more
