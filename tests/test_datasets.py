@@ -355,3 +355,23 @@ def test_a_folder_three_times_the_address_space_left_trains_from_disk(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1600", "1600"]
     assert "more than its address-space limit (ulimit -v) leaves" in done.stderr
+
+
+def test_a_disk_array_is_the_npy_file_numpy_reads(tmp_path):
+    from cnnlab.data.disk import write_header
+
+    x = np.arange(5 * 2 * 3 * 4, dtype=np.uint8).reshape(5, 2, 3, 4)
+    path = tmp_path / "x.npy"
+    with open(path, "wb") as f:  # written for 9 rows, 5 kept: the header rewritten in place
+        start = write_header(f, (9, 2, 3, 4))
+        f.seek(start)
+        f.write(x.tobytes())
+        assert write_header(f, (5, 2, 3, 4), start) == start
+    on_disk = DiskArray(path)
+    assert np.array_equal(np.load(path), x) and np.array_equal(np.asarray(on_disk), x)
+    assert np.array_equal(on_disk[1:3], x[1:3]) and np.array_equal(on_disk[[4, 0, 4]], x[[4, 0, 4]])
+    assert b"".join(c.tobytes() for c in on_disk.byte_chunks(7)) == x.tobytes()
+    with open(path, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match=r"is \d+ bytes, not the \d+ its header's shape"):
+        DiskArray(path)

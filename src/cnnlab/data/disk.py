@@ -35,7 +35,8 @@ class DiskArray:
     memory limit; the file must stay (a cache entry, replaced only by a new name)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "rb") as f:
+        self.path, self._fd = Path(path), os.open(path, os.O_RDONLY)
+        with os.fdopen(os.dup(self._fd), "rb") as f:  # the header of the file kept open
             version = np.lib.format.read_magic(f)
             read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                     else np.lib.format.read_array_header_2_0)
@@ -50,8 +51,6 @@ class DiskArray:
         if size != self.offset + shape[0] * self.row:
             raise ValueError(f"is {size} bytes, not the {self.offset + shape[0] * self.row} "
                              f"its header's shape {shape} needs")
-        self.path = Path(path)
-        self._fd = os.open(path, os.O_RDONLY)
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
