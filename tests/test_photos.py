@@ -19,6 +19,7 @@ from cnnlab.checkpoint import load
 from cnnlab.data import load_dataset
 from cnnlab.data.photos import PhotoLoader, crop_box, decode, decode_jpegs, upright
 from cnnlab.errors import CnnlabError, Interrupted
+from cnnlab.inference import evaluate_checkpoint
 
 
 def write_photos(root: Path, n_train: int = 10, n_test: int = 3) -> Path:
@@ -121,7 +122,8 @@ def test_training_on_photos_resumes_bitwise(photos, tmp_path, monkeypatch):
 
     options = dict(image_size="32", epochs=2, augment="resized-crop,flip", batch_size=8,
                    schedule="constant", telemetry=0, progress=False)
-    cnnlab.train("lenet5", f"folder:{photos}", workers=1, out=tmp_path / "whole", **options)
+    whole = cnnlab.train("lenet5", f"folder:{photos}", workers=1, out=tmp_path / "whole",
+                         **options)
     monkeypatch.setattr(PhotoLoader, "batches", stopping)
     with pytest.raises(Interrupted):
         cnnlab.train("lenet5", f"folder:{photos}", workers=0, out=tmp_path / "cut", **options)
@@ -130,6 +132,11 @@ def test_training_on_photos_resumes_bitwise(photos, tmp_path, monkeypatch):
     cnnlab.train(resume=tmp_path / "cut", progress=False)
     weights = [load(tmp_path / name / "checkpoint.pt")["model"] for name in ("whole", "cut")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # evaluated as it was trained: its test split alone decoded, at its size
+    scored = evaluate_checkpoint(tmp_path / "whole" / "checkpoint.pt", progress=False)
+    assert scored["images"] == 6
+    assert scored["accuracy"] == pytest.approx(whole["final_test_acc"])
+    assert not list((photos / ".cnnlab-cache").glob("folder-train-*"))  # never decoded
 
 
 def test_photos_need_a_folder_and_a_size_and_say_their_bad_files(photos, tmp_path, capsys):
@@ -138,6 +145,9 @@ def test_photos_need_a_folder_and_a_size_and_say_their_bad_files(photos, tmp_pat
                                               "full-resolution photos"):
             cnnlab.train("lenet5", dataset, augment="resized-crop", image_size=size,
                          progress=False, out=tmp_path / "never")
+    with pytest.raises(CnnlabError, match="--cuda-graph with --skip-bad-files: a photo"):
+        cnnlab.train("lenet5", f"folder:{photos}", augment="resized-crop", image_size="32",
+                     cuda_graph=True, skip_bad_files=True, progress=False, out=tmp_path / "no")
     with pytest.raises(CnnlabError, match="--val-split 0.2: .* trains from photos decoded"):
         cnnlab.train("lenet5", f"folder:{photos}", augment="resized-crop", image_size="32",
                      val_split=0.2, progress=False, out=tmp_path / "never")
@@ -146,11 +156,12 @@ def test_photos_need_a_folder_and_a_size_and_say_their_bad_files(photos, tmp_pat
     data = load_dataset(f"folder:{bad}", tmp_path, image_size=(16, 16), photos=True,
                         skip_bad_files=True, progress=False)
     assert len(data.train_y) == 7  # listed: found bad when it is decoded
-    with pytest.raises(CnnlabError, match=r"^cannot read image .*9\.jpg: .*; fix or remove "
-                                          r"it, or pass --skip-bad-files$"):
-        _epoch(_loader(data))
-    capsys.readouterr()
-    skipping = _loader(data, skip_bad=True)
-    batches = _epoch(skipping) + _epoch(skipping, 2)
-    assert sum(len(y) for _, y in batches) == 12
-    assert capsys.readouterr().err.count("cnnlab: skipping: cannot read image") == 1
+    for on_device in (False, True):  # decoded by a worker, or here (as on a GPU)
+        with pytest.raises(CnnlabError, match=r"^cannot read image .*9\.jpg: .*; fix or "
+                                              r"remove it, or pass --skip-bad-files$"):
+            _epoch(_loader(data, on_device=on_device))
+        capsys.readouterr()
+        skipping = _loader(data, skip_bad=True, on_device=on_device)
+        batches = _epoch(skipping) + _epoch(skipping, 2)
+        assert sum(len(y) for _, y in batches) == 12
+        assert capsys.readouterr().err.count("cnnlab: skipping: cannot read image") == 1

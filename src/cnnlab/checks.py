@@ -256,6 +256,10 @@ def _graphable(cfg: Config) -> None:
                "--detect-anomaly": "anomaly checks read values back to the host in every step",
                "--precision fp16": "its loss scaling decides on the host; use bf16 or fp32"}
         raise CnnlabError(f"--cuda-graph does not work with {conflict}: {why[conflict]}")
+    if "resized-crop" in cfg.augment and cfg.skip_bad_files:
+        raise CnnlabError("--cuda-graph with --skip-bad-files: a photo found unreadable "
+                          "mid-epoch makes its batch smaller, which a captured step cannot "
+                          "take; fix the files, or leave out one of them")
     if cfg.optimizer not in ("sgd", "adam", "adamw") or not cfg.fused:
         raise CnnlabError(f"--cuda-graph needs a fused optimiser step: sgd, adam or adamw with "
                           f"--fused, not --optimizer {cfg.optimizer}"

@@ -137,8 +137,11 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
         raise CnnlabError(f"{file} does not say which dataset it was trained on; "
                           "give --dataset")
     if data is None:
+        # a model trained on photos decoded each epoch: the test split alone is decoded
+        photos = split == "test" and "resized-crop" in str(config.get("augment") or "")
         data = load_dataset(dataset, data_dir_for(data_dir, config), download=download,
-                            image_size=meta.image_size if meta.fit == "crop" else None)
+                            image_size=meta.image_size if meta.fit == "crop" else None,
+                            photos=photos)
     check_dataset_fits(data, meta, dataset)
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     if len(y) == 0:

@@ -52,6 +52,9 @@ class DiskArray:
             raise ValueError(f"is {size} bytes, not the {self.offset + shape[0] * self.row} "
                              f"its header's shape {shape} needs")
 
+    def __reduce__(self):  # to another process: its file opened there, by its path
+        return DiskArray, (self.path,)
+
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)

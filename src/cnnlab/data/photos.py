@@ -11,17 +11,20 @@ Every random choice of an image comes from its own generator, seeded by (--seed,
 index): the views depend on neither the number of workers nor which rank decodes them, a
 resumed run cuts the very crops the uninterrupted one would have, and under torchrun each
 rank decodes only its own slice of every global batch (its shard) while the union is the
-one-process batch."""
+one-process batch. (nvJPEG's pixels may differ from libjpeg's by a level here and there:
+the crops are the same, the pixels bitwise only on one kind of decoder.)"""
 
 from __future__ import annotations
 
 import io
 import math
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -120,7 +123,7 @@ def _orientation(data: bytes) -> int:
 class Views:
     """How a training view is cut from an image: a random resized crop to `size` (H, W)
     and, as `augment` asks, a mirror image - drawn from the generator of (seed, epoch,
-    index) alone; with altflip, mirrored in odd or even epochs as a draw of (seed, index)
+    index) alone; with altflip, mirrored in odd or even epochs as a draw of (seed, 0, index)
     says."""
 
     seed: int
@@ -132,39 +135,54 @@ class Views:
         out = resized(image, crop_box(rng, image.shape[1], image.shape[2]), self.size)
         if "flip" in self.augment and rng.random() < 0.5:
             out = out.flip(2)
-        if "altflip" in self.augment and \
-                (np.random.default_rng((self.seed, index)).random() < 0.5) == (epoch % 2 == 1):
+        if "altflip" in self.augment and (  # "epoch 0" draws the image's parity
+                np.random.default_rng((self.seed, 0, index)).random() < 0.5) == (epoch % 2 == 1):
             out = out.flip(2)
         return out
+
+
+class _Jpeg(NamedTuple):
+    """A JPEG file's bytes and EXIF orientation, as a worker that only reads hands it over
+    (bytes, not a tensor: a tensor would cost the batch an open file a JPEG)."""
+
+    data: bytes
+    orientation: int
 
 
 class _Files(torch.utils.data.Dataset):
     """What a DataLoader worker makes of a key (index, epoch): the image's view, or why its
     file cannot be read, with the index. With `raw` (decoding on the GPU) a JPEG comes back
-    as its bytes and orientation, any other image decoded whole, and the main process cuts
-    the view."""
+    as a _Jpeg, any other image decoded whole (an array), and the main process cuts the
+    view. It holds the paths, not the Photos: its sample stays with the main process."""
 
-    def __init__(self, photos: Photos, view: Views, raw: bool) -> None:
-        self.photos, self.view, self.raw = photos, view, raw
+    def __init__(self, paths: np.ndarray, mode: str, view: Views, raw: bool) -> None:
+        self.paths, self.mode, self.view, self.raw = paths, mode, view, raw
 
     def __len__(self) -> int:
-        return len(self.photos)
+        return len(self.paths)
 
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
-        path = self.photos.path(index)
+        path = os.fsdecode(self.paths[index])
         try:
             if problem := file_problem(path):  # a FIFO would block, a device never end
                 raise OSError(problem)
             with open(path, "rb") as f:
                 data = f.read()
             if self.raw and data.startswith(_JPEG):
-                return (torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                        _orientation(data)), index
-            image = decode(data, path, self.photos.mode)
-            return (image if self.raw else self.view(image, index, epoch)), index
+                return _Jpeg(data, _orientation(data)), index
+            image = decode(data, path, self.mode)
+            return (image.numpy() if self.raw else self.view(image, index, epoch)), index
         except Exception as e:  # a bad file comes back as why: the main process decides
             return image_error(path, e), index
+
+
+def _worker_start(_: int) -> None:
+    """A DataLoader worker leaves the terminal's process group, and ignores SIGINT: Ctrl-C
+    and a scheduler's SIGTERM to the group reach the training process alone, which
+    checkpoints and then stops its workers (they also stop when it dies)."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def decode(data: bytes, path: str, mode: str) -> torch.Tensor:
@@ -193,11 +211,12 @@ def decode_jpegs(data: torch.Tensor | list[torch.Tensor], mode: str, **options):
 
 
 def _collate(items: list) -> tuple[torch.Tensor | list, list[int], list[tuple[str, int]]]:
-    """A batch as a worker hands it over: the views stacked (what `raw` leaves to cut, a
-    list), their images' indices, and (why, index) of each unreadable file."""
+    """A batch as a worker hands it over: the views stacked (with `raw`, the list of what
+    is left to decode and cut), their images' indices, and (why, index) of each unreadable
+    file."""
     good = [(what, i) for what, i in items if not isinstance(what, str)]
     views = [what for what, _ in good]
-    if views and all(isinstance(v, torch.Tensor) and v.shape == views[0].shape for v in views):
+    if views and isinstance(views[0], torch.Tensor):
         views = torch.stack(views)
     return views, [i for _, i in good], [(what, i) for what, i in items if isinstance(what, str)]
 
@@ -219,9 +238,11 @@ class PhotoLoader(Loader):
         self.on_device = self.device.type == "cuda" if on_device is None else on_device
         self._keys = _Keys()
         self._skipped: set[int] = set()
+        self._stream: torch.cuda.Stream | None = None  # where nvJPEG's outputs are made
         self._loader = torch.utils.data.DataLoader(
-            _Files(photos, self.view, self.on_device), batch_sampler=self._keys,
-            collate_fn=_collate, num_workers=workers, persistent_workers=workers > 0)
+            _Files(photos.paths, photos.mode, self.view, self.on_device),
+            batch_sampler=self._keys, collate_fn=_collate, num_workers=workers,
+            persistent_workers=workers > 0, worker_init_fn=_worker_start if workers else None)
 
     def first_images(self, count: int) -> torch.Tensor:
         """The first `count` images of the decoded sample, uint8 on the device."""
@@ -249,9 +270,12 @@ class PhotoLoader(Loader):
                 raise CnnlabError(f"a worker process decoding the photos stopped "
                                   f"({one_line(e, 160)}); pass fewer --workers, or give "
                                   "/dev/shm more room (docker run --shm-size)") from None
-            self._say_bad(bad, len(indices))
             if self.on_device:
-                views = torch.stack(self._views_here(views, indices, epoch))
+                views, indices, unreadable = self._views_here(views, indices, epoch)
+                bad += unreadable
+            self._say_bad(bad, len(indices))
+            if isinstance(views, list):
+                views = torch.stack(views)
             y = self.labels[torch.tensor(indices, device=self.device)]
             yield self.normalize(views.to(self.device, non_blocking=True)), y
 
@@ -268,24 +292,50 @@ class PhotoLoader(Loader):
                 self._skipped.add(i)
                 print(f"cnnlab: skipping: {what}", file=sys.stderr)
 
-    def _views_here(self, items: list, indices: list[int], epoch: int) -> list[torch.Tensor]:
-        """The views of a batch the workers only read: its JPEGs decoded together on the
-        device (turned upright here: nvJPEG does not), the other images as decoded, all cut
-        here."""
-        jpegs = [k for k, what in enumerate(items) if isinstance(what, tuple)]
-        images = [None if isinstance(what, tuple) else what.to(self.device, non_blocking=True)
-                  for what in items]
-        if jpegs:
-            try:
-                decoded = decode_jpegs([items[k][0] for k in jpegs], self.photos.mode,
-                                       device=self.device)
-                decoded = [upright(image, items[k][1]) for k, image in zip(jpegs, decoded)]
-            except RuntimeError:  # one it cannot decode (CMYK...): the CPU decodes them all
-                decoded = [decode(items[k][0].numpy().tobytes(), self.photos.path(indices[k]),
-                                  self.photos.mode).to(self.device) for k in jpegs]
-            for k, image in zip(jpegs, decoded):
-                images[k] = image
-        return [self.view(image, i, epoch) for image, i in zip(images, indices)]
+    def _views_here(self, items: list, indices: list[int], epoch: int
+                    ) -> tuple[list[torch.Tensor], list[int], list[tuple[str, int]]]:
+        """The views of a batch the workers only read, and their indices: its JPEGs decoded
+        together on the device (each one on the CPU where that refuses a batch: CMYK...),
+        the other images as the workers decoded them, all cut here; (why, index) of a JPEG
+        that no decoder reads."""
+        jpegs = [k for k, what in enumerate(items) if isinstance(what, _Jpeg)]
+        images = {k: torch.from_numpy(what).to(self.device) for k, what in enumerate(items)
+                  if not isinstance(what, _Jpeg)}
+        bad = []
+        try:
+            decoded = self._decode_here([items[k] for k in jpegs]) if jpegs else []
+        except RuntimeError:
+            decoded = [None] * len(jpegs)
+        for k, image in zip(jpegs, decoded):
+            if image is None:
+                path = self.photos.path(indices[k])
+                try:
+                    image = decode(items[k].data, path, self.photos.mode).to(self.device)
+                except Exception as e:  # Pillow raises many types; all mean the same here
+                    bad.append((image_error(path, e), indices[k]))
+                    continue
+            images[k] = image
+        kept = sorted(images)
+        return ([self.view(images[k], indices[k], epoch) for k in kept],
+                [indices[k] for k in kept], bad)
+
+    def _decode_here(self, jpegs: list[_Jpeg]) -> list[torch.Tensor]:
+        """JPEGs decoded together on the device and turned upright. On a GPU in a stream of
+        their own, which the training's stream then waits for: nvJPEG decodes on a private
+        stream that does not wait for the caller's, so outputs made on the training's stream
+        could take memory that its queued kernels still read."""
+        data = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
+        if self.device.type != "cuda":
+            decoded = decode_jpegs(data, self.photos.mode)
+        else:
+            self._stream = self._stream or torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._stream):
+                decoded = decode_jpegs(data, self.photos.mode, device=self.device)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._stream)
+            for image in decoded:
+                image.record_stream(current)
+        return [upright(image, j.orientation) for image, j in zip(decoded, jpegs)]
 
 
 class _Keys:

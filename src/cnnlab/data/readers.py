@@ -558,9 +558,8 @@ def stream_folder_split(files: list[tuple[str | os.PathLike[str], int]], out: Pa
                     labels[kept] = label
                     kept += 1
                 f.flush()  # on the disk: pages the kernel may drop, not dirty ones it must keep
-                os.fdatasync(f.fileno())
+                getattr(os, "fdatasync", os.fsync)(f.fileno())  # (macOS has no fdatasync)
             if kept < len(files):  # files left out: the header says the rows there are
-                f.truncate(start + kept * math.prod(shape[1:]))
                 write_header(f, (kept, *shape[1:]), start)
         _refuse_or_skip(failed, skip_bad)
     if not kept:
