@@ -47,13 +47,14 @@ def preprocess(images: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor | DiskArray, meta: ModelMeta, *,
+def predict_logits(model: nn.Module, images: torch.Tensor | np.ndarray | DiskArray,
+                   meta: ModelMeta, *,
                    batch_size: int = 1000, tta: str | None = None,
                    precision: Precision | None = None,
                    on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-    """fp32 logits for uint8 images, in batches, with test-time averaging `tta`
-    (engine.logits), computed in `precision` (default fp32); `on_batch(images in it)` after
-    each batch (progress)."""
+    """fp32 logits for uint8 images (a tensor, or an array in memory or on disk), in
+    batches, with test-time averaging `tta` (engine.logits), computed in `precision`
+    (default fp32); `on_batch(images in it)` after each batch (progress)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
@@ -136,12 +137,11 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     if not dataset:
         raise CnnlabError(f"{file} does not say which dataset it was trained on; "
                           "give --dataset")
-    if data is None:
-        # a model trained on photos decoded each epoch: the test split alone is decoded
-        photos = split == "test" and "resized-crop" in str(config.get("augment") or "")
+    if data is None:  # trained on photos decoded each epoch: the test split alone decoded
         data = load_dataset(dataset, data_dir_for(data_dir, config), download=download,
                             image_size=meta.image_size if meta.fit == "crop" else None,
-                            photos=photos)
+                            photos=split == "test"
+                            and "resized-crop" in str(config.get("augment")))
     check_dataset_fits(data, meta, dataset)
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     if len(y) == 0:
@@ -151,10 +151,8 @@ def evaluate_checkpoint(checkpoint_or_run: str | Path, *, dataset: str | None = 
     what = (progress if isinstance(progress, str)
             else f"evaluating {file} on the {dataset} {split} split")
     with Phase(what, len(y), "images", enabled=bool(progress)) as phase:
-        scores = predict_logits(trained.model, x if isinstance(x, DiskArray) else
-                                torch.from_numpy(x), meta,
-                                batch_size=batch_size, tta=tta, precision=amp,
-                                on_batch=phase.update)
+        scores = predict_logits(trained.model, x, meta, batch_size=batch_size, tta=tta,
+                                precision=amp, on_batch=phase.update)
     result = classification_metrics(scores, torch.from_numpy(y), meta.classes)
     if mistakes:  # of the logits just scored
         result["mistakes"] = _mistakes(trained, x, y, scores, mistakes, tta)
