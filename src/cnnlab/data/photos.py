@@ -3,9 +3,10 @@ with random resized crops (`--augment resized-crop`), which no cache at one size
 
 Each epoch DataLoader worker processes read the files of every batch, decode them
 (torchvision's JPEG decoder, Pillow for other formats, as `readers.decode_image` turns
-them), cut a random part of each (8-100% of its area, aspect ratio 3/4 to 4/3, both
-log-uniform in ratio), resize it to the training size with antialiasing and mirror a random
-half. On a GPU the workers only read the files and nvJPEG decodes each batch of JPEGs there.
+them), cut a random part of each (a uniform 8-100% of its area, its aspect ratio
+log-uniform from 3/4 to 4/3), resize it to the training size with antialiasing and mirror
+a random half. On a GPU the workers only read the files and nvJPEG decodes each batch of
+JPEGs there.
 
 Every random choice of an image comes from its own generator, seeded by (--seed, epoch,
 index): the views depend on neither the number of workers nor which rank decodes them, a
