@@ -218,6 +218,20 @@ def _check_graphable(cfg: Config, device: torch.device, dist: distributed.Dist,
                           "on the host; use --precision fp32")
 
 
+def _cpus(cfg: Config, device: torch.device) -> Config:
+    """`cfg` with the CPU threads the loop trains with and, for photos decoded each epoch,
+    the DataLoader workers that decode them - chosen once and kept in the run's
+    configuration, so that a resume uses them. On the CPU, workers chosen here take their
+    CPUs from the loop's (threads waiting on a core that a worker keeps busy spin)."""
+    threads = cfg.threads or default_threads()
+    if "resized-crop" not in cfg.augment:
+        return dataclasses.replace(cfg, threads=threads)
+    workers = default_workers(device, threads) if cfg.workers is None else cfg.workers
+    if cfg.threads is None and device.type == "cpu":
+        threads = max(1, threads - workers)
+    return dataclasses.replace(cfg, threads=threads, workers=workers)
+
+
 def _loaders(cfg: Config, data: Dataset, device: torch.device, dist: distributed.Dist,
              generator: torch.Generator, channels_last: bool
              ) -> tuple[Loader, DeviceLoader, DeviceLoader | None]:
@@ -236,11 +250,9 @@ def _loaders(cfg: Config, data: Dataset, device: torch.device, dist: distributed
                     generator=generator, drop_last=cfg.compile or cfg.cuda_graph)
     if isinstance(data.train_x, Photos):
         workers = default_workers(device, torch.get_num_threads()) if cfg.workers is None \
-            else cfg.workers
+            else cfg.workers  # None: a Config outside fit (_cpus)
         train = PhotoLoader(data.train_x, torch.from_numpy(data.train_y), seed=cfg.seed,
                             workers=workers, skip_bad=cfg.skip_bad_files, **shuffled, **common)
-        if device.type == "cpu" and cfg.threads is None:  # the workers' CPUs: not the loop's
-            torch.set_num_threads(max(1, torch.get_num_threads() - workers))
     else:
         train = loader(data.train_x, data.train_y, **shuffled)
     test = loader(data.test_x, data.test_y, batch_size=cfg.eval_batch_size)
@@ -374,9 +386,8 @@ def fit(cfg: Config, out: str | Path | None = None, *, progress: bool = True,
     `instance`: the user's own model given as a module (from Python) rather than by name;
     `data`: the dataset handed over from Python (cfg.dataset names it)."""
     wall_start = time.perf_counter()
-    if cfg.threads is None:  # chosen once, kept in the run's configuration: a resume uses it
-        cfg = dataclasses.replace(cfg, threads=default_threads())
     dist, device = distributed.setup(resolve_device(cfg.device))
+    cfg = _cpus(cfg, device)
     path = None
     try:
         path = _run_path(cfg, out, resume, dist)
