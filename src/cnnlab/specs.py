@@ -28,6 +28,9 @@ class DatasetSpec:
     about: str = ""             # what it is, in a few words
 
 
+IDX_KINDS = ("idx", "qmnist", "emnist")  # kinds of IDX files, in raw/, each raw or gzipped
+
+
 def _idx(prefix: str = "", images: str = "images-idx3-ubyte", labels: str = "labels-idx1-ubyte",
          test: str = "t10k") -> dict[str, tuple[str, ...]]:
     return {"train": (f"{prefix}train-{images}", f"{prefix}train-{labels}"),

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import CnnlabError, one_line
 from ..limits import memory_available, size_text
-from ..specs import SPECS, DatasetSpec
+from ..specs import IDX_KINDS, SPECS, DatasetSpec
 from . import formats, python, readers
 from .cache import Split, cached, fingerprint
 from .photos import Photos
@@ -95,7 +95,7 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
     if spec is None:
         raise CnnlabError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     root = Path(data_dir).expanduser()
-    folder = root / spec.folder / ("raw" if spec.kind in _IDX_KINDS else "")
+    folder = root / spec.folder / ("raw" if spec.kind in IDX_KINDS else "")
     if not _present(spec, folder):
         if not download:
             raise CnnlabError(f"{name} not found: expected {_expected(spec)} in "
@@ -106,7 +106,7 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
         _download(spec, root, folder)
     splits = {}
     for split, files in spec.files.items():
-        sources = [(readers.find_idx(folder, f) if spec.kind in _IDX_KINDS else folder / f)
+        sources = [(readers.find_idx(folder, f) if spec.kind in IDX_KINDS else folder / f)
                    for f in files]
         splits[split] = cached(folder, f"{spec.name}-{split}", sources, "", len(spec.classes),
                                lambda s=split: formats.read_split(spec, folder, s),
@@ -116,16 +116,13 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = True,
                       spec.std or train.std, train, splits["test"])
 
 
-_IDX_KINDS = ("idx", "qmnist", "emnist")  # IDX files in raw/, each raw or gzipped
-
-
 def _files(spec: DatasetSpec) -> list[str]:
     return list(dict.fromkeys(f for files in spec.files.values() for f in files))
 
 
 def _expected(spec: DatasetSpec) -> str:
     """The official files' names; an IDX file may as well be gzipped, as it is downloaded."""
-    gz = " (or .gz)" if spec.kind in _IDX_KINDS else ""
+    gz = " (or .gz)" if spec.kind in IDX_KINDS else ""
     return ", ".join(f"{f}{gz}" for f in _files(spec))
 
 
@@ -133,12 +130,12 @@ def _present(spec: DatasetSpec, folder: Path) -> bool:
     """Whether all official files are there; one there that is no file to read (a link to
     nothing, a folder) is an error naming it."""
     names = _files(spec)
-    gz = [f"{f}.gz" for f in names] if spec.kind in _IDX_KINDS else []
+    gz = [f"{f}.gz" for f in names] if spec.kind in IDX_KINDS else []
     for path in (folder / f for f in names + gz):
         if os.path.lexists(path) and (problem := readers.file_problem(path)):
             raise CnnlabError(f"{show_path(path)} cannot be read ({problem}); remove it, or put "
                               "the real file there")
-    if spec.kind in _IDX_KINDS:
+    if spec.kind in IDX_KINDS:
         return all(readers.find_idx(folder, f) for f in names)
     return all((folder / f).is_file() for f in names)
 
@@ -242,10 +239,10 @@ def _streams(name: str, train: int, test: int, image_size: tuple[int, int] | Non
     they (uint8, three channels at most; the training split twice while it is put together)
     would take more memory than this process may use - which "yes" refuses in one line.
     Said in one line, with why, where it is not the default (or takes a GiB of memory or
-    more): which way the data comes to training. `image_size`: (H, W),
-    None where the first image's header could not be read (its error comes when it is
-    decoded); `photos`: the count of training photos decoded each epoch, whose sample of
-    `train` images is decoded once."""
+    more): which way the data comes to training. `image_size`: (H, W), None where the first
+    image's header could not be read (its error comes when it is decoded); `photos`: the
+    count of training photos decoded each epoch, whose sample of `train` images is decoded
+    once."""
     if image_size is None:
         return in_memory == "no"
     pixels = 3 * image_size[0] * image_size[1]

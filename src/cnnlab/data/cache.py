@@ -236,7 +236,7 @@ def fingerprint(root: Path, name: str, files: Sources, options: str,
     return key
 
 
-Stream = Callable[[Path], tuple[np.ndarray, np.ndarray]]
+Stream = Callable[[Path], tuple[DiskArray, np.ndarray]]
 _DISK_RESERVE = 1 << 30  # bytes a streamed entry leaves free on its disk
 
 
@@ -303,10 +303,10 @@ def _read_entry(folder: Path, key: str, num_classes: int, on_disk: bool = False
         return "is incomplete"
     try:
         manifest = json.loads(paths[0].read_bytes())
-        # memory-mapped: a header claiming a huge shape fails here instead of allocating
-        # it, the shapes are checked before anything is read, and the images stay mapped -
-        # read from the page cache as batches need them, so a split larger than RAM still
-        # trains (copy-on-write: a tensor made from them may be written, the file never)
+        # memory-mapped, or (on_disk) read a few rows at a time: a header claiming a huge
+        # shape fails here instead of allocating it, the shapes are checked before anything
+        # is read, and the images are read from the page cache as batches need them
+        # (copy-on-write: a tensor made from a mapping may be written, the file never)
         x = DiskArray(paths[1]) if on_disk else \
             np.load(paths[1], mmap_mode="c", allow_pickle=False)
         y = np.load(paths[2], mmap_mode="c", allow_pickle=False)

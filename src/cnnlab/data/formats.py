@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CnnlabError, one_line
-from ..specs import DatasetSpec
+from ..specs import IDX_KINDS, DatasetSpec
 from .readers import (
     check_labels,
     find_idx,
@@ -30,7 +30,7 @@ def read_split(spec: DatasetSpec, folder: Path, split: str) -> tuple[np.ndarray,
     files, n = spec.files[split], len(spec.classes)
     if spec.kind == "cifar":
         return read_cifar_split(folder, files, n)
-    if spec.kind in ("idx", "qmnist", "emnist"):
+    if spec.kind in IDX_KINDS:
         return _idx_split(spec, folder, *files)
     if spec.kind == "stl10":
         x, y = _stl10(spec, folder / files[0], folder / files[1])

@@ -508,14 +508,13 @@ def _headers(paths: list[Path]) -> list:
 def stream_folder_split(files: list[tuple[str | os.PathLike[str], int]], out: Path, *,
                         mode: str | None = None, size: tuple[int, int] | None = None,
                         skip_bad: bool = False, crop: bool = False,
-                        progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        progress: str | None = None) -> tuple[DiskArray, np.ndarray]:
     """read_folder_split for a split larger than memory: the images decoded straight into
     the .npy file `out` (uint8 (N, C, H, W)), a block at a time, so that memory holds one
     block whatever the split's size; returns it as a DiskArray (read, never mapped), and the
-    labels. `mode` and
-    `size` (width, height) where not given come from the images' headers (read first,
-    without decoding): "L" if all are grayscale, and their one size - images of several
-    sizes need `crop` (--image-size)."""
+    labels. `mode` and `size` (width, height) where not given come from the images' headers
+    (read first, without decoding): "L" if all are grayscale, and their one size - images of
+    several sizes need `crop` (--image-size)."""
     paths = [p for p, _ in files]
     with _pool(len(paths)) as pool, Phase(progress or "", len(paths), "images",
                                           enabled=progress is not None) as phase:
