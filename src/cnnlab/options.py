@@ -202,7 +202,7 @@ class Config:
     in_memory: str = option("auto", role=RUNTIME, choices=IN_MEMORY,
                             help="folder datasets: yes = decode each split into memory; no = "
                                  "decode it a block at a time into the disk cache and train "
-                                 "from there, memory-mapped, read ahead in the background (for "
+                                 "from there, read ahead in the background (for "
                                  "data larger than memory); auto = yes where it fits")
     workers: int | None = option(None, role=RUNTIME,
                                  help="--augment resized-crop: DataLoader worker processes "

@@ -1,7 +1,7 @@
 """The in-memory loader: the whole split lives on the training device as one uint8 tensor;
 batches are drawn by shuffled index, augmented and normalised as whole batches there.
 No worker processes, no per-sample Python, no PIL in the training loop. A split larger than
-memory stays in its memory-mapped cache file: each batch is gathered from it a few batches
+memory stays in its cache file (a DiskArray): each batch is read from it a few batches
 ahead by a thread, so that reading the disk overlaps training."""
 
 from __future__ import annotations
