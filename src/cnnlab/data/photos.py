@@ -21,7 +21,6 @@ import io
 import math
 import os
 import signal
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import CnnlabError, one_line
 from .loader import Loader
-from .readers import decode_image, file_problem, image_error
+from .readers import decode_image, file_problem, image_error, refuse_or_skip
 
 SCALE = (0.08, 1.0)       # the part of an image's area a crop covers
 RATIO = (3 / 4, 4 / 3)    # a crop's width / height
@@ -282,16 +281,11 @@ class PhotoLoader(Loader):
 
     def _say_bad(self, bad: list[tuple[str, int]], good: int) -> None:
         """Unreadable files of a batch refused in one line, or (skip_bad) each said once and
-        left out."""
-        if bad and (not self.skip_bad or not good):
-            more = f" (and {len(bad) - 1} more in its batch)" if len(bad) > 1 else ""
-            fix = "fix or remove it, or pass --skip-bad-files" if not self.skip_bad else \
-                "no image of its batch is left: fix the files"
-            raise CnnlabError(f"{bad[0][0]}{more}; {fix}")
-        for what, i in bad:
-            if i not in self._skipped:
-                self._skipped.add(i)
-                print(f"cnnlab: skipping: {what}", file=sys.stderr)
+        left out, as the decoded-once splits do (readers.refuse_or_skip)."""
+        if bad and self.skip_bad and not good:
+            raise CnnlabError(f"{bad[0][0]}; no image of its batch is left: fix the files")
+        refuse_or_skip({i: what for what, i in bad if i not in self._skipped}, self.skip_bad)
+        self._skipped.update(i for _, i in bad)
 
     def _views_here(self, items: list, indices: list[int], epoch: int
                     ) -> tuple[list[torch.Tensor], list[int], list[tuple[str, int]]]:

@@ -442,7 +442,7 @@ def _read_folder_split(files: list[tuple[str | os.PathLike[str], int]], mode: st
             _decode_all, mode=mode, size=size), later, lambda part: phase.update(len(part)))))
     kept, failed = _decoded_images(files, looks, decoded, problems, mode)
     problems |= failed
-    _refuse_or_skip(problems, skip_bad)
+    refuse_or_skip(problems, skip_bad)
     if not kept:
         raise CnnlabError(f"no readable images among the {len(files)} files in "
                           f"{show_path(os.path.dirname(os.path.dirname(files[0][0])))}")
@@ -470,7 +470,7 @@ def _decoded_images(files: list[tuple[str | os.PathLike[str], int]], looks: list
     return kept, failed
 
 
-def _refuse_or_skip(problems: dict, skip_bad: bool) -> None:
+def refuse_or_skip(problems: dict, skip_bad: bool) -> None:
     """Stop with an error naming the first of `problems` ({path: error}) and counting the
     others, or with `skip_bad` report each on stderr."""
     if problems and not skip_bad:
@@ -531,7 +531,7 @@ def stream_folder_split(files: list[tuple[str | os.PathLike[str], int]], out: Pa
                     raise CnnlabError(f"the images are of {len(sizes)} sizes (the most common "
                                       f"{size[0]}x{size[1]}); pass --image-size HxW to resize "
                                       "and centre-crop them all")
-        _refuse_or_skip(problems, skip_bad)
+        refuse_or_skip(problems, skip_bad)
         if size is None:
             raise CnnlabError(f"no readable images among the {len(files)} files")
         shape = (len(files), 1 if mode == "L" else 3, size[1], size[0])
@@ -560,7 +560,7 @@ def stream_folder_split(files: list[tuple[str | os.PathLike[str], int]], out: Pa
                 getattr(os, "fdatasync", os.fsync)(f.fileno())  # (macOS has no fdatasync)
             if kept < len(files):  # files left out: the header says the rows there are
                 write_header(f, (kept, *shape[1:]), start)
-        _refuse_or_skip(failed, skip_bad)
+        refuse_or_skip(failed, skip_bad)
     if not kept:
         raise CnnlabError(f"no readable images among the {len(files)} files")
     return DiskArray(out), labels[:kept]
