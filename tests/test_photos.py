@@ -120,9 +120,8 @@ def test_training_on_photos_resumes_bitwise(photos, tmp_path, monkeypatch):
                 os.kill(os.getpid(), signal.SIGTERM)
             yield batch
 
-    # one thread in both: with workers 1 and 0 the loop's default threads differ (_cpus)
     options = dict(image_size="32", epochs=2, augment="resized-crop,flip", batch_size=8,
-                   schedule="constant", threads=1, telemetry=0, progress=False)
+                   schedule="constant", telemetry=0, progress=False)
     whole = cnnlab.train("lenet5", f"folder:{photos}", workers=1, out=tmp_path / "whole",
                          **options)
     monkeypatch.setattr(PhotoLoader, "batches", stopping)
@@ -168,9 +167,9 @@ def test_photos_need_a_folder_and_a_size_and_say_their_bad_files(photos, tmp_pat
         assert capsys.readouterr().err.count("cnnlab: skipping: cannot read image") == 1
 
 
-def test_photo_workers_take_their_cpus_from_the_loop(monkeypatch):
-    """Chosen once per run (and kept in config.json): on the CPU the workers' cores are not
-    the loop's; threads or workers given are as given; a GPU's loop keeps its threads."""
+def test_photo_workers_are_chosen_once_beside_the_loops_threads(monkeypatch):
+    """Chosen once per run (and kept in config.json): on the CPU half the CPUs decode, on a
+    GPU all but one; the loop keeps its threads; what is given is as given."""
     from cnnlab import trainer
     from cnnlab.config import resolve
 
@@ -182,7 +181,7 @@ def test_photo_workers_take_their_cpus_from_the_loop(monkeypatch):
         got = trainer._cpus(cfg, torch.device(device))
         return got.threads, got.workers
 
-    assert cpus() == (2, 2) and cpus(workers=1) == (3, 1) and cpus(threads=4) == (4, 2)
+    assert cpus() == (4, 2) and cpus(workers=1) == (4, 1) and cpus(threads=2) == (2, 1)
     assert cpus("cuda") == (4, 3)
     photos = {}
     assert cpus() == (4, None)

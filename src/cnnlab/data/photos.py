@@ -351,8 +351,8 @@ class _Keys:
 
 def default_workers(device: torch.device, threads: int) -> int:
     """DataLoader workers a process decodes with when --workers is not given: on a GPU all
-    but one of its CPUs (16 at most: nvJPEG does the decoding); on the CPU half of them, the
-    other half training."""
+    but one of its CPUs (16 at most: nvJPEG does the decoding); on the CPU half of them,
+    beside the loop's threads (a worker keeps a core only while it decodes)."""
     if device.type == "cuda":
         return max(1, min(16, threads - 1))
     return max(1, threads // 2)
